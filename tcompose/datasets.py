@@ -1,6 +1,6 @@
 """Datasets on disk: the schemas stages exchange, sharded atomic writing, resumable reading.
 
-A dataset is a folder of Parquet shards (``part-00000.parquet``, ...) plus ``manifest.json``. Each shard
+A dataset is a folder of Parquet shards (``train-00000.parquet``, ...) plus ``manifest.json``. Each shard
 covers a fixed, deterministic slice of the stage's input items, so a killed run that is started again
 skips the shards already on disk and writes exactly the rows an uninterrupted run would have: a shard is
 written to a temporary name and renamed, so it is either complete or absent. Under several processes,
@@ -29,7 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
-SHARD_PATTERN = "part-{:05d}.parquet"
+# "train-" (not "part-"): datasets' default file patterns then pick the shards as the train split and leave
+# manifest.json out; with any other name load_dataset("parquet", data_dir=DIR) also reads manifest.json and fails.
+SHARD_PATTERN = "train-{:05d}.parquet"
+SHARD_GLOB = "train-*.parquet"
 _META_KEY = b"tcompose"
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -273,9 +276,9 @@ def shard_files(data_dir: str | os.PathLike) -> list[Path]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir}: no such dataset folder (make one with `tcompose masks ... --output {data_dir}`)")
-    files = sorted(data_dir.glob("part-*.parquet"))
+    files = sorted(data_dir.glob(SHARD_GLOB))
     if not files:
-        raise DatasetError(f"{data_dir}: holds no part-*.parquet shards; is it a tcompose dataset folder?")
+        raise DatasetError(f"{data_dir}: holds no {SHARD_GLOB} shards; is it a tcompose dataset folder?")
     return files
 
 
