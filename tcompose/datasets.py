@@ -35,6 +35,8 @@ SHARD_PATTERN = "train-{:05d}.parquet"
 SHARD_GLOB = "train-*.parquet"
 _META_KEY = b"tcompose"
 
+ROW_GROUP_SIZE = 16
+
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 #: One row per (image, caption). ``phrases[i]`` is grounded by ``masks[i]`` (a 1-bit PNG at image
@@ -214,7 +216,8 @@ class ShardedWriter:
         table = table.replace_schema_metadata(schema_meta)
         path = self.shard_path(shard.index)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
+        # Small row groups: a training loader reads one example by decoding only its row group.
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
         os.replace(tmp, path)
         return path
 
@@ -283,6 +286,7 @@ def shard_files(data_dir: str | os.PathLike) -> list[Path]:
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:
+    shard_files(data_dir)  # a missing or empty folder says so first
     path = Path(data_dir) / MANIFEST
     if not path.exists():
         raise DatasetError(f"{path} is missing: the stage that writes {data_dir} did not finish; run it again")
@@ -301,6 +305,16 @@ def read_table(data_dir: str | os.PathLike, kind: str = "masks", columns: list[s
     return table
 
 
+def check_columns(data_dir: str | os.PathLike, kind: str = "masks") -> list[Path]:
+    """The shard files of a dataset folder, after checking (from the schemas alone) that ``kind``'s columns are there."""
+    files = shard_files(data_dir)
+    for f in files:
+        missing = [c for c in {"masks": MASKS_COLUMNS}[kind] if c not in pq.read_schema(f).names]
+        if missing:
+            raise DatasetError(f"{f}: columns {missing} are missing; expected a {kind} dataset")
+    return files
+
+
 def iter_rows(data_dir: str | os.PathLike, columns: list[str] | None = None) -> Iterator[dict]:
     for f in shard_files(data_dir):
         yield from pq.read_table(f, columns=columns).to_pylist()
@@ -308,3 +322,50 @@ def iter_rows(data_dir: str | os.PathLike, columns: list[str] | None = None) -> 
 
 def count_rows(files: Iterable[Path]) -> int:
     return sum(pq.read_metadata(f).num_rows for f in files)
+
+
+class RowReader:
+    """Random access to the rows of a dataset folder, decoding one Parquet row group at a time.
+
+    Rows are numbered in shard order (as :func:`read_table` concatenates them). Only the last row group read
+    is kept in memory, so a loader can index a dataset far larger than RAM; the object pickles to worker
+    processes as paths and offsets, and each worker opens the files itself.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, columns: list[str]):
+        self.files = shard_files(data_dir)
+        self.columns = columns
+        self.starts: list[int] = []  # first global row of each (file, row group)
+        self.groups: list[tuple[int, int]] = []
+        total = 0
+        for fi, f in enumerate(self.files):
+            meta = pq.read_metadata(f)
+            for rg in range(meta.num_row_groups):
+                self.starts.append(total)
+                self.groups.append((fi, rg))
+                total += meta.row_group(rg).num_rows
+        self.num_rows = total
+        self._handles: dict[int, pq.ParquetFile] = {}
+        self._cache: tuple[int, list[dict]] | None = None
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, row: int) -> dict:
+        if not 0 <= row < self.num_rows:
+            raise IndexError(f"row {row} out of range for {self.num_rows} rows")
+        import bisect
+
+        g = bisect.bisect_right(self.starts, row) - 1
+        if self._cache is None or self._cache[0] != g:
+            fi, rg = self.groups[g]
+            if fi not in self._handles:
+                self._handles[fi] = pq.ParquetFile(self.files[fi])
+            self._cache = (g, self._handles[fi].read_row_group(rg, columns=self.columns).to_pylist())
+        return self._cache[1][row - self.starts[g]]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"], state["_cache"] = {}, None
+        return state
+

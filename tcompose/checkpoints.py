@@ -1,0 +1,123 @@
+"""Training checkpoints as safetensors + JSON (no pickle): model, optimizer, lr scheduler, EMA, scaler, step.
+
+Layout of ``OUT/checkpoints/step-000300/``:
+
+    model.safetensors       trainable weights
+    optimizer.safetensors   optimizer tensors (Adam moments, step counts), keyed state.<param>.<name>
+    ema.safetensors         EMA shadow weights (with --use-ema)
+    state.json              step, optimizer param groups, lr scheduler, EMA and grad scaler scalars
+
+A checkpoint is written to a temporary folder and renamed, so a kill leaves either the whole checkpoint or
+none; ``--resume latest`` picks the highest complete step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if _is_plain(v)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item()
+    return obj
+
+
+def _is_plain(v) -> bool:
+    if isinstance(v, (dict, list, tuple)):
+        return True
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1
+    return v is None or isinstance(v, (int, float, str, bool))
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, lr_scheduler, ema=None, scaler=None, limit: int | None = None, extra: dict | None = None) -> Path:
+    """Save everything needed to continue training exactly; keep at most ``limit`` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+    opt = optimizer.state_dict()
+    tensors = {}
+    for pid, st in opt["state"].items():
+        for name, value in st.items():
+            tensors[f"state.{pid}.{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    save_file(_contiguous(tensors), tmp / "optimizer.safetensors")
+    state = {"step": step, "param_groups": _jsonable(opt["param_groups"]), "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "extra": extra or {}}
+    if ema is not None:
+        ema_state = ema.state_dict()
+        save_file(_contiguous({str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}), tmp / "ema.safetensors")
+        state["ema"] = _jsonable(ema_state)
+    if scaler is not None:
+        state["scaler"] = _jsonable(scaler.state_dict())
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+    if limit is not None and limit > 0:
+        for old in list_checkpoints(root)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve_resume(resume: str | None, root: Path) -> Path | None:
+    """``latest`` -> the newest checkpoint under ``root`` (None if there is none); a path -> that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json); use 'latest' or a {root}/{PREFIX}NNNNNN folder")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema=None, scaler=None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the state (with ``step``)."""
+    state = json.loads((path / "state.json").read_text())
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tensors = load_file(path / "optimizer.safetensors")
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        opt_state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"{path} has no EMA weights: resume without --use-ema, or start a new run")
+        shadow = load_file(path / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    return state

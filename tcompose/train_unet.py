@@ -1,0 +1,307 @@
+"""TokenCompose finetuning of a Stable Diffusion UNet: L_LDM + lambda * L_token + gamma * L_pixel.
+
+Runbook (the reference recipe is the default: lr 5e-6 constant, AdamW wd 1e-2, clip 1, batch 1 x 4,
+24,000 steps, lambda 1e-3, gamma 5e-5, layers mid+up):
+
+    # one GPU, SD1.4, masks from COCO
+    tcompose masks COCO_DIR --source coco-gt --split train2017 --output data/coco-gt
+    tcompose train-unet --data data/coco-gt --model CompVis/stable-diffusion-v1-4 --output runs/tc \\
+        --mixed-precision bf16 --batch-size 4 --grad-accum 1
+
+    # 8 GPUs on one node (global batch = batch-size x 8 x grad-accum)
+    accelerate launch --multi_gpu --num_processes 8 -m tcompose train-unet --data data/coco-gt \\
+        --model CompVis/stable-diffusion-v1-4 --output runs/tc --mixed-precision bf16 --batch-size 4 --grad-accum 1
+
+    # 2 nodes x 8 GPUs: the same on each node, with --num_machines 2 --machine_rank {0,1}
+    #   --main_process_ip HOST --main_process_port 29500 --num_processes 16
+
+    # continue after a kill
+    tcompose train-unet ... --resume latest
+
+OUT ends as a diffusers pipeline folder (``StableDiffusionPipeline.from_pretrained(OUT)``) with
+``training_summary.json``, ``checkpoints/`` and tensorboard ``logs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class TrainUnetConfig:
+    """Settings of ``tcompose train-unet``; defaults are the TokenCompose reference recipe."""
+
+    data: Path  # masks dataset folder (tcompose masks)
+    output: Path
+    model: str = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
+    revision: str | None = None
+    text_encoder: str | None = None  # another CLIP text model (hub id or folder) to use and save
+    lambda_token: float = 1e-3
+    gamma_pixel: float = 5e-5
+    layers: tuple[str, ...] = ("mid", "up")  # blocks or groups (mid_8, up_16, ...) whose maps are supervised
+    resolution: int = 512
+    batch_size: int = 1  # per process
+    grad_accum: int = 4
+    max_steps: int = 24_000  # optimizer steps
+    lr: float = 5e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    checkpoint_every: int = 1000
+    checkpoints_limit: int | None = None
+    resume: str | None = None  # latest | checkpoint folder
+    eval_fraction: float = 0.05  # share of images held out for the grounding score
+    eval_max_examples: int = 64
+    eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
+    random_flip: bool = False  # flips image and masks together; captions saying left/right become wrong
+    num_workers: int = 4
+    log_every: int = 10
+    allow_tf32: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ValueError(f"--resolution must be a multiple of 8, got {self.resolution}")
+        if self.lambda_token < 0 or self.gamma_pixel < 0:
+            raise ValueError("--lambda and --gamma must be >= 0")
+
+
+def config_dict(cfg: TrainUnetConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # resident set, KiB on Linux
+
+
+def _quiet_loading() -> None:
+    """No per-file progress bars from diffusers / transformers while loading weights (ours is enough)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train-unet"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"), disable=not enabled, transient=False,
+    )
+
+
+def run(cfg: TrainUnetConfig) -> dict:
+    """Train, checkpoint, score grounding before and after, and write the pipeline to ``cfg.output``."""
+    cfg.validate()
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from torch.utils.data import DataLoader
+
+    from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+    from .datasets import check_columns, load_manifest, write_json_atomic
+    from .grounding import grounding_score
+    from .models import load_components
+    from .objective import encode_batch, tokencompose_losses
+    from .training_data import MicroBatches, TrainingExamples, collate, prepare_rows, split_heldout
+
+    load_manifest(cfg.data)  # bad data fails before any model is loaded
+    check_columns(cfg.data, "masks")
+    _quiet_loading()
+    out = Path(cfg.output)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    device, main = accelerator.device, accelerator.is_main_process
+    log = accelerator.print
+    if cfg.allow_tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+
+    comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder)
+    unet, vae, text_encoder, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.text_encoder, comps.tokenizer, comps.noise_scheduler
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    for frozen in (vae, text_encoder):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    prep = prepare_rows(cfg.data, tokenizer)
+    train_rows, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_shape = (unet.config.in_channels, cfg.resolution // down, cfg.resolution // down)
+    n_t = noise_scheduler.config.num_train_timesteps
+    examples = TrainingExamples(prep, cfg.resolution, latent_shape, n_t, cfg.seed, cfg.random_flip)
+    eval_examples = TrainingExamples(prep, cfg.resolution, latent_shape, n_t, cfg.seed, random_flip=False)
+    log(f"data: {len(train_rows)} training rows, {len(heldout)} held out; {prep.stats}")
+
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
+    ema = None
+    if cfg.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema.to(device)
+    unet, optimizer = accelerator.prepare(unet, optimizer)  # the sampler shards data itself; see MicroBatches
+
+    ckpt_root = out / "checkpoints"
+    step, before = 0, None
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema, accelerator.scaler)
+        step, before = state["step"], state["extra"].get("grounding_before")
+        log(f"resumed from {resume_path} at step {step}")
+    elif cfg.resume == "latest":
+        log(f"no checkpoint under {ckpt_root}: starting from step 0")
+
+    def evaluate() -> dict | None:
+        if not heldout:
+            return None
+        batches = (collate([eval_examples[(r, 0)] for r in heldout[i : i + cfg.batch_size]]) for i in range(0, len(heldout), cfg.batch_size))
+        with accelerator.autocast():
+            return grounding_score(accelerator.unwrap_model(unet), vae, text_encoder, noise_scheduler, batches,
+                                   cfg.layers, cfg.eval_timesteps, seed=cfg.seed, weight_dtype=weight_dtype)
+
+    if before is None and main:
+        before = evaluate()
+        if before:
+            log(f"grounding score before: {before['score']:.4f} (chance {before['chance']:.4f})")
+    accelerator.wait_for_everyone()
+
+    if main:
+        accelerator.init_trackers("train_unet", config={k: v for k, v in config_dict(cfg).items() if isinstance(v, (int, float, str, bool))})
+    sampler = MicroBatches(train_rows, cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed,
+                           start=step * cfg.grad_accum, stop=cfg.max_steps * cfg.grad_accum)
+    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+
+    keys = ("ldm", "token", "pixel", "total")
+    sums = {k: torch.zeros((), device=device) for k in keys}
+    n_micro, last = 0, {}
+    start_step, t0 = step, time.perf_counter()
+    with _progress(main and cfg.progress) as bar:
+        task = bar.add_task("", total=cfg.max_steps, completed=step)
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with accelerator.accumulate(unet):
+                latents, emb = encode_batch(vae, text_encoder, batch, weight_dtype)
+                losses = tokencompose_losses(unet, latents, emb, batch, noise_scheduler, cfg.layers,
+                                             cfg.lambda_token, cfg.gamma_pixel, backward=accelerator.backward)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k in keys:
+                sums[k] += losses[k].detach().float()
+            n_micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
+            if ema is not None:
+                ema.step(unet.parameters())
+            step += 1
+            bar.update(task, advance=1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                means = accelerator.reduce(torch.stack([sums[k] for k in keys]) / n_micro, reduction="mean")
+                last = {k: float(v) for k, v in zip(keys, means.tolist())}
+                accelerator.log({f"loss/{k}": v for k, v in last.items()} | {"lr": lr_scheduler.get_last_lr()[0]}, step=step)
+                bar.update(task, description=" ".join(f"{k} {v:.4g}" for k, v in last.items()))
+                sums = {k: torch.zeros((), device=device) for k in keys}
+                n_micro = 0
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                if main:
+                    save_checkpoint(ckpt_root, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema,
+                                    accelerator.scaler, cfg.checkpoints_limit, extra={"grounding_before": before})
+                accelerator.wait_for_everyone()
+            if step >= cfg.max_steps:
+                break
+    train_s = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+
+    summary = None
+    if main:
+        trained = accelerator.unwrap_model(unet)
+        save_checkpoint(ckpt_root, step, trained, optimizer, lr_scheduler, ema, accelerator.scaler,
+                        cfg.checkpoints_limit, extra={"grounding_before": before})
+        if ema is not None:
+            ema.copy_to(trained.parameters())  # the pipeline and the "after" score use the EMA weights
+        after = evaluate()
+        if after:
+            log(f"grounding score after: {after['score']:.4f} (before {before['score']:.4f}, chance {after['chance']:.4f})")
+        _save_pipeline(cfg, trained, tokenizer, out)
+        steps_run = step - start_step
+        summary = {
+            "steps": step,
+            "steps_this_run": steps_run,
+            "final_losses": last,
+            "train_seconds": train_s,
+            "images_per_s": steps_run * cfg.grad_accum * cfg.batch_size * accelerator.num_processes / train_s if train_s > 0 else None,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "device": str(device),
+            "num_processes": accelerator.num_processes,
+            "grounding_before": before,
+            "grounding_after": after,
+            "data": prep.stats | {"train_rows": len(train_rows), "heldout_rows": len(heldout)},
+            "phrases_dropped": prep.dropped[:100],
+            "config": config_dict(cfg),
+        }
+        write_json_atomic(out / "training_summary.json", summary)
+        log(f"wrote {out} (pipeline, training_summary.json, checkpoints/, logs/)")
+    accelerator.end_training()
+    return summary or {}
+
+
+def _save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path) -> None:
+    """The base pipeline with the trained UNet (and the swapped text encoder), reloaded in float32 and saved."""
+    from diffusers import StableDiffusionPipeline
+
+    from .models import load_text_encoder
+
+    parts = {"unet": unet}
+    if cfg.text_encoder:
+        parts["text_encoder"], parts["tokenizer"] = load_text_encoder(cfg.text_encoder, base_tokenizer=tokenizer)
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.model, revision=cfg.revision, torch_dtype=torch.float32, **parts)
+    pipe.save_pretrained(out, safe_serialization=True)

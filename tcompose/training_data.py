@@ -1,0 +1,220 @@
+"""A masks dataset as UNet training examples: pixels, token ids, per-word masks and token positions.
+
+Randomness is a pure function of (seed, global example number): the order of the examples in epoch ``e``
+is a permutation drawn from ``seed + e``, and each example's diffusion noise, timestep and VAE sample come
+from a generator seeded with its global number. So a run resumed at step ``s`` sees exactly the batches an
+uninterrupted run would, and an example's noise does not depend on the batch size or on which process
+draws it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset
+
+from .datasets import RowReader, check_columns, decode_mask, load_manifest
+from .text import phrase_token_positions, tokenize_captions
+
+
+@dataclass
+class PreparedRows:
+    """A masks dataset with each supervised word's token positions resolved; images stay on disk."""
+
+    reader: RowReader  # image and masks of a row, read when an example is built
+    input_ids: torch.Tensor  # [N, 77]
+    words: list[list[list[int]]]  # per row, per supervised word: token positions
+    mask_slots: list[list[int]]  # per row, per supervised word: its index in the row's masks
+    image_ids: list[int]
+    stats: dict[str, int] = field(default_factory=dict)
+    dropped: list[dict] = field(default_factory=list)  # phrases left out, with reasons
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def prepare_rows(data_dir: str | Path, tokenizer) -> PreparedRows:
+    """Read a masks dataset's captions and phrases and resolve each phrase to caption token positions.
+
+    Phrases without a mask, or whose words cannot be found among the caption's 77 tokens (e.g. truncated),
+    are left out of the supervision and counted; the row still trains the denoising loss. Reads shard by
+    shard; images are not kept in memory.
+    """
+    load_manifest(data_dir)  # a clear error if the stage that wrote it did not finish
+    stats = {"rows": 0, "phrases": 0, "words_supervised": 0, "phrase_no_mask": 0, "phrase_not_in_tokens": 0}
+    dropped, captions, image_ids, words, slots = [], [], [], [], []
+    for f in check_columns(data_dir, "masks"):
+        for r in pq.read_table(f, columns=["image_id", "caption", "phrases", "masks"]).to_pylist():
+            stats["rows"] += 1
+            ws, ss = [], []
+            for slot, (phrase, mask) in enumerate(zip(r["phrases"], r["masks"])):
+                stats["phrases"] += 1
+                if mask is None or mask.get("bytes") is None:
+                    stats["phrase_no_mask"] += 1
+                    continue
+                pos = phrase_token_positions(tokenizer, r["caption"], phrase)
+                if pos is None:
+                    stats["phrase_not_in_tokens"] += 1
+                    dropped.append({"image_id": r["image_id"], "caption": r["caption"], "phrase": phrase, "reason": "not in tokens"})
+                    continue
+                ws.append(pos)
+                ss.append(slot)
+            stats["words_supervised"] += len(ws)
+            captions.append(r["caption"])
+            image_ids.append(r["image_id"])
+            words.append(ws)
+            slots.append(ss)
+    return PreparedRows(
+        reader=RowReader(data_dir, ["image", "masks"]),
+        input_ids=tokenize_captions(tokenizer, captions),
+        words=words,
+        mask_slots=slots,
+        image_ids=image_ids,
+        stats=stats,
+        dropped=dropped,
+    )
+
+
+def split_heldout(prep: PreparedRows, fraction: float, seed: int, max_examples: int | None = None) -> tuple[list[int], list[int]]:
+    """Train and held-out row indices; all captions of one image fall on the same side."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {fraction}")
+    ids = sorted(set(prep.image_ids))
+    n_eval = math.ceil(fraction * len(ids)) if fraction > 0 else 0
+    if n_eval >= len(ids):
+        n_eval = len(ids) - 1
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    heldout_ids = {ids[i] for i in perm[:n_eval]}
+    train = [i for i, iid in enumerate(prep.image_ids) if iid not in heldout_ids]
+    heldout = [i for i, iid in enumerate(prep.image_ids) if iid in heldout_ids and prep.words[i]]
+    if max_examples is not None:
+        heldout = heldout[:max_examples]
+    return train, heldout
+
+
+def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return left, top, left + s, top + s
+
+
+class TrainingExamples(Dataset):
+    """Indexed by ``(row, global_example_number)``; returns one example with its own noise and timestep."""
+
+    def __init__(self, prep: PreparedRows, resolution: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int, random_flip: bool = False):
+        self.prep = prep
+        self.resolution = resolution
+        self.latent_shape = latent_shape
+        self.num_train_timesteps = num_train_timesteps
+        self.seed = seed
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.prep)
+
+    def generator(self, number: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + number) % (2**63))
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        from PIL import Image
+
+        row, number = key
+        g = self.generator(number)
+        noise = torch.randn(self.latent_shape, generator=g)
+        latent_eps = torch.randn(self.latent_shape, generator=g)
+        timestep = torch.randint(0, self.num_train_timesteps, (), generator=g)
+        flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
+
+        r = self.resolution
+        record = self.prep.reader[row]
+        with Image.open(io.BytesIO(record["image"]["bytes"])) as im:
+            im = im.convert("RGB")
+            box = center_crop_box(*im.size)
+            im = im.crop(box).resize((r, r), Image.BICUBIC)
+            if flip:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        masks = []
+        for slot in self.prep.mask_slots[row]:
+            m = Image.fromarray(decode_mask(record["masks"][slot]).astype(np.uint8) * 255).crop(box).resize((r, r), Image.BILINEAR)
+            if flip:
+                m = m.transpose(Image.FLIP_LEFT_RIGHT)
+            masks.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0))
+        return {
+            "pixel_values": pixels,
+            "input_ids": self.prep.input_ids[row],
+            "masks": torch.stack(masks) if masks else torch.zeros(0, r, r),
+            "words": self.prep.words[row],
+            "noise": noise,
+            "latent_eps": latent_eps,
+            "timestep": timestep,
+        }
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack examples; words are padded to ``[B, W, K]`` (see :func:`tcompose.losses.pad_words`)."""
+    from .losses import pad_words
+
+    index, valid = pad_words([e["words"] for e in examples])
+    b, w = index.shape[:2]
+    r = examples[0]["pixel_values"].shape[-1]
+    masks = torch.zeros(b, w, r, r)
+    for i, e in enumerate(examples):
+        masks[i, : e["masks"].shape[0]] = e["masks"]
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "masks": masks,
+        "word_index": index,
+        "word_valid": valid,
+        "noise": torch.stack([e["noise"] for e in examples]),
+        "latent_eps": torch.stack([e["latent_eps"] for e in examples]),
+        "timesteps": torch.stack([e["timestep"] for e in examples]),
+    }
+
+
+class MicroBatches:
+    """Batch sampler: this process's ``(row, example number)`` keys for each micro-step from ``start`` on.
+
+    Micro-step ``m`` takes global batch ``m`` of epoch ``m // batches_per_epoch`` (the last incomplete batch
+    of an epoch is dropped); process ``rank`` takes its ``per_process`` slice of it.
+    """
+
+    def __init__(self, rows: list[int], per_process: int, world_size: int, rank: int, seed: int, start: int = 0, stop: int | None = None):
+        self.rows = rows
+        self.per_process = per_process
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.start = start
+        self.stop = stop
+        self.global_batch = per_process * world_size
+        if len(rows) < self.global_batch:
+            raise ValueError(
+                f"{len(rows)} training examples cannot fill one batch of {self.global_batch} "
+                f"(--batch-size x processes); lower --batch-size or add data"
+            )
+        self.per_epoch = len(rows) // self.global_batch
+
+    def keys(self, micro_step: int) -> list[tuple[int, int]]:
+        epoch, j = divmod(micro_step, self.per_epoch)
+        perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
+        first = j * self.global_batch + self.rank * self.per_process
+        return [(self.rows[perm[first + i]], micro_step * self.global_batch + self.rank * self.per_process + i) for i in range(self.per_process)]
+
+    def __iter__(self):
+        m = self.start
+        while self.stop is None or m < self.stop:
+            yield self.keys(m)
+            m += 1
+
+    def __len__(self) -> int:
+        if self.stop is None:
+            raise TypeError("an open-ended MicroBatches has no length")
+        return self.stop - self.start
