@@ -1,0 +1,147 @@
+"""The `tcompose` command line: one thin command per stage (options -> the stage's config -> stage.run).
+
+Heavy libraries (torch, diffusers, transformers) are imported inside the commands, so `tcompose --help`
+answers at once. Every command runs the same under `accelerate launch -m tcompose <command> ...`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="tcompose",
+    help="TokenCompose: train Stable Diffusion to draw every object a prompt names.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _friendly(fn):
+    """Bad input ends in one red line and exit code 2 (TCOMPOSE_DEBUG=1 shows the traceback instead)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as err:
+            if os.environ.get("TCOMPOSE_DEBUG"):
+                raise
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2)
+
+    return wrapper
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@app.command()
+@_friendly
+def masks(
+    coco_dir: Path = typer.Argument(..., help="COCO-format folder: annotations/{captions,instances}_SPLIT.json and SPLIT/*.jpg."),
+    output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write (Parquet shards + manifest.json)."),
+    source: str = typer.Option("coco-gt", help="Where masks come from: coco-gt (COCO's own instance masks)."),
+    split: str = typer.Option("train2017", help="COCO split name (train2017, val2017, ...)."),
+    captions: str = typer.Option("first", help="first: one row per image; all: one row per caption."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images (by image id)."),
+    shard_size: int = typer.Option(1000, help="Images per Parquet shard (the unit of resuming)."),
+    include_crowd: bool = typer.Option(True, help="Union COCO crowd regions into a category's mask (\"people\" covers the crowd too)."),
+) -> None:
+    """Caption nouns -> per-noun segmentation masks: the training data of train-unet. Resumable."""
+    from accelerate import PartialState
+
+    from .masks import MasksConfig, run
+
+    state = PartialState()
+    cfg = MasksConfig(coco_dir=coco_dir, output=output, split=split, source=source, captions=captions,
+                      limit=limit, shard_size=shard_size, include_crowd=include_crowd)
+    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+
+
+@app.command("train-unet")
+@_friendly
+def train_unet(
+    data: Path = typer.Option(..., help="Masks dataset folder (from `tcompose masks`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run folder: pipeline, checkpoints/, logs/, training_summary.json."),
+    model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Base model: hub id or local diffusers folder."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the base model."),
+    text_encoder: Optional[str] = typer.Option(None, help="Another CLIP text model (hub id or folder) to use as SD's text encoder."),
+    lambda_token: float = typer.Option(1e-3, "--lambda", help="Weight of the token loss."),
+    gamma_pixel: float = typer.Option(5e-5, "--gamma", help="Weight of the pixel loss."),
+    layers: str = typer.Option("mid,up", help="Supervised cross-attention: blocks (down, mid, up) or groups (mid_8, up_16, ...)."),
+    resolution: int = typer.Option(512, help="Training resolution (center crop, then resize)."),
+    batch_size: int = typer.Option(1, help="Examples per process per micro-step."),
+    grad_accum: int = typer.Option(4, help="Micro-steps per optimizer step."),
+    max_steps: int = typer.Option(24_000, help="Optimizer steps."),
+    lr: float = typer.Option(5e-6, help="Learning rate."),
+    lr_scheduler: str = typer.Option("constant", help="constant, constant_with_warmup, linear or cosine."),
+    lr_warmup_steps: int = typer.Option(0, help="Warmup steps of the lr schedule."),
+    adam_weight_decay: float = typer.Option(1e-2, help="AdamW weight decay."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
+    mixed_precision: str = typer.Option("no", help="no, fp16 or bf16."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute UNet activations in backward to save memory."),
+    seed: int = typer.Option(0, help="Seed of data order, noise and timesteps."),
+    use_ema: bool = typer.Option(False, help="Keep an EMA of the UNet weights and save it as the pipeline's UNet."),
+    ema_decay: float = typer.Option(0.9999, help="EMA decay."),
+    checkpoint_every: int = typer.Option(1000, help="Save a resumable checkpoint every N steps (0: only at the end)."),
+    checkpoints_limit: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints."),
+    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder: continue exactly where it stopped."),
+    eval_fraction: float = typer.Option(0.05, help="Share of images held out for the grounding score (0: none)."),
+    eval_max_examples: int = typer.Option(64, help="At most this many held-out examples are scored."),
+    eval_timesteps: str = typer.Option("100,300,500,700,900", help="Timesteps at which the grounding score is measured."),
+    random_flip: bool = typer.Option(False, help="Flip image and masks together (captions saying left/right become wrong)."),
+    num_workers: int = typer.Option(4, help="Data loader worker processes."),
+    log_every: int = typer.Option(10, help="Log losses every N steps."),
+) -> None:
+    """TokenCompose finetuning: L_LDM + lambda * L_token + gamma * L_pixel on the UNet's cross-attention."""
+    from .train_unet import TrainUnetConfig, run
+
+    cfg = TrainUnetConfig(
+        data=data, output=output, model=model, revision=revision, text_encoder=text_encoder,
+        lambda_token=lambda_token, gamma_pixel=gamma_pixel, layers=_split(layers), resolution=resolution,
+        batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, lr=lr, lr_scheduler=lr_scheduler,
+        lr_warmup_steps=lr_warmup_steps, adam_weight_decay=adam_weight_decay, max_grad_norm=max_grad_norm,
+        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed, use_ema=use_ema,
+        ema_decay=ema_decay, checkpoint_every=checkpoint_every, checkpoints_limit=checkpoints_limit, resume=resume,
+        eval_fraction=eval_fraction, eval_max_examples=eval_max_examples,
+        eval_timesteps=tuple(int(t) for t in _split(eval_timesteps)), random_flip=random_flip,
+        num_workers=num_workers, log_every=log_every,
+    )
+    run(cfg)
+
+
+@app.command()
+@_friendly
+def demo(
+    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Where the demo writes its data and runs."),
+    steps: int = typer.Option(150, help="Optimizer steps of each training run."),
+    images: int = typer.Option(96, help="Synthetic scenes to generate."),
+    seed: int = typer.Option(0, help="Seed of the scenes and of both runs."),
+) -> None:
+    """Offline CPU demo: synthetic scenes -> masks -> train a tiny model with the losses off and on -> scores."""
+    from .demo import DemoConfig, run
+
+    run(DemoConfig(output=output, steps=steps, images=images, seed=seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; ``main(["train-unet", ...])`` runs a command in-process and returns its exit code."""
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], prog_name="tcompose", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
