@@ -111,7 +111,8 @@ class CapturingCrossAttnProcessor:
             key = attn.norm_k(key)
 
         with torch.autocast(device_type=query.device.type, enabled=False):
-            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+            # scaling the query (HW x d) is cheaper than scaling the scores (HW x T) in forward and backward
+            scores = torch.matmul(query.float() * attn.scale, key.float().transpose(-1, -2))
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
                 scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()

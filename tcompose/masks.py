@@ -75,6 +75,7 @@ class MasksConfig:
     """Use COCO crowd regions (``iscrowd=1``: a crowd of people, a pile of bananas) in a category's mask.
     On by default: a caption's "people" or "bananas" refers to the crowd too, and leaving it out would teach
     the model that part of the phrase's region is background. Off: crowd-only categories count as absent."""
+
     def __post_init__(self):
         self.coco_dir = Path(self.coco_dir)
         self.output = Path(self.output)

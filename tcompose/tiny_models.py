@@ -36,7 +36,15 @@ _MEDIUM_UNET: dict[str, Any] = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=64, norm_num_groups=32,
 )
-UNET_SIZES: dict[str, dict[str, Any]] = {"tiny": _TINY_UNET, "medium": _MEDIUM_UNET}
+# Stable Diffusion 1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json), randomly initialised: ~860M
+# parameters, for GPU benchmarks only (never built in tests).
+_SD14_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+UNET_SIZES: dict[str, dict[str, Any]] = {"tiny": _TINY_UNET, "medium": _MEDIUM_UNET, "sd14": _SD14_UNET}
 # SD1.4's scheduler_config.json (PNDM for inference; DDPMScheduler.from_pretrained reads the same file,
 # clip_sample False included, which PNDM itself ignores).
 SD_SCHEDULER = dict(

@@ -159,7 +159,9 @@ def run(cfg: TrainUnetConfig) -> dict:
     for frozen in (vae, text_encoder):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
+        frozen.to(device)
+        if weight_dtype != torch.float32:
+            frozen.to(dtype=weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
