@@ -61,7 +61,9 @@ def test_exact_resume_in_a_new_process(setup, tmp_path):
            "--max-steps", "6", "--lr", "1e-3", "--lambda", "1.0", "--gamma", "0.1", "--num-workers", "0",
            "--checkpoint-every", "0", "--eval-fraction", "0.1", "--eval-max-examples", "4", "--eval-timesteps", "500",
            "--use-ema", "--ema-decay", "0.9", "--log-every", "1", "--resume", "latest"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    # bit-identical needs the same float reduction order: the same number of CPU threads in the new process
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = unet_weights(straight), unet_weights(resumed)
     assert a.keys() == b.keys()
