@@ -22,7 +22,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -318,10 +318,6 @@ def check_columns(data_dir: str | os.PathLike, kind: str = "masks") -> list[Path
 def iter_rows(data_dir: str | os.PathLike, columns: list[str] | None = None) -> Iterator[dict]:
     for f in shard_files(data_dir):
         yield from pq.read_table(f, columns=columns).to_pylist()
-
-
-def count_rows(files: Iterable[Path]) -> int:
-    return sum(pq.read_metadata(f).num_rows for f in files)
 
 
 class RowReader:
