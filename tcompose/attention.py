@@ -52,7 +52,8 @@ class AttentionStore:
         return f"{block}_{math.isqrt(hw)}"
 
 
-def _wanted(layers: Iterable[str]) -> tuple[set[str], set[str]]:
+def parse_layers(layers: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Split a layer selection into block names and group names; unknown names raise ValueError."""
     blocks, groups = set(), set()
     for name in layers:
         if name in BLOCKS.values():
@@ -143,7 +144,7 @@ def cross_attention_modules(unet) -> Iterator[tuple[str, str, torch.nn.Module]]:
 @contextmanager
 def capture_cross_attention(unet, layers: Iterable[str] = ("mid", "up")) -> Iterator[AttentionStore]:
     """Record the selected cross-attention maps of every ``unet`` forward pass made inside the block."""
-    blocks, groups = _wanted(tuple(layers))
+    blocks, groups = parse_layers(tuple(layers))
     store = AttentionStore()
     originals = []
     for _, block, module in cross_attention_modules(unet):

@@ -286,7 +286,9 @@ def load_components(
             kw["local_files_only"] = local_files_only
         context = _hub_hint(source, local_files_only)
     with context:
-        weights = {"torch_dtype": dtype, "use_safetensors": True, **kw}
+        weights = {"use_safetensors": True, **kw}
+        if dtype != torch.float32:  # float32 is the default; diffusers >= 0.42 warns on `torch_dtype`
+            weights["torch_dtype"] = dtype
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)

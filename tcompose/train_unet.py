@@ -89,6 +89,9 @@ class TrainUnetConfig:
             raise ValueError(f"--resolution must be a multiple of 8, got {self.resolution}")
         if self.lambda_token < 0 or self.gamma_pixel < 0:
             raise ValueError("--lambda and --gamma must be >= 0")
+        from .attention import parse_layers
+
+        parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
 
 
 def config_dict(cfg: TrainUnetConfig) -> dict:
@@ -305,5 +308,5 @@ def _save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path) -> None:
     parts = {"unet": unet}
     if cfg.text_encoder:
         parts["text_encoder"], parts["tokenizer"] = load_text_encoder(cfg.text_encoder, base_tokenizer=tokenizer)
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.model, revision=cfg.revision, torch_dtype=torch.float32, **parts)
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.model, revision=cfg.revision, **parts)  # float32, the default
     pipe.save_pretrained(out, safe_serialization=True)

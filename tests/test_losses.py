@@ -167,5 +167,5 @@ def test_attention_in_mask_is_the_mass_share():
     attn[..., 1, 2] = 0.1  # token 2: 0.3 inside (pixel 0), 0.1 outside
     masks = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
     index, valid = pad_words([[[2]]])
-    score = attention_in_mask([attn[:, 0:1].reshape(1, 1, 4, 77)], masks, index, valid)
+    score = attention_in_mask([attn], masks, index, valid)  # one map [B=1, heads=1, HW=4, T]
     assert score.item() == pytest.approx(0.75)
