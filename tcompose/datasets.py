@@ -55,7 +55,35 @@ MASKS_COLUMNS = {
     "source": pa.string(),
 }
 
+#: One row per COCO instance annotation: ``image`` is the crop (JPEG), ``text`` its caption ("a photo of a
+#: {category}"), ``bbox`` the annotation's box ``[x, y, w, h]`` in source-image pixels (COCO convention), and
+#: ``crop_box`` the region cut, ``[x0, y0, x1, y1]`` in source-image pixels (it may reach past the image edge,
+#: where the crop is padded).
+CROPS_COLUMNS = {
+    "image": IMAGE_STRUCT,
+    "text": pa.string(),
+    "category": pa.string(),
+    "category_id": pa.int64(),
+    "image_id": pa.int64(),
+    "ann_id": pa.int64(),
+    "bbox": pa.list_(pa.float32()),
+    "crop_box": pa.list_(pa.int32()),
+}
+
+#: Columns of each dataset kind.
+COLUMNS = {"masks": MASKS_COLUMNS, "crops": CROPS_COLUMNS}
+
 _HF_FEATURES = {
+    "crops": {
+        "image": {"_type": "Image"},
+        "text": {"dtype": "string", "_type": "Value"},
+        "category": {"dtype": "string", "_type": "Value"},
+        "category_id": {"dtype": "int64", "_type": "Value"},
+        "image_id": {"dtype": "int64", "_type": "Value"},
+        "ann_id": {"dtype": "int64", "_type": "Value"},
+        "bbox": {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"},
+        "crop_box": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+    },
     "masks": {
         "image_id": {"dtype": "int64", "_type": "Value"},
         "file_name": {"dtype": "string", "_type": "Value"},
@@ -76,8 +104,10 @@ class DatasetError(ValueError):
 
 
 def schema_for(kind: str) -> pa.Schema:
-    """The Arrow schema of a dataset kind (``"masks"``), with Hugging Face feature metadata attached."""
-    columns = {"masks": MASKS_COLUMNS}[kind]
+    """The Arrow schema of a dataset kind (``"masks"``, ``"crops"``), with Hugging Face feature metadata."""
+    if kind not in COLUMNS:
+        raise DatasetError(f"unknown dataset kind {kind!r}: one of {', '.join(COLUMNS)}")
+    columns = COLUMNS[kind]
     meta = {b"huggingface": json.dumps({"info": {"features": _HF_FEATURES[kind]}}).encode()}
     return pa.schema(list(columns.items()), metadata=meta)
 
@@ -298,7 +328,7 @@ def read_table(data_dir: str | os.PathLike, kind: str = "masks", columns: list[s
     files = shard_files(data_dir)
     tables = [pq.read_table(f, columns=columns) for f in files]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    wanted = columns or list({"masks": MASKS_COLUMNS}[kind])
+    wanted = columns or list(COLUMNS[kind])
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise DatasetError(f"{data_dir}: columns {missing} are missing; expected a {kind} dataset")
@@ -309,7 +339,7 @@ def check_columns(data_dir: str | os.PathLike, kind: str = "masks") -> list[Path
     """The shard files of a dataset folder, after checking (from the schemas alone) that ``kind``'s columns are there."""
     files = shard_files(data_dir)
     for f in files:
-        missing = [c for c in {"masks": MASKS_COLUMNS}[kind] if c not in pq.read_schema(f).names]
+        missing = [c for c in COLUMNS[kind] if c not in pq.read_schema(f).names]
         if missing:
             raise DatasetError(f"{f}: columns {missing} are missing; expected a {kind} dataset")
     return files

@@ -1,71 +1,13 @@
-"""The `tcompose` command line: one thin command per stage (options -> the stage's config -> stage.run).
-
-Heavy libraries (torch, diffusers, transformers) are imported inside the commands, so `tcompose --help`
-answers at once. Every command runs the same under `accelerate launch -m tcompose <command> ...`.
-"""
+"""Training stages: `train-unet` (TokenCompose) and `train-clip` (contrastive CLIP on crops)."""
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-app = typer.Typer(
-    name="tcompose",
-    help="TokenCompose: train Stable Diffusion to draw every object a prompt names.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def _friendly(fn):
-    """Bad input ends in one red line and exit code 2 (TCOMPOSE_DEBUG=1 shows the traceback instead)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as err:
-            if os.environ.get("TCOMPOSE_DEBUG"):
-                raise
-            from rich.console import Console
-
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2)
-
-    return wrapper
-
-
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-@app.command()
-@_friendly
-def masks(
-    coco_dir: Path = typer.Argument(..., help="COCO-format folder: annotations/{captions,instances}_SPLIT.json and SPLIT/*.jpg."),
-    output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write (Parquet shards + manifest.json)."),
-    source: str = typer.Option("coco-gt", help="Where masks come from: coco-gt (COCO's own instance masks)."),
-    split: str = typer.Option("train2017", help="COCO split name (train2017, val2017, ...)."),
-    captions: str = typer.Option("first", help="first: one row per image; all: one row per caption."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images (by image id)."),
-    shard_size: int = typer.Option(1000, help="Images per Parquet shard (the unit of resuming)."),
-    include_crowd: bool = typer.Option(True, help="Union COCO crowd regions into a category's mask (\"people\" covers the crowd too)."),
-) -> None:
-    """Caption nouns -> per-noun segmentation masks: the training data of train-unet. Resumable."""
-    from accelerate import PartialState
-
-    from .masks import MasksConfig, run
-
-    state = PartialState()
-    cfg = MasksConfig(coco_dir=coco_dir, output=output, split=split, source=source, captions=captions,
-                      limit=limit, shard_size=shard_size, include_crowd=include_crowd)
-    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+from ._app import _friendly, _split, app
 
 
 @app.command("train-unet")
@@ -104,7 +46,7 @@ def train_unet(
     log_every: int = typer.Option(10, help="Log losses every N steps."),
 ) -> None:
     """TokenCompose finetuning: L_LDM + lambda * L_token + gamma * L_pixel on the UNet's cross-attention."""
-    from .train_unet import TrainUnetConfig, run
+    from ..train_unet import TrainUnetConfig, run
 
     cfg = TrainUnetConfig(
         data=data, output=output, model=model, revision=revision, text_encoder=text_encoder,
@@ -118,30 +60,3 @@ def train_unet(
         num_workers=num_workers, log_every=log_every,
     )
     run(cfg)
-
-
-@app.command()
-@_friendly
-def demo(
-    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Where the demo writes its data and runs."),
-    steps: int = typer.Option(150, help="Optimizer steps of each training run."),
-    images: int = typer.Option(96, help="Synthetic scenes to generate."),
-    seed: int = typer.Option(0, help="Seed of the scenes and of both runs."),
-) -> None:
-    """Offline CPU demo: synthetic scenes -> masks -> train a tiny model with the losses off and on -> scores."""
-    from .demo import DemoConfig, run
-
-    run(DemoConfig(output=output, steps=steps, images=images, seed=seed))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; ``main(["train-unet", ...])`` runs a command in-process and returns its exit code."""
-    try:
-        app(args=argv if argv is not None else sys.argv[1:], prog_name="tcompose", standalone_mode=True)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""The `tcompose` command line: one thin command per stage (options -> the stage's config -> stage.run).
+
+Heavy libraries (torch, diffusers, transformers) are imported inside the commands, so `tcompose --help`
+answers at once. Every command runs the same under `accelerate launch -m tcompose <command> ...`.
+
+Commands live by area: ``data`` (masks, crops), ``train`` (train-unet, train-clip), ``evaluate`` (generate,
+multigen, attnviz), ``tools`` (demo). Importing a module registers its commands on :data:`app`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import data, evaluate, tools, train  # noqa: F401  (registers the commands)
+from ._app import app
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; ``main(["train-unet", ...])`` runs a command in-process and returns its exit code."""
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], prog_name="tcompose", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
