@@ -144,6 +144,7 @@ def run(cfg: TrainUnetConfig) -> dict:
     _quiet_loading()
     out = Path(cfg.output)
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes (tests, CPU clusters) then talk over gloo
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
@@ -265,6 +266,7 @@ def run(cfg: TrainUnetConfig) -> dict:
                 break
     train_s = time.perf_counter() - t0
     accelerator.wait_for_everyone()
+    in_sync = _ranks_in_sync(accelerator, unet)
 
     summary = None
     if main:
@@ -287,6 +289,7 @@ def run(cfg: TrainUnetConfig) -> dict:
             "peak_memory_mb": _peak_memory_mb(device),
             "device": str(device),
             "num_processes": accelerator.num_processes,
+            "ranks_in_sync": in_sync,
             "grounding_before": before,
             "grounding_after": after,
             "data": prep.stats | {"train_rows": len(train_rows), "heldout_rows": len(heldout)},
@@ -295,8 +298,22 @@ def run(cfg: TrainUnetConfig) -> dict:
         }
         write_json_atomic(out / "training_summary.json", summary)
         log(f"wrote {out} (pipeline, training_summary.json, checkpoints/, logs/)")
+    accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
     return summary or {}
+
+
+def _ranks_in_sync(accelerator, unet) -> bool:
+    """Whether every process ends with bit-identical UNet weights (checksums gathered); warns when not."""
+    if accelerator.num_processes == 1:
+        return True
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in unet.parameters()]).sum().reshape(1)
+    sums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+    if len(set(sums)) > 1:
+        accelerator.print(f"warning: UNet weights differ between processes (checksums {sums})")
+        return False
+    return True
 
 
 def _save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path) -> None:

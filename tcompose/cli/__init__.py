@@ -23,7 +23,16 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv if argv is not None else sys.argv[1:], prog_name="tcompose", standalone_mode=True)
     except SystemExit as exc:
         return int(exc.code or 0)
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under ``accelerate launch``, leave the process group cleanly (a gloo group left open can hang the exit)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

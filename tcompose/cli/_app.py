@@ -36,3 +36,15 @@ def _friendly(fn):
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def process_state():
+    """This process's rank, world size and device under ``accelerate launch`` (or a single process).
+
+    ``cpu=True`` where no GPU exists, so that several CPU processes (``accelerate launch --multi_gpu
+    --num_processes 2`` on a CPU machine) form a gloo group instead of running as independent copies.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -1,0 +1,91 @@
+"""Several processes through `accelerate launch` (gloo on CPU) give what one process gives.
+
+Each test starts two real processes, as a user's `accelerate launch --num_processes 2 -m tcompose ...` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tcompose.masks import MasksConfig
+from tcompose.masks import run as make_masks
+from tcompose.synthetic import make_scenes
+from tcompose.tiny_models import write_tiny_pipeline
+from tcompose.train_unet import TrainUnetConfig
+from tcompose.train_unet import run as train
+
+pytestmark = pytest.mark.slow
+
+RES = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(args: list[str], n: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes n -m tcompose ARGS`` (gloo on CPU), one thread per process."""
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "tcompose", *args]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    scenes = make_scenes(root / "scenes", n_images=16, size=64, seed=1)
+    make_masks(MasksConfig(coco_dir=scenes, output=root / "masks", split="train2017"), progress=False)
+    captions = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
+    return {"masks": root / "masks", "base": write_tiny_pipeline(root / "base", corpus=captions, seed=0)}
+
+
+def test_train_unet_two_processes_equal_one_process_with_doubled_batch(train_setup, tmp_path):
+    common = dict(data=train_setup["masks"], model=str(train_setup["base"]), resolution=RES, grad_accum=2,
+                  max_steps=3, lr=1e-3, lambda_token=1.0, gamma_pixel=0.1, num_workers=0, checkpoint_every=0,
+                  eval_fraction=0.0, progress=False, log_every=1)
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainUnetConfig(output=one, batch_size=2, **common))
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    accelerate_launch([
+        "train-unet", "--data", str(train_setup["masks"]), "--output", str(two), "--model", str(train_setup["base"]),
+        "--resolution", str(RES), "--batch-size", "1", "--grad-accum", "2", "--max-steps", "3", "--lr", "1e-3",
+        "--lambda", "1.0", "--gamma", "0.1", "--num-workers", "0", "--checkpoint-every", "0", "--eval-fraction", "0",
+        "--log-every", "1",
+    ])
+    summary = json.loads((two / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 3
+    assert summary["ranks_in_sync"] is True  # both processes ended with bit-identical weights
+    a = load_file(one / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(two / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(train_setup["base"] / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = max((a[k] - base[k]).abs().max().item() for k in a)
+    assert moved > 1e-4  # training changed the weights, so the comparison below means something
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    # Adam divides by sqrt(v): a weight whose gradient is ~0 moves by up to lr per step on float noise alone,
+    # so the bound is a small fraction of the lr for the worst weight and far tighter for the typical one.
+    assert diff.max().item() < 0.1 * 1e-3, f"2 processes x batch 1 differ from 1 process x batch 2 by {diff.max()}"
+    assert diff.mean().item() < 1e-7, f"mean difference {diff.mean()}"
+    one_losses = json.loads((one / "training_summary.json").read_text())["final_losses"]
+    for k, v in summary["final_losses"].items():
+        assert v == pytest.approx(one_losses[k], rel=1e-4, abs=1e-6)
