@@ -2,8 +2,8 @@
 
 ``phrase_token_positions(tokenizer, caption, phrase)`` gives the positions, in the caption's padded
 ``tokenizer.model_max_length`` (77) input ids with ``<|startoftext|>`` at 0, of the phrase's tokens at its
-first whole-word occurrence. ``noun_phrases(caption)`` (the groundable noun phrases of a caption) comes in
-a later issue.
+first whole-word occurrence. ``noun_phrases(caption)`` gives the groundable noun phrases of a caption, as
+written in it (see :mod:`tcompose.nouns`: the bundled noun vocabulary, or spaCy with ``method="spacy"``).
 
 Matching rules (word level, never inside a word):
 
@@ -27,8 +27,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .clip_bpe import symbols_to_text
+from .nouns import noun_phrases
 
-__all__ = ["phrase_token_positions", "tokenize_captions", "word_positions"]
+__all__ = ["noun_phrases", "phrase_token_positions", "tokenize_captions", "word_positions"]
 
 # Punctuation that joins the parts of one name ("wine-glass", "t/shirt", "o'clock"): skipped, not a boundary.
 JOINERS = frozenset("-\u2010\u2011_/'\u2019")
