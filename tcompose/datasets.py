@@ -247,7 +247,10 @@ class ShardedWriter:
         path = self.shard_path(shard.index)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         # Small row groups: a training loader reads one example by decoding only its row group.
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+        if rows:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+        else:  # no row group at all: datasets' reader fails on a 0-row group ("BatchSize must be greater than 0")
+            pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
         os.replace(tmp, path)
         return path
 
