@@ -60,3 +60,51 @@ def train_unet(
         num_workers=num_workers, log_every=log_every,
     )
     run(cfg)
+
+
+@app.command("train-clip")
+@_friendly
+def train_clip(
+    data: Path = typer.Option(..., help="Crops dataset folder (from `tcompose crops`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run folder: CLIPModel, text_encoder/, tokenizer/, eval.json, checkpoints/."),
+    model: str = typer.Option("openai/clip-vit-large-patch14", help="CLIP to finetune: hub id or local CLIPModel folder."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
+    batch_size: int = typer.Option(64, help="Crops per process per micro-step; negatives come from all processes."),
+    grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step (does not enlarge the contrastive batch)."),
+    epochs: float = typer.Option(1.0, help="Passes over the training crops (ignored with --max-steps)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps; overrides --epochs."),
+    lr: float = typer.Option(1e-5, help="Peak learning rate."),
+    lr_scheduler: str = typer.Option("cosine", help="cosine (warmup, then cosine decay to 0) or constant (after warmup)."),
+    warmup_steps: int = typer.Option(100, help="Linear warmup steps."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay on weight matrices (not norms, biases, embeddings, logit_scale)."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
+    learn_temperature: bool = typer.Option(True, "--learn-temperature/--fixed-temperature", help="Learn logit_scale (clamped at 100) or keep the model's."),
+    dedupe_labels: bool = typer.Option(True, "--dedupe-labels/--no-dedupe-labels", help="Crops of one category are positives of each other (supervised contrastive), not negatives."),
+    lock_vision: bool = typer.Option(False, help="Freeze the vision tower and its projection."),
+    lock_text: bool = typer.Option(False, help="Freeze the text tower and its projection."),
+    unlocked_text_layers: int = typer.Option(0, help="With --lock-text: the last N text layers (+ final norm, projection) still learn."),
+    mixed_precision: str = typer.Option("no", help="no, fp16 or bf16."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute transformer layers in backward to save memory."),
+    seed: int = typer.Option(0, help="Seed of the data order and the held-out split."),
+    checkpoint_every: int = typer.Option(500, help="Save a resumable checkpoint every N steps (0: only at the end)."),
+    checkpoints_limit: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints."),
+    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder: continue exactly where it stopped."),
+    eval_fraction: float = typer.Option(0.05, help="Share of images whose crops are held out for evaluation (0: none)."),
+    eval_max_examples: int = typer.Option(5000, help="At most this many held-out crops."),
+    num_workers: int = typer.Option(4, help="Data loader worker processes."),
+    log_every: int = typer.Option(10, help="Log the loss every N steps."),
+) -> None:
+    """Contrastive (InfoNCE) finetuning of CLIP on object crops; its text tower then serves as SD's text encoder."""
+    from ..train_clip import TrainClipConfig, run
+
+    cfg = TrainClipConfig(
+        data=data, output=output, model=model, revision=revision, batch_size=batch_size, grad_accum=grad_accum,
+        epochs=epochs, max_steps=max_steps, lr=lr, lr_scheduler=lr_scheduler, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, learn_temperature=learn_temperature,
+        dedupe_labels=dedupe_labels, lock_vision=lock_vision, lock_text=lock_text,
+        unlocked_text_layers=unlocked_text_layers, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
+        checkpoints_limit=checkpoints_limit, resume=resume, eval_fraction=eval_fraction,
+        eval_max_examples=eval_max_examples, num_workers=num_workers, log_every=log_every,
+    )
+    run(cfg)

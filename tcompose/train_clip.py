@@ -1,0 +1,283 @@
+"""Contrastive (InfoNCE) finetuning of CLIP on object crops, to give Stable Diffusion a text encoder that has
+seen off-centre, occluded and small objects.
+
+Runbook (defaults: lr 1e-5, 100 warmup steps then cosine decay, AdamW betas (0.9, 0.98) eps 1e-6, weight
+decay 0.1 on weight matrices only, batch 64 per process, learnable temperature clamped at 100, 1 epoch):
+
+    # crops from COCO's instance boxes, then one GPU
+    tcompose crops COCO_DIR --split train2017 --output data/crops
+    tcompose train-clip --data data/crops --model openai/clip-vit-large-patch14 --output runs/clip \\
+        --mixed-precision bf16 --gradient-checkpointing
+
+    # 8 GPUs: the loss gathers all 8 x 64 embeddings, so every crop has 511 negatives
+    accelerate launch --multi_gpu --num_processes 8 -m tcompose train-clip --data data/crops --output runs/clip \\
+        --mixed-precision bf16
+
+    # 2 nodes x 8 GPUs: the same on each node, with --num_machines 2 --machine_rank {0,1}
+    #   --main_process_ip HOST --main_process_port 29500 --num_processes 16
+
+    # only the text side learns: --lock-vision; only the last 4 text layers: --lock-vision --lock-text
+    #   --unlocked-text-layers 4; continue after a kill: the same command with --resume latest
+
+    # use the finetuned text tower in Stable Diffusion
+    tcompose train-unet --data data/coco-gt --text-encoder runs/clip --output runs/tc-clip
+
+OUT holds the finetuned ``CLIPModel`` (``CLIPModel.from_pretrained(OUT)``, with tokenizer and
+``preprocessor_config.json``), ``text_encoder/`` + ``tokenizer/`` (SD's layout; ``--text-encoder OUT`` of
+train-unet / generate / multigen picks them), ``eval.json`` (held-out zero-shot and retrieval, before and
+after), ``training_summary.json``, ``checkpoints/`` and tensorboard ``logs/``.
+
+Gradient accumulation averages gradients over micro-batches; the contrastive batch (the negatives) is the
+micro-batch of all processes, ``--batch-size x processes``, not enlarged by accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+LR_SCHEDULERS = ("cosine", "constant")
+
+
+@dataclass
+class TrainClipConfig:
+    """Settings of ``tcompose train-clip``; defaults are CLIP's finetuning recipe (see the module docstring)."""
+
+    data: Path  # crops dataset folder (tcompose crops)
+    output: Path
+    model: str = "openai/clip-vit-large-patch14"  # hub id or local CLIPModel folder
+    revision: str | None = None
+    batch_size: int = 64  # per process; the contrastive batch is batch_size x processes
+    grad_accum: int = 1
+    epochs: float = 1.0  # used when max_steps is None
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    lr: float = 1e-5
+    lr_scheduler: str = "cosine"  # cosine: linear warmup, then cosine decay to 0 at the last step
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # not on norms, biases, logit_scale, embeddings (clip_models.no_decay)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    max_grad_norm: float = 1.0  # 0: no clipping
+    learn_temperature: bool = True  # logit_scale learnt (clamped at ln 100) or fixed at the model's value
+    dedupe_labels: bool = True  # crops of one category are positives of each other, not negatives
+    lock_vision: bool = False
+    lock_text: bool = False
+    unlocked_text_layers: int = 0  # with lock_text: the last N text layers (+ final norm, projection) still learn
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    checkpoints_limit: int | None = None
+    resume: str | None = None  # latest | checkpoint folder
+    eval_fraction: float = 0.05  # share of images whose crops are held out (0: no evaluation)
+    eval_max_examples: int = 5000  # held-out crops at most
+    num_workers: int = 4
+    log_every: int = 10
+    allow_tf32: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("--lr must be > 0, --warmup-steps and --weight-decay >= 0")
+        if self.unlocked_text_layers and not self.lock_text:
+            raise ValueError("--unlocked-text-layers only applies with --lock-text")
+
+
+def config_dict(cfg: TrainClipConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Multiplier of the base lr before optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps
+    (``(step + 1) / warmup``), then constant or a cosine decay reaching 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps(cfg: TrainClipConfig, n_train: int, world_size: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, else ``epochs`` over the training crops."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = n_train // (cfg.batch_size * world_size)  # micro-batches; the last incomplete one is dropped
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train-clip"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.description}"), disable=not enabled)
+
+
+def run(cfg: TrainClipConfig) -> dict:
+    """Evaluate, finetune with InfoNCE, checkpoint, evaluate again, and export to ``cfg.output``."""
+    cfg.validate()
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from torch.utils.data import DataLoader
+    from transformers.utils import logging as transformers_logging
+
+    from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+    from .clip_data import CropExamples, Preprocess, collate, read_crops, split_by_image, tokenize
+    from .clip_eval import compare, evaluate, format_table
+    from .clip_loss import distributed_info_nce
+    from .clip_models import LOGIT_SCALE_MAX, enable_checkpointing, export_clip, load_clip, load_preprocess_config, lock_towers, param_groups
+    from .datasets import write_json_atomic
+    from .training_data import MicroBatches
+
+    rows = read_crops(cfg.data)  # bad data fails before any model is loaded
+    transformers_logging.disable_progress_bar()
+    out = Path(cfg.output)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes then form a gloo group (tests, CPU clusters)
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    device, main, log = accelerator.device, accelerator.is_main_process, accelerator.print
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.allow_tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+
+    clip, tokenizer = load_clip(cfg.model, revision=cfg.revision)
+    pre_cfg = load_preprocess_config(cfg.model, clip.config.vision_config.image_size, cfg.revision)
+    counts = lock_towers(clip, cfg.lock_vision, cfg.lock_text, cfg.unlocked_text_layers, cfg.learn_temperature)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(clip)
+    clip.to(device).train()
+
+    train_rows, heldout = split_by_image(rows.image_ids, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
+    examples = CropExamples(rows, Preprocess.from_config(pre_cfg), tokenizer)
+    class_ids = list(rows.class_texts)
+    class_input_ids = tokenize(tokenizer, [rows.class_texts[c] for c in class_ids])
+    max_steps = total_steps(cfg, len(train_rows), world)
+    log(f"data: {len(train_rows)} training crops, {len(heldout)} held out, {len(class_ids)} categories; "
+        f"{max_steps} steps; parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen")
+
+    optimizer = torch.optim.AdamW(param_groups(clip, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon)
+    schedule = functools.partial(lr_factor, warmup=cfg.warmup_steps, total=max_steps, schedule=cfg.lr_scheduler)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer = accelerator.prepare(clip, optimizer)  # the sampler shards the data itself (MicroBatches)
+
+    ckpt_root = out / "checkpoints"
+    step, before = 0, None
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, clip, optimizer, lr_scheduler, None, accelerator.scaler)
+        step, before = state["step"], state["extra"].get("eval_before")
+        log(f"resumed from {resume_path} at step {step}")
+    elif cfg.resume == "latest":
+        log(f"no checkpoint under {ckpt_root}: starting from step 0")
+
+    def held_out_eval() -> dict | None:
+        if not heldout:
+            return None
+        with accelerator.autocast():
+            return evaluate(clip, examples, heldout, class_ids, class_input_ids, cfg.batch_size, device, collate)
+
+    if before is None and main:
+        before = held_out_eval()
+    accelerator.wait_for_everyone()
+
+    if main:
+        accelerator.init_trackers("train_clip", config={k: v for k, v in config_dict(cfg).items() if isinstance(v, (int, float, str, bool))})
+    sampler = MicroBatches(train_rows, cfg.batch_size, world, rank, cfg.seed, start=step * cfg.grad_accum,
+                           stop=max_steps * cfg.grad_accum)
+    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda")
+    loss_sum, n_micro, last = torch.zeros((), device=device), 0, {}
+    start_step, t0 = step, time.perf_counter()
+    with _progress(main and cfg.progress) as bar:
+        task = bar.add_task("", total=max_steps, completed=step)
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                outputs = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+                labels = batch["labels"] if cfg.dedupe_labels else None
+                loss = distributed_info_nce(outputs.image_embeds, outputs.text_embeds, clip.logit_scale.exp(),
+                                            rank=rank, world_size=world, labels=labels)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float()
+            n_micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            with torch.no_grad():
+                clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+            if not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
+            step += 1
+            bar.update(task, advance=1)
+            if step % cfg.log_every == 0 or step == max_steps:
+                mean = float(accelerator.reduce(loss_sum / n_micro, reduction="mean"))
+                last = {"loss": mean, "logit_scale": float(clip.logit_scale.detach().exp()), "lr": lr_scheduler.get_last_lr()[0]}
+                accelerator.log({f"train/{k}": v for k, v in last.items()}, step=step)
+                bar.update(task, description=f"loss {mean:.4g} scale {last['logit_scale']:.1f}")
+                loss_sum, n_micro = torch.zeros((), device=device), 0
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
+                if main:
+                    save_checkpoint(ckpt_root, step, clip, optimizer, lr_scheduler, None, accelerator.scaler,
+                                    cfg.checkpoints_limit, extra={"eval_before": before})
+                accelerator.wait_for_everyone()
+            if step >= max_steps:
+                break
+    train_s = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+
+    summary = None
+    if main:
+        save_checkpoint(ckpt_root, step, clip, optimizer, lr_scheduler, None, accelerator.scaler, cfg.checkpoints_limit,
+                        extra={"eval_before": before})
+        report = compare(before, held_out_eval())
+        report |= {"steps": step, "heldout_images": len({rows.image_ids[r] for r in heldout}), "model": cfg.model}
+        write_json_atomic(out / "eval.json", report)
+        log(format_table(report))
+        export_clip(clip, tokenizer, pre_cfg, out)
+        steps_run = step - start_step
+        summary = {
+            "steps": step, "steps_this_run": steps_run, "final": last, "train_seconds": train_s,
+            "images_per_s": steps_run * cfg.grad_accum * cfg.batch_size * world / train_s if train_s > 0 else None,
+            "peak_memory_mb": _peak_memory_mb(device), "device": str(device), "num_processes": world,
+            "parameters": counts, "eval": report,
+            "data": {"train_crops": len(train_rows), "heldout_crops": len(heldout), "categories": len(class_ids)},
+            "config": config_dict(cfg),
+        }
+        write_json_atomic(out / "training_summary.json", summary)
+        log(f"wrote {out} (CLIPModel, text_encoder/, tokenizer/, eval.json, training_summary.json, checkpoints/, logs/)")
+    accelerator.end_training()
+    return summary or {}
