@@ -9,3 +9,130 @@ import typer
 
 from ._app import _friendly, _split, app
 
+
+@app.command()
+@_friendly
+def generate(
+    model: str = typer.Option(..., help="Hub id or local diffusers folder (a train-unet OUT is one)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder: images/*.png, generations.parquet, run.json."),
+    prompt: Optional[list[str]] = typer.Option(None, help="A prompt (repeatable)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: one per line (# comments), or a .json list."),
+    images_per_prompt: int = typer.Option(1, help="Images per prompt."),
+    unet: Optional[str] = typer.Option(None, help="UNet folder, or a folder with unet/ (train-unet OUT), replacing the model's."),
+    text_encoder: Optional[str] = typer.Option(None, help="Another CLIP text model (hub id or folder)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of --model."),
+    name: Optional[str] = typer.Option(None, help="Model label stored in the table (default: --model)."),
+    batch_size: int = typer.Option(4, help="Images per pipeline call."),
+    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: the model's own)."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's, 512 for SD1.x)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    safety_checker: str = typer.Option("off", help="on or off (recorded either way; off: a black image would be a MultiGen miss)."),
+    seed: int = typer.Option(0, help="Base seed; image k of prompt p uses a seed derived from (seed, p, k)."),
+) -> None:
+    """Images from prompts: seeded per image (batch size and process count do not change them), resumable."""
+    from ..generate import GenerateConfig, read_prompts, run
+    from ._app import process_state
+
+    if safety_checker not in ("on", "off"):
+        raise ValueError(f"--safety-checker {safety_checker!r}: use on or off")
+    texts = list(prompt or []) + (read_prompts(prompts) if prompts is not None else [])
+    if not texts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+    state = process_state()
+    cfg = GenerateConfig(model=model, output=output, prompts=texts, images_per_prompt=images_per_prompt, unet=unet,
+                         text_encoder=text_encoder, revision=revision, name=name, batch_size=batch_size, dtype=dtype,
+                         steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
+                         safety_checker=safety_checker == "on", seed=seed, device=str(state.device))
+    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+
+
+@app.command()
+@_friendly
+def attnviz(
+    output: Path = typer.Option(..., "--output", "-o", help="Figure PNG; the raw maps go beside it as .safetensors."),
+    prompt: Optional[str] = typer.Option(None, help="The prompt (required unless --from-maps)."),
+    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH], one per row (repeatable)."),
+    words: Optional[str] = typer.Option(None, help="Comma-separated words/phrases of the prompt (default: its noun phrases)."),
+    layers: str = typer.Option("mid,up", help="Captured cross-attention: blocks (down, mid, up) or groups (up_16, ...)."),
+    timesteps: str = typer.Option("all", help="Denoising step indices to average: all, or e.g. 0-24 or 0,10,20-."),
+    seed: int = typer.Option(0, help="Seed (the image of `tcompose generate` prompt 0, image 0)."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: the model's own)."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
+    panel: int = typer.Option(256, help="Panel side in pixels."),
+    from_maps: Optional[Path] = typer.Option(None, help="Redraw from a saved .safetensors instead of generating."),
+) -> None:
+    """Per-word cross-attention heat maps of several models on one seeded prompt (the paper's SD vs TokenCompose figure)."""
+    from ..attnviz import AttnvizConfig, draw_figure, load_maps, run
+
+    if from_maps is not None:
+        draw_figure(load_maps(from_maps), output, panel)
+        return
+    if not prompt or not model:
+        raise ValueError("pass --prompt and at least one --model NAME=ID_OR_PATH (or --from-maps FILE)")
+    from ..model_spec import parse_model_specs
+
+    cfg = AttnvizConfig(prompt=prompt, models=parse_model_specs(model), output=output,
+                        words=list(_split(words)) if words else None, layers=_split(layers), timesteps=timesteps,
+                        seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
+                        dtype=dtype, panel=panel)
+    run(cfg)
+
+
+@app.command()
+@_friendly
+def multigen(
+    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH] (repeatable; same seeds for all)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, models/, detections/, summary.json/.md, grid_NAME.png."),
+    dataset: str = typer.Option("coco", help="Prompt set: coco or ade20k (the paper's; fetched at a pinned commit, sha256-checked, cached)."),
+    prompt_file: Optional[Path] = typer.Option(None, help="Local copy of the dataset's prompt file (offline use; sha256-checked)."),
+    custom_prompts: bool = typer.Option(False, help="Accept a --prompt-file of your own in the same format (no sha256 check)."),
+    prompts: Optional[int] = typer.Option(None, help="Only the first N prompts (quick protocol: --prompts 50 --images 5)."),
+    sample_seed: Optional[int] = typer.Option(None, help="Draw N new 5-category prompts from the dataset's categories with this seed."),
+    images: int = typer.Option(10, help="Images per prompt (the paper: 10)."),
+    seed: int = typer.Option(0, help="Base seed; image k of prompt p has the same seed for every model."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: each model's own)."),
+    dtype: str = typer.Option("auto", help="Generation dtype: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
+    batch_size: int = typer.Option(4, help="Images per pipeline call."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    safety_checker: str = typer.Option("off", help="on or off (recorded; off: a blacked-out image would count as a miss)."),
+    detector: str = typer.Option("google/owlv2-large-patch14-ensemble", help="OWLv2 checkpoint (hub id or folder)."),
+    detector_revision: Optional[str] = typer.Option(None, help="Hub revision of --detector."),
+    detector_dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    detector_batch_size: int = typer.Option(8, help="Images per detector call."),
+    store_threshold: float = typer.Option(0.01, help="Boxes scoring above this are stored."),
+    threshold: Optional[float] = typer.Option(None, help="Boxes scoring above this count (default 0.1; --score-only: the run's)."),
+    grid: int = typer.Option(4, help="Prompts shown in grid_NAME.png (0: none)."),
+    score_only: Optional[Path] = typer.Option(None, help="Rescore the stored detections of this run folder (e.g. at another --threshold); loads no model."),
+) -> None:
+    """MultiGen: 5-category prompts -> images of each model -> OWLv2 -> MG1..MG5 beside the paper's rows. Resumable."""
+    if score_only is not None:
+        from ..multigen import rescore
+
+        rescore(score_only, threshold)
+        return
+    if not model or output is None:
+        raise ValueError("pass --model NAME=ID_OR_PATH (one or more) and --output DIR, or --score-only DIR")
+    if safety_checker not in ("on", "off"):
+        raise ValueError(f"--safety-checker {safety_checker!r}: use on or off")
+    from ..multigen import MultigenConfig, run
+    from ._app import process_state
+
+    state = process_state()
+    cfg = MultigenConfig(models=list(model), output=output, dataset=dataset, prompt_file=prompt_file,
+                         custom_prompts=custom_prompts, prompts=prompts, sample_seed=sample_seed, images=images,
+                         seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, dtype=dtype,
+                         batch_size=batch_size, height=height, width=width, safety_checker=safety_checker == "on",
+                         detector=detector, detector_revision=detector_revision, detector_dtype=detector_dtype,
+                         detector_batch_size=detector_batch_size, store_threshold=store_threshold,
+                         threshold=0.1 if threshold is None else threshold, grid=grid, device=str(state.device))
+    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)

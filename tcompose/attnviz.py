@@ -1,0 +1,274 @@
+"""The attnviz stage: per-word cross-attention heat maps of several models on one seeded prompt, side by side.
+
+Runbook::
+
+    # the paper's figure: SD1.4 against TokenCompose, one heat map per noun of the prompt
+    tcompose attnviz --prompt "A cat and a wine glass" --model SD=CompVis/stable-diffusion-v1-4 \\
+        --model TokenCompose=runs/tc --output fig.png
+    # chosen words, only the up blocks, only the first 25 denoising steps; a swapped UNet / text encoder
+    tcompose attnviz --prompt "A cat and a wine glass" --words cat,"wine glass" --layers up --timesteps 0-24 \\
+        --model SD=CompVis/stable-diffusion-v1-4 --model mine=CompVis/stable-diffusion-v1-4,unet=runs/tc \\
+        --output fig.png
+    # draw the figure again from the saved maps (no model needed)
+    tcompose attnviz --from-maps fig.safetensors --output fig2.png
+
+Per model (``--model NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH]``, :mod:`tcompose.model_spec`): the
+image of :func:`tcompose.generate.image_seed` ``(seed, 0, 0)`` (the same image ``tcompose generate`` makes
+for prompt 0, image 0 with that seed), generated while :func:`tcompose.attention.capture_cross_attention`
+records the ``--layers``; :mod:`tcompose.attention_maps` aggregates the conditional maps over the
+``--timesteps`` (step indices, default all), layers and heads into per-token maps ``[77, S, S]`` (S: the
+largest map side, 64 for SD at 512 px) that sum to 1 over tokens at each pixel; a word's map is the sum over
+its token positions (:func:`tcompose.text.phrase_token_positions`). Words: ``--words``, or the prompt's
+noun phrases (:func:`tcompose.text.noun_phrases`).
+
+Outputs: the figure (rows = models, columns = the image and one overlay per word, each map min-max
+normalised for display; ``figure_size`` pixels exactly) and, beside it, ``fig.safetensors``: per model
+``NAME/image`` (uint8 [H, W, 3]), ``NAME/tokens`` (float32 [77, S, S]), ``NAME/word/I`` (float32 [S, S],
+word I of the metadata's ``words``), and metadata ``attnviz`` (JSON: prompt, seed, words, per-model token
+positions, layers, timesteps, steps, guidance, scheduler, size, dtype).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tcompose.attention_maps import MapAccumulator, normalize, parse_steps, word_maps
+from tcompose.model_spec import ModelSpec, parse_model_spec
+
+__all__ = ["AttnvizConfig", "Row", "AttnvizResult", "run", "maps_path", "save_maps", "load_maps",
+           "draw_figure", "figure_size", "default_words"]
+
+DPI = 128  # a power of two: pixel sizes survive the inches round trip exactly
+LABEL_PX = 32  # left band holding each row's model name
+TITLE_PX = 24  # band above each panel holding its title
+_META_KEY = "attnviz"
+
+
+@dataclass
+class AttnvizConfig:
+    """Settings of ``tcompose attnviz``."""
+
+    prompt: str
+    models: list[ModelSpec]
+    """Rows of the figure; ``NAME=ID_OR_PATH[,unet=...][,text_encoder=...]`` strings are parsed."""
+    output: Path
+    """Figure PNG; the raw maps go to the same path with ``.safetensors``."""
+    words: list[str] | None = None
+    """None: the prompt's noun phrases."""
+    layers: tuple[str, ...] = ("mid", "up")
+    """Captured cross-attention: blocks or groups. Default: the layers TokenCompose supervises."""
+    timesteps: str | None = None
+    """Denoising step indices (``0-24``, ``10,20,30-``; 0 = the first, noisiest); None = all."""
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    panel: int = 256
+    """Side of each panel in pixels."""
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        self.models = [parse_model_spec(m) if isinstance(m, str) else m for m in self.models]
+        self.layers = tuple(self.layers)
+
+
+@dataclass
+class Row:
+    """One model's image and maps."""
+
+    name: str
+    image: np.ndarray  # uint8 [H, W, 3]
+    tokens: torch.Tensor  # float32 [T, S, S]
+    words: dict[str, torch.Tensor]  # word -> float32 [S, S]
+    positions: dict[str, list[int]]
+
+
+@dataclass
+class AttnvizResult:
+    prompt: str
+    words: list[str]
+    rows: list[Row]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def default_words(prompt: str) -> list[str]:
+    """The prompt's noun phrases (:func:`tcompose.text.noun_phrases`)."""
+    try:
+        from tcompose.text import noun_phrases
+    except ImportError:
+        from tcompose.nouns import noun_phrases
+    words = noun_phrases(prompt)
+    if not words:
+        raise ValueError(f"no noun phrases found in the prompt {prompt!r}; pass --words")
+    return list(words)
+
+
+def maps_path(figure: str | os.PathLike) -> Path:
+    return Path(figure).with_suffix(".safetensors")
+
+
+def figure_size(n_rows: int, n_words: int, panel: int = 256) -> tuple[int, int]:
+    """(width, height) in pixels of a figure with ``n_rows`` models and ``n_words`` words."""
+    return LABEL_PX + (1 + n_words) * panel, n_rows * (TITLE_PX + panel)
+
+
+def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) -> Row:
+    from tcompose.attention import capture_cross_attention
+    from tcompose.generate import image_seed
+    from tcompose.sampling import generate_batch, load_pipeline
+    from tcompose.text import phrase_token_positions
+
+    pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
+                         dtype=cfg.dtype, scheduler=cfg.scheduler, device=cfg.device)
+    positions = {}
+    for w in words:
+        pos = phrase_token_positions(pipe.tokenizer, cfg.prompt, w)
+        if pos is None:
+            raise ValueError(f"--words: {w!r} does not occur as whole words in the prompt {cfg.prompt!r} "
+                             f"(or lies past the {pipe.tokenizer.model_max_length}-token limit)")
+        positions[w] = pos
+    pipe.scheduler.set_timesteps(cfg.steps)
+    n_calls = len(pipe.scheduler.timesteps)  # UNet evaluations of the denoising loop
+    selected = set(parse_steps(cfg.timesteps, n_calls))
+    acc = MapAccumulator(guidance=cfg.guidance > 1)
+    calls = [0]
+    with capture_cross_attention(pipe.unet, cfg.layers) as store:
+
+        def after_unet(_module, _args, _output):  # runs after the capture's own hook: store.maps is this call's
+            if calls[0] in selected:
+                acc.add(store.maps)
+            calls[0] += 1
+            progress(calls[0], n_calls)
+
+        handle = pipe.unet.register_forward_hook(after_unet)
+        try:
+            images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(cfg.seed, 0, 0)], cfg.steps, cfg.guidance,
+                                       cfg.height, cfg.width)
+        finally:
+            handle.remove()
+    tokens = acc.token_maps()[0].float().cpu()
+    row = Row(spec.name, images[0], tokens, word_maps(tokens, positions), positions)
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def save_maps(result: AttnvizResult, path: str | os.PathLike) -> Path:
+    """The raw maps and metadata as safetensors (written to a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {}
+    for row in result.rows:
+        tensors[f"{row.name}/image"] = torch.from_numpy(np.ascontiguousarray(row.image))
+        tensors[f"{row.name}/tokens"] = row.tokens.contiguous()
+        for i, w in enumerate(result.words):
+            tensors[f"{row.name}/word/{i}"] = row.words[w].contiguous()
+    meta = {**result.meta, "prompt": result.prompt, "words": result.words, "models": [r.name for r in result.rows],
+            "token_positions": {r.name: r.positions for r in result.rows}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_maps(path: str | os.PathLike) -> AttnvizResult:
+    """What :func:`save_maps` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(_META_KEY)
+        if raw is None:
+            raise ValueError(f"{path}: no attnviz metadata; pass a .safetensors file written by tcompose attnviz")
+        meta = json.loads(raw)
+        rows = []
+        for name in meta["models"]:
+            words = {w: f.get_tensor(f"{name}/word/{i}") for i, w in enumerate(meta["words"])}
+            rows.append(Row(name, f.get_tensor(f"{name}/image").numpy(), f.get_tensor(f"{name}/tokens"), words,
+                            meta["token_positions"][name]))
+    extra = {k: v for k, v in meta.items() if k not in ("prompt", "words", "models", "token_positions")}
+    return AttnvizResult(meta["prompt"], meta["words"], rows, extra)
+
+
+def draw_figure(result: AttnvizResult, path: str | os.PathLike, panel: int = 256) -> list[tuple[int, int, str]]:
+    """Draw rows = models, columns = image + one overlay per word; returns the panels (row, column, title).
+    Matplotlib's Agg canvas directly (no pyplot state); the PNG is exactly :func:`figure_size` pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width, height = figure_size(len(result.rows), len(result.words), panel)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    panels = []
+    for r, row in enumerate(result.rows):
+        top = r * (TITLE_PX + panel) + TITLE_PX
+        h, w = row.image.shape[:2]
+        extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+        titles = ["image"] + result.words
+        for c, title in enumerate(titles):
+            ax = fig.add_axes((
+                (LABEL_PX + c * panel) / width, 1 - (top + panel) / height, panel / width, panel / height))
+            ax.imshow(row.image, extent=extent, interpolation="bilinear")
+            if c > 0:
+                shown = normalize(row.words[title].float()).numpy()
+                ax.imshow(shown, cmap="jet", alpha=0.5, extent=extent, interpolation="bilinear", vmin=0, vmax=1)
+            ax.set_axis_off()
+            ax.set_title(title, fontsize=9, pad=3)
+            panels.append((r, c, title))
+        fig.text(LABEL_PX / 2 / width, 1 - (top + panel / 2) / height, row.name, rotation=90, ha="center",
+                 va="center", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
+    return panels
+
+
+def run(cfg: AttnvizConfig, progress: bool = True) -> dict:
+    """Generate each model's image with capture on, save the maps and draw the figure; returns a summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    if not cfg.models:
+        raise ValueError("no --model given; pass --model NAME=ID_OR_PATH once per row of the figure")
+    if len({m.name for m in cfg.models}) != len(cfg.models):
+        raise ValueError("two --model values share a name; give each a NAME= prefix of its own")
+    if cfg.output.suffix.lower() != ".png":
+        raise ValueError(f"--output {cfg.output}: the figure is a PNG; use a name ending in .png")
+    words = list(dict.fromkeys(cfg.words)) if cfg.words else default_words(cfg.prompt)
+    rows = []
+    bar = Progress(TextColumn("[bold]attnviz {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   disable=not progress)
+    with bar:
+        for spec in cfg.models:
+            task = bar.add_task(spec.name, total=None)
+            rows.append(_model_row(spec, cfg, words, lambda i, n, t=task: bar.update(t, completed=i, total=n)))
+    h, w = rows[0].image.shape[:2]
+    meta = {"seed": cfg.seed, "layers": list(cfg.layers), "timesteps": cfg.timesteps or "all", "steps": cfg.steps,
+            "guidance": cfg.guidance, "scheduler": cfg.scheduler, "height": h, "width": w, "dtype": cfg.dtype,
+            "model_specs": [vars(m) for m in cfg.models]}
+    result = AttnvizResult(cfg.prompt, words, rows, meta)
+    maps = save_maps(result, maps_path(cfg.output))
+    panels = draw_figure(result, cfg.output, cfg.panel)
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"attnviz: {len(rows)} models x {len(words)} words ({', '.join(words)}) -> "
+                                   f"{cfg.output}, {maps}", highlight=False)
+    return {"figure": str(cfg.output), "maps": str(maps), "words": words, "panels": panels,
+            "size": figure_size(len(rows), len(words), cfg.panel),
+            "token_positions": {r.name: r.positions for r in rows}}

@@ -1,0 +1,301 @@
+"""Open-vocabulary detection with OWLv2 (transformers), batched on the device: MultiGen's detector.
+
+Runbook::
+
+    det = Owlv2Detector.load("google/owlv2-large-patch14-ensemble", device="cuda")   # or a local folder
+    found = det.detect(images, [["cat", "dog"], ["book", "cup", "kite"]], threshold=0.01)
+    found[0].labels, found[0].scores, found[0].boxes   # names, sigmoid scores, [x0, y0, x1, y1] in pixels
+
+Each image gets its own queries, one per category name, worded ``"a photo of a {name}"``
+(:func:`query_text`). Each predicted box keeps its best query as its label and ``sigmoid(max logit)`` as its
+score; boxes with score strictly above ``threshold`` are kept. That is transformers'
+``Owlv2ImageProcessor.post_process_object_detection``, which the TokenCompose reference used.
+
+Preprocessing happens here, in torch, batched, on the device (the PIL backend of transformers' processor
+runs scipy on one CPU core, about 0.2 s per 512 px image, slower than the detector on a GPU; its torchvision
+backend needs torchvision). Same steps and, up to float rounding, the same pixels as
+``Owlv2ImageProcessorPil``: rescale to [0, 1]; pad bottom and right to a square with 0; resize to the
+model's ``vision_config.image_size`` (960 for base/16, 1008 for large/14) with a Gaussian anti-aliasing filter
+when shrinking (sigma = (factor - 1) / 2, truncated at 4 sigma, mirrored edges) then linear interpolation
+with half-pixel centres and mirrored edges, clipped to the input's range; normalise with CLIP's mean and std.
+Both filters are linear, so each axis is one resampling matrix (:func:`resample_matrix`) and an image is
+two matmuls. ``tests/test_detect.py`` checks pixels and detections against transformers.
+
+:func:`write_tiny_owlv2` writes a random OWLv2 small enough for tests (64 px, 16 boxes);
+:func:`owlv2_config` ``("large")`` is OWLv2-L/14's architecture (random weights, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_DETECTOR = "google/owlv2-large-patch14-ensemble"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def query_text(name: str) -> str:
+    return f"a photo of a {name}"
+
+
+@dataclass
+class Detections:
+    """One image's kept boxes: ``labels[i]`` (a category name) with ``scores[i]`` at ``boxes[i]`` (x0, y0, x1, y1
+    in pixels of the image as given; boxes may reach past its edges, as OWLv2 predicts them)."""
+
+    labels: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    boxes: list[list[float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+
+def _mirror(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """scipy.ndimage's ``mirror`` boundary: reflect about the edge pixels' centres (d c b | a b c d | c b a)."""
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = idx.abs() % period
+    return torch.where(idx > n - 1, period - idx, idx)
+
+
+def resample_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """float64 ``[n_out, n_in]``: scipy ``gaussian_filter(sigma=max(0, (f - 1) / 2), mode="mirror")`` then
+    ``zoom(order=1, mode="mirror", grid_mode=True)`` along one axis, f = n_in / n_out (skimage-style resize)."""
+    f = n_in / n_out
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * f - 0.5
+    i0 = torch.floor(centre)
+    w = centre - i0
+    i0 = i0.long()
+    z = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    z.index_put_((rows, _mirror(i0, n_in)), 1 - w, accumulate=True)
+    z.index_put_((rows, _mirror(i0 + 1, n_in)), w, accumulate=True)
+    sigma = max(0.0, (f - 1) / 2)
+    if sigma <= 1e-15:
+        return z
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1)
+    weights = torch.exp(-0.5 * (offsets.double() / sigma) ** 2)
+    weights = weights / weights.sum()
+    g = torch.zeros(n_in, n_in, dtype=torch.float64)
+    src = torch.arange(n_in)[:, None].expand(n_in, len(offsets))
+    g.index_put_((src.reshape(-1), _mirror(src + offsets, n_in).reshape(-1)),
+                 weights.expand(n_in, -1).reshape(-1), accumulate=True)
+    return z @ g
+
+
+def _to_uint8_hwc(image: Any) -> np.ndarray:
+    if hasattr(image, "convert"):  # PIL
+        image = image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an RGB image (PIL, or uint8 HxWx3 array), got {arr.dtype} {arr.shape}")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------------- detector
+
+
+class Owlv2Detector:
+    """An ``Owlv2ForObjectDetection`` with its tokenizer, on one device, detecting named categories in batches."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(self.device, dtype).eval()
+        self.tokenizer = tokenizer
+        self.image_size = int(model.config.vision_config.image_size)
+        self.text_len = int(model.config.text_config.max_position_embeddings)
+        self.mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(3, 1, 1)
+        self._matrices: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, name: str = DEFAULT_DETECTOR, revision: str | None = None, device: str | None = None,
+             dtype: str = "auto") -> "Owlv2Detector":
+        """Load weights and tokenizer from a hub id (``HF_HUB_OFFLINE=1`` works with a warm cache) or a local
+        folder. ``dtype``: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``fp32``, ``fp16``, ``bf16``."""
+        from transformers import AutoTokenizer, Owlv2ForObjectDetection
+
+        from .hf_load import pretrained
+        from .models import _local_path, _tf_dtype
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = resolve_dtype(dtype, device)
+        model = pretrained(Owlv2ForObjectDetection.from_pretrained, name, revision, "OWLv2 detector",
+                           use_safetensors=True, **_tf_dtype(torch_dtype))
+        tokenizer = pretrained(AutoTokenizer.from_pretrained, name, revision, "OWLv2 tokenizer")
+        local = _local_path(name)
+        mean, std = CLIP_MEAN, CLIP_STD
+        if local is not None and (local / "preprocessor_config.json").is_file():
+            pre = json.loads((local / "preprocessor_config.json").read_text())
+            mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+        return cls(model, tokenizer, device, torch_dtype, mean, std)
+
+    def _matrix(self, n: int) -> torch.Tensor:
+        if n not in self._matrices:
+            self._matrices[n] = resample_matrix(n, self.image_size).to(self.device, torch.float32)
+        return self._matrices[n]
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """``[B, 3, S, S]`` pixel values in the model's dtype on its device (S = the model's image size). The
+        resampling runs in full float32 even where TF32 matmuls are enabled."""
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return self._preprocess(images)
+        finally:
+            torch.set_float32_matmul_precision(precision)
+
+    def _preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        out = []
+        for image in images:
+            arr = torch.from_numpy(_to_uint8_hwc(image).copy()).to(self.device)
+            x = arr.permute(2, 0, 1).float() / 255.0
+            h, w = x.shape[1:]
+            n = max(h, w)
+            if h != w:
+                x = torch.nn.functional.pad(x, (0, n - w, 0, n - h), value=0.0)
+            m = self._matrix(n)
+            y = (m @ x @ m.T).clamp_(x.amin(), x.amax())
+            out.append((y - self.mean) / self.std)
+        return torch.stack(out).to(self.dtype)
+
+    def encode_queries(self, names: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token ids and masks ``[B * Q, L]`` of every image's queries, Q = the most queries of any image.
+        Missing queries are all-zero ids, which OWLv2 masks out (its ``query_mask`` is ``input_ids[..., 0] > 0``)."""
+        q = max(len(n) for n in names)
+        if q == 0:
+            raise ValueError("every image needs at least one category name to look for")
+        texts = [query_text(x) for n in names for x in n]
+        enc = self.tokenizer(texts, padding="max_length", max_length=self.text_len, truncation=True,
+                             return_tensors="pt")
+        ids = torch.zeros(len(names) * q, self.text_len, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        mask[:, 0] = 1
+        rows = torch.tensor([i * q + j for i, n in enumerate(names) for j in range(len(n))])
+        ids[rows], mask[rows] = enc["input_ids"], enc["attention_mask"]
+        return ids.to(self.device), mask.to(self.device), q
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[Any], names: Sequence[Sequence[str]], threshold: float = 0.01
+               ) -> list[Detections]:
+        """Detect ``names[i]`` in ``images[i]``; keep boxes whose score is > ``threshold``."""
+        if len(images) != len(names):
+            raise ValueError(f"{len(images)} images but {len(names)} query lists")
+        if not images:
+            return []
+        arrays = [_to_uint8_hwc(im) for im in images]
+        pixels = self.preprocess(arrays)
+        ids, mask, _ = self.encode_queries(names)
+        out = self.model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+        return postprocess(out.logits, out.pred_boxes, [a.shape[:2] for a in arrays], names, threshold)
+
+
+def postprocess(logits: torch.Tensor, pred_boxes: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                names: Sequence[Sequence[str]], threshold: float) -> list[Detections]:
+    """``logits [B, P, Q]``, ``pred_boxes [B, P, 4]`` (cx, cy, w, h relative to the padded square) -> kept boxes
+    with category names (labels = argmax query). Same arithmetic as transformers' OWLv2 post-processing."""
+    best = logits.float().max(dim=-1)
+    scores = torch.sigmoid(best.values)
+    cx, cy, w, h = pred_boxes.float().unbind(-1)
+    corners = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    side = torch.tensor([max(s) for s in sizes], device=corners.device, dtype=corners.dtype)
+    corners = corners * side.view(-1, 1, 1)
+    keep = scores > threshold
+    scores, labels, corners, keep = (t.cpu() for t in (scores, best.indices, corners, keep))
+    result = []
+    for i, image_names in enumerate(names):
+        k = keep[i]
+        result.append(Detections(
+            labels=[image_names[j] for j in labels[i][k].tolist()],
+            scores=scores[i][k].tolist(),
+            boxes=corners[i][k].tolist(),
+        ))
+    return result
+
+
+def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere; else ``fp32`` / ``fp16`` / ``bf16``."""
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in table:
+        raise ValueError(f"unknown detector dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
+    return table[dtype]
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+
+#: Architectures: ``large`` is OWLv2-L/14 (owlv2-large-patch14-ensemble's shapes, 1008 px, 72 x 72 boxes).
+OWLV2_SIZES = {
+    "tiny": dict(text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+                 vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=64, patch_size=16),
+                 projection_dim=32),
+    "large": dict(text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+                  vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=1008, patch_size=14),
+                  projection_dim=768),
+}
+
+
+def owlv2_config(size: str = "tiny", vocab_size: int = 49408, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None):
+    """An ``Owlv2Config`` of one of :data:`OWLV2_SIZES` (16-token queries, as every OWLv2)."""
+    from transformers import Owlv2Config
+
+    spec = OWLV2_SIZES[size]
+    text = dict(spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
+                bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
+                eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
+                pad_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id)
+    return Owlv2Config(text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"])
+
+
+def build_owlv2(size: str = "tiny", seed: int = 0, **config_kwargs: Any):
+    """A random ``Owlv2ForObjectDetection`` of :func:`owlv2_config` ``(size)``."""
+    from transformers import Owlv2ForObjectDetection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Owlv2ForObjectDetection(owlv2_config(size, **config_kwargs)).eval()
+
+
+def write_tiny_owlv2(out_dir: str | Path, tokenizer_source: str | Path | None = None, seed: int = 0,
+                     size: str = "tiny") -> Path:
+    """Write a random OWLv2 folder that :meth:`Owlv2Detector.load` (and ``Owlv2ForObjectDetection`` /
+    ``AutoTokenizer.from_pretrained``) reads: safetensors weights, a 16-token CLIP tokenizer (the real BPE from
+    ``tokenizer_source`` = ``bpe_simple_vocab_16e6.txt.gz``, else a small one trained on category names), and
+    ``preprocessor_config.json``."""
+    from .categories import ADE20K_150, COCO_80
+    from .clip_bpe import write_clip_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = [query_text(n) for n in COCO_80 + ADE20K_150]
+    write_clip_tokenizer(out, bpe_path=tokenizer_source, corpus=None if tokenizer_source else corpus)
+    cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["model_max_length"] = 16
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    model = build_owlv2(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                        eos_token_id=vocab["<|endoftext|>"])
+    model.save_pretrained(out, safe_serialization=True)
+    n = model.config.vision_config.image_size
+    pre = {"image_processor_type": "Owlv2ImageProcessor", "do_rescale": True, "rescale_factor": 1 / 255,
+           "do_pad": True, "do_resize": True, "size": {"height": n, "width": n}, "do_normalize": True,
+           "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return out
+

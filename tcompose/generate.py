@@ -1,0 +1,352 @@
+"""The generate stage: prompts -> seeded PNGs + a generations table (Parquet).
+
+Runbook::
+
+    tcompose generate --model CompVis/stable-diffusion-v1-4 --prompt "a cat and a wine glass" \\
+        --images-per-prompt 4 --output gen/sd14
+    # a train-unet run (OUT is a pipeline folder), prompts from a file, DDIM, bf16
+    tcompose generate --model runs/tc --prompts prompts.txt --images-per-prompt 10 --output gen/tc \\
+        --scheduler ddim --dtype bf16 --batch-size 8
+    # only swap the UNet (OUT or OUT/unet) or the text encoder of a base model
+    tcompose generate --model CompVis/stable-diffusion-v1-4 --unet runs/tc --prompts prompts.txt --output gen/tc
+    # several GPUs: each process takes every world_size-th image; the main one writes the table at the end
+    accelerate launch --multi_gpu --num_processes 8 -m tcompose generate --model runs/tc --prompts p.txt --output gen/tc
+    # killed? run the same command again: PNGs already on disk are kept (and checked), the rest are made
+
+Images are ``OUTPUT/images/{prompt_id:05d}_{image_index:02d}.png``. Image ``k`` of prompt ``p`` starts from
+noise seeded by :func:`image_seed` ``(seed, p, k)`` (see :mod:`tcompose.sampling`), so it is the same image
+whatever the batch size or the number of processes (up to float rounding of batched kernels: at most one
+grey level on rare pixels). A PNG is written under a temporary name and renamed; it carries a ``tcompose``
+text chunk (prompt, seed, settings fingerprint, NSFW flag), which a rerun checks before skipping it: a
+folder generated with other settings is never mixed into.
+
+At the end the main process writes ``OUTPUT/generations.parquet`` (one row per image: ``prompt_id``,
+``image_index``, ``seed``, ``prompt``, ``file`` (relative to OUTPUT), ``model`` (the label), ``settings``
+(JSON), ``nsfw`` (null without the safety checker)) and ``OUTPUT/run.json`` (settings, library versions,
+summary).
+
+Prompts file (``--prompts``): one prompt per line, blank lines and lines starting with ``#`` ignored; or a
+``.json`` file holding a list of strings. Prompt ids are positions in that list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tcompose.sampling import load_pipeline  # noqa: F401  (part of this module's interface)
+
+__all__ = ["GenerateConfig", "image_seed", "image_filename", "read_prompts", "load_pipeline", "run",
+           "write_images", "settings_of", "TABLE", "RUN_JSON"]
+
+TABLE = "generations.parquet"
+RUN_JSON = "run.json"
+IMAGES = "images"
+_PNG_KEY = "tcompose"
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``tcompose generate``."""
+
+    model: str
+    """Hub id or local diffusers folder (a train-unet OUT is one)."""
+    output: Path
+    """Writes ``output/images/*.png``, ``output/generations.parquet`` and ``output/run.json``."""
+    prompts: list[str]
+    prompt_ids: list[int] | None = None
+    """Ids of ``prompts`` (seeds and file names use them); None: 0..len(prompts)-1."""
+    images_per_prompt: int = 1
+    unet: str | None = None
+    """A UNet folder, or a folder with ``unet/`` (a train-unet OUT), replacing the model's UNet."""
+    text_encoder: str | None = None
+    """A CLIP text model (hub id or folder; :func:`tcompose.models.load_text_encoder` rules)."""
+    revision: str | None = None
+    name: str | None = None
+    """The model's label in the table (default: ``model``)."""
+    batch_size: int = 4
+    dtype: str = "auto"
+    """auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32."""
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str | None = None
+    """None = the model's own; pndm, ddim, euler or dpm++."""
+    height: int | None = None
+    width: int | None = None
+    """None: the UNet's sample_size x 8 (512 for SD1.x)."""
+    safety_checker: bool = False
+    """Off by default: a blacked-out image reads as "no object drawn" to MultiGen's detector, so the checker
+    would turn its NSFW false positives into composition misses; the state is recorded either way."""
+    seed: int = 0
+    device: str | None = None
+    """None: accelerate's device for this process."""
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        self.prompts = list(self.prompts)
+        if self.prompt_ids is None:
+            self.prompt_ids = list(range(len(self.prompts)))
+        self.prompt_ids = [int(i) for i in self.prompt_ids]
+
+
+def image_seed(seed: int, prompt_id: int, image_index: int) -> int:
+    """The seed of image ``image_index`` of prompt ``prompt_id``: a 63-bit hash of the three numbers."""
+    digest = hashlib.sha256(f"tcompose-generate:{int(seed)}:{int(prompt_id)}:{int(image_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def image_filename(prompt_id: int, image_index: int) -> str:
+    """``"00012_03.png"`` for prompt 12, image 3."""
+    return f"{int(prompt_id):05d}_{int(image_index):02d}.png"
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts of a text file (one per line; blank and ``#`` lines ignored) or a ``.json`` list of strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of prompt strings") from None
+        if not isinstance(data, list) or not all(isinstance(p, str) and p.strip() for p in data):
+            raise ValueError(f"{path}: expected a JSON list of non-empty prompt strings")
+        prompts = [p.strip() for p in data]
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in it")
+    return prompts
+
+
+def _check(cfg: GenerateConfig, rank: int, world_size: int) -> None:
+    if not cfg.prompts:
+        raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
+    if any(not p.strip() for p in cfg.prompts):
+        raise ValueError("an empty prompt was given; every prompt needs text")
+    if len(cfg.prompt_ids) != len(cfg.prompts):
+        raise ValueError(f"{len(cfg.prompt_ids)} prompt ids for {len(cfg.prompts)} prompts")
+    if len(set(cfg.prompt_ids)) != len(cfg.prompt_ids) or min(cfg.prompt_ids) < 0:
+        raise ValueError("prompt ids must be distinct and >= 0 (they name the image files)")
+    for key in ("images_per_prompt", "batch_size", "steps"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("height", "width"):
+        v = getattr(cfg, key)
+        if v is not None and (v < 8 or v % 8):
+            raise ValueError(f"--{key} must be a positive multiple of 8, got {v}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+
+
+def _path_id(value: str | None) -> str | None:
+    """A local path made absolute (so reruns from another folder match); a hub id as given."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def settings_of(cfg: GenerateConfig, dtype: str) -> dict[str, Any]:
+    """What decides the images (their fingerprint), resolved from configs without loading weights."""
+    from tcompose.sampling import model_facts
+
+    facts = model_facts(cfg.model, cfg.unet, cfg.revision, cfg.scheduler)
+    return {
+        "model": _path_id(cfg.model), "unet": _path_id(cfg.unet), "text_encoder": _path_id(cfg.text_encoder),
+        "revision": cfg.revision, "scheduler": facts["scheduler"], "steps": cfg.steps, "guidance": cfg.guidance,
+        "height": cfg.height or facts["size"], "width": cfg.width or facts["size"], "dtype": dtype,
+        "safety_checker": cfg.safety_checker, "seed": cfg.seed,
+    }
+
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _png_meta(path: Path) -> dict | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            raw = im.info.get(_PNG_KEY)
+    except OSError:
+        return None
+    try:
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _check_existing(path: Path, meta: dict | None, prompt: str, seed: int, fingerprint: str) -> dict:
+    if meta is None:
+        raise ValueError(f"{path}: exists but was not written by tcompose generate (no readable metadata); "
+                         "delete it or write to a new --output")
+    if meta.get("fingerprint") != fingerprint or meta.get("prompt") != prompt or meta.get("seed") != seed:
+        raise ValueError(f"{path}: generated with other settings or another prompt ({meta.get('prompt')!r}); "
+                         f"write to a new --output or delete {path.parent}")
+    return meta
+
+
+def _save_png(image: np.ndarray, path: Path, meta: dict) -> None:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt(_PNG_KEY, json.dumps(meta))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+def _bar(enabled: bool, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not enabled)
+    return bar, bar.add_task("generate", total=total)
+
+
+def write_images(pipe, cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]], images: Path,
+                 fingerprint: str = "", label: str = "", progress: bool = False, embeddings=None) -> float:
+    """Generate and write the PNGs of ``jobs`` ``(prompt_id, image_index, prompt, seed)`` with a loaded
+    pipeline, ``cfg.batch_size`` at a time; returns the seconds taken. The hot loop of :func:`run` (and of
+    ``benchmarks/generate.py``)."""
+    import torch
+
+    from tcompose.sampling import PromptEmbeddings, generate_batch
+
+    embeddings = embeddings or PromptEmbeddings(pipe)
+    bar, task = _bar(progress, len(jobs))
+    pending: list[Future] = []
+    t0 = time.perf_counter()
+    # PNG encoding (zlib releases the GIL) overlaps the next batch; at most two batches wait to be written.
+    with bar, ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode():
+        for start in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[start : start + cfg.batch_size]
+            arrays, nsfw = generate_batch(pipe, [j[2] for j in batch], [j[3] for j in batch], cfg.steps,
+                                          cfg.guidance, cfg.height, cfg.width, embeddings)
+            while len(pending) > 2 * cfg.batch_size:
+                pending.pop(0).result()
+            for i, (pid, k, prompt, seed) in enumerate(batch):
+                meta = {"prompt_id": pid, "image_index": k, "seed": seed, "prompt": prompt, "model": label,
+                        "fingerprint": fingerprint, "nsfw": None if nsfw is None else nsfw[i]}
+                pending.append(pool.submit(_save_png, arrays[i], images / image_filename(pid, k), meta))
+            bar.advance(task, len(batch))
+        for f in pending:
+            f.result()
+    return time.perf_counter() - t0
+
+
+def _wait_for(paths: list[Path], timeout_s: float, poll_s: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    missing = [p for p in paths if not p.exists()]
+    while missing:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ValueError(f"{len(missing)} images (e.g. {missing[0]}) did not appear within {timeout_s:g} s; "
+                             "run the same command again to finish them")
+        time.sleep(min(poll_s, left))
+        missing = [p for p in missing if not p.exists()]
+
+
+def _write_table(cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]], settings: dict, fingerprint: str,
+                 label: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tcompose.datasets import library_versions
+
+    images = cfg.output / IMAGES
+    nsfw = []
+    for pid, k, prompt, seed in jobs:
+        path = images / image_filename(pid, k)
+        nsfw.append(_check_existing(path, _png_meta(path), prompt, seed, fingerprint).get("nsfw"))
+    text = json.dumps({**settings, "versions": library_versions()}, sort_keys=True)
+    table = pa.table({
+        "prompt_id": pa.array([j[0] for j in jobs], pa.int64()),
+        "image_index": pa.array([j[1] for j in jobs], pa.int32()),
+        "seed": pa.array([j[3] for j in jobs], pa.int64()),
+        "prompt": pa.array([j[2] for j in jobs], pa.string()),
+        "file": pa.array([f"{IMAGES}/{image_filename(j[0], j[1])}" for j in jobs], pa.string()),
+        "model": pa.array([label] * len(jobs), pa.string()),
+        "settings": pa.array([text] * len(jobs), pa.string()),
+        "nsfw": pa.array(nsfw, pa.bool_()),
+    })
+    out = cfg.output / TABLE
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    for stale in images.glob(".*.tmp"):  # left by killed runs; every process has finished writing by now
+        stale.unlink(missing_ok=True)
+    return out
+
+
+def run(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
+        finalize_timeout_s: float = 86400.0) -> dict:
+    """Generate this process's share of the images; the main process (rank 0) then waits for every PNG (at
+    most ``finalize_timeout_s``) and writes the table and run.json. Returns a summary dict: ``images`` (this
+    process's share), ``generated``, ``skipped_existing``, ``seconds``, ``images_per_s`` (generated images
+    per second of generation, model loading excluded), ``rank``, ``world_size`` (+ ``table`` on rank 0)."""
+    from tcompose.datasets import library_versions, write_json_atomic
+    from tcompose.sampling import dtype_name, resolve_device, resolve_dtype
+
+    t0 = time.monotonic()
+    _check(cfg, rank, world_size)
+    device = resolve_device(cfg.device)
+    settings = settings_of(cfg, dtype_name(resolve_dtype(cfg.dtype, device)))
+    fingerprint = _fingerprint(settings)
+    label = cfg.name or cfg.model
+    jobs = [(pid, k, prompt, image_seed(cfg.seed, pid, k))
+            for pid, prompt in zip(cfg.prompt_ids, cfg.prompts) for k in range(cfg.images_per_prompt)]
+    mine = jobs[rank::world_size]
+    images = cfg.output / IMAGES
+    images.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for job in mine:
+        path = images / image_filename(job[0], job[1])
+        if path.exists():
+            _check_existing(path, _png_meta(path), job[2], job[3], fingerprint)
+        else:
+            todo.append(job)
+    gen_s = 0.0
+    if todo:
+        pipe = load_pipeline(cfg.model, unet=cfg.unet, text_encoder=cfg.text_encoder, revision=cfg.revision,
+                             dtype=cfg.dtype, scheduler=cfg.scheduler, safety_checker=cfg.safety_checker,
+                             device=cfg.device)
+        gen_s = write_images(pipe, cfg, todo, images, fingerprint, label, progress and rank == 0)
+        del pipe
+    summary: dict[str, Any] = {
+        "images": len(mine), "generated": len(todo), "skipped_existing": len(mine) - len(todo),
+        "seconds": round(time.monotonic() - t0, 3), "generation_seconds": round(gen_s, 3),
+        "images_per_s": round(len(todo) / gen_s, 4) if gen_s > 0 else None, "rank": rank, "world_size": world_size,
+    }
+    if rank != 0:
+        return summary
+    _wait_for([images / image_filename(j[0], j[1]) for j in jobs], finalize_timeout_s)
+    table = _write_table(cfg, jobs, settings, fingerprint, label)
+    summary.update(table=str(table), total_images=len(jobs), seconds=round(time.monotonic() - t0, 3))
+    run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                  if k not in ("prompts", "prompt_ids")}
+    write_json_atomic(cfg.output / RUN_JSON, {
+        "stage": "generate", "settings": settings, "fingerprint": fingerprint, "model_label": label,
+        "prompts": len(cfg.prompts), "config": run_config, "versions": library_versions(), "summary": summary,
+    })
+    if progress:
+        from rich.console import Console
+
+        rate = f", {summary['images_per_s']:.3g} images/s" if summary["images_per_s"] else ""
+        Console(stderr=True).print(f"generate: {summary['generated']} generated, {summary['skipped_existing']} "
+                                   f"already on disk{rate} -> {cfg.output}", highlight=False)
+    return summary

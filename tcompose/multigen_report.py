@@ -1,0 +1,174 @@
+"""MultiGen reports: the results table (rich on the terminal, Markdown in ``summary.md``) with the paper's
+published rows beside the measured ones, and a grid of sample images per model (``grid_NAME.png``).
+
+The published rows are from the TokenCompose paper's main results table (1,000 prompts x 10 images, OWLv2-L,
+threshold 0.1; MG1 is not reported there): marked "published, not measured", never mixed with measured rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+LEVELS = ("MG1", "MG2", "MG3", "MG4", "MG5")
+
+#: The paper's numbers (means over 1,000 prompts x 10 images), by prompt set, then model.
+PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
+    "coco": {
+        "SD1.4": {"MG2": 90.72, "MG3": 50.74, "MG4": 11.68, "MG5": 0.88},
+        "TokenCompose": {"MG2": 98.08, "MG3": 76.16, "MG4": 28.81, "MG5": 3.28},
+    },
+    "ade20k": {
+        "SD1.4": {"MG2": 89.81, "MG3": 53.96, "MG4": 16.52, "MG5": 1.89},
+        "TokenCompose": {"MG2": 97.75, "MG3": 76.93, "MG4": 33.92, "MG5": 6.21},
+    },
+}
+PUBLISHED_NOTE = "published, not measured (paper: 1,000 prompts x 10 images)"
+PUBLISHED_TAG = "published, not measured"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (tuple, list)):
+        return f"{value[0]:.2f} ± {value[1]:.2f}"
+    return f"{value:.2f}"
+
+
+def table_rows(results: dict[str, dict], dataset: str | None) -> list[list[str]]:
+    """``[name, MG1..MG5, images, note]`` per measured model, then the published rows of ``dataset``."""
+    rows = []
+    for name, r in results.items():
+        note = f"measured; {r['missing']} missing" if r.get("missing") else "measured"
+        rows.append([name, *(_cell(r[k]) for k in LEVELS), str(r["images"]), note])
+    for name, values in PUBLISHED.get(dataset or "", {}).items():
+        rows.append([f"{name} (paper)", *(_cell(values.get(k)) for k in LEVELS), "10000", PUBLISHED_TAG])
+    return rows
+
+
+HEADERS = ["model", *LEVELS, "images", "note"]
+
+
+def markdown(results: dict[str, dict], dataset: str | None, title: str) -> str:
+    """The table as Markdown (``summary.md``): MG_k as ``mean ± std`` in percent."""
+    lines = [f"# {title}", "", "MG_k: % of images in which at least k of the prompt's 5 categories were detected "
+             "(mean ± population std over image index).", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] + ["---:"] * 6 + ["---"]) + "|"]
+    rows = table_rows(results, dataset)
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if any(row[-1] == PUBLISHED_TAG for row in rows):
+        lines += ["", f"Rows marked \"{PUBLISHED_TAG}\": the TokenCompose paper's main results table (1,000 prompts "
+                  "x 10 images, threshold 0.1; MG1 not reported), copied for reference."]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: dict[str, dict], dataset: str | None, title: str) -> None:
+    """The table on stderr, with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = table_rows(results, dataset)
+    caption = PUBLISHED_NOTE if any(row[-1] == PUBLISHED_TAG for row in rows) else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for h in HEADERS:
+        table.add_column(h, justify="right" if h in LEVELS or h == "images" else "left")
+    for row in rows:
+        style = "dim" if row[-1] == PUBLISHED_TAG else None
+        table.add_row(*row, style=style)
+    Console(stderr=True).print(table)
+
+
+def write_grid(path: Path, prompts: Sequence[str], images: Sequence[Sequence[Path]],
+               boxes: Sequence[Sequence[list[tuple[str, float, list[float]]]]] | None = None, cell: int = 256) -> Path:
+    """A PNG grid: one row per prompt (its text above), one column per image, detected boxes drawn on top
+    (``boxes[row][col]`` = ``[(label, score, [x0, y0, x1, y1]), ...]``). Missing images stay grey."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cols = max((len(r) for r in images), default=0)
+    text_h = 22
+    sheet = Image.new("RGB", (max(cols * cell, 640), len(images) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=13)
+    for r, (text, row) in enumerate(zip(prompts, images)):
+        y = r * (cell + text_h)
+        draw.text((4, y + 4), text, fill="black", font=font)
+        for c, img_path in enumerate(row):
+            x = c * cell
+            if not Path(img_path).is_file():
+                draw.rectangle([x, y + text_h, x + cell - 1, y + text_h + cell - 1], fill=(200, 200, 200))
+                continue
+            with Image.open(img_path) as im:
+                im = im.convert("RGB")
+                scale = cell / max(im.size)
+                thumb = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
+            sheet.paste(thumb, (x, y + text_h))
+            w, h = thumb.size
+            for label, score, (x0, y0, x1, y1) in (boxes[r][c] if boxes else []):
+                x0, x1 = (min(max(v * scale, 0), w - 1) for v in (x0, x1))
+                y0, y1 = (min(max(v * scale, 0), h - 1) for v in (y0, y1))
+                box = [x + x0, y + text_h + y0, x + x1, y + text_h + y1]
+                draw.rectangle(box, outline=(255, 40, 40), width=2)
+                ty = min(box[1] + 1, y + text_h + h - 15)
+                draw.text((box[0] + 2, ty), f"{label} {score:.2f}", fill=(255, 40, 40), font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    sheet.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int, threshold: float, source: dict,
+              grid: int = 4, progress: bool = True, extra: dict | None = None, suffix: str = "") -> dict:
+    """Score every model's stored detections over ``prompts`` x ``images``; write ``summary{suffix}.json`` and
+    ``.md`` (and ``grid_NAME.png`` when ``grid``); print the table when ``progress``. An image without a stored
+    row is scored as missing."""
+    from .datasets import write_json_atomic
+    from .multigen import score
+    from .multigen_store import read_records
+
+    dataset = None if source.get("kind") == "custom" else source.get("dataset")
+    results = {}
+    for name in names:
+        stored = read_records(output / "detections" / name)
+        records = []
+        for p in prompts:
+            for k in range(images):
+                row = stored.get((p.prompt_id, k))
+                if row is not None and tuple(row["categories"]) != tuple(p.categories):
+                    raise ValueError(f"{output / 'detections' / name}: prompt {p.prompt_id} is stored with categories "
+                                     f"{row['categories']}, not {list(p.categories)}; the folder holds another run")
+                records.append(row or {"prompt_id": p.prompt_id, "image_index": k, "categories": list(p.categories),
+                                       "labels": None, "scores": None})
+        results[name] = score(records, threshold)
+        if grid:
+            _grid(output, name, prompts[:grid], min(images, 5), stored, threshold)
+    kind = {"sampled": f" sampled (seed {source.get('sample_seed')})", "custom": " custom"}.get(source.get("kind"), "")
+    title = (f"MultiGen ({source.get('dataset')}{kind}, {len(prompts)} prompts x {images} images, "
+             f"OWLv2 threshold {threshold:g})")
+    summary = {"title": title, "dataset": source.get("dataset"), "prompt_source": source, "threshold": threshold,
+               "num_prompts": len(prompts), "images_per_prompt": images, "models": results,
+               "published": {"note": PUBLISHED_NOTE, "rows": PUBLISHED.get(dataset or "", {})}, **(extra or {})}
+    write_json_atomic(output / f"summary{suffix}.json", summary)
+    md = output / f"summary{suffix}.md"
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text(markdown(results, dataset, title), encoding="utf-8")
+    tmp.replace(md)
+    if progress:
+        print_table(results, dataset, title)
+    return summary
+
+
+def _grid(output: Path, name: str, prompts: Sequence, cols: int, stored: dict, threshold: float) -> None:
+    from .generate import image_filename
+
+    image_dir = output / "models" / name / "images"
+    paths = [[image_dir / image_filename(p.prompt_id, k) for k in range(cols)] for p in prompts]
+    boxes = []
+    for p in prompts:
+        row_boxes = []
+        for k in range(cols):
+            r = stored.get((p.prompt_id, k)) or {}
+            row_boxes.append([(lab, s, b) for lab, s, b in zip(r.get("labels") or [], r.get("scores") or [],
+                                                                r.get("boxes") or []) if s > threshold])
+        boxes.append(row_boxes)
+    write_grid(output / f"grid_{name}.png", [p.text for p in prompts], paths, boxes)

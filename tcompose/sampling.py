@@ -1,0 +1,257 @@
+"""Stable Diffusion inference for `generate`, `multigen` and `attnviz`: the pipeline, seeded latents, a batch.
+
+    pipe = load_pipeline("runs/tc", dtype="fp16", scheduler="ddim", device="cuda")
+    images, nsfw = generate_batch(pipe, ["a cat and a wine glass"] * 2, seeds=[11, 12], steps=50, guidance=7.5)
+    # images: uint8 numpy [B, H, W, 3]; nsfw: list of bool, or None without a safety checker
+
+The pipeline is diffusers' ``StableDiffusionPipeline`` built from :func:`tcompose.models.load_components`
+(same loading rules, offline hints and text-encoder checks as training), with the model's own inference
+scheduler (``scheduler/scheduler_config.json``) unless ``scheduler`` names another: ``pndm``, ``ddim``,
+``euler`` (Euler discrete, no churn) or ``dpm++`` (DPM-Solver++ multistep). All four are deterministic
+given the initial latents.
+
+Seeding: image ``i`` of a batch starts from ``torch.randn((1, C, H/8, W/8), generator=Generator("cpu")
+.manual_seed(seeds[i]))`` in float32, cast to the pipeline's dtype and moved to its device, so an image's
+start does not depend on its batch, the device or the process. The same per-image CPU generators go to the
+pipeline too (a stochastic scheduler then draws each image's noise from its own generator). For float32
+this is exactly what ``pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds])`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SCHEDULERS", "DTYPES", "resolve_device", "resolve_dtype", "dtype_name", "model_facts",
+           "load_pipeline", "initial_latents", "PromptEmbeddings", "generate_batch"]
+
+#: ``--scheduler`` names -> (diffusers class, extra config).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``: this process's device under accelerate (cuda:LOCAL_RANK, else cuda, else cpu)."""
+    if device is not None:
+        return torch.device(device)
+    from accelerate import PartialState
+
+    return torch.device(PartialState().device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere; ``fp16|bf16|fp32`` or a torch dtype as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use auto, fp16, bf16 or fp32")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def _unet_source(unet: str | os.PathLike) -> tuple[str, str | None]:
+    """(folder, subfolder) of a ``--unet`` path: a UNet folder, or a pipeline / train-unet OUT with unet/."""
+    path = Path(unet).expanduser()
+    if (path / "unet" / "config.json").is_file():
+        return str(path), "unet"
+    if (path / "config.json").is_file():
+        return str(path), None
+    from .models import ModelFolderError
+
+    raise ModelFolderError(f"--unet {path}: no config.json there nor in {path / 'unet'}; pass a UNet folder "
+                           "(UNet2DConditionModel.save_pretrained) or a pipeline folder such as a train-unet OUT")
+
+
+def model_facts(model: str | os.PathLike, unet: str | None = None, revision: str | None = None,
+                scheduler: str | None = None) -> dict[str, Any]:
+    """Read from configs only (no weights): the inference scheduler's class and the default image size."""
+    import contextlib
+
+    from .models import ModelFolderError, _hub_hint, _local_path
+
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ValueError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)} (or leave it out for "
+                         "the model's own)")
+    local = _local_path(model)
+    if local is not None:
+        missing = [s for s in ("unet", "vae", "scheduler") if not (local / s).is_dir()]
+        if missing:
+            raise ModelFolderError(f"{local} is not a diffusers Stable Diffusion folder: missing "
+                                   f"{', '.join(s + '/' for s in missing)}. Pass a folder written by "
+                                   "`StableDiffusionPipeline.save_pretrained` or `tcompose train-unet`, or a hub id.")
+    with contextlib.nullcontext() if local is not None else _hub_hint(str(model), None):
+        return _facts(model, unet, {} if local is not None else {"revision": revision}, scheduler)
+
+
+def _facts(model, unet, hub: dict, scheduler: str | None) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    if scheduler is not None:
+        sched_class = SCHEDULERS[scheduler][0]
+    else:
+        sched_class = DDPMScheduler.load_config(str(model), subfolder="scheduler", **hub)["_class_name"]
+    if unet is not None:
+        folder, sub = _unet_source(unet)
+        unet_cfg = UNet2DConditionModel.load_config(folder, subfolder=sub)
+    else:
+        unet_cfg = UNet2DConditionModel.load_config(str(model), subfolder="unet", **hub)
+    vae_cfg = AutoencoderKL.load_config(str(model), subfolder="vae", **hub)
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    return {"scheduler": sched_class, "size": int(unet_cfg["sample_size"]) * factor}
+
+
+def _scheduler(model: str, revision: str | None, name: str | None):
+    import diffusers
+    from diffusers import DDPMScheduler
+
+    from .models import _local_path
+
+    hub = {} if _local_path(model) is not None else {"revision": revision}
+    config = DDPMScheduler.load_config(str(model), subfolder="scheduler", **hub)
+    if name is None:
+        cls = getattr(diffusers, config.get("_class_name", ""), None)
+        if cls is None:
+            raise ValueError(f"{model}: unknown scheduler class {config.get('_class_name')!r} in scheduler/; "
+                             f"pass --scheduler {'|'.join(SCHEDULERS)}")
+        return cls.from_config(config)
+    if name not in SCHEDULERS:
+        raise ValueError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(config, **extra)
+
+
+def _safety_parts(model: str, revision: str | None, dtype: torch.dtype):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    from .models import _local_path
+
+    local = _local_path(model)
+    if local is not None and not ((local / "safety_checker").is_dir() and (local / "feature_extractor").is_dir()):
+        raise ValueError(f"{local} has no safety_checker/ and feature_extractor/: pass --safety-checker off, or a "
+                         "model that has them (CompVis/stable-diffusion-v1-4)")
+    hub = {} if local is not None else {"revision": revision}
+    kw = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+    checker = StableDiffusionSafetyChecker.from_pretrained(str(model), subfolder="safety_checker",
+                                                           use_safetensors=True, **hub, **kw)
+    return checker, CLIPImageProcessor.from_pretrained(str(model), subfolder="feature_extractor", **hub)
+
+
+def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encoder: str | None = None,
+                  revision: str | None = None, dtype: str | torch.dtype = "auto", scheduler: str | None = None,
+                  safety_checker: bool = False, device: str | torch.device | None = None):
+    """A ready ``StableDiffusionPipeline`` (progress bar off) on ``device`` in ``dtype``.
+
+    ``unet``: a UNet folder, or a pipeline folder with ``unet/`` (a train-unet OUT), replacing the model's.
+    ``text_encoder``: see :func:`tcompose.models.load_text_encoder`. ``scheduler``: None = the model's own.
+    ``safety_checker``: load the model's ``safety_checker/`` (ValueError when it has none).
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers.utils import logging as hf_logging
+
+    from .models import check_text_encoder, load_components
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' per-model "Loading weights" bars: noise in our output
+    try:
+        comps = load_components(model, revision=revision, text_encoder=text_encoder, dtype=dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    unet_model = comps.unet
+    if unet is not None:
+        folder, sub = _unet_source(unet)
+        kw = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+        unet_model = UNet2DConditionModel.from_pretrained(folder, subfolder=sub, use_safetensors=True, **kw)
+        if unet_model.config.in_channels != comps.unet.config.in_channels:
+            raise ValueError(f"--unet {unet}: {unet_model.config.in_channels} input channels, but {model}'s VAE "
+                             f"latents have {comps.unet.config.in_channels}; pass a UNet of the same family")
+        check_text_encoder(comps.text_encoder, unet_model, comps.tokenizer)
+        comps.unet = None  # the base UNet is not kept
+    checker, extractor = _safety_parts(str(model), revision, dtype) if safety_checker else (None, None)
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet_model,
+        scheduler=_scheduler(str(model), revision, scheduler), safety_checker=checker,
+        feature_extractor=extractor, requires_safety_checker=safety_checker,
+    )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def initial_latents(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per-image starting noise ``[len(seeds), *shape]`` (each from its own CPU generator, in float32, then
+    cast), and the generators, positioned after their draw."""
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    noise = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in gens]
+    return torch.cat(noise).to(device=device, dtype=dtype), gens
+
+
+class PromptEmbeddings:
+    """Text embeddings per prompt, cached: the prompts of a batch not seen yet are encoded in one call."""
+
+    def __init__(self, pipe, max_cached: int = 512):
+        self.pipe = pipe
+        self.max_cached = max_cached
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _encode(self, prompts: list[str]) -> None:
+        if len(self._cache) + len(prompts) > self.max_cached:
+            self._cache.clear()
+        with torch.inference_mode():
+            emb, _ = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, False)
+        self._cache.update(zip(prompts, emb.unbind(0)))
+
+    def __call__(self, prompts: Sequence[str], guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeddings [B, 77, D], the empty prompt's repeated [B, 77, D] or None without guidance)."""
+        wanted = list(prompts) + ([""] if guidance else [])
+        new = list(dict.fromkeys(p for p in wanted if p not in self._cache))
+        if new:
+            self._encode(new)
+        if any(p not in self._cache for p in wanted):  # the cache was cleared in between: encode all at once
+            self._cache.clear()
+            self._encode(list(dict.fromkeys(wanted)))
+        cond = torch.stack([self._cache[p] for p in prompts])
+        return cond, (self._cache[""].expand_as(cond) if guidance else None)
+
+
+def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5,
+                   height: int | None = None, width: int | None = None,
+                   embeddings: PromptEmbeddings | None = None) -> tuple[np.ndarray, list[bool] | None]:
+    """Images of ``prompts`` (one per prompt, image i seeded by ``seeds[i]``): uint8 [B, H, W, 3], and the
+    safety checker's NSFW flags (None when the pipeline has no checker)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    factor = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    if height % 8 or width % 8:
+        raise ValueError(f"--height/--width must be multiples of 8, got {height}x{width}")
+    device = pipe._execution_device
+    shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+    latents, gens = initial_latents(seeds, shape, pipe.unet.dtype, device)
+    cond, uncond = (embeddings or PromptEmbeddings(pipe))(prompts, guidance > 1)
+    with torch.inference_mode():
+        out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, generator=gens,
+                   num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                   output_type="pt")
+        images = out.images.float().mul(255).round().clamp(0, 255).to(torch.uint8)
+    nsfw = None if out.nsfw_content_detected is None else [bool(x) for x in out.nsfw_content_detected]
+    return images.permute(0, 2, 3, 1).cpu().numpy(), nsfw
