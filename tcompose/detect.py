@@ -35,7 +35,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-DEFAULT_DETECTOR = "google/owlv2-large-patch14-ensemble"
+from .defaults import OWLV2
+
+DEFAULT_DETECTOR = OWLV2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,138 +1,150 @@
-"""The masks stage: COCO images + captions -> one segmentation mask per caption noun (a masks dataset).
+"""The masks stage: COCO images + captions -> one segmentation mask per caption noun phrase (a masks dataset).
 
 Runbook::
 
-    # COCO's own instance masks for the caption nouns that name an annotated category
-    tcompose masks COCO_DIR --source coco-gt --split val2017 --output DIR
-    # one row per caption instead of one per image, first 5,000 images only
-    tcompose masks COCO_DIR --source coco-gt --split train2017 --captions all --limit 5000 --output DIR
-    # several processes (each writes its own shards; the main one writes manifest.json at the end)
-    accelerate launch -m tcompose masks COCO_DIR --source coco-gt --split train2017 --output DIR
+    # GroundingDINO boxes -> SAM-HQ masks for each caption's noun phrases (the CLI's default source), 1 GPU
+    tcompose masks COCO_DIR --split train2017 --captions clip-best --dtype fp16 --batch-size 16 --output DIR
+    # 8 GPUs: each process takes every 8th shard of images and writes its own Parquet shards; rank 0 waits for
+    # all of them and writes manifest.json
+    accelerate launch --num_processes 8 -m tcompose masks COCO_DIR --split train2017 --dtype fp16 --output DIR
+    # COCO's own instance masks for the caption nouns that name an annotated category (no models)
+    tcompose masks COCO_DIR --source coco-gt --split val2017 --captions all --limit 5000 --output DIR
     # killed? run the same command again: finished shards are kept, the rest is written, rows are identical
 
-Per image (in image-id order): its caption(s) (``--captions first|all``); the caption's noun phrases that
-name one of the image's annotated categories (:func:`tcompose.vocab.match_categories`: ``"men"`` ->
-person, ``"wine glass"`` -> wine glass); for each such phrase a mask from the source. Source ``coco-gt``
-takes the union of that category's instance masks in the image, at image resolution. One row per
-(image, caption) with the columns of :data:`tcompose.datasets.MASKS_COLUMNS`: the original JPEG bytes, the
-caption (whitespace collapsed), ``phrases``, ``categories``, ``masks`` (1-bit PNGs), ``source``.
+Per image (in image-id order; ``--image-ids FILE`` and ``--limit`` select): its caption(s) (``--captions
+first|all|clip-best``, :mod:`tcompose.caption_choice`); the caption's phrases and a mask for each, from the
+source (:mod:`tcompose.masks_sources`). ``coco-gt``: the noun phrases that name one of the image's annotated
+categories (:func:`tcompose.vocab.match_categories`), each with the union of that category's instance masks.
+``grounded-sam`` (:mod:`tcompose.grounded_sam`): the caption's noun phrases (:mod:`tcompose.nouns`), each
+with the union of the SAM masks of the GroundingDINO boxes mapped to it, or null when no box was. One row
+per (image, caption) with the columns of :data:`tcompose.datasets.MASKS_COLUMNS`: the original JPEG bytes,
+the caption (whitespace collapsed), ``phrases``, ``categories``, ``masks`` (1-bit PNGs), ``source``.
+
+Images are read, decoded and preprocessed in ``workers`` DataLoader processes (:mod:`tcompose.masks_loader`);
+the main process runs the models on batches of ``batch_size`` images (grouped by size within a shard, never
+straddling one), so a batch holds the same images in a fresh, resumed or multi-process run; ``workers``
+threads encode the masks as PNGs meanwhile. For grounded-sam ``batch_size`` is one of the settings that
+decide the rows: GroundingDINO's Swin backbone sees the zero padding of a batch's larger images, so boxes
+can move slightly with the batch (a resumed run must use the same ``--batch-size``; it is checked).
 
 Not fatal, but counted in the manifest's ``stats`` and listed in its ``skipped`` (``{image_id, file_name,
-caption, reason}``): a caption with no phrase naming an annotated category, an image without captions or
-without instance annotations, an image file that does not decode (or whose size differs from its
-annotation). A new source (grounded SAM) is one more entry in :data:`SOURCES`: a function building a
-``ground(image, captions) -> [Grounding]`` callable, plus the settings that decide its rows.
+caption, reason}``): a caption with no phrase, an image without captions or (coco-gt) without instance
+annotations, an image file that does not decode (or whose size differs from its annotation). At the end one
+line sums up: rows, images, phrases and how many got a mask, what was skipped and why, and images/s.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
-import numpy as np
+from .caption_choice import DEFAULT_CLIP, check_mode, static_choice
+from .coco import CocoDataset
+from .datasets import MANIFEST, DatasetError, ShardedWriter, config_fingerprint
+from .grounding_dino import DEFAULT_DETECTOR
+from .masks_loader import Collate, ImageSet, batches, plan_batches, select_ids
+from .masks_rows import Done, rows_of
+from .masks_sources import SOURCES, Grounding, Source
+from .segment import DEFAULT_SEGMENTER
 
-from tcompose.coco import CocoDataset, CocoImage, ImageReadError
-from tcompose.datasets import MANIFEST, DatasetError, ShardedWriter, encode_mask, image_struct
-from tcompose.vocab import default_vocabulary, match_categories
+__all__ = ["MasksConfig", "Grounding", "Source", "SOURCES", "STATS_KEYS", "run", "content_config", "summary_line"]
 
-#: Counters every masks manifest has under ``stats`` (summed over shards).
+#: Counters every masks manifest has under ``stats`` (summed over shards); a source adds its own
+#: (:attr:`Source.stats`; grounded-sam: ``boxes``, ``phrases_no_box``, ``phrases_not_prompted``).
 STATS_KEYS = (
-    "images",  # images considered (after --limit)
+    "images",  # images considered (after --image-ids and --limit)
     "images_with_rows",  # images that got at least one row
     "rows",  # rows written (one per image and kept caption)
     "phrases",  # grounded phrases, summed over rows
-    "masks_empty",  # phrases whose mask came out empty (stored as null)
-    "captions",  # captions considered (--captions first: one per image with captions)
-    "captions_no_match",  # captions without a phrase naming one of the image's categories (skipped)
+    "masks_empty",  # phrases whose mask came out empty or missing (stored as null)
+    "captions",  # captions considered (--captions first / clip-best: one per image with captions)
+    "captions_no_match",  # captions without a phrase (coco-gt: none naming one of the image's categories)
     "images_skipped_no_captions",
     "images_skipped_no_annotations",
     "images_skipped_unreadable",  # image file missing, not decodable, or of another size than annotated
-    "images_skipped_no_match",  # every considered caption of the image had no match
+    "images_skipped_no_match",  # every considered caption of the image had no phrase
 )
 
 
 @dataclass
 class MasksConfig:
-    """Settings of ``tcompose masks``."""
+    """Settings of ``tcompose masks`` (the CLI's default ``--source`` is grounded-sam; this class keeps
+    coco-gt, which needs no models, as the library default)."""
 
     coco_dir: Path
-    """COCO-format folder: ``annotations/{captions,instances}_{split}.json`` and the images in ``{split}/``."""
+    """COCO-format folder: ``annotations/captions_{split}.json`` (+ ``instances_{split}.json`` for coco-gt) and
+    the images in ``{split}/``."""
     output: Path
     """Dataset folder to write (Parquet shards + manifest.json); rerunning into it resumes."""
     split: str = "train2017"
     """Which annotation files and image folder to read (``val2017`` for the 5k validation images)."""
     source: str = "coco-gt"
-    """Where masks come from: ``coco-gt`` = union of COCO's instance masks of the named category."""
+    """Where masks come from: ``coco-gt`` (COCO's instance masks) or ``grounded-sam`` (GroundingDINO + SAM).
+    The command line defaults to ``grounded-sam`` (the paper's masks); the library to ``coco-gt``, which loads
+    no model, so that code building a config (the demo, tests) never downloads by accident."""
     captions: str = "first"
-    """``first``: one row per image, for its first caption; ``all``: one row per caption."""
+    """``first``: one row per image, its first caption; ``all``: one row per caption; ``clip-best``: one row
+    per image, for the caption ``clip_model`` scores highest (what TokenCompose did)."""
     limit: int | None = None
-    """Only the first N images in image-id order (None: all)."""
+    """Only the first N images in image-id order, after ``image_ids`` (None: all)."""
+    image_ids: Path | None = None
+    """A text file with one image id per line (``#`` comments and blank lines ignored): only those images."""
     shard_size: int = 1000
     """Images per Parquet shard; the unit of resuming and of splitting work between processes."""
     include_crowd: bool = True
-    """Use COCO crowd regions (``iscrowd=1``: a crowd of people, a pile of bananas) in a category's mask.
-    On by default: a caption's "people" or "bananas" refers to the crowd too, and leaving it out would teach
-    the model that part of the phrase's region is background. Off: crowd-only categories count as absent."""
+    """coco-gt: use COCO crowd regions (``iscrowd=1``: a crowd of people, a pile of bananas) in a category's
+    mask. On by default: a caption's "people" or "bananas" refers to the crowd too, and leaving it out would
+    teach the model that part of the phrase's region is background. Off: crowd-only categories are absent."""
+    detector: str = DEFAULT_DETECTOR
+    """grounded-sam: GroundingDINO checkpoint, hub id or local folder."""
+    detector_revision: str | None = None
+    segmenter: str = DEFAULT_SEGMENTER
+    """grounded-sam: SAM-HQ (``model_type`` sam_hq) or SAM (sam) checkpoint, hub id or local folder."""
+    segmenter_revision: str | None = None
+    box_threshold: float = 0.25
+    """grounded-sam: keep a box when its highest token probability exceeds this."""
+    text_threshold: float = 0.25
+    """grounded-sam: map a kept box to a phrase only when that phrase's best token probability exceeds this."""
+    nouns: str = "vocab"
+    """grounded-sam: noun phrases by the bundled vocabulary (``vocab``) or spaCy's parser (``spacy``)."""
+    clip_model: str = DEFAULT_CLIP
+    """``--captions clip-best``: the CLIP model that scores captions (OpenAI ViT-L/14@336px, as the original)."""
+    clip_revision: str | None = None
+    batch_size: int = 8
+    """Images per model batch (grounded-sam: part of the settings, see the module docstring)."""
+    dtype: str = "fp32"
+    """Model precision: fp32, fp16 or bf16 (fp16 on CPU runs in fp32). Part of the settings: it moves masks."""
+    workers: int = 4
+    """DataLoader worker processes that read, decode and preprocess images (0: in the main process), and as
+    many threads encoding PNGs; coco-gt always works in the main process. Performance only."""
+    device: str | None = None
+    """Where the models run; None: cuda if available, else cpu (the CLI passes accelerate's device)."""
 
     def __post_init__(self):
         self.coco_dir = Path(self.coco_dir)
         self.output = Path(self.output)
+        self.image_ids = Path(self.image_ids) if self.image_ids is not None else None
 
 
-@dataclass
-class Grounding:
-    """One caption's grounded phrases: ``masks[i]`` (bool HxW, or None) grounds ``phrases[i]``."""
+def resolve_device(device: str | None):
+    import torch
 
-    caption: str
-    phrases: list[str]
-    categories: list[str]
-    masks: list[np.ndarray | None]
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-GroundFn = Callable[[CocoImage, Sequence[str]], list[Grounding]]
+def model_dtype(cfg: MasksConfig) -> tuple[Any, str | None]:
+    """(torch dtype, note) the models run in: ``cfg.dtype`` on ``cfg.device`` (fp16 on CPU: fp32 + a note)."""
+    from .hf_load import torch_dtype
+
+    return torch_dtype(cfg.dtype, resolve_device(cfg.device))
 
 
-@dataclass(frozen=True)
-class Source:
-    """A way to get masks: ``build(cfg, coco)`` returns the per-image ``ground`` function (load models
-    there, once); ``content(cfg)`` the settings that decide its rows (they go into the dataset fingerprint)."""
-
-    name: str
-    needs_instances: bool
-    build: Callable[[MasksConfig, CocoDataset], GroundFn]
-    content: Callable[[MasksConfig], dict]
-
-
-def _coco_gt_build(cfg: MasksConfig, coco: CocoDataset) -> GroundFn:
-    def ground(image: CocoImage, captions: Sequence[str]) -> list[Grounding]:
-        names = coco.category_names(image, include_crowd=cfg.include_crowd)
-        masks: dict[str, np.ndarray] = {}
-        out = []
-        for caption in captions:
-            pairs = match_categories(caption, names)
-            for _, cat in pairs:
-                if cat not in masks:
-                    masks[cat] = coco.category_mask(image, cat, include_crowd=cfg.include_crowd)
-            out.append(Grounding(caption, [p for p, _ in pairs], [c for _, c in pairs], [masks[c] for _, c in pairs]))
-        return out
-
-    return ground
-
-
-def _coco_gt_content(cfg: MasksConfig) -> dict:
-    return {"include_crowd": cfg.include_crowd, "vocab": default_vocabulary().fingerprint()}
-
-
-SOURCES: dict[str, Source] = {
-    "coco-gt": Source("coco-gt", needs_instances=True, build=_coco_gt_build, content=_coco_gt_content),
-}
-
-
-def content_config(cfg: MasksConfig) -> dict:
+def content_config(cfg: MasksConfig, ids_digest: str | None = None) -> dict:
     """The settings that decide the rows (not paths): a resumed run must match them exactly."""
-    return {
+    out = {
         "split": cfg.split,
         "source": cfg.source,
         "captions": cfg.captions,
@@ -140,85 +152,36 @@ def content_config(cfg: MasksConfig) -> dict:
         "shard_size": cfg.shard_size,  # decides which images a shard holds, so resuming needs the same
         **SOURCES[cfg.source].content(cfg),
     }
+    if ids_digest is not None:
+        out["image_ids"] = ids_digest
+    if cfg.captions == "clip-best":
+        out.update(clip_model=str(cfg.clip_model), clip_revision=cfg.clip_revision)
+    return out
 
 
 def _check(cfg: MasksConfig) -> None:
     if cfg.source not in SOURCES:
         raise ValueError(f"unknown --source {cfg.source!r}: choose one of {', '.join(SOURCES)}")
-    if cfg.captions not in ("first", "all"):
-        raise ValueError(f"--captions must be 'first' or 'all', got {cfg.captions!r}")
+    check_mode(cfg.captions)
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"--limit must be >= 1 (or left out for all images), got {cfg.limit}")
-    if cfg.shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    for name in ("shard_size", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+    for name in ("box_threshold", "text_threshold"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    from .hf_load import DTYPES
+
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
 
 
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-
-
-def _image_rows(
-    coco: CocoDataset, image: CocoImage, cfg: MasksConfig, ground: GroundFn, needs_instances: bool,
-    stats: dict, skipped: list,
-) -> list[dict]:
-    """The rows of one image; skips are counted in ``stats`` and listed in ``skipped``."""
-
-    def skip(key: str, reason: str, caption: str | None = None) -> None:
-        stats[key] += 1
-        skipped.append({"image_id": image.id, "file_name": image.file_name, "caption": caption, "reason": reason})
-
-    stats["images"] += 1
-    captions = [" ".join(c.split()) for c in image.captions]
-    captions = [c for c in captions if c]
-    if not captions:
-        skip("images_skipped_no_captions", "no captions")
-        return []
-    if needs_instances and not coco.category_names(image, include_crowd=cfg.include_crowd):
-        crowd = "" if cfg.include_crowd else " (crowd left out)"
-        skip("images_skipped_no_annotations", "no instance annotations" + crowd)
-        return []
-    try:
-        data = coco.read_image(image)
-    except ImageReadError as e:
-        skip("images_skipped_unreadable", f"image {e.reason}")
-        return []
-    if cfg.captions == "first":
-        captions = captions[:1]
-    rows = []
-    for g in ground(image, captions):
-        stats["captions"] += 1
-        if not g.phrases:
-            skip("captions_no_match", "no caption noun names an annotated category", g.caption)
-            continue
-        encoded = []
-        for m in g.masks:
-            if m is None or not m.any():
-                stats["masks_empty"] += 1
-                encoded.append(None)
-            else:
-                encoded.append(image_struct(encode_mask(m)))
-        rows.append(
-            {
-                "image_id": image.id,
-                "file_name": image.file_name,
-                "image": image_struct(data, image.file_name),
-                "width": image.width,
-                "height": image.height,
-                "caption": g.caption,
-                "phrases": g.phrases,
-                "categories": g.categories,
-                "masks": encoded,
-                "source": cfg.source,
-            }
-        )
-        stats["phrases"] += len(g.phrases)
-    stats["rows"] += len(rows)
-    if rows:
-        stats["images_with_rows"] += 1
-    else:
-        stats["images_skipped_no_match"] += 1
-    return rows
 
 
 def wait_for_shards(writer: ShardedWriter, n_items: int, timeout_s: float, poll_s: float = 1.0) -> None:
@@ -244,60 +207,121 @@ def run(
 
     Under several processes each writes the shards ``k`` with ``k % world_size == rank``; rank 0 then polls
     until every shard file exists (at most ``finalize_timeout_s``) and writes ``manifest.json``, so no
-    barrier is needed from the caller. Rerunning after a kill keeps the finished shards.
+    barrier is needed from the caller. Rerunning after a kill keeps the finished shards. The returned dict
+    also holds ``throughput`` (this process's images, seconds and images/s of the work done now).
     """
     t0 = time.monotonic()
     _check(cfg)
     _check_rank(rank, world_size)
     source = SOURCES[cfg.source]
     coco = CocoDataset(cfg.coco_dir, cfg.split, captions=True, instances=source.needs_instances)
-    ids = coco.ids[: cfg.limit] if cfg.limit is not None else coco.ids
+    ids, digest = select_ids(coco, cfg.image_ids, cfg.limit)
     if not ids:
         raise DatasetError(f"{cfg.coco_dir}: split {cfg.split} lists no images; nothing to write")
-    content = content_config(cfg)
+    content = content_config(cfg, digest)
     _refuse_other_settings(cfg.output, content)
-    run_config = {"coco_dir": str(cfg.coco_dir), "output": str(cfg.output), "world_size": world_size}
+    run_config = {"coco_dir": str(cfg.coco_dir), "output": str(cfg.output), "world_size": world_size,
+                  "image_ids": str(cfg.image_ids) if cfg.image_ids else None}
     writer = ShardedWriter(cfg.output, "masks", "masks", content, run_config, cfg.shard_size, rank, world_size)
     todo = writer.pending(len(ids))
-    written = dict.fromkeys(STATS_KEYS, 0)
+    written = dict.fromkeys(STATS_KEYS + source.stats, 0)
+    throughput = {"images": 0, "seconds": 0.0, "images_per_s": None}
     if todo:
-        ground = source.build(cfg, coco)
-        with _progress_bar(progress and rank == 0) as bar:
-            task = bar.add_task(f"masks ({cfg.source})", total=sum(len(s.items) for s in todo))
-            for shard in todo:
-                stats, skipped, rows = dict.fromkeys(STATS_KEYS, 0), [], []
-                for pos in shard.items:
-                    rows += _image_rows(coco, coco[ids[pos]], cfg, ground, source.needs_instances, stats, skipped)
-                    bar.advance(task)
-                writer.write_shard(shard, rows, stats, skipped)
-                for k, v in stats.items():
-                    written[k] += v
+        throughput = _write(cfg, source, coco, ids, writer, todo, progress and rank == 0, written)
     if rank != 0:
-        return {"rank": rank, "world_size": world_size, "shards_written": len(todo), "stats": written}
+        return {"rank": rank, "world_size": world_size, "shards_written": len(todo), "stats": written,
+                "throughput": throughput}
     if world_size > 1:
         wait_for_shards(writer, len(ids), finalize_timeout_s)
     manifest = writer.finalize(len(ids), elapsed_s=round(time.monotonic() - t0, 3))
     if progress:
         from rich.console import Console
 
-        Console(stderr=True).print(summary_line(manifest, cfg.output))
-    return manifest
+        Console(stderr=True).print(summary_line(manifest, cfg.output, throughput), highlight=False)
+    return {**manifest, "throughput": throughput}
 
 
-def summary_line(manifest: dict, output: Path | str) -> str:
-    """One line for the end of a run: rows written and what was skipped."""
+def _write(cfg: MasksConfig, source: Source, coco: CocoDataset, ids: list[int], writer: ShardedWriter, todo: list,
+           show: bool, written: dict) -> dict:
+    """Load the source's models, then stream this process's pending shards through them and write them."""
+    device = resolve_device(cfg.device)
+    prep, grounder = source.build(cfg, coco, device)
+    dtype, note = model_dtype(cfg)
+    scorer = None
+    if cfg.captions == "clip-best":
+        from .caption_choice import ClipScorer
+
+        scorer = ClipScorer.load(cfg.clip_model, cfg.clip_revision, device, dtype)
+    if show and note and (source.name != "coco-gt" or scorer is not None):
+        from rich.console import Console
+
+        Console(stderr=True).print(f"note: {note}", highlight=False)
+    dataset = ImageSet(coco, ids, prep, source.needs_instances, cfg.include_crowd,
+                       decode=prep.needs_pixels or scorer is not None)
+    collate = Collate(prep, scorer.image_processor if scorer is not None else None)
+    size_of = (lambda pos: (coco[ids[pos]].height, coco[ids[pos]].width, pos)) if prep.needs_pixels else None
+    plan = plan_batches(todo, cfg.batch_size, size_of)
+    workers = min(cfg.workers, len(plan)) if source.uses_workers else 0
+    shards = {s.index: s for s in todo}
+    left = {s.index: len(s.items) for s in todo}
+    done: dict[int, Any] = {}  # position -> future of (rows, skipped, stats) of the shard being written
+    # PNG encoding of the masks runs in threads (Pillow's encoder releases the GIL) while the models go on
+    pool = ThreadPoolExecutor(max(1, cfg.workers)) if source.uses_workers else None
+    t_start, n_images = time.monotonic(), 0
+    with _progress_bar(show) as bar:
+        task = bar.add_task(f"masks ({cfg.source})", total=sum(left.values()))
+        stream = batches(dataset, collate, plan, workers, pin_memory=device.type == "cuda")
+        for (shard_index, _), batch in zip(plan, stream):
+            ok = [batch.items[i] for i in batch.ok]
+            if scorer is None:
+                chosen = [static_choice(cfg.captions, len(it.captions)) for it in ok]
+            else:
+                chosen = [[b] for b in scorer.best(batch.clip, [it.captions for it in ok])] if ok else []
+            grounded = dict(zip(batch.ok, grounder.ground(ok, batch.inputs, chosen) if ok else []))
+            for i, item in enumerate(batch.items):
+                args = (item, grounded.get(i, []), source, list(written))
+                done[item.pos] = pool.submit(rows_of, *args) if pool else Done(rows_of(*args))
+            bar.advance(task, len(batch.items))
+            n_images += len(batch.items)
+            left[shard_index] -= len(batch.items)
+            if left[shard_index] == 0:
+                rows, skipped, stats = [], [], dict.fromkeys(written, 0)
+                for pos in sorted(done):
+                    r, sk, st = done[pos].result()
+                    rows += r
+                    skipped += sk
+                    for k, v in st.items():
+                        stats[k] += v
+                writer.write_shard(shards[shard_index], rows, stats, skipped)
+                for k, v in stats.items():
+                    written[k] += v
+                done = {}
+    if pool is not None:
+        pool.shutdown()
+    seconds = time.monotonic() - t_start
+    return {"images": n_images, "seconds": round(seconds, 3),
+            "images_per_s": round(n_images / seconds, 3) if seconds > 0 else None}
+
+
+def summary_line(manifest: dict, output: Path | str, throughput: dict | None = None) -> str:
+    """One line for the end of a run: rows, phrases (with a mask), what was skipped and why, images/s."""
     s = manifest["stats"]
     skipped = {k: v for k, v in s.items() if v and (k.startswith("images_skipped") or k == "captions_no_match")}
     tail = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in skipped.items()) or "nothing skipped"
+    phrases = s.get("phrases", 0)
+    no_box = f", {s['phrases_no_box']} without a box" if s.get("phrases_no_box") else ""
+    speed = ""
+    if throughput and throughput.get("images_per_s"):
+        speed = f"; {throughput['images_per_s']:.2f} images/s ({throughput['images']} images this run)"
     return (
-        f"masks: {manifest['num_rows']} rows, {s.get('phrases', 0)} phrases from {s.get('images', 0)} images "
-        f"({tail}) -> {output}"
+        f"masks: {manifest['num_rows']} rows, {phrases} phrases ({phrases - s.get('masks_empty', 0)} with a mask"
+        f"{no_box}) from {s.get('images', 0)} images ({tail}){speed} -> {output}"
     )
 
 
 def _refuse_other_settings(output: Path, content: dict) -> None:
     """A finished dataset in ``output`` written with other settings is never overwritten or mixed into."""
-    from tcompose.datasets import config_fingerprint, load_manifest
+    from .datasets import load_manifest
 
     if not (output / MANIFEST).exists():
         return

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from .defaults import CLIP
+
 LR_SCHEDULERS = ("cosine", "constant")
 
 
@@ -51,7 +53,7 @@ class TrainClipConfig:
 
     data: Path  # crops dataset folder (tcompose crops)
     output: Path
-    model: str = "openai/clip-vit-large-patch14"  # hub id or local CLIPModel folder
+    model: str = CLIP  # hub id or local CLIPModel folder
     revision: str | None = None
     batch_size: int = 64  # per process; the contrastive batch is batch_size x processes
     grad_accum: int = 1

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .defaults import BASE_MODEL
+
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -41,7 +43,7 @@ class TrainUnetConfig:
 
     data: Path  # masks dataset folder (tcompose masks)
     output: Path
-    model: str = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
+    model: str = BASE_MODEL  # hub id or local diffusers folder
     revision: str | None = None
     text_encoder: str | None = None  # another CLIP text model (hub id or folder) to use and save
     lambda_token: float = 1e-3

@@ -160,3 +160,16 @@ def test_errors(layout, tmp_path):
     with pytest.raises(DatasetError, match="holds no lines"):
         run(ImportConfig(empty, tmp_path / "o"), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_masks_from_tokencompose(layout, tmp_path):
+    from tcompose.cli import main
+
+    meta, _ = layout
+    out = tmp_path / "cli"
+    args = ["--from-tokencompose", str(meta), "--seg-root", str(meta.parent.parent), "--output", str(out)]
+    assert main(["masks", *args]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["stage"] == "import-tokencompose" and manifest["num_rows"] > 0
+    assert main(["masks", str(tmp_path), *args]) == 2  # COCO_DIR and --from-tokencompose together
+    assert main(["masks", "--seg-root", str(tmp_path), "--output", str(tmp_path / "x")]) == 2  # no input at all

@@ -134,7 +134,7 @@ def test_prepare_rows_counts_what_it_cannot_supervise(setup, tmp_path):
 def test_cli_masks_and_train_unet(setup, tmp_path):
     runner = CliRunner()
     data = tmp_path / "masks"
-    res = runner.invoke(app, ["masks", str(setup["scenes"]), "--split", "train2017", "--output", str(data), "--limit", "20"])
+    res = runner.invoke(app, ["masks", str(setup["scenes"]), "--source", "coco-gt", "--split", "train2017", "--output", str(data), "--limit", "20"])
     assert res.exit_code == 0, res.output
     other = tmp_path / "other-te"
     enc = build_tiny_text_encoder(vocab_size=len(load_components(str(setup["base"])).tokenizer), seed=7)

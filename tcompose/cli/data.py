@@ -7,27 +7,92 @@ from typing import Optional
 
 import typer
 
+from .. import defaults
 from ._app import _friendly, _split, app
 
 
 @app.command()
 @_friendly
 def masks(
-    coco_dir: Path = typer.Argument(..., help="COCO-format folder: annotations/{captions,instances}_SPLIT.json and SPLIT/*.jpg."),
+    coco_dir: Optional[Path] = typer.Argument(None, help="COCO-format folder: annotations/captions_SPLIT.json (+ instances_SPLIT.json for coco-gt) and SPLIT/*.jpg."),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write (Parquet shards + manifest.json)."),
-    source: str = typer.Option("coco-gt", help="Where masks come from: coco-gt (COCO's own instance masks)."),
+    source: str = typer.Option("grounded-sam", help="Where masks come from: grounded-sam (GroundingDINO boxes -> SAM masks for the caption's noun phrases) or coco-gt (COCO's own instance masks)."),
     split: str = typer.Option("train2017", help="COCO split name (train2017, val2017, ...)."),
-    captions: str = typer.Option("first", help="first: one row per image; all: one row per caption."),
+    captions: str = typer.Option("first", help="first: one row per image; all: one row per caption; clip-best: one row per image, for the caption CLIP scores highest."),
+    image_ids: Optional[Path] = typer.Option(None, "--image-ids", help="Only the image ids listed in this file (one per line)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images (by image id)."),
-    shard_size: int = typer.Option(1000, help="Images per Parquet shard (the unit of resuming)."),
-    include_crowd: bool = typer.Option(True, help="Union COCO crowd regions into a category's mask (\"people\" covers the crowd too)."),
+    shard_size: int = typer.Option(1000, help="Images per Parquet shard (the unit of resuming and of splitting work between processes)."),
+    detector: str = typer.Option(defaults.GROUNDING_DINO, help="grounded-sam: GroundingDINO hub id or local folder."),
+    detector_revision: Optional[str] = typer.Option(None, help="grounded-sam: revision of a hub --detector."),
+    segmenter: str = typer.Option(defaults.SEGMENTER, help="grounded-sam: SAM-HQ or SAM hub id or local folder (e.g. facebook/sam-vit-huge)."),
+    segmenter_revision: Optional[str] = typer.Option(None, help="grounded-sam: revision of a hub --segmenter."),
+    box_threshold: float = typer.Option(0.25, help="grounded-sam: keep a box whose best token probability exceeds this."),
+    text_threshold: float = typer.Option(0.25, help="grounded-sam: map a box to the phrase whose best token probability exceeds this."),
+    nouns: str = typer.Option("vocab", help="grounded-sam: noun phrases by the bundled vocabulary (vocab) or spaCy (spacy)."),
+    clip_model: str = typer.Option(defaults.CAPTION_CLIP, help="--captions clip-best: CLIP hub id or local folder."),
+    clip_revision: Optional[str] = typer.Option(None, help="--captions clip-best: revision of a hub --clip-model."),
+    batch_size: int = typer.Option(8, help="Images per model batch on each GPU (grounded-sam: part of the settings; a resumed run must use the same)."),
+    dtype: str = typer.Option("fp32", help="Model precision: fp32, fp16 or bf16 (fp16 on CPU runs in fp32)."),
+    workers: int = typer.Option(4, help="Worker processes per GPU that decode and preprocess images, and threads that encode masks (0: none)."),
+    include_crowd: bool = typer.Option(True, help="coco-gt: union COCO crowd regions into a category's mask (\"people\" covers the crowd too)."),
+    from_tokencompose: Optional[Path] = typer.Option(None, "--from-tokencompose", help="Instead of COCO_DIR: import the original TokenCompose data from its metadata.jsonl."),
+    images: Optional[Path] = typer.Option(None, help="--from-tokencompose: folder of the images (default: the metadata's folder)."),
+    seg_root: Optional[Path] = typer.Option(None, help="--from-tokencompose: folder holding seg/<id>/mask_*.png (or coco_gsam_seg itself)."),
 ) -> None:
-    """Caption nouns -> per-noun segmentation masks: the training data of train-unet. Resumable."""
-    from accelerate import PartialState
+    """Caption nouns -> per-noun segmentation masks: the training data of train-unet. Resumable; multi-GPU with accelerate launch."""
+    from ._app import process_state
 
+    state = process_state()
+    if from_tokencompose is not None:
+        if coco_dir is not None:
+            raise ValueError("pass either COCO_DIR or --from-tokencompose METADATA_JSONL, not both")
+        from ..import_tokencompose import ImportConfig
+        from ..import_tokencompose import run as run_import
+
+        cfg = ImportConfig(metadata=from_tokencompose, output=output, images=images, seg_root=seg_root, limit=limit,
+                           shard_size=shard_size)
+        run_import(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+        return
+    if coco_dir is None:
+        raise ValueError("missing COCO_DIR (a COCO-format folder), or --from-tokencompose METADATA_JSONL")
+    if images is not None or seg_root is not None:
+        raise ValueError("--images and --seg-root go with --from-tokencompose")
     from ..masks import MasksConfig, run
 
-    state = PartialState()
-    cfg = MasksConfig(coco_dir=coco_dir, output=output, split=split, source=source, captions=captions,
-                      limit=limit, shard_size=shard_size, include_crowd=include_crowd)
+    cfg = MasksConfig(
+        coco_dir=coco_dir, output=output, split=split, source=source, captions=captions, image_ids=image_ids,
+        limit=limit, shard_size=shard_size, include_crowd=include_crowd, detector=detector,
+        detector_revision=detector_revision, segmenter=segmenter, segmenter_revision=segmenter_revision,
+        box_threshold=box_threshold, text_threshold=text_threshold, nouns=nouns, clip_model=clip_model,
+        clip_revision=clip_revision, batch_size=batch_size, dtype=dtype, workers=workers, device=str(state.device),
+    )
+    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+
+
+@app.command()
+@_friendly
+def crops(
+    coco_dir: Path = typer.Argument(..., help="COCO-format folder: annotations/instances_SPLIT.json and SPLIT/*.jpg."),
+    output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write (Parquet shards + manifest.json)."),
+    split: str = typer.Option("train2017", help="COCO split name (train2017, val2017, ...)."),
+    min_area: float = typer.Option(1024.0, help="Smallest object kept: its annotation's area (mask pixels), default 32x32."),
+    margin: float = typer.Option(0.1, help="Context around the box: each side grows by this fraction of the box."),
+    square: bool = typer.Option(True, help="Square crops around the box centre (CLIP's input is square)."),
+    size: int = typer.Option(224, help="Output side in pixels (the longer side with --no-square)."),
+    template: str = typer.Option("a photo of a {category}", help="Text of each crop; {category} is the category name."),
+    masked: bool = typer.Option(False, help="Grey out the pixels outside the instance mask."),
+    include_crowd: bool = typer.Option(False, help="Also crop COCO crowd regions (iscrowd=1)."),
+    categories: str = typer.Option("", help="Only these category names, comma-separated (default: all)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images (by image id)."),
+    shard_size: int = typer.Option(1000, help="Images per Parquet shard (the unit of resuming)."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes (default: one per CPU core); rows do not depend on it."),
+) -> None:
+    """Object crops labelled "a photo of a {category}" from COCO instances: the data of train-clip. Resumable."""
+    from ..crops import CropsConfig, run
+    from ._app import process_state
+
+    state = process_state()
+    cfg = CropsConfig(coco_dir=coco_dir, output=output, split=split, min_area=min_area, margin=margin, square=square,
+                      size=size, template=template, masked=masked, include_crowd=include_crowd,
+                      categories=_split(categories), limit=limit, shard_size=shard_size, workers=workers)
     run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .. import defaults
 from ._app import _friendly, _split, app
 
 
@@ -105,7 +106,7 @@ def multigen(
     height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
     width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
     safety_checker: str = typer.Option("off", help="on or off (recorded; off: a blacked-out image would count as a miss)."),
-    detector: str = typer.Option("google/owlv2-large-patch14-ensemble", help="OWLv2 checkpoint (hub id or folder)."),
+    detector: str = typer.Option(defaults.OWLV2, help="OWLv2 checkpoint (hub id or folder)."),
     detector_revision: Optional[str] = typer.Option(None, help="Hub revision of --detector."),
     detector_dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     detector_batch_size: int = typer.Option(8, help="Images per detector call."),

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .. import defaults
 from ._app import _friendly, _split, app
 
 
@@ -15,7 +16,7 @@ from ._app import _friendly, _split, app
 def train_unet(
     data: Path = typer.Option(..., help="Masks dataset folder (from `tcompose masks`)."),
     output: Path = typer.Option(..., "--output", "-o", help="Run folder: pipeline, checkpoints/, logs/, training_summary.json."),
-    model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Base model: hub id or local diffusers folder."),
+    model: str = typer.Option(defaults.BASE_MODEL, help="Base model: hub id or local diffusers folder."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the base model."),
     text_encoder: Optional[str] = typer.Option(None, help="Another CLIP text model (hub id or folder) to use as SD's text encoder."),
     lambda_token: float = typer.Option(1e-3, "--lambda", help="Weight of the token loss."),
@@ -67,7 +68,7 @@ def train_unet(
 def train_clip(
     data: Path = typer.Option(..., help="Crops dataset folder (from `tcompose crops`)."),
     output: Path = typer.Option(..., "--output", "-o", help="Run folder: CLIPModel, text_encoder/, tokenizer/, eval.json, checkpoints/."),
-    model: str = typer.Option("openai/clip-vit-large-patch14", help="CLIP to finetune: hub id or local CLIPModel folder."),
+    model: str = typer.Option(defaults.CLIP, help="CLIP to finetune: hub id or local CLIPModel folder."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
     batch_size: int = typer.Option(64, help="Crops per process per micro-step; negatives come from all processes."),
     grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step (does not enlarge the contrastive batch)."),

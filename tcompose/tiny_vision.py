@@ -1,0 +1,224 @@
+"""Tiny random GroundingDINO, SAM, SAM-HQ and CLIP models (tests, benchmarks), written as Hugging Face folders.
+
+``write_tiny_grounding_dino(dir)``, ``write_tiny_sam(dir)`` (``hq=True``: SAM-HQ) and ``write_tiny_clip(dir)``
+save a randomly initialised model (safetensors) and its processor with ``save_pretrained``, so
+``tcompose masks --detector DIR --segmenter DIR --clip-model DIR`` loads them the way it loads hub checkpoints.
+The outputs are meaningless; the shapes, the processors and every piece of plumbing are the real ones.
+
+- GroundingDINO: a 1-block-per-stage Swin backbone, a 1-layer BERT text backbone, 1 encoder and 2 decoder
+  layers (2, because the box heads of layers > 0 are tied to layer 0's), ``d_model`` 32, 30 queries.
+  GroundingDINO hard-codes BERT's ids of ``[CLS]`` 101, ``[SEP]`` 102, ``.`` 1012 and ``?`` 1029 as phrase
+  delimiters, so the WordPiece vocabulary written here (:func:`bert_vocab`) keeps BERT's layout: specials at
+  0/100-103, ``.`` at 1012, ``?`` at 1029, then words, letters and ``##`` letters (every lower-case ASCII
+  word tokenizes, no ``[UNK]``). Images are resized to a 128 px shortest edge (the 4th level is 2x2).
+- SAM / SAM-HQ: a 2-layer ViT at 64 px (patch 16 -> a 4x4 embedding grid), the real prompt encoder and mask
+  decoder at width 32.
+- CLIP: 2-layer text and vision towers of width 32 at 32 px, with the small trained CLIP BPE tokenizer.
+
+Real-size configurations, built from configs without downloading (GPU benchmarks only; never in tests):
+:func:`grounding_dino_config` ``("real")`` is GroundingDINO-T (Swin-T backbone, BERT-base text backbone, 900
+queries, 256 text tokens, what ``IDEA-Research/grounding-dino-tiny`` holds) and :func:`sam_config`
+``("real", hq=True)`` SAM-HQ ViT-H (32 layers of width 1280, global attention at 7/15/23/31, 1024 px).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+# BERT's (bert-base-uncased) ids that GroundingDINO's text masking relies on.
+BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
+_PUNCT = list("!\"#$%&'(),-/:;<=>@[\\]^_`{|}~*+")
+_WORDS = (
+    "a an the and of on in with at by to near next two three some many small large red blue green yellow white "
+    "black brown man woman men women person people child dog dogs cat cats horse bird car bus truck train boat "
+    "plane bike table chair bench bed couch sofa tv laptop phone book clock vase cup bowl glass wine bottle fork "
+    "knife spoon plate pizza cake sandwich banana apple orange ball kite umbrella bag tie street road field grass "
+    "water sky snow beach room kitchen wall floor window door tree building sign light fire hydrant stop square "
+    "circle triangle scene picture photo sitting standing holding"
+).split()
+
+
+def bert_vocab(words: Iterable[str] = ()) -> list[str]:
+    """A WordPiece vocabulary in BERT's layout (see the module docstring), with ``words`` added."""
+    size = 1030
+    vocab = [f"[unused{i}]" for i in range(size)]
+    for token, i in BERT_SPECIAL_IDS.items():
+        vocab[i] = token
+    free = [i for i in range(104, size) if vocab[i].startswith("[unused")]
+    extra = _PUNCT + [str(d) for d in range(10)] + [chr(c) for c in range(97, 123)]
+    extra += ["##" + chr(c) for c in range(97, 123)] + ["##" + str(d) for d in range(10)]
+    seen = set(vocab)
+    for w in [*extra, *_WORDS, *(w.lower() for w in words)]:
+        if w in seen or not w:
+            continue
+        seen.add(w)
+        if free:
+            vocab[free.pop(0)] = w
+        else:
+            vocab.append(w)
+    return vocab
+
+
+def bert_tokenizer(words: Iterable[str] = ()):
+    """A BertTokenizer over :func:`bert_vocab`."""
+    from transformers import BertTokenizer
+
+    vocab = bert_vocab(words)
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=512)
+
+
+def grounding_dino_config(size: str = "tiny", vocab_size: int = 30522, **overrides: Any):
+    """GroundingDinoConfig: ``"tiny"`` (tests) or ``"real"`` (GroundingDINO-T, random weights)."""
+    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+
+    if size == "real":
+        return GroundingDinoConfig(
+            backbone_config=SwinConfig(
+                embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                out_features=["stage2", "stage3", "stage4"],
+            ),
+            text_config=BertConfig(vocab_size=vocab_size),
+            **overrides,
+        )
+    if size != "tiny":
+        raise ValueError(f"size must be 'tiny' or 'real', got {size!r}")
+    cfg = dict(
+        backbone_config=SwinConfig(
+            embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=64,
+            out_features=["stage2", "stage3", "stage4"],
+        ),
+        text_config=BertConfig(
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=256,
+        ),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=30, encoder_n_points=2,
+        decoder_n_points=2, max_text_len=256,
+    )
+    cfg.update(overrides)
+    return GroundingDinoConfig(**cfg)
+
+
+def sam_config(size: str = "tiny", hq: bool = True):
+    """SamHQConfig (``hq``) or SamConfig: ``"tiny"`` (tests) or ``"real"`` (ViT-H, random weights)."""
+    from transformers import SamConfig, SamHQConfig
+
+    if size == "real":
+        vision = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                      global_attn_indexes=[7, 15, 23, 31], mlp_dim=5120)
+        decoder: dict[str, Any] = {"vit_dim": 1280} if hq else {}
+        prompt: dict[str, Any] = {}
+    elif size == "tiny":
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=[1],
+                      mlp_dim=64, image_size=64, patch_size=16, output_channels=32, window_size=2, num_pos_feats=16)
+        decoder = dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+        if hq:
+            decoder["vit_dim"] = 32
+        prompt = dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4)
+    else:
+        raise ValueError(f"size must be 'tiny' or 'real', got {size!r}")
+    cls = SamHQConfig if hq else SamConfig
+    return cls(vision_config=vision, mask_decoder_config=decoder, prompt_encoder_config=prompt)
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_grounding_dino(size: str = "tiny", seed: int = 0, vocab_size: int | None = None, **overrides: Any):
+    """A random GroundingDinoForObjectDetection (eval mode)."""
+    from transformers import GroundingDinoForObjectDetection
+
+    cfg = grounding_dino_config(size, vocab_size or (30522 if size == "real" else len(bert_vocab())), **overrides)
+    return _seeded(seed, lambda: GroundingDinoForObjectDetection(cfg)).eval()
+
+
+def build_sam(size: str = "tiny", hq: bool = True, seed: int = 0):
+    """A random SamHQModel (``hq``) or SamModel (eval mode)."""
+    from transformers import SamHQModel, SamModel
+
+    cfg = sam_config(size, hq)
+    return _seeded(seed, lambda: (SamHQModel if hq else SamModel)(cfg)).eval()
+
+
+def _atomic_dir(out_dir: str | os.PathLike, write) -> Path:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_tiny_grounding_dino(out_dir: str | os.PathLike, words: Iterable[str] = (), seed: int = 0,
+                              **overrides: Any) -> Path:
+    """Save a tiny GroundingDINO + GroundingDinoProcessor (128 px shortest edge) to ``out_dir``."""
+    from transformers import GroundingDinoProcessor
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+
+    tokenizer = bert_tokenizer(words)
+
+    def write(tmp: Path) -> None:
+        build_grounding_dino("tiny", seed, vocab_size=len(tokenizer), **overrides).save_pretrained(tmp)
+        image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 192})
+        GroundingDinoProcessor(image_processor, tokenizer).save_pretrained(tmp)
+
+    return _atomic_dir(out_dir, write)
+
+
+def write_tiny_sam(out_dir: str | os.PathLike, hq: bool = True, seed: int = 0) -> Path:
+    """Save a tiny SAM-HQ (``hq``) or SAM + its processor (64 px, masks at 16 px) to ``out_dir``."""
+    from transformers import SamHQProcessor, SamProcessor
+    from transformers.models.sam import SamImageProcessorPil
+
+    def write(tmp: Path) -> None:
+        build_sam("tiny", hq, seed).save_pretrained(tmp)
+        image_processor = SamImageProcessorPil(
+            size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+            mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16},
+        )
+        (SamHQProcessor if hq else SamProcessor)(image_processor).save_pretrained(tmp)
+
+    return _atomic_dir(out_dir, write)
+
+
+def write_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, corpus: Iterable[str] | None = None) -> Path:
+    """Save a tiny CLIPModel + CLIPProcessor (32 px images, the small trained CLIP BPE) to ``out_dir``."""
+    import json
+
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from .clip_bpe import write_clip_tokenizer
+
+    def write(tmp: Path) -> None:
+        write_clip_tokenizer(tmp / "tok", corpus=corpus, vocab_size=1024)
+        vocab = json.loads((tmp / "tok" / "vocab.json").read_text(encoding="utf-8"))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
+        eos = vocab["<|endoftext|>"]
+        text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                    eos_token_id=eos, pad_token_id=eos)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=32, patch_size=8)
+        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+        _seeded(seed, lambda: CLIPModel(cfg)).save_pretrained(tmp)
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+        shutil.rmtree(tmp / "tok")
+
+    return _atomic_dir(out_dir, write)
