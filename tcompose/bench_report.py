@@ -1,0 +1,154 @@
+"""The report of ``tcompose bench``: MFU, the headline figures, the targets, and the table.
+
+:func:`summarise` completes the raw measurements of :func:`tcompose.bench.run`::
+
+    train[i]["mfu"]       = flops_per_step_tc / step_s_tc / (matmul.tflops * 1e12)   (also mfu_plain)
+    baseline["mfu"]       = flops_per_step / step_s / (matmul.tflops * 1e12)
+    headline.speedup_vs_baseline = best train images/s (losses on) / baseline images/s
+    headline.loss_overhead       = step_s_tc / step_s_plain - 1 at that best configuration
+    headline.mfu_best            = the highest train MFU (the best batch)
+    headline.peak_mem_mb_b8_ckpt = peak memory at batch 8 with gradient checkpointing (CUDA: reserved)
+
+Targets (issue 6) are judged on CUDA with real-size models only; otherwise their status is "n/a (CPU)" or
+"n/a (--quick)", and "not measured" when the run did not include what they need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB_24 = 24 * 1024  # MiB
+TARGETS = (
+    ("speedup_vs_baseline", ">=", 5.0, "x", "images/s vs the original's step (fp32, batch 1, explicit attention)"),
+    ("mfu_best", ">=", 0.35, "", "model FLOP utilisation at the best batch"),
+    ("loss_overhead", "<=", 0.10, "", "step time with the grounding losses on vs lambda = gamma = 0, minus 1"),
+    ("peak_mem_mb_b8_ckpt", "<=", float(GIB_24), "MiB", "peak memory at batch 8 with gradient checkpointing (24 GiB)"),
+)
+
+
+def _ok(row: Any) -> bool:
+    return isinstance(row, dict) and "error" not in row
+
+
+def summarise(report: dict) -> dict:
+    """Add MFU, ``headline`` and ``targets`` to a report (in place; also returned)."""
+    rate = report["matmul"]["tflops"] * 1e12
+    train = [r for r in report.get("train", []) if _ok(r)]
+    for r in train:
+        if "flops_per_step_tc" in r:
+            r["mfu"] = round(r["flops_per_step_tc"] / r["step_s_tc"] / rate, 4)
+            r["mfu_plain"] = round(r["flops_per_step_plain"] / r["step_s_plain"] / rate, 4)
+    base = report.get("baseline")
+    if _ok(base) and "flops_per_step" in base:
+        base["mfu"] = round(base["flops_per_step"] / base["step_s"] / rate, 4)
+    head: dict[str, Any] = {"speedup_vs_baseline": None, "mfu_best": None, "loss_overhead": None,
+                            "peak_mem_mb_b8_ckpt": None, "best_train": None}
+    if train:
+        best = max(train, key=lambda r: r["images_per_s"])
+        head["best_train"] = {k: best[k] for k in ("batch_size", "gradient_checkpointing", "dtype", "compiled",
+                                                   "images_per_s")}
+        head["loss_overhead"] = round(best["overhead_ratio"] - 1, 4)
+        head["loss_overhead_max"] = round(max(r["overhead_ratio"] for r in train) - 1, 4)
+        if any("mfu" in r for r in train):
+            top = max((r for r in train if "mfu" in r), key=lambda r: r["mfu"])
+            head["mfu_best"] = top["mfu"]
+            head["mfu_best_at"] = {k: top[k] for k in ("batch_size", "gradient_checkpointing")}
+        b8 = [r for r in train if r["batch_size"] == 8 and r["gradient_checkpointing"]]
+        if b8:
+            head["peak_mem_mb_b8_ckpt"] = b8[0].get("peak_reserved_mb", b8[0]["peak_mem_mb"])
+        if _ok(base):
+            head["speedup_vs_baseline"] = round(best["images_per_s"] / base["images_per_s"], 3)
+    report["headline"] = head
+    device = report["machine"]["device"]
+    targets = []
+    for name, op, goal, unit, what in TARGETS:
+        value = head.get(name)
+        if value is None:
+            status = "not measured"
+        elif report.get("quick"):
+            status = "n/a (--quick)"
+        elif device != "cuda":
+            status = "n/a (CPU)"
+        else:
+            status = "pass" if (value >= goal if op == ">=" else value <= goal) else "fail"
+        targets.append({"name": name, "target": f"{op} {goal:g}{(' ' + unit) if unit else ''}", "value": value,
+                        "status": status, "what": what})
+    report["targets"] = targets
+    return report
+
+
+def table_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(section, setting, figure, unit) rows of the report."""
+    rows: list[tuple[str, str, str, str]] = []
+    m = report["matmul"]
+    rows.append(("machine", f"{m['dtype']} matmul n={m['n']}", f"{m['tflops']:.3f}", "TFLOP/s"))
+    for r in report.get("train", []):
+        if not _ok(r):
+            rows.append(("train", f"batch {r.get('batch_size')}", "error", r.get("error", "")))
+            continue
+        setting = f"{r['size']} B{r['batch_size']} {r['latent_size'] * 8}px {r['dtype']} ckpt " \
+                  f"{'on' if r['gradient_checkpointing'] else 'off'}{' compiled' if r['compiled'] else ''}"
+        rows += [("train", setting, f"{r['images_per_s']:.3f}", "images/s (losses on)"),
+                 ("train", setting, f"{r['images_per_s_plain']:.3f}", "images/s (lambda=gamma=0)"),
+                 ("train", setting, f"{r['overhead_ratio'] - 1:+.1%}", "losses' overhead"),
+                 ("train", setting, f"{r.get('mfu', float('nan')):.1%}", "MFU"),
+                 ("train", setting, f"{r.get('peak_reserved_mb', r['peak_mem_mb']):.0f}", "MiB peak")]
+    base = report.get("baseline")
+    if base is not None:
+        if _ok(base):
+            setting = f"{base['size']} B1 fp32, explicit attention, all maps kept"
+            rows += [("baseline", setting, f"{base['images_per_s']:.3f}", "images/s"),
+                     ("baseline", setting, f"{base.get('mfu', float('nan')):.1%}", "MFU"),
+                     ("baseline", setting, f"{base['peak_mem_mb']:.0f}", "MiB peak")]
+        else:
+            rows.append(("baseline", "", "error", base["error"]))
+    head = report.get("headline", {})
+    if head.get("speedup_vs_baseline") is not None:
+        b = head["best_train"]
+        rows.append(("headline", f"B{b['batch_size']} ckpt {'on' if b['gradient_checkpointing'] else 'off'} vs baseline",
+                     f"{head['speedup_vs_baseline']:.2f}", "x images/s"))
+    gen = report.get("generate")
+    if isinstance(gen, dict):
+        rows.append(("generate", "", "error", gen["error"]))
+    for g in gen or []:
+        setting = f"B{g['batch_size']} {g['resolution']}px {g['steps']} steps"
+        rows += [("generate", setting, f"{g['images_per_s']:.3f}", "images/s"),
+                 ("generate", setting, f"{g['unet_steps_per_s']:.2f}", f"UNet steps/s (batch {g['unet_batch']})")]
+    for key, label in (("detect", "model"), ("masks", "segmenter")):
+        d = report.get(key)
+        if d is None:
+            continue
+        if not _ok(d):
+            rows.append((key, "", "error", d["error"]))
+            continue
+        setting = f"{d[label]} B{d['batch_size']}"
+        if key == "masks":
+            setting = f"{d['detector']} + {d['segmenter']} B{d['batch_size']}, {d['boxes_per_image']} boxes/image"
+        rows.append((key, setting, f"{d['images_per_s']:.3f}", "images/s"))
+    return rows
+
+
+def print_report(report: dict, console=None) -> None:
+    """The table and the targets, with rich (stderr by default)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    m = report["machine"]
+    table = Table(title=f"tcompose bench: {m['device_name']} ({m['device']}), torch {m['torch']}"
+                        f"{', CUDA ' + m['cuda'] if m.get('cuda') else ''}, {m['threads']} threads")
+    for col, justify in (("section", "left"), ("setting", "left"), ("figure", "right"), ("unit", "left")):
+        table.add_column(col, justify=justify)
+    for row in table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    targets = Table(title="targets")
+    for col in ("target", "goal", "measured", "status"):
+        targets.add_column(col)
+    style = {"pass": "green", "fail": "red"}
+    for t in report["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:g}"
+        targets.add_row(t["name"], t["target"], value, f"[{style.get(t['status'], 'dim')}]{t['status']}[/]")
+    console.print(targets)
+    for note in report.get("notes", []):
+        console.print(f"[dim]note: {note}[/]")

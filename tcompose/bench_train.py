@@ -1,0 +1,376 @@
+"""Timing one TokenCompose training step: the batch, the step, peak memory, alternating rounds, FLOPs.
+
+Shared by ``tcompose bench`` (:mod:`tcompose.bench`) and ``benchmarks/train_step.py``::
+
+    mem = PeakMemory(torch.device("cuda"))
+    rows = bench_unet("sd14", batch_size=8, dtype="bf16", checkpointing=(False, True), device=..., mem=mem)
+    rows[0]["overhead_ratio"], rows[0]["images_per_s"], rows[0]["peak_mem_mb"], rows[0]["flops_per_step_tc"]
+
+One step is what the training loop does per batch: ``tokencompose_losses(..., backward=...)`` (UNet forward,
+the denoising loss and, for "tc", the token and pixel losses on the captured cross-attention maps; then
+backward), ``optimizer.step()`` (AdamW) and ``optimizer.zero_grad(set_to_none=True)``. "plain" is the same
+step with lambda = gamma = 0 (no capture, SDPA everywhere). Both run on the same model, optimizer, batch and
+precision; they alternate round by round (the order flips every round), so drift on the machine affects both.
+
+Precision: ``bf16`` / ``fp16`` run the UNet's forward under autocast as accelerate's ``prepare`` wraps it
+(fp32 master weights, optimizer and losses in fp32; fp16 with a GradScaler); ``fp32`` is no autocast.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (and ``max_memory_reserved``), reset before every
+timed segment; on CPU the process's peak RSS (``resource.getrusage``), made resettable per segment where
+Linux allows it (``malloc_trim`` then ``/proc/self/clear_refs``), so the CPU figure includes the model, the
+optimizer state, the Python runtime and whatever the allocator keeps.
+
+FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one whole step (forward + backward), counted once,
+outside the timed loop, without gradient checkpointing (model FLOPs, not the recomputation), before any
+``torch.compile``. It counts matmuls, convolutions and attention; on CPU the SDPA kernel
+(``_scaled_dot_product_flash_attention_for_cpu``) is counted with torch's own SDPA formulas.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .losses import pad_words
+from .objective import tokencompose_losses
+from .tiny_models import UNET_SIZES, build_tiny_unet, count_parameters
+
+PLAIN = dict(lambda_token=0.0, gamma_pixel=0.0)
+TC = dict(lambda_token=1e-3, gamma_pixel=5e-5)
+LAYERS = ("mid", "up")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_LEN = 77
+SEED = 0
+
+
+# ----------------------------------------------------------------------------------------------------- batch
+
+
+def make_batch(batch_size: int, latent_size: int, cross_dim: int, device: torch.device, seed: int = SEED) -> tuple:
+    """Random latents, text embeddings, noise, timesteps, words and rectangle masks at pixel size 8 * latent."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    b, s = batch_size, latent_size
+    r = 8 * s  # masks arrive at pixel resolution; the objective resizes them to each attention map's side
+    latents = torch.randn(b, 4, s, s, generator=g)
+    emb = torch.randn(b, TEXT_LEN, cross_dim, generator=g)
+    noise = torch.randn(b, 4, s, s, generator=g)
+    timesteps = torch.randint(0, 1000, (b,), generator=g)
+    words = []
+    for _ in range(b):
+        pos, ws = 1, []  # position 0 is <|startoftext|>
+        for _ in range(rng.randint(2, 4)):
+            pos += rng.randint(0, 1)
+            n_tok = rng.choice((1, 1, 2, 3))  # some words span several tokens
+            ws.append(list(range(pos, pos + n_tok)))
+            pos += n_tok
+        words.append(ws)
+    index, valid = pad_words(words)
+    masks = torch.zeros(b, index.shape[1], r, r)
+    for i, ws in enumerate(words):
+        for j in range(len(ws)):
+            h, w = rng.randint(r // 8, r // 2), rng.randint(r // 8, r // 2)
+            y, x = rng.randint(0, r - h), rng.randint(0, r - w)
+            masks[i, j, y : y + h, x : x + w] = 1.0
+    batch = {"noise": noise, "timesteps": timesteps, "masks": masks, "word_index": index, "word_valid": valid}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return latents.to(device), emb.to(device), batch
+
+
+def make_scheduler():
+    """DDPM with SD1.4's betas (the training noise schedule)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False)
+
+
+class Autocast(torch.nn.Module):
+    """The UNet's forward under autocast, as accelerate's ``prepare`` wraps it: fp32 master weights, the
+    losses outside autocast. ``.module`` is the UNet (what the objective unwraps to capture attention)."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ machine
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+
+class PeakMemory:
+    """Peak memory of a region: CUDA allocated bytes, or the process's peak RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.resettable = False
+        self._trim = None
+        if not self.cuda:
+            try:
+                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                self._trim = None
+            self.resettable = self._reset_rss()
+
+    @property
+    def note(self) -> str:
+        if self.cuda:
+            return ("peak_mem_mb: torch.cuda.max_memory_allocated (peak_reserved_mb: max_memory_reserved), reset "
+                    "before every timed segment; the CUDA context itself is not included")
+        how = ("reset before every timed segment via malloc_trim + /proc/self/clear_refs" if self.resettable
+               else "not resettable here: monotone over the whole process, so later configs include earlier ones")
+        return ("peak_mem_mb on CPU is the process's peak RSS (resource.getrusage ru_maxrss), " + how +
+                "; it includes the model, optimizer state, the Python runtime and memory the allocator keeps")
+
+    def _reset_rss(self) -> bool:
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            self._reset_rss()
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+    def reserved_mb(self) -> float | None:
+        return torch.cuda.max_memory_reserved(self.device) / 2**20 if self.cuda else None
+
+
+# ---------------------------------------------------------------------------------------------------- flops
+
+
+def _cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_cpu_sdpa._get_raw = True  # type: ignore[attr-defined]  (FlopCounterMode passes tensors, not shapes)
+_cpu_sdpa_backward._get_raw = True  # type: ignore[attr-defined]
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` by ``FlopCounterMode`` (matmul, convolution, attention; CPU's SDPA kernel included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    custom = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa
+        custom[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------------- step
+
+
+class TrainStep:
+    """One optimizer step of ``unet`` on a fixed random batch; ``step(weights)`` -> the losses dict.
+
+    ``losses_fn`` is :func:`tcompose.objective.tokencompose_losses` (or the baseline's slow equivalent, same
+    signature). A non-finite total loss raises FloatingPointError.
+    """
+
+    def __init__(self, unet, batch_size: int, latent_size: int, dtype: str, device: torch.device,
+                 losses_fn=tokencompose_losses, layers=LAYERS, seed: int = SEED):
+        amp = AMP_DTYPES[dtype]
+        self.unet, self.device, self.losses_fn, self.layers = unet, device, losses_fn, tuple(layers)
+        self.model = unet if amp is None else Autocast(unet, device.type, amp)
+        self.opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)  # as train-unet builds it
+        self.scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
+        self.latents, self.emb, self.batch = make_batch(batch_size, latent_size, unet.config.cross_attention_dim,
+                                                        device, seed)
+        self.sched = make_scheduler()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def __call__(self, weights: dict) -> dict:
+        losses = self.losses_fn(self.model, self.latents, self.emb, self.batch, self.sched, self.layers,
+                                backward=self.backward, **weights)
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        if not math.isfinite(float(losses["total"].detach())):
+            raise FloatingPointError(f"non-finite training loss {losses}")
+        return losses
+
+
+def timed(fn: Callable[[], Any], n: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn`` (CUDA synchronised around each)."""
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def alternate(fns: dict[str, Callable[[], Any]], warmup: int, steps: int, rounds: int, device: torch.device,
+              mem: PeakMemory) -> dict[str, dict]:
+    """Time several variants in alternating rounds (order flipped every round): per variant ``times``
+    (every timed call), ``peak_mb`` / ``reserved_mb`` (max over its segments) and ``round_medians``."""
+    for fn in fns.values():
+        timed(fn, warmup, device)
+    out = {k: {"times": [], "peak_mb": 0.0, "reserved_mb": None, "round_medians": []} for k in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            mem.reset()
+            t = timed(fns[name], steps, device)
+            o = out[name]
+            o["times"] += t
+            o["round_medians"].append(statistics.median(t))
+            o["peak_mb"] = max(o["peak_mb"], mem.peak_mb())
+            if mem.reserved_mb() is not None:
+                o["reserved_mb"] = max(o["reserved_mb"] or 0.0, mem.reserved_mb())
+    return out
+
+
+def compile_regions(unet) -> int:
+    """``torch.compile`` each ResNet block and feed-forward of ``unet`` in place (regional compilation); the
+    attention processors stay eager, so capturing maps (which swaps processors every step) never recompiles.
+    Returns the number of compiled modules."""
+    import torch._dynamo
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.resnet import ResnetBlock2D
+
+    # Each block shape (channels, side) compiles its own graph: SD1.4 has more than dynamo's default limit of 8.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    n = 0
+    for module in unet.modules():
+        if isinstance(module, (ResnetBlock2D, FeedForward)):
+            module.compile()
+            n += 1
+    return n
+
+
+def uncompile_regions(unet) -> None:
+    for module in unet.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype: str = "fp32",
+               checkpointing=(False,), warmup: int = 2, steps: int = 3, rounds: int = 8,
+               device: torch.device | None = None, mem: PeakMemory | None = None, flops: bool = False,
+               compile: bool = False) -> list[dict]:
+    """Plain vs tc training steps of a UNet of ``size`` (tiny_models.UNET_SIZES), one result per
+    checkpointing mode. ``flops``: add ``flops_per_step_tc`` / ``_plain`` (see the module docstring).
+    ``compile``: :func:`compile_regions`; if compiling fails (no compiler), runs eager and says so."""
+    device = device or torch.device("cpu")
+    mem = mem or PeakMemory(device)
+    cfg = UNET_SIZES[size]
+    latent = latent_size or cfg["sample_size"]
+    unet = build_tiny_unet(SEED, size=size).to(device)
+    unet.train()
+    params_m = count_parameters(unet) / 1e6
+    step = TrainStep(unet, batch_size, latent, dtype, device)
+    counted = {}
+    if flops:
+        unet.disable_gradient_checkpointing()
+        counted = {f"flops_per_step_{k}": count_flops(lambda w=w: step(w)) for k, w in (("tc", TC), ("plain", PLAIN))}
+    compiled, compile_note = False, None
+    if compile:
+        compile_regions(unet)
+        try:
+            step(TC)
+            compiled = True
+        except Exception as err:  # no C++ compiler / Triton, or an unsupported op: measure eager instead
+            uncompile_regions(unet)
+            compile_note = f"torch.compile unavailable, ran eager: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    results = []
+    for ckpt in checkpointing:
+        if ckpt:
+            unet.enable_gradient_checkpointing()
+        else:
+            unet.disable_gradient_checkpointing()
+        res = alternate({"plain": lambda: step(PLAIN), "tc": lambda: step(TC)}, warmup, steps, rounds, device, mem)
+        plain, tc = (statistics.median(res[k]["times"]) for k in ("plain", "tc"))
+        ratios = [t / p for t, p in zip(res["tc"]["round_medians"], res["plain"]["round_medians"])]
+        row = {
+            "size": size, "params_m": round(params_m, 3), "batch_size": batch_size, "latent_size": latent,
+            "dtype": dtype, "gradient_checkpointing": ckpt, "compiled": compiled,
+            "step_s_plain": round(plain, 5), "step_s_tc": round(tc, 5), "overhead_ratio": round(tc / plain, 4),
+            "images_per_s": round(batch_size / tc, 3), "images_per_s_plain": round(batch_size / plain, 3),
+            "peak_mem_mb": round(res["tc"]["peak_mb"], 1), "peak_mem_mb_plain": round(res["plain"]["peak_mb"], 1),
+            "timed_steps": len(res["tc"]["times"]),
+            "step_s_plain_min": round(min(res["plain"]["times"]), 5),
+            "step_s_tc_min": round(min(res["tc"]["times"]), 5),
+            "overhead_ratio_min": round(min(res["tc"]["times"]) / min(res["plain"]["times"]), 4),
+            "round_ratios": [round(x, 4) for x in ratios], **counted,
+        }
+        if res["tc"]["reserved_mb"] is not None:
+            row["peak_reserved_mb"] = round(res["tc"]["reserved_mb"], 1)
+        if compile_note:
+            row["compile_note"] = compile_note
+        results.append(row)
+    unet.disable_gradient_checkpointing()
+    del step, unet
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
