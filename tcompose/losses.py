@@ -1,4 +1,5 @@
-"""TokenCompose's grounding losses on cross-attention maps, as pure tensor functions.
+"""The losses, as pure tensor functions: TokenCompose's grounding losses on cross-attention maps, and CLIP's
+contrastive InfoNCE (:func:`info_nce`, for train-clip).
 
 Faithful to the original implementation (mlpc-ucsd/TokenCompose, ``get_grounding_loss_by_layer``) for one
 example and one layer group, where that implementation is defined:
@@ -13,6 +14,9 @@ summed probabilities exceed 1 is clamped to 1 inside the BCE instead of raising.
 The training path uses the batched form, :func:`grounding_losses`, which takes every map of a group for a
 whole batch at once; words are padded to ``[B, W, K]`` token indices with a validity mask, so examples with
 different numbers of words share one set of tensor operations (no Python loop over examples or tokens).
+
+:func:`info_nce` is CLIP's symmetric loss, optionally with same-label pairs as positives (``--dedupe-labels``);
+:func:`info_nce_local` is one process's slice of it against the gathered global batch (see clip_loss.py).
 """
 
 from __future__ import annotations
