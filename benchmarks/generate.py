@@ -39,39 +39,23 @@ import torch
 from tcompose.clip_bpe import write_clip_tokenizer
 from tcompose.generate import GenerateConfig, image_seed, write_images
 from tcompose.sampling import DTYPES
-from tcompose.tiny_models import (
-    SD_SCHEDULER, build_tiny_text_encoder, build_tiny_unet, build_tiny_vae, count_parameters,
-)
+from tcompose.tiny_models import count_parameters
 
 PROMPTS = [
     "a cat and a wine glass", "a red ball on a wooden table", "two dogs next to a blue car",
     "a bicycle leaning on a tree", "an apple, a banana and a knife", "a clock above a sofa",
     "a horse and a sheep in a field", "a laptop beside a cup of coffee",
 ]
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
-SD_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 
 
 def build_pipeline(size: str, dtype: torch.dtype, device: torch.device, bpe: Path | None, tmp: Path):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+    from tcompose.bench_infer import build_sd_pipeline
+
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "tokenizer", bpe_path=bpe, corpus=PROMPTS))
-    unet = build_tiny_unet(0, size=size)
-    vae = build_tiny_vae(1, **(SD_VAE if size == "sd14" else {}))
-    text = build_tiny_text_encoder(
-        len(tokenizer), 2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-        **(SD_TEXT if size == "sd14" else {"hidden_size": unet.config.cross_attention_dim}))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_config(SD_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.to(device)
-    if dtype != torch.float32:
-        pipe.to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, count_parameters(unet)
+    pipe = build_sd_pipeline(size, device, dtype, tokenizer)
+    return pipe, count_parameters(pipe.unet)
 
 
 def sync(device: torch.device) -> None:

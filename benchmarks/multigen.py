@@ -40,9 +40,6 @@ from tcompose.multigen import MultigenConfig, run
 from tcompose.multigen_prompts import sample_prompts
 from tcompose.tiny_models import write_tiny_pipeline
 
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
-SD_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 
 
 def write_models(root: Path, real: bool) -> tuple[Path, Path]:
@@ -52,7 +49,7 @@ def write_models(root: Path, real: bool) -> tuple[Path, Path]:
     if not real:
         sd = write_tiny_pipeline(root / "sd", tokenizer_source=bpe, corpus=corpus)
         return sd, write_tiny_owlv2(root / "owl", bpe)
-    from tcompose.tiny_models import build_tiny_text_encoder, build_tiny_vae
+    from tcompose.tiny_models import SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_vae
 
     sd = write_tiny_pipeline(root / "sd", tokenizer_source=bpe, corpus=corpus, size="sd14")
     vocab = json.loads((sd / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))

@@ -32,9 +32,6 @@ PROMPTS = [
 ]
 PHRASES = ["a red ball", "a cup", "a dog"]
 # SD1.4's VAE (vae/config.json) and text encoder (CLIP ViT-L/14's text tower) shapes.
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
-SD_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 
 
 def clip_tokenizer(folder: Path, real_vocab: bool):
@@ -55,7 +52,7 @@ def build_sd_pipeline(size: str, device: torch.device, dtype: torch.dtype, token
     """A random StableDiffusionPipeline: ``sd14`` (SD1.4 shapes, 512 px) or ``tiny`` (64 px), PNDM, no checker."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from .tiny_models import SD_SCHEDULER, build_tiny_text_encoder, build_tiny_unet, build_tiny_vae
+    from .tiny_models import SD_SCHEDULER, SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_unet, build_tiny_vae
 
     unet = build_tiny_unet(0, size=size)
     vae = build_tiny_vae(1, **(SD_VAE if size == "sd14" else {}))

@@ -52,6 +52,11 @@ SD_SCHEDULER = dict(
     skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, clip_sample=False,
 )
 
+#: SD1.x's VAE and text-encoder shapes (random weights; benchmarks build real-size pipelines from them).
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
+SD_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
 
 def count_parameters(module: torch.nn.Module) -> int:
     """Number of parameters of a module."""

@@ -25,7 +25,6 @@ OUT ends as a diffusers pipeline folder (``StableDiffusionPipeline.from_pretrain
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
