@@ -14,7 +14,9 @@ OWLv2-L/14, GroundingDINO-T and SAM-HQ ViT-H; ``--quick`` swaps in the tiny test
   losses on (and, for the losses' overhead, the same step with lambda = gamma = 0), backward, AdamW; per
   ``--train-batch-size`` and checkpointing mode: images/s, peak memory, model FLOP utilisation
   (MFU = FLOPs of one step, counted once with FlopCounterMode / seconds per step / the machine's matmul rate,
-  measured here: a large bf16 matmul on CUDA, fp32 on CPU);
+  measured here: a large bf16 matmul on CUDA, fp32 on CPU); per memory format (``channels_last``: both on
+  CUDA real-size runs); and the VAE encode of the batch, which the step (starting from latents) leaves out, as
+  train-unet with ``--cache-latents`` does: ``vae_encode_share`` is what that option saves;
 - ``baseline``: the same step as the original implementation ran it (:mod:`tcompose.bench_baseline`: fp32,
   batch 1, explicit attention in every layer, every map kept), in this process; the headline is
   ``speedup = best train images/s / baseline images/s``;
@@ -60,6 +62,8 @@ class BenchConfig:
     resolution: int | None = None  # pixels (FULL: 512; latents are resolution / 8)
     compile: bool | None = None  # torch.compile the UNet's ResNet and feed-forward blocks (train section);
     #   None: on for CUDA real-size runs, off on CPU and with quick (minutes of compiling, slower tiny steps)
+    channels_last: str | None = None  # off | on | both: UNet and latents in torch.channels_last (train section);
+    #   None: both on CUDA real-size runs (to measure whether train-unet's --channels-last pays), off otherwise
     tf32: bool = False  # TF32 matmuls on CUDA for the train and inference sections (train-unet leaves them off)
     rounds: int | None = None  # timed rounds (FULL: 5; variants alternate, order flips every round)
     steps: int | None = None  # timed training steps per variant per round (FULL: 2)
@@ -76,6 +80,8 @@ class BenchConfig:
             raise ValueError(f"--sections: unknown {unknown or 'empty'}; choose from {', '.join(SECTIONS)}")
         if self.gradient_checkpointing not in CHECKPOINTING:
             raise ValueError(f"--gradient-checkpointing must be off, on or both, got {self.gradient_checkpointing!r}")
+        if self.channels_last not in (None, *CHECKPOINTING):
+            raise ValueError(f"channels_last must be off, on or both, got {self.channels_last!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         base = dict(QUICK if self.quick else FULL)
@@ -192,7 +198,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     from .bench_baseline import bench_baseline
     from .bench_infer import bench_detect, bench_generate, bench_masks, build_sd_pipeline, clip_tokenizer
     from .bench_report import summarise
-    from .bench_train import PeakMemory, bench_unet
+    from .bench_train import PeakMemory, bench_unet, bench_vae_encode
     from .hf_load import torch_dtype
 
     cfg.resolve()
@@ -210,6 +216,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     compile_unet = cfg.compile if cfg.compile is not None else (device.type == "cuda" and not cfg.quick)
+    channels_last = cfg.channels_last or ("both" if device.type == "cuda" and not cfg.quick else "off")
     infer_dtype, dtype_note = torch_dtype(dtype, device)
     latent = s["resolution"] // 8
     t_start = time.perf_counter()
@@ -217,7 +224,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     report["machine"] = machine_info(device)
     report["settings"] = {**{k: v for k, v in asdict(cfg).items() if k != "settings"}, **s, "dtype": dtype,
                           "device": str(device), "latent_size": latent, "sections": list(cfg.sections),
-                          "compile": compile_unet}
+                          "compile": compile_unet, "channels_last": channels_last}
     if dtype_note:
         report["notes"].append(dtype_note)
     mem = PeakMemory(device)
@@ -246,10 +253,20 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         rows = []
         for b in s["train_batch_sizes"]:
             say(f"train: {s['unet']} UNet, batch {b}, {s['resolution']} px, {dtype}, checkpointing "
-                f"{cfg.gradient_checkpointing}{', compiled' if compile_unet else ''}")
-            got = _section(report, f"train_b{b}", lambda b=b: bench_unet(
-                s["unet"], b, latent, dtype, CHECKPOINTING[cfg.gradient_checkpointing], s["warmup"], s["steps"],
-                s["rounds"], device, mem, flops=True, compile=compile_unet), say)
+                f"{cfg.gradient_checkpointing}{', compiled' if compile_unet else ''}, channels_last {channels_last}")
+
+            def train(b=b):
+                rows = bench_unet(s["unet"], b, latent, dtype, CHECKPOINTING[cfg.gradient_checkpointing], s["warmup"],
+                                  s["steps"], s["rounds"], device, mem, flops=True, compile=compile_unet,
+                                  channels_last=CHECKPOINTING[channels_last])
+                # The step above starts from latents, as with --cache-latents; without it each step also encodes.
+                enc = bench_vae_encode(s["unet"], b, latent, dtype, min(s["warmup"], 1), max(s["rounds"], 3), device)
+                for row in rows:
+                    row.update(enc, images_per_s_with_vae_encode=round(b / (row["step_s_tc"] + enc["vae_encode_s"]), 3),
+                               vae_encode_share=round(enc["vae_encode_s"] / (row["step_s_tc"] + enc["vae_encode_s"]), 4))
+                return rows
+
+            got = _section(report, f"train_b{b}", train, say)
             rows += got if isinstance(got, list) else [{"batch_size": b, **got}]
         report["train"] = rows
     if "baseline" in cfg.sections:

@@ -45,8 +45,8 @@ def summarise(report: dict) -> dict:
                             "peak_mem_mb_b8_ckpt": None, "best_train": None}
     if train:
         best = max(train, key=lambda r: r["images_per_s"])
-        head["best_train"] = {k: best[k] for k in ("batch_size", "gradient_checkpointing", "dtype", "compiled",
-                                                   "images_per_s")}
+        head["best_train"] = {k: best.get(k) for k in ("batch_size", "gradient_checkpointing", "dtype", "compiled",
+                                                       "channels_last", "images_per_s")}
         head["loss_overhead"] = round(best["overhead_ratio"] - 1, 4)
         head["loss_overhead_max"] = round(max(r["overhead_ratio"] for r in train) - 1, 4)
         if any("mfu" in r for r in train):
@@ -87,12 +87,16 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str]]:
             rows.append(("train", f"batch {r.get('batch_size')}", "error", r.get("error", "")))
             continue
         setting = f"{r['size']} B{r['batch_size']} {r['latent_size'] * 8}px {r['dtype']} ckpt " \
-                  f"{'on' if r['gradient_checkpointing'] else 'off'}{' compiled' if r['compiled'] else ''}"
+                  f"{'on' if r['gradient_checkpointing'] else 'off'}{' compiled' if r['compiled'] else ''}" \
+                  f"{' channels_last' if r.get('channels_last') else ''}"
         rows += [("train", setting, f"{r['images_per_s']:.3f}", "images/s (losses on)"),
                  ("train", setting, f"{r['images_per_s_plain']:.3f}", "images/s (lambda=gamma=0)"),
                  ("train", setting, f"{r['overhead_ratio'] - 1:+.1%}", "losses' overhead"),
                  ("train", setting, f"{r.get('mfu', float('nan')):.1%}", "MFU"),
                  ("train", setting, f"{r.get('peak_reserved_mb', r['peak_mem_mb']):.0f}", "MiB peak")]
+        if "vae_encode_s" in r:  # the step starts from latents (--cache-latents); without it, it also encodes
+            rows += [("train", setting, f"{r['images_per_s_with_vae_encode']:.3f}", "images/s with VAE encode"),
+                     ("train", setting, f"{r['vae_encode_share']:.1%}", "step time --cache-latents saves")]
     base = report.get("baseline")
     if base is not None:
         if _ok(base):

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import torch
 
+from .compile import compile_regions, uncompile_regions
 from .losses import pad_words
 from .objective import tokencompose_losses
 from .tiny_models import UNET_SIZES, build_tiny_unet, count_parameters
@@ -239,6 +240,13 @@ class TrainStep:
                                                         device, seed)
         self.sched = make_scheduler()
 
+    def set_channels_last(self, on: bool) -> None:
+        """UNet weights, latents and noise in ``torch.channels_last`` (or back to contiguous)."""
+        fmt = torch.channels_last if on else torch.contiguous_format
+        self.unet.to(memory_format=fmt)
+        self.latents = self.latents.contiguous(memory_format=fmt)
+        self.batch["noise"] = self.batch["noise"].contiguous(memory_format=fmt)
+
     def backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
@@ -288,39 +296,40 @@ def alternate(fns: dict[str, Callable[[], Any]], warmup: int, steps: int, rounds
     return out
 
 
-def compile_regions(unet) -> int:
-    """``torch.compile`` each ResNet block and feed-forward of ``unet`` in place (regional compilation); the
-    attention processors stay eager, so capturing maps (which swaps processors every step) never recompiles.
-    Returns the number of compiled modules."""
-    import torch._dynamo
-    from diffusers.models.attention import FeedForward
-    from diffusers.models.resnet import ResnetBlock2D
+def bench_vae_encode(size: str, batch_size: int, latent_size: int, dtype: str = "fp32", warmup: int = 1,
+                     calls: int = 5, device: torch.device | None = None) -> dict:
+    """Seconds of the VAE encode that train-unet runs every micro-step unless ``--cache-latents``: SD1.x's VAE
+    (``size`` sd14) or the tiny one, cast to the training dtype as train-unet casts the frozen VAE, on
+    ``batch_size`` random images that encode to ``latent_size`` latents, sampling ``mean + std * eps``."""
+    from .tiny_models import SD_VAE, build_tiny_vae
 
-    # Each block shape (channels, side) compiles its own graph: SD1.4 has more than dynamo's default limit of 8.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    n = 0
-    for module in unet.modules():
-        if isinstance(module, (ResnetBlock2D, FeedForward)):
-            module.compile()
-            n += 1
-    return n
+    device = device or torch.device("cpu")
+    vae = build_tiny_vae(SEED, **(SD_VAE if size == "sd14" else {})).to(device, AMP_DTYPES[dtype] or torch.float32)
+    vae.requires_grad_(False).eval()
+    side = latent_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    g = torch.Generator().manual_seed(SEED)
+    pixels = (torch.rand(batch_size, 3, side, side, generator=g) * 2 - 1).to(device, vae.dtype)
+    eps = torch.randn(batch_size, vae.config.latent_channels, latent_size, latent_size, generator=g).to(device, vae.dtype)
 
+    def encode():
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+            return dist.mean + dist.std * eps
 
-def uncompile_regions(unet) -> None:
-    for module in unet.modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None
+    timed(encode, warmup, device)
+    times = timed(encode, calls, device)
+    return {"vae_encode_s": round(statistics.median(times), 5), "vae_image_side": side}
 
 
 def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype: str = "fp32",
                checkpointing=(False,), warmup: int = 2, steps: int = 3, rounds: int = 8,
                device: torch.device | None = None, mem: PeakMemory | None = None, flops: bool = False,
-               compile: bool = False) -> list[dict]:
+               compile: bool = False, channels_last=(False,)) -> list[dict]:
     """Plain vs tc training steps of a UNet of ``size`` (tiny_models.UNET_SIZES), one result per
-    checkpointing mode. ``flops``: add ``flops_per_step_tc`` / ``_plain`` (see the module docstring).
-    ``compile``: :func:`compile_regions`; if compiling fails (no compiler), runs eager and says so."""
+    memory format (``channels_last``: UNet weights and latents in ``torch.channels_last``, as train-unet's
+    ``--channels-last``) and checkpointing mode. ``flops``: add ``flops_per_step_tc`` / ``_plain`` (see the
+    module docstring). ``compile``: :func:`compile_regions`; if compiling fails (no compiler), runs eager and
+    says so."""
     device = device or torch.device("cpu")
     mem = mem or PeakMemory(device)
     cfg = UNET_SIZES[size]
@@ -343,7 +352,8 @@ def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype
             uncompile_regions(unet)
             compile_note = f"torch.compile unavailable, ran eager: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     results = []
-    for ckpt in checkpointing:
+    for cl, ckpt in ((cl, ckpt) for cl in channels_last for ckpt in checkpointing):
+        step.set_channels_last(cl)
         if ckpt:
             unet.enable_gradient_checkpointing()
         else:
@@ -353,7 +363,7 @@ def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype
         ratios = [t / p for t, p in zip(res["tc"]["round_medians"], res["plain"]["round_medians"])]
         row = {
             "size": size, "params_m": round(params_m, 3), "batch_size": batch_size, "latent_size": latent,
-            "dtype": dtype, "gradient_checkpointing": ckpt, "compiled": compiled,
+            "dtype": dtype, "gradient_checkpointing": ckpt, "compiled": compiled, "channels_last": cl,
             "step_s_plain": round(plain, 5), "step_s_tc": round(tc, 5), "overhead_ratio": round(tc / plain, 4),
             "images_per_s": round(batch_size / tc, 3), "images_per_s_plain": round(batch_size / plain, 3),
             "peak_mem_mb": round(res["tc"]["peak_mb"], 1), "peak_mem_mb_plain": round(res["plain"]["peak_mb"], 1),
@@ -369,6 +379,7 @@ def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype
             row["compile_note"] = compile_note
         results.append(row)
     unet.disable_gradient_checkpointing()
+    step.set_channels_last(False)
     del step, unet
     gc.collect()
     if device.type == "cuda":

@@ -62,9 +62,17 @@ def _unwrap(model):
 
 
 def encode_batch(vae, text_encoder, batch, weight_dtype):
-    """Frozen parts, no gradients: latents ``mean + std * eps`` (eps from the batch) and text embeddings."""
+    """Frozen parts, no gradients: latents ``mean + std * eps`` (eps from the batch) and text embeddings.
+
+    The VAE's ``mean`` and ``std`` come from ``batch["latent_moments"]`` ``[B, 2, C, h, w]`` when the batch
+    carries them (``--cache-latents``, :mod:`tcompose.latent_cache`), else from encoding ``pixel_values``.
+    """
     with torch.no_grad():
-        dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
-        latents = (dist.mean + dist.std * batch["latent_eps"].to(dist.mean.dtype)) * vae.config.scaling_factor
+        if "latent_moments" in batch:
+            mean, std = batch["latent_moments"].unbind(1)
+        else:
+            dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        latents = (mean + std * batch["latent_eps"].to(mean.dtype)) * vae.config.scaling_factor
         emb = text_encoder(batch["input_ids"])[0]
     return latents.float(), emb

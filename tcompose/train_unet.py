@@ -18,6 +18,9 @@ Runbook (the reference recipe is the default: lr 5e-6 constant, AdamW wd 1e-2, c
     # continue after a kill
     tcompose train-unet ... --resume latest
 
+    # GPU fast path: bf16, VAE latents encoded once (OUT/latent_cache/), channels_last, compiled ResNet/FF blocks
+    tcompose train-unet ... --mixed-precision bf16 --cache-latents --channels-last --compile
+
 OUT ends as a diffusers pipeline folder (``StableDiffusionPipeline.from_pretrained(OUT)``) with
 ``training_summary.json``, ``checkpoints/`` and tensorboard ``logs/``.
 """
@@ -72,6 +75,9 @@ class TrainUnetConfig:
     eval_max_examples: int = 64
     eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
     random_flip: bool = False  # flips image and masks together; captions saying left/right become wrong
+    cache_latents: bool = False  # encode each image once into OUT/latent_cache/ (tcompose.latent_cache)
+    channels_last: bool = False  # UNet weights and the latents in torch.channels_last
+    compile: bool = False  # torch.compile the UNet's ResNet blocks and feed-forwards (tcompose.compile)
     num_workers: int = 4
     log_every: int = 10
     allow_tf32: bool = True
@@ -169,6 +175,8 @@ def run(cfg: TrainUnetConfig) -> dict:
             frozen.to(dtype=weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
     unet.train()
 
     prep = prepare_rows(cfg.data, tokenizer)
@@ -176,7 +184,14 @@ def run(cfg: TrainUnetConfig) -> dict:
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_shape = (unet.config.in_channels, cfg.resolution // down, cfg.resolution // down)
     n_t = noise_scheduler.config.num_train_timesteps
-    examples = TrainingExamples(prep, cfg.resolution, latent_shape, n_t, cfg.seed, cfg.random_flip)
+    cache = None
+    if cfg.cache_latents:
+        from .latent_cache import prepare_latent_cache
+
+        cache = prepare_latent_cache(out / "latent_cache", prep, vae, cfg.resolution, cfg.random_flip,
+                                     accelerator.process_index, accelerator.num_processes,
+                                     accelerator.wait_for_everyone, main and cfg.progress, log, cfg.num_workers)
+    examples = TrainingExamples(prep, cfg.resolution, latent_shape, n_t, cfg.seed, cfg.random_flip, latents=cache)
     eval_examples = TrainingExamples(prep, cfg.resolution, latent_shape, n_t, cfg.seed, random_flip=False)
     log(f"data: {len(train_rows)} training rows, {len(heldout)} held out; {prep.stats}")
 
@@ -224,6 +239,11 @@ def run(cfg: TrainUnetConfig) -> dict:
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
 
+    if cfg.compile:  # after the "before" score: evaluation runs eager (no extra no-grad graphs to compile)
+        from .compile import compile_regions
+
+        n = compile_regions(accelerator.unwrap_model(unet))
+        log(f"compile: {n} UNet regions (ResNet blocks, feed-forwards) compile on the first steps")
     keys = ("ldm", "token", "pixel", "total")
     sums = {k: torch.zeros((), device=device) for k in keys}
     n_micro, last = 0, {}
@@ -234,6 +254,9 @@ def run(cfg: TrainUnetConfig) -> dict:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(unet):
                 latents, emb = encode_batch(vae, text_encoder, batch, weight_dtype)
+                if cfg.channels_last:
+                    latents = latents.contiguous(memory_format=torch.channels_last)
+                    batch["noise"] = batch["noise"].contiguous(memory_format=torch.channels_last)
                 losses = tokencompose_losses(unet, latents, emb, batch, noise_scheduler, cfg.layers,
                                              cfg.lambda_token, cfg.gamma_pixel, backward=accelerator.backward)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -266,6 +289,10 @@ def run(cfg: TrainUnetConfig) -> dict:
             if step >= cfg.max_steps:
                 break
     train_s = time.perf_counter() - t0
+    if cfg.compile:
+        from .compile import uncompile_regions
+
+        uncompile_regions(accelerator.unwrap_model(unet))
     accelerator.wait_for_everyone()
     in_sync = _ranks_in_sync(accelerator, unet)
 
@@ -276,6 +303,8 @@ def run(cfg: TrainUnetConfig) -> dict:
                         cfg.checkpoints_limit, extra={"grounding_before": before})
         if ema is not None:
             ema.copy_to(trained.parameters())  # the pipeline and the "after" score use the EMA weights
+        if cfg.channels_last:
+            trained.to(memory_format=torch.contiguous_format)  # safetensors saves contiguous tensors only
         after = evaluate()
         if after:
             log(f"grounding score after: {after['score']:.4f} (before {before['score']:.4f}, chance {after['chance']:.4f})")
@@ -294,6 +323,7 @@ def run(cfg: TrainUnetConfig) -> dict:
             "grounding_before": before,
             "grounding_after": after,
             "data": prep.stats | {"train_rows": len(train_rows), "heldout_rows": len(heldout)},
+            "latent_cache": {"path": str(cache.root), "images": len(cache), "dtype": cache.dtype} if cache else None,
             "phrases_dropped": prep.dropped[:100],
             "config": config_dict(cfg),
         }

@@ -34,6 +34,7 @@ class PreparedRows:
     image_ids: list[int]
     stats: dict[str, int] = field(default_factory=dict)
     dropped: list[dict] = field(default_factory=list)  # phrases left out, with reasons
+    data_dir: Path | None = None  # the masks dataset folder
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -78,6 +79,7 @@ def prepare_rows(data_dir: str | Path, tokenizer) -> PreparedRows:
         image_ids=image_ids,
         stats=stats,
         dropped=dropped,
+        data_dir=Path(data_dir),
     )
 
 
@@ -104,16 +106,40 @@ def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
     return left, top, left + s, top + s
 
 
-class TrainingExamples(Dataset):
-    """Indexed by ``(row, global_example_number)``; returns one example with its own noise and timestep."""
+def load_pixels(image_bytes: bytes, resolution: int, flip: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An encoded image as the VAE's input: center crop, bicubic resize to ``resolution``, optional left-right
+    flip; ``[3, R, R]`` float32 in [-1, 1], and the image's original ``(width, height)``."""
+    from PIL import Image
 
-    def __init__(self, prep: PreparedRows, resolution: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int, random_flip: bool = False):
+    r = resolution
+    with Image.open(io.BytesIO(image_bytes)) as im:
+        im = im.convert("RGB")
+        size = im.size
+        im = im.crop(center_crop_box(*size)).resize((r, r), Image.BICUBIC)
+        if flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0, size
+
+
+class TrainingExamples(Dataset):
+    """Indexed by ``(row, global_example_number)``; returns one example with its own noise and timestep.
+
+    With ``latents`` (a :class:`tcompose.latent_cache.LatentCache`) an example carries the VAE's cached
+    ``latent_moments`` ``[2, C, h, w]`` (mean, std of the chosen orientation) instead of ``pixel_values``;
+    its image is then not read at all (only its masks), and everything random stays the same.
+    """
+
+    def __init__(self, prep: PreparedRows, resolution: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int, random_flip: bool = False, latents=None):
         self.prep = prep
         self.resolution = resolution
         self.latent_shape = latent_shape
         self.num_train_timesteps = num_train_timesteps
         self.seed = seed
         self.random_flip = random_flip
+        self.latents = latents
+        if latents is not None and random_flip and not latents.flipped:
+            raise ValueError("random_flip needs a latent cache with both orientations")
+        self.masks_reader = RowReader(prep.data_dir, ["masks"]) if latents is not None else None
 
     def __len__(self) -> int:
         return len(self.prep)
@@ -132,14 +158,15 @@ class TrainingExamples(Dataset):
         flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
 
         r = self.resolution
-        record = self.prep.reader[row]
-        with Image.open(io.BytesIO(record["image"]["bytes"])) as im:
-            im = im.convert("RGB")
-            box = center_crop_box(*im.size)
-            im = im.crop(box).resize((r, r), Image.BICUBIC)
-            if flip:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        if self.latents is None:
+            record = self.prep.reader[row]
+            pixels, size = load_pixels(record["image"]["bytes"], r, flip)
+            image = {"pixel_values": pixels}
+        else:
+            record = self.masks_reader[row]
+            size = self.latents.image_size(row)
+            image = {"latent_moments": self.latents.moments(row, flip)}
+        box = center_crop_box(*size)
         masks = []
         for slot in self.prep.mask_slots[row]:
             m = Image.fromarray(decode_mask(record["masks"][slot]).astype(np.uint8) * 255).crop(box).resize((r, r), Image.BILINEAR)
@@ -147,7 +174,7 @@ class TrainingExamples(Dataset):
                 m = m.transpose(Image.FLIP_LEFT_RIGHT)
             masks.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0))
         return {
-            "pixel_values": pixels,
+            **image,
             "input_ids": self.prep.input_ids[row],
             "masks": torch.stack(masks) if masks else torch.zeros(0, r, r),
             "words": self.prep.words[row],
@@ -158,17 +185,19 @@ class TrainingExamples(Dataset):
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack examples; words are padded to ``[B, W, K]`` (see :func:`tcompose.losses.pad_words`)."""
+    """Stack examples (``pixel_values`` or cached ``latent_moments``); words are padded to ``[B, W, K]``
+    (see :func:`tcompose.losses.pad_words`)."""
     from .losses import pad_words
 
     index, valid = pad_words([e["words"] for e in examples])
     b, w = index.shape[:2]
-    r = examples[0]["pixel_values"].shape[-1]
+    r = examples[0]["masks"].shape[-1]
     masks = torch.zeros(b, w, r, r)
     for i, e in enumerate(examples):
         masks[i, : e["masks"].shape[0]] = e["masks"]
+    image = "latent_moments" if "latent_moments" in examples[0] else "pixel_values"
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        image: torch.stack([e[image] for e in examples]),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "masks": masks,
         "word_index": index,

@@ -57,6 +57,7 @@ def bench(
     resolution: Optional[int] = typer.Option(None, help="Image side in pixels; latents are 1/8 of it (default 512; quick 128)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet's ResNet and feed-forward blocks in the train section (default: on for CUDA, off on CPU and with --quick; eager, with a note, where compiling is unavailable)."),
     tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 matmuls on CUDA (train-unet leaves them off; the baseline always runs without)."),
+    channels_last: Optional[str] = typer.Option(None, help="off, on or both: UNet and latents in torch.channels_last in the train section (default: both on CUDA at real size, off on CPU and with --quick)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON report to PATH, or to stdout with '-'."),
     rounds: Optional[int] = typer.Option(None, help="Timed rounds per measurement (default 5; quick 2)."),
     steps: Optional[int] = typer.Option(None, help="Timed training steps per variant per round (default 2; quick 1)."),
@@ -81,7 +82,7 @@ def bench(
     cfg = BenchConfig(sections=_split(sections), quick=quick, device=device, dtype=dtype,
                       batch_sizes=ints(batch_sizes, "--batch-sizes"),
                       train_batch_sizes=ints(train_batch_size, "--train-batch-size"),
-                      gradient_checkpointing=gradient_checkpointing, resolution=resolution, compile=compile, tf32=tf32,
+                      gradient_checkpointing=gradient_checkpointing, resolution=resolution, compile=compile, tf32=tf32, channels_last=channels_last,
                       rounds=rounds, steps=steps, warmup=warmup, gen_steps=gen_steps,
                       infer_batch_size=infer_batch_size, threads=threads)
     report = run(cfg)

@@ -43,6 +43,9 @@ def train_unet(
     eval_max_examples: int = typer.Option(64, help="At most this many held-out examples are scored."),
     eval_timesteps: str = typer.Option("100,300,500,700,900", help="Timesteps at which the grounding score is measured."),
     random_flip: bool = typer.Option(False, help="Flip image and masks together (captions saying left/right become wrong)."),
+    cache_latents: bool = typer.Option(False, "--cache-latents", help="Encode each image once with the frozen VAE into OUT/latent_cache/ and train from it (no VAE encode per step); reused on --resume and reruns, rebuilt when data, VAE, resolution or precision change."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="UNet weights and latents in torch.channels_last (faster convolutions on recent GPUs under bf16/fp16)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet's ResNet blocks and feed-forwards (attention stays eager); compiling costs minutes at the start."),
     num_workers: int = typer.Option(4, help="Data loader worker processes."),
     log_every: int = typer.Option(10, help="Log losses every N steps."),
 ) -> None:
@@ -58,6 +61,7 @@ def train_unet(
         ema_decay=ema_decay, checkpoint_every=checkpoint_every, checkpoints_limit=checkpoints_limit, resume=resume,
         eval_fraction=eval_fraction, eval_max_examples=eval_max_examples,
         eval_timesteps=tuple(int(t) for t in _split(eval_timesteps)), random_flip=random_flip,
+        cache_latents=cache_latents, channels_last=channels_last, compile=compile,
         num_workers=num_workers, log_every=log_every,
     )
     run(cfg)
