@@ -142,6 +142,21 @@ def _quiet(logger_name: str) -> Iterator[None]:
         log.removeFilter(drop)
 
 
+@contextlib.contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """Turn off transformers' per-model progress bars ("Loading weights", "Writing model shards") inside the
+    block: one bar per component is noise next to a stage's own progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _clip_text_from_pretrained(source: str | Path, **kwargs: Any):
     """CLIPTextModel.from_pretrained (safetensors only) that fails on missing weights (a text tower must load
     completely) and keeps quiet about the unused vision tower of a CLIPModel checkpoint."""

@@ -161,19 +161,13 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
     ``safety_checker``: load the model's ``safety_checker/`` (ValueError when it has none).
     """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers.utils import logging as hf_logging
 
-    from .models import check_text_encoder, load_components
+    from .models import check_text_encoder, load_components, no_hf_progress_bars
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' per-model "Loading weights" bars: noise in our output
-    try:
+    with no_hf_progress_bars():
         comps = load_components(model, revision=revision, text_encoder=text_encoder, dtype=dtype)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     unet_model = comps.unet
     if unet is not None:
         folder, sub = _unet_source(unet)

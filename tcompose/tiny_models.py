@@ -175,7 +175,10 @@ def write_tiny_pipeline(
             len(vocab), seed + 2, hidden_size=unet.config.cross_attention_dim, bos_token_id=bos, eos_token_id=eos,
             pad_token_id=eos,
         )
-        text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        from .models import no_hf_progress_bars  # models re-exports this module's builders: import late
+
+        with no_hf_progress_bars():
+            text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         (tmp / "scheduler").mkdir()
         sched = {"_class_name": "PNDMScheduler", "_diffusers_version": diffusers.__version__, **SD_SCHEDULER}
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
