@@ -18,7 +18,7 @@ for prompt 0, image 0 with that seed), generated while :func:`tcompose.attention
 records the ``--layers``; :mod:`tcompose.attention_maps` aggregates the conditional maps over the
 ``--timesteps`` (step indices, default all), layers and heads into per-token maps ``[77, S, S]`` (S: the
 largest map side, 64 for SD at 512 px) that sum to 1 over tokens at each pixel; a word's map is the sum over
-its token positions (:func:`tcompose.text.phrase_token_positions`). Words: ``--words``, or the prompt's
+its token positions (:func:`tcompose.text.phrases_token_positions`). Words: ``--words``, or the prompt's
 noun phrases (:func:`tcompose.text.noun_phrases`).
 
 Outputs: the figure (rows = models, columns = the image and one overlay per word, each map min-max
@@ -128,16 +128,16 @@ def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) 
     from tcompose.attention import capture_cross_attention
     from tcompose.generate import image_seed
     from tcompose.sampling import generate_batch, load_pipeline
-    from tcompose.text import phrase_token_positions
+    from tcompose.text import phrases_token_positions
 
     pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
                          dtype=cfg.dtype, scheduler=cfg.scheduler, device=cfg.device)
     positions = {}
-    for w in words:
-        pos = phrase_token_positions(pipe.tokenizer, cfg.prompt, w)
+    for w, pos in zip(words, phrases_token_positions(pipe.tokenizer, cfg.prompt, words)):
         if pos is None:
-            raise ValueError(f"--words: {w!r} does not occur as whole words in the prompt {cfg.prompt!r} "
-                             f"(or lies past the {pipe.tokenizer.model_max_length}-token limit)")
+            raise ValueError(f"--words: {w!r} does not occur as whole words in the prompt {cfg.prompt!r} apart from "
+                             f"where longer --words take its tokens, or lies past the "
+                             f"{pipe.tokenizer.model_max_length}-token limit")
         positions[w] = pos
     pipe.scheduler.set_timesteps(cfg.steps)
     n_calls = len(pipe.scheduler.timesteps)  # UNet evaluations of the denoising loop

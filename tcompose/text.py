@@ -2,7 +2,9 @@
 
 ``phrase_token_positions(tokenizer, caption, phrase)`` gives the positions, in the caption's padded
 ``tokenizer.model_max_length`` (77) input ids with ``<|startoftext|>`` at 0, of the phrase's tokens at its
-first whole-word occurrence. ``noun_phrases(caption)`` gives the groundable noun phrases of a caption, as
+first whole-word occurrence. ``phrases_token_positions(tokenizer, caption, phrases)`` does it for all the
+phrases of a caption at once, each occurrence used once and longer phrases first (training and attnviz use
+it: in "a hot dog and a dog", "dog" is the second dog). ``noun_phrases(caption)`` gives the groundable noun phrases of a caption, as
 written in it (see :mod:`tcompose.nouns`: the bundled noun vocabulary, or spaCy with ``method="spacy"``).
 
 Matching rules (word level, never inside a word):
@@ -22,14 +24,14 @@ Matching rules (word level, never inside a word):
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import torch
 
 from .clip_bpe import symbols_to_text
 from .nouns import noun_phrases
 
-__all__ = ["noun_phrases", "phrase_token_positions", "tokenize_captions", "word_positions"]
+__all__ = ["noun_phrases", "phrase_token_positions", "phrases_token_positions", "tokenize_captions", "word_positions"]
 
 # Punctuation that joins the parts of one name ("wine-glass", "t/shirt", "o'clock"): skipped, not a boundary.
 JOINERS = frozenset("-\u2010\u2011_/'\u2019")
@@ -97,18 +99,45 @@ def _segments(items: Iterable[tuple[str, str, list[int]]]) -> list[list[tuple[st
     return [s for s in segments if s]
 
 
-def phrase_token_positions(tokenizer: Any, caption: str, phrase: str) -> list[int] | None:
-    """Positions of ``phrase``'s tokens in the caption's padded input ids (start token = 0), at its first
-    whole-word occurrence; None when absent or truncated away. See the module docstring for the rules."""
+def _phrase_words(tokenizer: Any, phrase: str) -> list[str]:
     phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
-    target = [text for kind, text, _ in _words(tokenizer, phrase_ids) if kind == "word"]
-    if not target:
-        return None
-    ids = tokenize_captions(tokenizer, [caption])[0].tolist()
+    return [text for kind, text, _ in _words(tokenizer, phrase_ids) if kind == "word"]
+
+
+def _find(segments: list[list[tuple[str, list[int]]]], target: list[str], taken: Collection[int]) -> list[int] | None:
     n = len(target)
-    for segment in _segments(_words(tokenizer, ids)):
+    for segment in segments:
         texts = [text for text, _ in segment]
         for start in range(len(segment) - n + 1):
             if texts[start : start + n] == target:
-                return [p for _, pos in segment[start : start + n] for p in pos]
+                pos = [p for _, ps in segment[start : start + n] for p in ps]
+                if not taken or not any(p in taken for p in pos):
+                    return pos
     return None
+
+
+def phrase_token_positions(tokenizer: Any, caption: str, phrase: str, taken: Collection[int] = ()) -> list[int] | None:
+    """Positions of ``phrase``'s tokens in the caption's padded input ids (start token = 0), at its first
+    whole-word occurrence that uses none of the ``taken`` positions; None when absent or truncated away. See
+    the module docstring for the rules."""
+    target = _phrase_words(tokenizer, phrase)
+    if not target:
+        return None
+    ids = tokenize_captions(tokenizer, [caption])[0].tolist()
+    return _find(_segments(_words(tokenizer, ids)), target, taken)
+
+
+def phrases_token_positions(tokenizer: Any, caption: str, phrases: Sequence[str]) -> list[list[int] | None]:
+    """:func:`phrase_token_positions` of several phrases of one caption, each occurrence used once: phrases
+    with more words claim their tokens first, so in "a hot dog and a dog" the phrase "dog" gets the second
+    "dog", not the one inside "hot dog"; a repeated phrase gets its next occurrence. Tokenizes the caption once."""
+    ids = tokenize_captions(tokenizer, [caption])[0].tolist()
+    segments = _segments(_words(tokenizer, ids))
+    targets = [_phrase_words(tokenizer, p) for p in phrases]
+    out: list[list[int] | None] = [None] * len(phrases)
+    taken: set[int] = set()
+    for i in sorted(range(len(phrases)), key=lambda i: -len(targets[i])):  # stable: caption order among equals
+        if targets[i]:
+            out[i] = _find(segments, targets[i], taken)
+            taken.update(out[i] or ())
+    return out

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import RowReader, check_columns, decode_mask, load_manifest
-from .text import phrase_token_positions, tokenize_captions
+from .text import phrases_token_positions, tokenize_captions
 
 
 @dataclass
@@ -54,12 +54,13 @@ def prepare_rows(data_dir: str | Path, tokenizer) -> PreparedRows:
         for r in pq.read_table(f, columns=["image_id", "caption", "phrases", "masks"]).to_pylist():
             stats["rows"] += 1
             ws, ss = [], []
-            for slot, (phrase, mask) in enumerate(zip(r["phrases"], r["masks"])):
+            # every phrase of the row claims its tokens (longest first), so "dog" never lands inside "hot dog"
+            located = phrases_token_positions(tokenizer, r["caption"], r["phrases"])
+            for slot, (phrase, mask, pos) in enumerate(zip(r["phrases"], r["masks"], located)):
                 stats["phrases"] += 1
                 if mask is None or mask.get("bytes") is None:
                     stats["phrase_no_mask"] += 1
                     continue
-                pos = phrase_token_positions(tokenizer, r["caption"], phrase)
                 if pos is None:
                     stats["phrase_not_in_tokens"] += 1
                     dropped.append({"image_id": r["image_id"], "caption": r["caption"], "phrase": phrase, "reason": "not in tokens"})

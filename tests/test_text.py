@@ -117,3 +117,20 @@ def test_small_trained_tokenizer(tmp_path):
     assert phrase_token_positions(small, caption, "blue sphere") == [7, 8]
     pos = phrase_token_positions(small, caption, "xylophone")
     assert len(pos) > 1 and _spelled(small, caption, pos) == "xylophone"
+
+
+def test_phrases_claim_their_tokens_longest_first(tok):
+    from tcompose.text import phrases_token_positions
+
+    caption = "A hot dog and a dog on a plate"
+    hot_dog, dog, plate = phrases_token_positions(tok, caption, ["hot dog", "dog", "plate"])
+    assert _spelled(tok, caption, hot_dog) == "hotdog" and _spelled(tok, caption, dog) == "dog"  # pieces joined
+    assert dog[0] > hot_dog[-1]  # the second "dog", not the one inside "hot dog"
+    assert phrase_token_positions(tok, caption, "dog") == hot_dog[-1:]  # alone, the first occurrence
+    # order of the list does not matter, and a phrase whose every occurrence is taken gets None
+    assert phrases_token_positions(tok, caption, ["dog", "hot dog"]) == [dog, hot_dog]
+    assert phrases_token_positions(tok, "a hot dog", ["dog", "hot dog"])[0] is None
+    # a repeated phrase takes the next occurrence
+    first, second = phrases_token_positions(tok, "a dog chases a dog", ["dog", "dog"])
+    assert first < second
+    assert phrase_token_positions(tok, caption, "dog", taken=set(hot_dog)) == dog
