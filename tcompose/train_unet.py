@@ -209,10 +209,14 @@ def run(cfg: TrainUnetConfig) -> dict:
     unet, optimizer = accelerator.prepare(unet, optimizer)  # the sampler shards data itself; see MicroBatches
 
     ckpt_root = out / "checkpoints"
+    # what decides which examples each step sees (MicroBatches): a resume must keep it to continue the same run
+    data_order = {"global_micro_batch": cfg.batch_size * accelerator.num_processes, "grad_accum": cfg.grad_accum,
+                  "seed": cfg.seed}
     step, before = 0, None
     resume_path = resolve_resume(cfg.resume, ckpt_root)
     if resume_path is not None:
         state = load_checkpoint(resume_path, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema, accelerator.scaler)
+        _check_data_order(state["extra"].get("data_order"), data_order, resume_path)
         step, before = state["step"], state["extra"].get("grounding_before")
         log(f"resumed from {resume_path} at step {step}")
     elif cfg.resume == "latest":
@@ -284,7 +288,7 @@ def run(cfg: TrainUnetConfig) -> dict:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 if main:
                     save_checkpoint(ckpt_root, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema,
-                                    accelerator.scaler, cfg.checkpoints_limit, extra={"grounding_before": before})
+                                    accelerator.scaler, cfg.checkpoints_limit, extra={"grounding_before": before, "data_order": data_order})
                 accelerator.wait_for_everyone()
             if step >= cfg.max_steps:
                 break
@@ -300,7 +304,7 @@ def run(cfg: TrainUnetConfig) -> dict:
     if main:
         trained = accelerator.unwrap_model(unet)
         save_checkpoint(ckpt_root, step, trained, optimizer, lr_scheduler, ema, accelerator.scaler,
-                        cfg.checkpoints_limit, extra={"grounding_before": before})
+                        cfg.checkpoints_limit, extra={"grounding_before": before, "data_order": data_order})
         if ema is not None:
             ema.copy_to(trained.parameters())  # the pipeline and the "after" score use the EMA weights
         if cfg.channels_last:
@@ -332,6 +336,18 @@ def run(cfg: TrainUnetConfig) -> dict:
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
     return summary or {}
+
+
+def _check_data_order(saved: dict | None, now: dict, path: Path) -> None:
+    """Refuse a resume whose batch layout or seed would make the steps after it see other examples."""
+    if saved is None or saved == now:  # checkpoints older than this check carry no data order
+        return
+    raise ValueError(
+        f"{path} was written with --batch-size x processes = {saved['global_micro_batch']}, --grad-accum "
+        f"{saved['grad_accum']}, --seed {saved['seed']}; this run has {now['global_micro_batch']}, "
+        f"{now['grad_accum']}, {now['seed']}, so it would not continue the same run. Resume with the same "
+        "settings (processes may change if --batch-size x processes stays equal), or train into a new --output"
+    )
 
 
 def _ranks_in_sync(accelerator, unet) -> bool:

@@ -182,3 +182,14 @@ def test_cli_masks_missing_annotations(tmp_path):
     (tmp_path / "coco" / "annotations").mkdir(parents=True)
     res = CliRunner().invoke(app, ["masks", str(tmp_path / "coco"), "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "captions_train2017.json" in res.output
+
+
+def test_resume_refuses_another_batch_layout(setup, tmp_path):
+    out = tmp_path / "run"
+    train(small(setup, out, max_steps=2))
+    with pytest.raises(ValueError, match="would not continue the same run"):
+        train(small(setup, out, max_steps=4, batch_size=1, resume="latest"))
+    with pytest.raises(ValueError, match="--seed 0"):
+        train(small(setup, out, max_steps=4, seed=1, resume="latest"))
+    summary = train(small(setup, out, max_steps=3, resume="latest"))  # the same layout continues
+    assert summary["steps"] == 3 and summary["steps_this_run"] == 1
