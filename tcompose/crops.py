@@ -44,7 +44,8 @@ import numpy as np
 
 from tcompose.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
 from tcompose.crop_geometry import CLIP_MEAN_RGB, check_bbox, crop_box, cut, inside_fraction, output_size
-from tcompose.datasets import MANIFEST, DatasetError, ShardedWriter, config_fingerprint, image_struct
+from tcompose.datasets import DatasetError, ShardedWriter, image_struct
+from tcompose.stage_io import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
 
 JPEG_QUALITY = 95  # crops are small: a high quality costs little and keeps CLIP's input clean
 GEOMETRY_VERSION = 1  # bumped when the crop maths changes, so a resumed run never mixes two versions
@@ -358,47 +359,3 @@ def summary_line(manifest: dict, output: Path | str, written: dict | None = None
     if written and written.get("crops") and work_s:
         speed = f"; this run {written['crops']} crops at {written['crops'] / work_s:.1f} crops/s"
     return f"crops: {manifest['num_rows']} crops from {s.get('images', 0)} images (skipped: {tail}){speed} -> {output}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers of sharded stages (also used by tcompose.import_tokencompose)
-
-
-def progress_bar(enabled: bool):
-    """A rich progress bar (``add_task``, ``advance``); it draws nothing unless ``enabled``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(*columns, disable=not enabled)
-
-
-def wait_for_shards(writer: ShardedWriter, n_items: int, timeout_s: float, poll_s: float = 1.0) -> None:
-    """Block until every shard of the plan exists (other processes write theirs), or raise after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while missing := [s.index for s in writer.plan(n_items) if not writer.shard_path(s.index).exists()]:
-        if time.monotonic() >= deadline:
-            raise DatasetError(f"{writer.out_dir}: shards {missing[:5]} did not appear within {timeout_s:g} s; "
-                               "run the same command again to finish them")
-        time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
-
-
-def refuse_other_settings(output: Path, content: dict, kind: str) -> None:
-    """A finished dataset in ``output`` written with other settings is never overwritten or mixed into."""
-    from tcompose.datasets import load_manifest
-
-    if not (output / MANIFEST).exists():
-        return
-    manifest = load_manifest(output)
-    if manifest.get("fingerprint") != config_fingerprint(content):
-        raise DatasetError(
-            f"{output} already holds a {manifest.get('kind', kind)} dataset written with other settings "
-            f"({manifest.get('config')}); write to a new --output folder or delete it"
-        )
-
-
-def remove_stale_tmp(writer: ShardedWriter, todo) -> None:
-    """Delete half-written temporary files that a killed run left for this process's pending shards."""
-    for shard in todo:
-        name = writer.shard_path(shard.index).name
-        for tmp in writer.out_dir.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tcompose.crops import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
+from tcompose.stage_io import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
 from tcompose.datasets import DatasetError, ShardedWriter, encode_mask, image_struct
 
 SOURCE = "tokencompose"

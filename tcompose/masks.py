@@ -43,12 +43,13 @@ from typing import Any
 
 from .caption_choice import DEFAULT_CLIP, check_mode, static_choice
 from .coco import CocoDataset
-from .datasets import MANIFEST, DatasetError, ShardedWriter, config_fingerprint
+from .datasets import DatasetError, ShardedWriter
 from .grounding_dino import DEFAULT_DETECTOR
 from .masks_loader import Collate, ImageSet, batches, plan_batches, select_ids
 from .masks_rows import Done, rows_of
 from .masks_sources import SOURCES, Grounding, Source
 from .segment import DEFAULT_SEGMENTER
+from .stage_io import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
 
 __all__ = ["MasksConfig", "Grounding", "Source", "SOURCES", "STATS_KEYS", "run", "content_config", "summary_line"]
 
@@ -184,22 +185,6 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
 
 
-def wait_for_shards(writer: ShardedWriter, n_items: int, timeout_s: float, poll_s: float = 1.0) -> None:
-    """Block until every shard of the plan exists (other processes write theirs), or raise after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        missing = [s.index for s in writer.plan(n_items) if not writer.shard_path(s.index).exists()]
-        if not missing:
-            return
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DatasetError(
-                f"{writer.out_dir}: shards {missing[:5]} did not appear within {timeout_s:g} s; "
-                "run the same command again to finish them"
-            )
-        time.sleep(min(poll_s, left))
-
-
 def run(
     cfg: MasksConfig, rank: int = 0, world_size: int = 1, progress: bool = True, finalize_timeout_s: float = 86400.0
 ) -> dict:
@@ -219,11 +204,12 @@ def run(
     if not ids:
         raise DatasetError(f"{cfg.coco_dir}: split {cfg.split} lists no images; nothing to write")
     content = content_config(cfg, digest)
-    _refuse_other_settings(cfg.output, content)
+    refuse_other_settings(cfg.output, content, "masks")
     run_config = {"coco_dir": str(cfg.coco_dir), "output": str(cfg.output), "world_size": world_size,
                   "image_ids": str(cfg.image_ids) if cfg.image_ids else None}
     writer = ShardedWriter(cfg.output, "masks", "masks", content, run_config, cfg.shard_size, rank, world_size)
     todo = writer.pending(len(ids))
+    remove_stale_tmp(writer, todo)  # half-written shards a killed run left behind
     written = dict.fromkeys(STATS_KEYS + source.stats, 0)
     throughput = {"images": 0, "seconds": 0.0, "images_per_s": None}
     if todo:
@@ -268,7 +254,7 @@ def _write(cfg: MasksConfig, source: Source, coco: CocoDataset, ids: list[int], 
     # PNG encoding of the masks runs in threads (Pillow's encoder releases the GIL) while the models go on
     pool = ThreadPoolExecutor(max(1, cfg.workers)) if source.uses_workers else None
     t_start, n_images = time.monotonic(), 0
-    with _progress_bar(show) as bar:
+    with progress_bar(show) as bar:
         task = bar.add_task(f"masks ({cfg.source})", total=sum(left.values()))
         stream = batches(dataset, collate, plan, workers, pin_memory=device.type == "cuda")
         for (shard_index, _), batch in zip(plan, stream):
@@ -317,39 +303,3 @@ def summary_line(manifest: dict, output: Path | str, throughput: dict | None = N
         f"masks: {manifest['num_rows']} rows, {phrases} phrases ({phrases - s.get('masks_empty', 0)} with a mask"
         f"{no_box}) from {s.get('images', 0)} images ({tail}){speed} -> {output}"
     )
-
-
-def _refuse_other_settings(output: Path, content: dict) -> None:
-    """A finished dataset in ``output`` written with other settings is never overwritten or mixed into."""
-    from .datasets import load_manifest
-
-    if not (output / MANIFEST).exists():
-        return
-    manifest = load_manifest(output)
-    if manifest.get("fingerprint") != config_fingerprint(content):
-        raise DatasetError(
-            f"{output} already holds a masks dataset written with other settings ({manifest.get('config')}); "
-            "write to a new --output folder or delete it"
-        )
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *args, **kwargs):
-        return 0
-
-    def advance(self, *args, **kwargs):
-        pass
-
-
-def _progress_bar(enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

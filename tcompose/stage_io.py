@@ -1,0 +1,48 @@
+"""What every sharded stage (masks, crops, the TokenCompose import) does around its rows: a progress bar,
+refusing a folder written with other settings, cleaning a killed run's temporary files, and the main
+process waiting for the other processes' shards before it writes the manifest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .datasets import MANIFEST, DatasetError, ShardedWriter, config_fingerprint, load_manifest
+
+
+def progress_bar(enabled: bool):
+    """A rich progress bar (``add_task``, ``advance``); it draws nothing unless ``enabled``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, disable=not enabled)
+
+
+def wait_for_shards(writer: ShardedWriter, n_items: int, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Block until every shard of the plan exists (other processes write theirs), or raise after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while missing := [s.index for s in writer.plan(n_items) if not writer.shard_path(s.index).exists()]:
+        if time.monotonic() >= deadline:
+            raise DatasetError(f"{writer.out_dir}: shards {missing[:5]} did not appear within {timeout_s:g} s; "
+                               "run the same command again to finish them")
+        time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
+
+
+def refuse_other_settings(output: Path, content: dict, kind: str) -> None:
+    """A finished dataset in ``output`` written with other settings is never overwritten or mixed into."""
+    if not (output / MANIFEST).exists():
+        return
+    manifest = load_manifest(output)
+    if manifest.get("fingerprint") != config_fingerprint(content):
+        raise DatasetError(
+            f"{output} already holds a {manifest.get('kind', kind)} dataset written with other settings "
+            f"({manifest.get('config')}); write to a new --output folder or delete it"
+        )
+
+
+def remove_stale_tmp(writer: ShardedWriter, todo) -> None:
+    """Delete half-written temporary files that a killed run left for this process's pending shards."""
+    for shard in todo:
+        name = writer.shard_path(shard.index).name
+        for tmp in writer.out_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
