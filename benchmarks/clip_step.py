@@ -1,6 +1,6 @@
 """Time one train-clip training step of a random CLIP (tiny, ViT-B/16, ViT-L/14) and report images/s and peak memory.
 
-One step is what ``tcompose/train_clip.py`` does per batch on one process: the CLIPModel forward on
+One step is what ``tcompose/clip/loop.py`` does per batch on one process: the CLIPModel forward on
 ``[B, 3, S, S]`` crops and ``[B, 77]`` captions (under autocast with ``--dtype bf16|fp16``, fp32 master
 weights), the label-deduplicated InfoNCE loss (``distributed_info_nce`` with world size 1), backward, gradient
 clipping at 1.0, AdamW (CLIP's betas, weight-decay groups), ``zero_grad``, the logit_scale clamp.
@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from train_step import PeakMemory, _cpu_model  # same folder: benchmarks/
 
-from tcompose.clip_loss import distributed_info_nce
-from tcompose.clip_models import CLIP_SIZES, LOGIT_SCALE_MAX, build_clip, enable_checkpointing, param_groups
+from tcompose.clip.loss import distributed_info_nce
+from tcompose.clip.towers import LOGIT_SCALE_MAX, enable_checkpointing, param_groups
+from tcompose.models.tiny_vision import CLIP_SIZES, build_clip
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = 0

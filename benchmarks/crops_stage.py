@@ -5,7 +5,7 @@ cutting, resizing and JPEG-encoding every crop, writing the Parquet shards and t
 workers, starting the spawn pool too), so it is what a user waits for. Worker counts alternate inside each
 repeat and the order flips every repeat, so drift on the machine hits all of them; the reported figure is the
 median over ``--repeats``. Input: the real COCO sample under ``$TCOMPOSE_TEST_DATA/coco-mini-val2017`` when
-that is set (or ``--coco-dir``), else synthetic scenes from :mod:`tcompose.synthetic` (256 px, objects of
+that is set (or ``--coco-dir``), else synthetic scenes from :mod:`tcompose.data.synthetic` (256 px, objects of
 64-97 px, so they pass the default ``--min-area``). Prints one JSON object::
 
     .venv/bin/python benchmarks/crops_stage.py                      # 1 and 2 workers, 3 repeats
@@ -31,7 +31,7 @@ def _input(args, tmp: Path) -> tuple[Path, str, str]:
     root = os.environ.get("TCOMPOSE_TEST_DATA")
     if root and (Path(root) / "coco-mini-val2017").is_dir():
         return Path(root) / "coco-mini-val2017", "val2017", "coco-mini-val2017"
-    from tcompose.synthetic import make_scenes
+    from tcompose.data.synthetic import make_scenes
 
     make_scenes(tmp / "scenes", n_images=args.synthetic_images, size=256, seed=0)
     return tmp / "scenes", "train2017", f"synthetic ({args.synthetic_images} scenes, 256 px)"
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    from tcompose.crops import CropsConfig, run
+    from tcompose.crops.stage import CropsConfig, run
 
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     times: dict[int, list[float]] = {w: [] for w in workers}

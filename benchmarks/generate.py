@@ -4,7 +4,7 @@ Both sides use the same ``StableDiffusionPipeline`` object (random weights, buil
 prompts, steps, guidance, size and dtype, in one process; they alternate round by round (the order flips
 every round). Per batch:
 
-- ``ours``: :func:`tcompose.generate.write_images`: per-image seeded latents, cached prompt embeddings,
+- ``ours``: :func:`tcompose.evaluate.generate.write_images`: per-image seeded latents, cached prompt embeddings,
   ``pipe(..., output_type="pt")``, uint8 on the device, PNGs (with metadata, written atomically) encoded in a
   background thread, exactly as ``tcompose generate`` runs;
 - ``plain``: ``pipe(prompts, generator=torch.Generator(device).manual_seed(seed), num_inference_steps=...,
@@ -18,7 +18,7 @@ stderr::
     .venv/bin/python benchmarks/generate.py --device cpu --size tiny --dtype fp32 --batch-sizes 1,4
     python benchmarks/generate.py --device cuda --size sd14 --dtype fp16 --batch-sizes 1,8,16
 
-Sizes: ``tiny`` / ``medium`` (tcompose.tiny_models UNets, tiny VAE, 64 px) and ``sd14`` (SD1.4's UNet, VAE
+Sizes: ``tiny`` / ``medium`` (tcompose.models.tiny_sd UNets, tiny VAE, 64 px) and ``sd14`` (SD1.4's UNet, VAE
 and CLIP ViT-L/14 text encoder shapes, random weights, 512 px).
 """
 
@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from tcompose.clip_bpe import write_clip_tokenizer
-from tcompose.generate import GenerateConfig, image_seed, write_images
-from tcompose.sampling import DTYPES
-from tcompose.tiny_models import count_parameters
+from tcompose.evaluate.generate import GenerateConfig, image_seed, write_images
+from tcompose.evaluate.sampling import DTYPES
+from tcompose.models.clip_bpe import write_clip_tokenizer
+from tcompose.models.tiny_sd import count_parameters
 
 PROMPTS = [
     "a cat and a wine glass", "a red ball on a wooden table", "two dogs next to a blue car",
@@ -51,7 +51,7 @@ PROMPTS = [
 def build_pipeline(size: str, dtype: torch.dtype, device: torch.device, bpe: Path | None, tmp: Path):
     from transformers import CLIPTokenizer
 
-    from tcompose.bench_infer import build_sd_pipeline
+    from tcompose.bench.infer import build_sd_pipeline
 
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "tokenizer", bpe_path=bpe, corpus=PROMPTS))
     pipe = build_sd_pipeline(size, device, dtype, tokenizer)

@@ -4,7 +4,7 @@ It runs the real stage, :func:`tcompose.masks.run` (loader workers, GroundingDIN
 encoding, Parquet shards), on generated COCO-format images (random coloured rectangles, captions naming
 3 to 5 objects) with random-initialised models saved to a temporary folder:
 
-- default: the tiny test models of :mod:`tcompose.tiny_vision` (CPU-sized; the figure measures the plumbing);
+- default: the tiny test models of :mod:`tcompose.models.tiny_vision` (CPU-sized; the figure measures the plumbing);
 - ``--real-size``: GroundingDINO-T (Swin-T + BERT-base, 900 queries) and SAM-HQ ViT-H (``--segmenter-kind
   sam``: SAM ViT-H) at their real input sizes (800 px shortest edge, 1024 px), built from configs, nothing
   downloaded.
@@ -74,7 +74,7 @@ def make_images(root: Path, n: int, width: int, height: int, seed: int = 0) -> P
 
 
 def write_models(root: Path, real: bool, hq: bool, dtype: torch.dtype) -> tuple[Path, Path]:
-    from tcompose import tiny_vision as tv
+    from tcompose.models import tiny_vision as tv
 
     if not real:
         return tv.write_tiny_grounding_dino(root / "gd", words=OBJECTS), tv.write_tiny_sam(root / "sam", hq=hq)
@@ -92,7 +92,9 @@ def write_models(root: Path, real: bool, hq: bool, dtype: torch.dtype) -> tuple[
 
 def instrument(device: torch.device) -> dict[str, float]:
     """Wrap the stage's main-process parts with timers; returns the dict they add seconds to."""
-    from tcompose import caption_choice, datasets, grounded_sam, grounding_dino, masks_rows, segment
+    from tcompose.io import datasets
+    from tcompose.masks import caption_choice, grounded_sam, grounding_dino, segment
+    from tcompose.masks import rows as masks_rows
 
     spent: dict[str, float] = defaultdict(float)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tcompose.masks import MasksConfig, model_dtype, run
+    from tcompose.masks.config import MasksConfig, model_dtype
+    from tcompose.masks.stage import run
 
     device = torch.device(args.device)
     t0 = time.monotonic()

@@ -1,10 +1,10 @@
 """Detection's share of a MultiGen run, OWLv2's throughput at its native size, and the cost of preprocessing.
 
-1. ``run``: one whole :func:`tcompose.multigen.run` on random models written to disk (generation through
-   ``tcompose.generate``, then detection), timed by the run itself: ``generation_s`` (the image loop, model
+1. ``run``: one whole :func:`tcompose.evaluate.multigen.stage.run` on random models written to disk (generation through
+   ``tcompose.evaluate.generate``, then detection), timed by the run itself: ``generation_s`` (the image loop, model
    loading excluded), ``detection_s`` (PNG decoding, preprocessing, OWLv2 and writing the detections; detector
    loading excluded). Figure of merit: ``detection_over_generation = detection_s / generation_s``, target <= 0.10.
-2. ``detector``: :meth:`tcompose.detect.Owlv2Detector.detect` alone on batches of generated-size images with 5
+2. ``detector``: :meth:`tcompose.evaluate.detect.Owlv2Detector.detect` alone on batches of generated-size images with 5
    queries each, images/s per batch size (median of ``--rounds`` after a warmup; CUDA synchronised).
 3. ``preprocess``: ms per image of this project's torch preprocessing against transformers'
    ``Owlv2ImageProcessorPil`` (scipy, one CPU core), same images, same output size.
@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tcompose.categories import COCO_80
-from tcompose.clip_bpe import find_clip_bpe, write_clip_tokenizer
-from tcompose.detect import Owlv2Detector, build_owlv2, write_tiny_owlv2
-from tcompose.multigen import MultigenConfig, run
-from tcompose.multigen_prompts import sample_prompts
-from tcompose.tiny_models import write_tiny_pipeline
-
+from tcompose.data.categories import COCO_80
+from tcompose.evaluate.detect import Owlv2Detector
+from tcompose.evaluate.multigen.prompts import sample_prompts
+from tcompose.evaluate.multigen.stage import MultigenConfig, run
+from tcompose.models.clip_bpe import find_clip_bpe, write_clip_tokenizer
+from tcompose.models.tiny_sd import write_tiny_pipeline
+from tcompose.models.tiny_vision import build_owlv2, write_tiny_owlv2
 
 
 def write_models(root: Path, real: bool) -> tuple[Path, Path]:
@@ -49,7 +49,7 @@ def write_models(root: Path, real: bool) -> tuple[Path, Path]:
     if not real:
         sd = write_tiny_pipeline(root / "sd", tokenizer_source=bpe, corpus=corpus)
         return sd, write_tiny_owlv2(root / "owl", bpe)
-    from tcompose.tiny_models import SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_vae
+    from tcompose.models.tiny_sd import SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_vae
 
     sd = write_tiny_pipeline(root / "sd", tokenizer_source=bpe, corpus=corpus, size="sd14")
     vocab = json.loads((sd / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))

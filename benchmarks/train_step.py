@@ -18,7 +18,7 @@ process's peak RSS (``resource.getrusage``), made resettable per segment where L
 (``malloc_trim`` then ``/proc/self/clear_refs``), so the CPU figure includes the model, the optimizer state,
 the Python runtime and whatever the allocator keeps.
 
-The measuring code lives in :mod:`tcompose.bench_train` (``tcompose bench`` uses it too); this script is its
+The measuring code lives in :mod:`tcompose.bench.train` (``tcompose bench`` uses it too); this script is its
 command line. ``--flops`` adds FLOPs per step (FlopCounterMode) to each result.
 """
 
@@ -32,10 +32,8 @@ from pathlib import Path
 
 import torch
 
-from tcompose.bench_train import (  # noqa: F401  (PeakMemory, _cpu_model: imported by benchmarks/clip_step.py)
-    AMP_DTYPES, LAYERS, TC, PeakMemory, bench_unet, cpu_model, device_name,
-)
-from tcompose.tiny_models import UNET_SIZES
+from tcompose.bench.train import AMP_DTYPES, LAYERS, TC, PeakMemory, bench_unet, cpu_model, device_name
+from tcompose.models.tiny_sd import UNET_SIZES
 
 _cpu_model = cpu_model
 

@@ -40,13 +40,13 @@ def run(cfg: DemoConfig) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from .datasets import write_json_atomic
-    from .masks import MasksConfig
-    from .masks import run as make_masks
-    from .synthetic import make_scenes
-    from .tiny_models import write_tiny_pipeline
-    from .train_unet import TrainUnetConfig
-    from .train_unet import run as train
+    from .data.synthetic import make_scenes
+    from .io.datasets import write_json_atomic
+    from .masks.config import MasksConfig
+    from .masks.stage import run as make_masks
+    from .models.tiny_sd import write_tiny_pipeline
+    from .train.loop import TrainUnetConfig
+    from .train.loop import run as train
 
     console = Console(stderr=True)
     out = Path(cfg.output)

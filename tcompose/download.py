@@ -21,13 +21,13 @@ fetched is listed with the reason, and the command exits non-zero.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .model_spec import parse_model_spec, parse_model_specs
+from .models.loading import offline
+from .models.spec import parse_model_spec, parse_model_specs
 
 COMMANDS = ("masks", "train-unet", "train-clip", "generate", "multigen", "attnviz")
 
@@ -73,8 +73,8 @@ class DownloadConfig:
 
 
 def defaults() -> dict[str, str]:
-    """The stages' default models (:mod:`tcompose.defaults`, which the stages and the CLI read too)."""
-    from . import defaults as d
+    """The stages' default models (:mod:`tcompose.models.defaults`, which the stages and the CLI read too)."""
+    from .models import defaults as d
 
     return {"base": d.BASE_MODEL, "grounding_dino": d.GROUNDING_DINO, "segmenter": d.SEGMENTER,
             "caption_clip": d.CAPTION_CLIP, "clip": d.CLIP, "owlv2": d.OWLV2}
@@ -131,10 +131,6 @@ def _is_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def ignore_patterns(files: list[str]) -> list[str]:
     """What not to fetch of a repo with these files: ``.bin`` weights where safetensors exist, and the rest of
     :data:`_ALWAYS_SKIP`."""
@@ -146,7 +142,7 @@ def fetch_model(item: Item) -> dict:
     """Fetch (or, offline, find in the cache) one hub model; ``{"status", "commit", "path"}``."""
     from huggingface_hub import HfApi, snapshot_download
 
-    if _offline():
+    if offline():
         path = snapshot_download(item.name, revision=item.revision, local_files_only=True)
         return {"status": "cached", "commit": Path(path).name, "path": path}
     files = HfApi().list_repo_files(item.name, revision=item.revision)
@@ -155,14 +151,14 @@ def fetch_model(item: Item) -> dict:
 
 
 def fetch_prompts(item: Item) -> dict:
-    from .multigen_prompts import fetch_prompt_set
+    from .evaluate.multigen.prompts import fetch_prompt_set
 
     path = fetch_prompt_set(item.name)  # offline: reads the cache only, and says so when it is not there
-    return {"status": "cached" if _offline() else "fetched", "commit": None, "path": str(path)}
+    return {"status": "cached" if offline() else "fetched", "commit": None, "path": str(path)}
 
 
 def lock_path() -> Path:
-    from .multigen_prompts import cache_dir
+    from .evaluate.multigen.prompts import cache_dir
 
     return cache_dir().parent / "download-lock.json"
 
@@ -193,7 +189,7 @@ def run(cfg: DownloadConfig, progress: bool = True) -> dict:
     report = {"items": results, "failed": len(failed)}
     if failed:
         lines = "; ".join(f"{r['name']}: {r['error']}" for r in failed)
-        hint = " (HF_HUB_OFFLINE=1 is set: only the cache was read)" if _offline() else ""
+        hint = " (HF_HUB_OFFLINE=1 is set: only the cache was read)" if offline() else ""
         raise DownloadError(f"could not fetch {len(failed)} of {len(results)} items{hint}: {lines}")
     return report
 
@@ -204,7 +200,7 @@ def _reason(err: Exception) -> str:
 
 
 def _update_lock(rows: list[dict]) -> None:
-    from .datasets import write_json_atomic
+    from .io.datasets import write_json_atomic
 
     path = lock_path()
     lock = json.loads(path.read_text()) if path.is_file() else {}

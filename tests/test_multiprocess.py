@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tcompose.masks import MasksConfig
-from tcompose.masks import run as make_masks
-from tcompose.synthetic import make_scenes
-from tcompose.tiny_models import write_tiny_pipeline
-from tcompose.train_unet import TrainUnetConfig
-from tcompose.train_unet import run as train
+from tcompose.data.synthetic import make_scenes
+from tcompose.masks.config import MasksConfig
+from tcompose.masks.stage import run as make_masks
+from tcompose.models.tiny_sd import write_tiny_pipeline
+from tcompose.train.loop import TrainUnetConfig
+from tcompose.train.loop import run as train
 
 pytestmark = pytest.mark.slow
 
@@ -93,9 +93,9 @@ def test_train_unet_two_processes_equal_one_process_with_doubled_batch(train_set
 
 @pytest.fixture(scope="module")
 def gen_setup(tmp_path_factory):
-    from tcompose.detect import write_tiny_owlv2
-    from tcompose.multigen_prompts import sample_prompts
-    from tcompose.categories import COCO_80
+    from tcompose.data.categories import COCO_80
+    from tcompose.evaluate.multigen.prompts import sample_prompts
+    from tcompose.models.tiny_vision import write_tiny_owlv2
 
     root = tmp_path_factory.mktemp("mpgen")
     corpus = [p.text for p in sample_prompts(COCO_80, 20, seed=0)]
@@ -150,7 +150,7 @@ def test_multigen_two_processes_score_as_one(gen_setup, tmp_path):
     a = json.loads((tmp_path / "one" / "summary.json").read_text())
     b = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert a["models"]["A"] == b["models"]["A"] and a["models"]["A"]["images"] == 6
-    from tcompose.multigen_store import read_records
+    from tcompose.evaluate.multigen.store import read_records
 
     da, db = read_records(tmp_path / "one" / "detections" / "A"), read_records(tmp_path / "two" / "detections" / "A")
     assert da.keys() == db.keys() and all(da[k]["labels"] == db[k]["labels"] for k in da)

@@ -6,10 +6,10 @@ with every attention layer of the UNet (self and cross) on diffusers' explicit `
 cross) in lists; the grounding losses then ran per example, per layer group, from the stored cross maps.
 
 :func:`keep_all_attention` reproduces that store; :func:`baseline_losses` is a drop-in for
-:func:`tcompose.objective.tokencompose_losses` (same arguments, same returned dict) that computes the same
+:func:`tcompose.grounding.objective.tokencompose_losses` (same arguments, same returned dict) that computes the same
 quantities the slow way: per example, per group, with the single-example loss functions
-:func:`tcompose.losses.token_loss` / :func:`~tcompose.losses.pixel_loss`, masks resized per example. On the
-same inputs in fp32 both give the same losses and gradients (``tests/test_bench.py`` checks it)::
+:func:`tcompose.grounding.losses.token_loss` / :func:`~tcompose.grounding.losses.pixel_loss`, masks resized per example. On the
+same inputs in fp32 both give the same losses and gradients (``tests/bench/test_bench.py`` checks it)::
 
     with keep_all_attention(unet) as kept:      # kept.maps: list of (block, is_cross, heads, probs [B*heads, HW, K])
         unet(latents, t, encoder_hidden_states=emb)
@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .attention import BLOCKS, parse_layers
-from .losses import pixel_loss, resize_mask, token_loss
+from ..grounding.attention import BLOCKS, parse_layers
+from ..grounding.losses import pixel_loss, resize_mask, token_loss
 
 
 @dataclass
@@ -117,7 +117,7 @@ def cross_groups(kept: KeptMaps, layers) -> dict[str, list[torch.Tensor]]:
 
 def baseline_losses(unet, latents, emb, batch, noise_scheduler, layers, lambda_token, gamma_pixel,
                     backward=None) -> dict:
-    """:func:`tcompose.objective.tokencompose_losses` the original's way (see the module docstring).
+    """:func:`tcompose.grounding.objective.tokencompose_losses` the original's way (see the module docstring).
 
     Always keeps every map, whatever the weights (the original's store ran on every step). Square latents only.
     """
@@ -151,14 +151,14 @@ def baseline_losses(unet, latents, emb, batch, noise_scheduler, layers, lambda_t
 def bench_baseline(size: str, latent_size: int | None = None, warmup: int = 2, steps: int = 3, rounds: int = 3,
                    device: torch.device | None = None, mem=None, flops: bool = False) -> dict:
     """Seconds per step, images/s and peak memory of the original's step (fp32, batch 1, grounding losses on)
-    on a UNet of ``size`` (tiny_models.UNET_SIZES); ``flops``: add ``flops_per_step``. On CUDA it runs with
+    on a UNet of ``size`` (tcompose.models.tiny_sd.UNET_SIZES); ``flops``: add ``flops_per_step``. On CUDA it runs with
     torch's default precision settings (no TF32 matmuls; cuDNN convolutions may use TF32), as the original
     did, whatever the rest of the bench uses."""
     import gc
     import statistics
 
-    from .bench_train import SEED, TC, PeakMemory, TrainStep, alternate, count_flops
-    from .tiny_models import UNET_SIZES, build_tiny_unet
+    from ..models.tiny_sd import UNET_SIZES, build_tiny_unet
+    from .train import SEED, TC, PeakMemory, TrainStep, alternate, count_flops
 
     device = device or torch.device("cpu")
     mem = mem or PeakMemory(device)

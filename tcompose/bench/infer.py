@@ -3,15 +3,15 @@
 Random-initialised models built from configs (nothing is downloaded), run through the package's own code
 paths, timed after a warm-up (CUDA synchronised), median over ``rounds``:
 
-- generation: :func:`tcompose.sampling.generate_batch` on a ``StableDiffusionPipeline`` (``sd14``: SD1.4's
-  UNet, VAE and CLIP ViT-L/14 text encoder shapes; ``tiny``: tcompose.tiny_models), guidance 7.5, images/s
+- generation: :func:`tcompose.evaluate.sampling.generate_batch` on a ``StableDiffusionPipeline`` (``sd14``: SD1.4's
+  UNet, VAE and CLIP ViT-L/14 text encoder shapes; ``tiny``: tcompose.models.tiny_sd), guidance 7.5, images/s
   per batch size; and the UNet alone, one denoising step at 2 x batch (classifier-free guidance), steps/s;
-- detection: :meth:`tcompose.detect.Owlv2Detector.detect` (``large``: OWLv2-L/14 at 1008 px; ``tiny``) on
+- detection: :meth:`tcompose.evaluate.detect.Owlv2Detector.detect` (``large``: OWLv2-L/14 at 1008 px; ``tiny``) on
   generated-size images, 5 category queries each;
-- masks: GroundingDINO (``real``: GroundingDINO-T; ``tiny``) :meth:`~tcompose.grounding_dino.Detector.detect`
-  on 3 phrases per image, then SAM-HQ (``real``: ViT-H at 1024 px) :meth:`~tcompose.segment.Segmenter.segment`
+- masks: GroundingDINO (``real``: GroundingDINO-T; ``tiny``) :meth:`~tcompose.masks.grounding_dino.Detector.detect`
+  on 3 phrases per image, then SAM-HQ (``real``: ViT-H at 1024 px) :meth:`~tcompose.masks.segment.Segmenter.segment`
   with a fixed number of boxes per image (random detectors find arbitrary numbers of boxes). Inputs come from
-  :meth:`tcompose.grounded_sam.GroundedSamPrep.preprocess`, timed apart: in the masks stage it runs in the
+  :meth:`tcompose.masks.grounded_sam.GroundedSamPrep.preprocess`, timed apart: in the masks stage it runs in the
   loader's worker processes, beside the models. ``images_per_s`` is the models' rate (detector + segmenter).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench_train import PeakMemory, alternate, timed
+from .train import PeakMemory, alternate, timed
 
 PROMPTS = [
     "a cat and a wine glass", "a red ball on a wooden table", "two dogs next to a blue car",
@@ -39,9 +39,9 @@ def clip_tokenizer(folder: Path, real_vocab: bool):
     file and ``real_vocab``, else a small one trained on the bench's prompts (offline, tens of ms)."""
     from transformers import CLIPTokenizer
 
-    from .categories import COCO_80
-    from .clip_bpe import find_clip_bpe, write_clip_tokenizer
-    from .detect import query_text
+    from ..data.categories import COCO_80
+    from ..evaluate.detect import query_text
+    from ..models.clip_bpe import find_clip_bpe, write_clip_tokenizer
 
     bpe = find_clip_bpe() if real_vocab else None
     corpus = PROMPTS + [query_text(n) for n in COCO_80]
@@ -52,7 +52,7 @@ def build_sd_pipeline(size: str, device: torch.device, dtype: torch.dtype, token
     """A random StableDiffusionPipeline: ``sd14`` (SD1.4 shapes, 512 px) or ``tiny`` (64 px), PNDM, no checker."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from .tiny_models import SD_SCHEDULER, SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_unet, build_tiny_vae
+    from ..models.tiny_sd import SD_SCHEDULER, SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_unet, build_tiny_vae
 
     unet = build_tiny_unet(0, size=size)
     vae = build_tiny_vae(1, **(SD_VAE if size == "sd14" else {}))
@@ -74,7 +74,7 @@ def bench_generate(pipe, batch_sizes, steps: int, resolution: int | None, warmup
                    device: torch.device, mem: PeakMemory) -> list[dict]:
     """Per batch size: images/s of :func:`generate_batch` (``steps`` PNDM steps, guidance 7.5) and UNet
     denoising steps/s at 2 x batch (the guided batch)."""
-    from .sampling import generate_batch
+    from ..evaluate.sampling import generate_batch
 
     side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     lat = side // pipe.vae_scale_factor
@@ -106,8 +106,9 @@ def bench_generate(pipe, batch_sizes, steps: int, resolution: int | None, warmup
 def bench_detect(size: str, tokenizer, batch_size: int, image_side: int, warmup: int, rounds: int,
                  device: torch.device, dtype: torch.dtype, mem: PeakMemory) -> dict:
     """Images/s of OWLv2 (``large`` or ``tiny``) on ``batch_size`` random images with 5 queries each."""
-    from .categories import COCO_80
-    from .detect import Owlv2Detector, build_owlv2
+    from ..data.categories import COCO_80
+    from ..evaluate.detect import Owlv2Detector
+    from ..models.tiny_vision import build_owlv2
 
     vocab = tokenizer.get_vocab()
     model = build_owlv2(size, 0, vocab_size=len(vocab), bos_token_id=tokenizer.bos_token_id,
@@ -126,10 +127,10 @@ def bench_detect(size: str, tokenizer, batch_size: int, image_side: int, warmup:
 
 
 def _masks_models(size: str, folder: Path, device: torch.device, dtype: torch.dtype, batch_size: int):
-    from . import tiny_vision as tv
-    from .grounding_dino import Detector
-    from .hf_load import quiet_transformers
-    from .segment import Segmenter
+    from ..masks.grounding_dino import Detector
+    from ..masks.segment import Segmenter
+    from ..models import tiny_vision as tv
+    from ..models.loading import quiet_transformers
 
     if size == "tiny":
         with quiet_transformers():
@@ -152,7 +153,7 @@ def bench_masks(size: str, folder: Path, batch_size: int, image_wh: tuple[int, i
     """Images/s of GroundingDINO + SAM-HQ (``real`` or ``tiny``) on ``batch_size`` random images."""
     from PIL import Image
 
-    from .grounded_sam import GroundedSamPrep
+    from ..masks.grounded_sam import GroundedSamPrep
 
     det, seg = _masks_models(size, folder, device, dtype, batch_size)
     w, h = image_wh

@@ -10,18 +10,18 @@ Runbook::
 Models are random-initialised from configs (nothing is downloaded): SD1.4's UNet / VAE / text encoder shapes,
 OWLv2-L/14, GroundingDINO-T and SAM-HQ ViT-H; ``--quick`` swaps in the tiny test models. Sections:
 
-- ``train``: the train-unet step (:mod:`tcompose.bench_train`): UNet forward under autocast, the grounding
+- ``train``: the train-unet step (:mod:`tcompose.bench.train`): UNet forward under autocast, the grounding
   losses on (and, for the losses' overhead, the same step with lambda = gamma = 0), backward, AdamW; per
   ``--train-batch-size`` and checkpointing mode: images/s, peak memory, model FLOP utilisation
   (MFU = FLOPs of one step, counted once with FlopCounterMode / seconds per step / the machine's matmul rate,
   measured here: a large bf16 matmul on CUDA, fp32 on CPU); per memory format (``channels_last``: both on
   CUDA real-size runs); and the VAE encode of the batch, which the step (starting from latents) leaves out, as
   train-unet with ``--cache-latents`` does: ``vae_encode_share`` is what that option saves;
-- ``baseline``: the same step as the original implementation ran it (:mod:`tcompose.bench_baseline`: fp32,
+- ``baseline``: the same step as the original implementation ran it (:mod:`tcompose.bench.baseline`: fp32,
   batch 1, explicit attention in every layer, every map kept), in this process; the headline is
   ``speedup = best train images/s / baseline images/s``;
 - ``generate``: images/s and UNet steps/s per ``--batch-sizes``; ``detect``: OWLv2-L images/s; ``masks``:
-  GroundingDINO-T + SAM-HQ ViT-H images/s (:mod:`tcompose.bench_infer`).
+  GroundingDINO-T + SAM-HQ ViT-H images/s (:mod:`tcompose.bench.infer`).
 
 Output: a table (section, setting, figure, unit) and the targets on stderr; the whole report as JSON with
 ``--json -`` (stdout) or ``--json PATH``. Targets are judged on CUDA only ("n/a (CPU)" elsewhere).
@@ -107,7 +107,7 @@ class BenchConfig:
 def machine_info(device) -> dict[str, Any]:
     import torch
 
-    from .bench_train import cpu_model, device_name
+    from .train import cpu_model, device_name
 
     info = {"device": device.type, "device_name": device_name(device), "cpu_model": cpu_model(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
@@ -125,7 +125,7 @@ def matmul_rate(device, quick: bool) -> dict[str, Any]:
     """The device's dense matmul rate, measured: bf16 n=8192 on CUDA, fp32 (n=512 quick, 2048 full) on CPU."""
     import torch
 
-    from .bench_train import sync
+    from .train import sync
 
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -156,9 +156,9 @@ def estimate_step_tflop(size: str, batch_size: int, latent: int) -> float:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .bench_train import LAYERS, PLAIN, count_flops, make_batch, make_scheduler
-    from .objective import tokencompose_losses
-    from .tiny_models import tiny_unet_config
+    from ..grounding.objective import tokencompose_losses
+    from ..models.tiny_sd import tiny_unet_config
+    from .train import LAYERS, PLAIN, count_flops, make_batch, make_scheduler
 
     meta = torch.device("meta")
     with meta:
@@ -192,14 +192,14 @@ def _section(report: dict, name: str, fn, say) -> Any:
 
 
 def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Measure ``cfg.sections`` and return the report (see :func:`tcompose.bench_report.summarise`)."""
+    """Measure ``cfg.sections`` and return the report (see :func:`tcompose.bench.report.summarise`)."""
     import torch
 
-    from .bench_baseline import bench_baseline
-    from .bench_infer import bench_detect, bench_generate, bench_masks, build_sd_pipeline, clip_tokenizer
-    from .bench_report import summarise
-    from .bench_train import PeakMemory, bench_unet, bench_vae_encode
-    from .hf_load import torch_dtype
+    from ..models.loading import torch_dtype
+    from .baseline import bench_baseline
+    from .infer import bench_detect, bench_generate, bench_masks, build_sd_pipeline, clip_tokenizer
+    from .report import summarise
+    from .train import PeakMemory, bench_unet, bench_vae_encode
 
     cfg.resolve()
     s = cfg.settings

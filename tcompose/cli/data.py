@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .. import defaults
+from ..models import defaults
 from ._app import _friendly, _split, app
 
 
@@ -46,8 +46,8 @@ def masks(
     if from_tokencompose is not None:
         if coco_dir is not None:
             raise ValueError("pass either COCO_DIR or --from-tokencompose METADATA_JSONL, not both")
-        from ..import_tokencompose import ImportConfig
-        from ..import_tokencompose import run as run_import
+        from ..masks.import_tokencompose import ImportConfig
+        from ..masks.import_tokencompose import run as run_import
 
         cfg = ImportConfig(metadata=from_tokencompose, output=output, images=images, seg_root=seg_root, limit=limit,
                            shard_size=shard_size)
@@ -57,7 +57,8 @@ def masks(
         raise ValueError("missing COCO_DIR (a COCO-format folder), or --from-tokencompose METADATA_JSONL")
     if images is not None or seg_root is not None:
         raise ValueError("--images and --seg-root go with --from-tokencompose")
-    from ..masks import MasksConfig, run
+    from ..masks.config import MasksConfig
+    from ..masks.stage import run
 
     cfg = MasksConfig(
         coco_dir=coco_dir, output=output, split=split, source=source, captions=captions, image_ids=image_ids,
@@ -88,7 +89,7 @@ def crops(
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: one per CPU core); rows do not depend on it."),
 ) -> None:
     """Object crops labelled "a photo of a {category}" from COCO instances: the data of train-clip. Resumable."""
-    from ..crops import CropsConfig, run
+    from ..crops.stage import CropsConfig, run
     from ._app import process_state
 
     state = process_state()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .. import defaults
+from ..models import defaults
 from ._app import _friendly, _split, app
 
 
@@ -34,7 +34,7 @@ def generate(
     seed: int = typer.Option(0, help="Base seed; image k of prompt p uses a seed derived from (seed, p, k)."),
 ) -> None:
     """Images from prompts: seeded per image (batch size and process count do not change them), resumable."""
-    from ..generate import GenerateConfig, read_prompts, run
+    from ..evaluate.generate import GenerateConfig, read_prompts, run
     from ._app import process_state
 
     if safety_checker not in ("on", "off"):
@@ -70,14 +70,14 @@ def attnviz(
     from_maps: Optional[Path] = typer.Option(None, help="Redraw from a saved .safetensors instead of generating."),
 ) -> None:
     """Per-word cross-attention heat maps of several models on one seeded prompt (the paper's SD vs TokenCompose figure)."""
-    from ..attnviz import AttnvizConfig, draw_figure, load_maps, run
+    from ..evaluate.attnviz import AttnvizConfig, draw_figure, load_maps, run
 
     if from_maps is not None:
         draw_figure(load_maps(from_maps), output, panel)
         return
     if not prompt or not model:
         raise ValueError("pass --prompt and at least one --model NAME=ID_OR_PATH (or --from-maps FILE)")
-    from ..model_spec import parse_model_specs
+    from ..models.spec import parse_model_specs
 
     cfg = AttnvizConfig(prompt=prompt, models=parse_model_specs(model), output=output,
                         words=list(_split(words)) if words else None, layers=_split(layers), timesteps=timesteps,
@@ -117,7 +117,7 @@ def multigen(
 ) -> None:
     """MultiGen: 5-category prompts -> images of each model -> OWLv2 -> MG1..MG5 beside the paper's rows. Resumable."""
     if score_only is not None:
-        from ..multigen import rescore
+        from ..evaluate.multigen.stage import rescore
 
         rescore(score_only, threshold)
         return
@@ -125,7 +125,7 @@ def multigen(
         raise ValueError("pass --model NAME=ID_OR_PATH (one or more) and --output DIR, or --score-only DIR")
     if safety_checker not in ("on", "off"):
         raise ValueError(f"--safety-checker {safety_checker!r}: use on or off")
-    from ..multigen import MultigenConfig, run
+    from ..evaluate.multigen.stage import MultigenConfig, run
     from ._app import process_state
 
     state = process_state()

@@ -68,8 +68,8 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="torch.set_num_threads (CPU)."),
 ) -> None:
     """Measure training and inference speed here with random real-size models: images/s, MFU, memory, speed-up vs the original."""
-    from ..bench import BenchConfig, run, write_json
-    from ..bench_report import print_report
+    from ..bench.report import print_report
+    from ..bench.run import BenchConfig, run, write_json
 
     def ints(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
         if value is None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .. import defaults
+from ..models import defaults
 from ._app import _friendly, _split, app
 
 
@@ -50,7 +50,7 @@ def train_unet(
     log_every: int = typer.Option(10, help="Log losses every N steps."),
 ) -> None:
     """TokenCompose finetuning: L_LDM + lambda * L_token + gamma * L_pixel on the UNet's cross-attention."""
-    from ..train_unet import TrainUnetConfig, run
+    from ..train.loop import TrainUnetConfig, run
 
     cfg = TrainUnetConfig(
         data=data, output=output, model=model, revision=revision, text_encoder=text_encoder,
@@ -100,7 +100,7 @@ def train_clip(
     log_every: int = typer.Option(10, help="Log the loss every N steps."),
 ) -> None:
     """Contrastive (InfoNCE) finetuning of CLIP on object crops; its text tower then serves as SD's text encoder."""
-    from ..train_clip import TrainClipConfig, run
+    from ..clip.loop import TrainClipConfig, run
 
     cfg = TrainClipConfig(
         data=data, output=output, model=model, revision=revision, batch_size=batch_size, grad_accum=grad_accum,

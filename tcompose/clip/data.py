@@ -8,7 +8,7 @@
 The held-out split is by ``image_id``: every crop of a held-out image is held out, so no image contributes
 crops to both training and evaluation. Preprocessing is deterministic (no augmentation), so an example depends
 only on its row and a resumed run sees exactly the batches an uninterrupted one would
-(:class:`tcompose.training_data.MicroBatches` fixes the order).
+(:class:`tcompose.io.batches.MicroBatches` fixes the order).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import DatasetError, RowReader, check_columns, load_manifest
+from ..io.datasets import DatasetError, RowReader, check_columns, load_manifest
 
 
 @dataclass

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .defaults import CLIP
+from ..models.defaults import CLIP
 
 LR_SCHEDULERS = ("cosine", "constant")
 
@@ -62,7 +62,7 @@ class TrainClipConfig:
     lr: float = 1e-5
     lr_scheduler: str = "cosine"  # cosine: linear warmup, then cosine decay to 0 at the last step
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # not on norms, biases, logit_scale, embeddings (clip_models.no_decay)
+    weight_decay: float = 0.1  # not on norms, biases, logit_scale, embeddings (tcompose.clip.towers.no_decay)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_epsilon: float = 1e-6
@@ -149,13 +149,14 @@ def run(cfg: TrainClipConfig) -> dict:
     from torch.utils.data import DataLoader
     from transformers.utils import logging as transformers_logging
 
-    from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
-    from .clip_data import CropExamples, Preprocess, collate, read_crops, split_by_image, tokenize
-    from .clip_eval import compare, evaluate, format_table
-    from .clip_loss import distributed_info_nce
-    from .clip_models import LOGIT_SCALE_MAX, enable_checkpointing, export_clip, load_clip, load_preprocess_config, lock_towers, param_groups
-    from .datasets import write_json_atomic
-    from .training_data import MicroBatches
+    from ..io.batches import MicroBatches
+    from ..io.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+    from ..io.datasets import write_json_atomic
+    from ..models.clip import export_clip, load_clip, load_preprocess_config
+    from .data import CropExamples, Preprocess, collate, read_crops, split_by_image, tokenize
+    from .eval import compare, evaluate, format_table
+    from .loss import distributed_info_nce
+    from .towers import LOGIT_SCALE_MAX, enable_checkpointing, lock_towers, param_groups
 
     rows = read_crops(cfg.data)  # bad data fails before any model is loaded
     transformers_logging.disable_progress_bar()

@@ -14,13 +14,13 @@ Per image (in image-id order), per instance annotation (in file order): crowd re
 left out unless ``include_crowd``, so are categories outside ``categories`` and objects whose ``area`` (the
 annotation's field: its mask's area in pixels, not its box's) is below ``min_area``. The object's ``bbox``
 grows by ``margin`` on every side and, with ``square``, to a square around its centre
-(:func:`tcompose.crop_geometry.crop_box`). Where that region leaves the image it is padded with CLIP's mean
+(:func:`tcompose.crops.geometry.crop_box`). Where that region leaves the image it is padded with CLIP's mean
 colour, never shifted, so an object cut by the image edge keeps its true place in the crop; ``masked`` sets
 the pixels outside the instance mask to the same grey. PIL resizes the region (bicubic, longer side
 ``size``) and stores it as a JPEG (quality 95, no chroma subsampling). Off-centre, truncated and partly
 occluded objects are all kept: that variety is what CLIP should learn from.
 
-Rows follow :data:`tcompose.datasets.CROPS_COLUMNS`. Counted in the manifest's ``stats``: left-out
+Rows follow :data:`tcompose.io.datasets.CROPS_COLUMNS`. Counted in the manifest's ``stats``: left-out
 annotations (crowd, category, small); counted and listed in ``skipped`` (``{image_id, file_name, ann_id,
 reason}``): an annotation whose box or segmentation cannot be read, an image file that is missing, does not
 decode or has another size than annotated. Images without a kept annotation are never opened. A spawn
@@ -42,10 +42,10 @@ from typing import Iterator
 
 import numpy as np
 
-from tcompose.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
-from tcompose.crop_geometry import CLIP_MEAN_RGB, check_bbox, crop_box, cut, inside_fraction, output_size
-from tcompose.datasets import DatasetError, ShardedWriter, image_struct
-from tcompose.stage_io import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
+from ..data.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
+from ..io.datasets import DatasetError, ShardedWriter, image_struct
+from ..io.stages import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
+from .geometry import CLIP_MEAN_RGB, check_bbox, crop_box, cut, inside_fraction, output_size
 
 JPEG_QUALITY = 95  # crops are small: a high quality costs little and keeps CLIP's input clean
 GEOMETRY_VERSION = 1  # bumped when the crop maths changes, so a resumed run never mixes two versions

@@ -1,6 +1,6 @@
 """Reading a COCO-format folder: images, captions and instance masks.
 
-Layout (real COCO 2017, and what :mod:`tcompose.synthetic` writes)::
+Layout (real COCO 2017, and what :mod:`tcompose.data.synthetic` writes)::
 
     COCO_DIR/
       annotations/captions_{split}.json     images + captions (5 per image in COCO)

@@ -1,7 +1,7 @@
 """The embedded default dataset: generated COCO-format scenes of a few coloured objects on a table.
 
 ``make_scenes(out_dir)`` writes the same layout as real COCO (``annotations/captions_{split}.json``,
-``annotations/instances_{split}.json``, ``{split}/*.jpg``), so :mod:`tcompose.coco` and every stage read it
+``annotations/instances_{split}.json``, ``{split}/*.jpg``), so :mod:`tcompose.data.coco` and every stage read it
 unchanged. Each image is a table-coloured, lightly noisy backdrop with 1-3 objects of distinct categories
 (``ball`` = disc, ``box`` = square, ``cup`` = trapezoid, ``kite`` = diamond) in distinct colours, placed
 without overlap and 25-38 % of the image side large, so they survive the 8x8 / 16x16 attention maps of a

@@ -5,7 +5,7 @@
 first whole-word occurrence. ``phrases_token_positions(tokenizer, caption, phrases)`` does it for all the
 phrases of a caption at once, each occurrence used once and longer phrases first (training and attnviz use
 it: in "a hot dog and a dog", "dog" is the second dog). ``noun_phrases(caption)`` gives the groundable noun phrases of a caption, as
-written in it (see :mod:`tcompose.nouns`: the bundled noun vocabulary, or spaCy with ``method="spacy"``).
+written in it (see :mod:`tcompose.data.nouns`: the bundled noun vocabulary, or spaCy with ``method="spacy"``).
 
 Matching rules (word level, never inside a word):
 
@@ -28,7 +28,7 @@ from typing import Any, Collection, Iterable, Sequence
 
 import torch
 
-from .clip_bpe import symbols_to_text
+from ..models.clip_bpe import symbols_to_text
 from .nouns import noun_phrases
 
 __all__ = ["noun_phrases", "phrase_token_positions", "phrases_token_positions", "tokenize_captions", "word_positions"]

@@ -208,7 +208,7 @@ def _joined(text: str, words: Sequence[_Word]) -> bool:
 @lru_cache(maxsize=1)
 def default_vocabulary() -> Vocabulary:
     """The bundled COCO table (``resources/coco_synonyms.json``)."""
-    data = json.loads(resources.files("tcompose").joinpath("resources/coco_synonyms.json").read_text())
+    data = json.loads(resources.files("tcompose.data").joinpath("resources/coco_synonyms.json").read_text())
     return Vocabulary(data["categories"], data.get("not_objects", ()))
 
 

@@ -12,14 +12,14 @@ Runbook::
     # draw the figure again from the saved maps (no model needed)
     tcompose attnviz --from-maps fig.safetensors --output fig2.png
 
-Per model (``--model NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH]``, :mod:`tcompose.model_spec`): the
-image of :func:`tcompose.generate.image_seed` ``(seed, 0, 0)`` (the same image ``tcompose generate`` makes
-for prompt 0, image 0 with that seed), generated while :func:`tcompose.attention.capture_cross_attention`
-records the ``--layers``; :mod:`tcompose.attention_maps` aggregates the conditional maps over the
+Per model (``--model NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH]``, :mod:`tcompose.models.spec`): the
+image of :func:`tcompose.evaluate.generate.image_seed` ``(seed, 0, 0)`` (the same image ``tcompose generate`` makes
+for prompt 0, image 0 with that seed), generated while :func:`tcompose.grounding.attention.capture_cross_attention`
+records the ``--layers``; :mod:`tcompose.grounding.attention_maps` aggregates the conditional maps over the
 ``--timesteps`` (step indices, default all), layers and heads into per-token maps ``[77, S, S]`` (S: the
 largest map side, 64 for SD at 512 px) that sum to 1 over tokens at each pixel; a word's map is the sum over
-its token positions (:func:`tcompose.text.phrases_token_positions`). Words: ``--words``, or the prompt's
-noun phrases (:func:`tcompose.text.noun_phrases`).
+its token positions (:func:`tcompose.data.text.phrases_token_positions`). Words: ``--words``, or the prompt's
+noun phrases (:func:`tcompose.data.text.noun_phrases`).
 
 Outputs: the figure (rows = models, columns = the image and one overlay per word, each map min-max
 normalised for display; ``figure_size`` pixels exactly) and, beside it, ``fig.safetensors``: per model
@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tcompose.attention_maps import MapAccumulator, normalize, parse_steps, word_maps
-from tcompose.model_spec import ModelSpec, parse_model_spec
+from ..grounding.attention_maps import MapAccumulator, normalize, parse_steps, word_maps
+from ..models.spec import ModelSpec, parse_model_spec
 
 __all__ = ["AttnvizConfig", "Row", "AttnvizResult", "run", "maps_path", "save_maps", "load_maps",
            "draw_figure", "figure_size", "default_words"]
@@ -104,11 +104,11 @@ class AttnvizResult:
 
 
 def default_words(prompt: str) -> list[str]:
-    """The prompt's noun phrases (:func:`tcompose.text.noun_phrases`)."""
+    """The prompt's noun phrases (:func:`tcompose.data.text.noun_phrases`)."""
     try:
-        from tcompose.text import noun_phrases
+        from ..data.text import noun_phrases
     except ImportError:
-        from tcompose.nouns import noun_phrases
+        from ..data.nouns import noun_phrases
     words = noun_phrases(prompt)
     if not words:
         raise ValueError(f"no noun phrases found in the prompt {prompt!r}; pass --words")
@@ -125,10 +125,10 @@ def figure_size(n_rows: int, n_words: int, panel: int = 256) -> tuple[int, int]:
 
 
 def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) -> Row:
-    from tcompose.attention import capture_cross_attention
-    from tcompose.generate import image_seed
-    from tcompose.sampling import generate_batch, load_pipeline
-    from tcompose.text import phrases_token_positions
+    from ..data.text import phrases_token_positions
+    from ..grounding.attention import capture_cross_attention
+    from .generate import image_seed
+    from .sampling import generate_batch, load_pipeline
 
     pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
                          dtype=cfg.dtype, scheduler=cfg.scheduler, device=cfg.device)

@@ -19,27 +19,25 @@ model's ``vision_config.image_size`` (960 for base/16, 1008 for large/14) with a
 when shrinking (sigma = (factor - 1) / 2, truncated at 4 sigma, mirrored edges) then linear interpolation
 with half-pixel centres and mirrored edges, clipped to the input's range; normalise with CLIP's mean and std.
 Both filters are linear, so each axis is one resampling matrix (:func:`resample_matrix`) and an image is
-two matmuls. ``tests/test_detect.py`` checks pixels and detections against transformers.
+two matmuls. ``tests/evaluate/test_detect.py`` checks pixels and detections against transformers.
 
-:func:`write_tiny_owlv2` writes a random OWLv2 small enough for tests (64 px, 16 boxes);
-:func:`owlv2_config` ``("large")`` is OWLv2-L/14's architecture (random weights, for benchmarks).
+:func:`tcompose.models.tiny_vision.write_tiny_owlv2` writes a random OWLv2 small enough for tests (64 px, 16
+boxes); ``owlv2_config("large")`` there is OWLv2-L/14's architecture (random weights, for benchmarks).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .defaults import OWLV2
+from ..models.clip import CLIP_MEAN, CLIP_STD
+from ..models.defaults import OWLV2
 
 DEFAULT_DETECTOR = OWLV2
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def query_text(name: str) -> str:
@@ -128,15 +126,14 @@ class Owlv2Detector:
         folder. ``dtype``: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``fp32``, ``fp16``, ``bf16``."""
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
-        from .hf_load import pretrained
-        from .models import _local_path, _tf_dtype
+        from ..models.loading import local_path, pretrained, tf_dtype_kwargs
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = resolve_dtype(dtype, device)
         model = pretrained(Owlv2ForObjectDetection.from_pretrained, name, revision, "OWLv2 detector",
-                           use_safetensors=True, **_tf_dtype(torch_dtype))
+                           use_safetensors=True, **tf_dtype_kwargs(torch_dtype))
         tokenizer = pretrained(AutoTokenizer.from_pretrained, name, revision, "OWLv2 tokenizer")
-        local = _local_path(name)
+        local = local_path(name)
         mean, std = CLIP_MEAN, CLIP_STD
         if local is not None and (local / "preprocessor_config.json").is_file():
             pre = json.loads((local / "preprocessor_config.json").read_text())
@@ -237,67 +234,4 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------ tiny models
-
-#: Architectures: ``large`` is OWLv2-L/14 (owlv2-large-patch14-ensemble's shapes, 1008 px, 72 x 72 boxes).
-OWLV2_SIZES = {
-    "tiny": dict(text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-                 vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             image_size=64, patch_size=16),
-                 projection_dim=32),
-    "large": dict(text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-                  vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, image_size=1008, patch_size=14),
-                  projection_dim=768),
-}
-
-
-def owlv2_config(size: str = "tiny", vocab_size: int = 49408, bos_token_id: int | None = None,
-                 eos_token_id: int | None = None):
-    """An ``Owlv2Config`` of one of :data:`OWLV2_SIZES` (16-token queries, as every OWLv2)."""
-    from transformers import Owlv2Config
-
-    spec = OWLV2_SIZES[size]
-    text = dict(spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
-                bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
-                eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
-                pad_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id)
-    return Owlv2Config(text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"])
-
-
-def build_owlv2(size: str = "tiny", seed: int = 0, **config_kwargs: Any):
-    """A random ``Owlv2ForObjectDetection`` of :func:`owlv2_config` ``(size)``."""
-    from transformers import Owlv2ForObjectDetection
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Owlv2ForObjectDetection(owlv2_config(size, **config_kwargs)).eval()
-
-
-def write_tiny_owlv2(out_dir: str | Path, tokenizer_source: str | Path | None = None, seed: int = 0,
-                     size: str = "tiny") -> Path:
-    """Write a random OWLv2 folder that :meth:`Owlv2Detector.load` (and ``Owlv2ForObjectDetection`` /
-    ``AutoTokenizer.from_pretrained``) reads: safetensors weights, a 16-token CLIP tokenizer (the real BPE from
-    ``tokenizer_source`` = ``bpe_simple_vocab_16e6.txt.gz``, else a small one trained on category names), and
-    ``preprocessor_config.json``."""
-    from .categories import ADE20K_150, COCO_80
-    from .clip_bpe import write_clip_tokenizer
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = [query_text(n) for n in COCO_80 + ADE20K_150]
-    write_clip_tokenizer(out, bpe_path=tokenizer_source, corpus=None if tokenizer_source else corpus)
-    cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text())
-    tok_cfg["model_max_length"] = 16
-    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
-    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
-    model = build_owlv2(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
-                        eos_token_id=vocab["<|endoftext|>"])
-    model.save_pretrained(out, safe_serialization=True)
-    n = model.config.vision_config.image_size
-    pre = {"image_processor_type": "Owlv2ImageProcessor", "do_rescale": True, "rescale_factor": 1 / 255,
-           "do_pad": True, "do_resize": True, "size": {"height": n, "width": n}, "do_normalize": True,
-           "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    return out
 

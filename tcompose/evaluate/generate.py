@@ -14,7 +14,7 @@ Runbook::
     # killed? run the same command again: PNGs already on disk are kept (and checked), the rest are made
 
 Images are ``OUTPUT/images/{prompt_id:05d}_{image_index:02d}.png``. Image ``k`` of prompt ``p`` starts from
-noise seeded by :func:`image_seed` ``(seed, p, k)`` (see :mod:`tcompose.sampling`), so it is the same image
+noise seeded by :func:`image_seed` ``(seed, p, k)`` (see :mod:`tcompose.evaluate.sampling`), so it is the same image
 whatever the batch size or the number of processes (up to float rounding of batched kernels: at most one
 grey level on rare pixels). A PNG is written under a temporary name and renamed; it carries a ``tcompose``
 text chunk (prompt, seed, settings fingerprint, NSFW flag), which a rerun checks before skipping it: a
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from tcompose.sampling import load_pipeline  # noqa: F401  (part of this module's interface)
+from .sampling import load_pipeline  # noqa: F401  (part of this module's interface)
 
 __all__ = ["GenerateConfig", "image_seed", "image_filename", "read_prompts", "load_pipeline", "run",
            "write_images", "settings_of", "TABLE", "RUN_JSON"]
@@ -160,7 +160,7 @@ def _path_id(value: str | None) -> str | None:
 
 def settings_of(cfg: GenerateConfig, dtype: str) -> dict[str, Any]:
     """What decides the images (their fingerprint), resolved from configs without loading weights."""
-    from tcompose.sampling import model_facts
+    from .sampling import model_facts
 
     facts = model_facts(cfg.model, cfg.unet, cfg.revision, cfg.scheduler)
     return {
@@ -225,7 +225,7 @@ def write_images(pipe, cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]
     ``benchmarks/generate.py``)."""
     import torch
 
-    from tcompose.sampling import PromptEmbeddings, generate_batch
+    from .sampling import PromptEmbeddings, generate_batch
 
     embeddings = embeddings or PromptEmbeddings(pipe)
     bar, task = _bar(progress, len(jobs))
@@ -266,7 +266,7 @@ def _write_table(cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]], set
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tcompose.datasets import library_versions
+    from ..io.datasets import library_versions
 
     images = cfg.output / IMAGES
     nsfw = []
@@ -299,8 +299,8 @@ def run(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, progress: bool 
     most ``finalize_timeout_s``) and writes the table and run.json. Returns a summary dict: ``images`` (this
     process's share), ``generated``, ``skipped_existing``, ``seconds``, ``images_per_s`` (generated images
     per second of generation, model loading excluded), ``rank``, ``world_size`` (+ ``table`` on rank 0)."""
-    from tcompose.datasets import library_versions, write_json_atomic
-    from tcompose.sampling import dtype_name, resolve_device, resolve_dtype
+    from ..io.datasets import library_versions, write_json_atomic
+    from .sampling import dtype_name, resolve_device, resolve_dtype
 
     t0 = time.monotonic()
     _check(cfg, rank, world_size)

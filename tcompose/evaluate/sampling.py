@@ -70,7 +70,7 @@ def _unet_source(unet: str | os.PathLike) -> tuple[str, str | None]:
         return str(path), "unet"
     if (path / "config.json").is_file():
         return str(path), None
-    from .models import ModelFolderError
+    from ..models.loading import ModelFolderError
 
     raise ModelFolderError(f"--unet {path}: no config.json there nor in {path / 'unet'}; pass a UNet folder "
                            "(UNet2DConditionModel.save_pretrained) or a pipeline folder such as a train-unet OUT")
@@ -81,19 +81,19 @@ def model_facts(model: str | os.PathLike, unet: str | None = None, revision: str
     """Read from configs only (no weights): the inference scheduler's class and the default image size."""
     import contextlib
 
-    from .models import ModelFolderError, _hub_hint, _local_path
+    from ..models.loading import ModelFolderError, hub_hint, local_path
 
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)} (or leave it out for "
                          "the model's own)")
-    local = _local_path(model)
+    local = local_path(model)
     if local is not None:
         missing = [s for s in ("unet", "vae", "scheduler") if not (local / s).is_dir()]
         if missing:
             raise ModelFolderError(f"{local} is not a diffusers Stable Diffusion folder: missing "
                                    f"{', '.join(s + '/' for s in missing)}. Pass a folder written by "
                                    "`StableDiffusionPipeline.save_pretrained` or `tcompose train-unet`, or a hub id.")
-    with contextlib.nullcontext() if local is not None else _hub_hint(str(model), None):
+    with contextlib.nullcontext() if local is not None else hub_hint(str(model), None):
         return _facts(model, unet, {} if local is not None else {"revision": revision}, scheduler)
 
 
@@ -118,9 +118,9 @@ def _scheduler(model: str, revision: str | None, name: str | None):
     import diffusers
     from diffusers import DDPMScheduler
 
-    from .models import _local_path
+    from ..models.loading import local_path
 
-    hub = {} if _local_path(model) is not None else {"revision": revision}
+    hub = {} if local_path(model) is not None else {"revision": revision}
     config = DDPMScheduler.load_config(str(model), subfolder="scheduler", **hub)
     if name is None:
         cls = getattr(diffusers, config.get("_class_name", ""), None)
@@ -138,9 +138,9 @@ def _safety_parts(model: str, revision: str | None, dtype: torch.dtype):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
-    from .models import _local_path
+    from ..models.loading import local_path
 
-    local = _local_path(model)
+    local = local_path(model)
     if local is not None and not ((local / "safety_checker").is_dir() and (local / "feature_extractor").is_dir()):
         raise ValueError(f"{local} has no safety_checker/ and feature_extractor/: pass --safety-checker off, or a "
                          "model that has them (CompVis/stable-diffusion-v1-4)")
@@ -162,7 +162,8 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
     """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from .models import check_text_encoder, load_components, no_hf_progress_bars
+    from ..models.loading import no_hf_progress_bars
+    from ..models.stable_diffusion import check_text_encoder, load_components
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

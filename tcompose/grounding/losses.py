@@ -1,5 +1,4 @@
-"""The losses, as pure tensor functions: TokenCompose's grounding losses on cross-attention maps, and CLIP's
-contrastive InfoNCE (:func:`info_nce`, for train-clip).
+"""TokenCompose's grounding losses on cross-attention maps, as pure tensor functions.
 
 Faithful to the original implementation (mlpc-ucsd/TokenCompose, ``get_grounding_loss_by_layer``) for one
 example and one layer group, where that implementation is defined:
@@ -14,9 +13,6 @@ summed probabilities exceed 1 is clamped to 1 inside the BCE instead of raising.
 The training path uses the batched form, :func:`grounding_losses`, which takes every map of a group for a
 whole batch at once; words are padded to ``[B, W, K]`` token indices with a validity mask, so examples with
 different numbers of words share one set of tensor operations (no Python loop over examples or tokens).
-
-:func:`info_nce` is CLIP's symmetric loss, optionally with same-label pairs as positives (``--dedupe-labels``);
-:func:`info_nce_local` is one process's slice of it against the gathered global batch (see clip_loss.py).
 """
 
 from __future__ import annotations
@@ -174,74 +170,3 @@ def pixel_loss(attn: Tensor, masks: Tensor, words: Sequence[Sequence[int]]) -> T
     """TokenCompose pixel loss (BCE of a word's attention map against its mask) of one example, one group."""
     _, pixel, valid = _single(attn, masks, words)
     return reduce_over_words(pixel, valid)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Contrastive (CLIP) losses
-
-
-def _soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-row cross-entropy against a target distribution: ``-(target * log_softmax(logits)).sum(-1)``."""
-    return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
-
-
-def info_nce_local(
-    image_emb: Tensor,
-    text_emb: Tensor,
-    all_image_emb: Tensor,
-    all_text_emb: Tensor,
-    logit_scale: Tensor | float,
-    offset: int,
-    labels: Tensor | None = None,
-    all_labels: Tensor | None = None,
-) -> Tensor:
-    """The symmetric CLIP loss of a slice of the batch against the whole batch (open_clip's ``local_loss``).
-
-    ``image_emb`` / ``text_emb [b, D]`` are the pairs at rows ``offset .. offset + b`` of ``all_image_emb`` /
-    ``all_text_emb [N, D]``. Each local image is classified among all N texts and each local text among all N
-    images: ``(mean_i CE(s * img_i . TXT, target_i) + mean_i CE(s * txt_i . IMG, target_i)) / 2`` on
-    L2-normalised embeddings, in float32 (float64 stays float64). Target: the pair's own column
-    (``offset + i``); with ``labels [b]`` / ``all_labels [N]``, uniform over every column of the same label
-    (the supervised-contrastive "L_out" form of Khosla et al. 2020), which equals the plain loss when the
-    labels are distinct. The mean over slices that tile the batch equals :func:`info_nce` on the whole batch.
-    """
-    if image_emb.shape != text_emb.shape or image_emb.dim() != 2:
-        raise ValueError(f"image and text embeddings must both be [B, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
-    if all_image_emb.shape != all_text_emb.shape or all_image_emb.shape[1:] != image_emb.shape[1:]:
-        raise ValueError(f"global embeddings {tuple(all_image_emb.shape)} / {tuple(all_text_emb.shape)} do not match the local {tuple(image_emb.shape)}")
-    b, n = image_emb.shape[0], all_image_emb.shape[0]
-    if not 0 <= offset <= n - b:
-        raise ValueError(f"offset {offset} puts {b} local rows outside the {n}-row batch")
-    dtype = torch.float64 if image_emb.dtype == torch.float64 else torch.float32
-    img = F.normalize(image_emb.to(dtype), dim=-1)
-    txt = F.normalize(text_emb.to(dtype), dim=-1)
-    all_img = F.normalize(all_image_emb.to(dtype), dim=-1)
-    all_txt = F.normalize(all_text_emb.to(dtype), dim=-1)
-    if isinstance(logit_scale, Tensor):
-        scale = logit_scale.to(img.device, dtype)
-    else:
-        scale = torch.tensor(float(logit_scale), dtype=dtype, device=img.device)
-    logits_image = scale * img @ all_txt.T  # [b, N]
-    logits_text = scale * txt @ all_img.T  # [b, N]
-    if labels is None:
-        target = torch.arange(offset, offset + b, device=img.device)
-        return (F.cross_entropy(logits_image, target) + F.cross_entropy(logits_text, target)) / 2
-    if all_labels is None or labels.shape != (b,) or all_labels.shape != (n,):
-        raise ValueError(f"labels must be [b={b}] and all_labels [N={n}]; got {tuple(labels.shape)} and "
-                         f"{None if all_labels is None else tuple(all_labels.shape)}")
-    same = (labels.to(img.device)[:, None] == all_labels.to(img.device)[None, :]).to(dtype)  # [b, N]
-    own = torch.arange(b, device=img.device)
-    same[own, own + offset] = 1.0  # a pair is always its own positive
-    target = same / same.sum(-1, keepdim=True)
-    return (_soft_cross_entropy(logits_image, target).mean() + _soft_cross_entropy(logits_text, target).mean()) / 2
-
-
-def info_nce(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, labels: Tensor | None = None) -> Tensor:
-    """CLIP's symmetric InfoNCE: ``(CE(logits, arange) + CE(logits.T, arange)) / 2``.
-
-    ``logits = logit_scale * normalise(image_emb) @ normalise(text_emb).T`` for ``[B, D]`` embeddings of B
-    matching (image, text) pairs; ``logit_scale`` is the multiplier (CLIP's ``logit_scale.exp()``), not its log.
-    With ``labels [B]`` (``--dedupe-labels``) pairs of the same label are positives of each other instead of
-    negatives: each row's target is uniform over the columns of its label (see :func:`info_nce_local`).
-    """
-    return info_nce_local(image_emb, text_emb, image_emb, text_emb, logit_scale, 0, labels, labels)

@@ -18,7 +18,7 @@ def tokencompose_losses(unet, latents, emb, batch, noise_scheduler, layers, lamb
     """One forward pass: the denoising loss and, when their weights are non-zero, the grounding losses.
 
     ``latents`` are clean VAE latents; ``batch`` holds ``noise``, ``timesteps``, ``masks [B, W, R, R]``,
-    ``word_index`` and ``word_valid`` (see :mod:`tcompose.training_data`). Token and pixel losses are
+    ``word_index`` and ``word_valid`` (see :mod:`tcompose.train.examples`). Token and pixel losses are
     summed over the supervised layer groups and averaged over examples, like the denoising loss.
     ``backward(total)`` is called inside the capture (needed under gradient checkpointing).
     """
@@ -65,7 +65,7 @@ def encode_batch(vae, text_encoder, batch, weight_dtype):
     """Frozen parts, no gradients: latents ``mean + std * eps`` (eps from the batch) and text embeddings.
 
     The VAE's ``mean`` and ``std`` come from ``batch["latent_moments"]`` ``[B, 2, C, h, w]`` when the batch
-    carries them (``--cache-latents``, :mod:`tcompose.latent_cache`), else from encoding ``pixel_values``.
+    carries them (``--cache-latents``, :mod:`tcompose.train.latent_cache`), else from encoding ``pixel_values``.
     """
     with torch.no_grad():
         if "latent_moments" in batch:

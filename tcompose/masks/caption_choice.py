@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .defaults import CAPTION_CLIP
+from ..models.defaults import CAPTION_CLIP
 
 CAPTION_MODES = ("first", "all", "clip-best")
 DEFAULT_CLIP = CAPTION_CLIP
@@ -59,7 +59,7 @@ class ClipScorer:
         """From a hub id or a local folder (``model_type`` clip)."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        from .hf_load import model_type, pretrained
+        from ..models.loading import model_type, pretrained
 
         kind = model_type(name, revision, "CLIP model")
         if kind != "clip":

@@ -1,12 +1,12 @@
 """The ``grounded-sam`` source of the masks stage: caption noun phrases -> GroundingDINO boxes -> SAM masks.
 
 Per image, for the captions that get rows (``--captions``): the noun phrases of each caption
-(:func:`tcompose.nouns.noun_phrases`, ``--nouns vocab|spacy``; computed in the loader's worker processes);
+(:func:`tcompose.data.nouns.noun_phrases`, ``--nouns vocab|spacy``; computed in the loader's worker processes);
 the union of those phrases (one detector prompt "a . b . c ." for all of the image's captions, split into
 several prompts only past GroundingDINO's 256 text tokens); GroundingDINO's boxes, each mapped to a phrase
-by token spans (:func:`tcompose.grounding_dino.assign_phrases`; box and text thresholds 0.25); one SAM /
+by token spans (:func:`tcompose.masks.grounding_dino.assign_phrases`; box and text thresholds 0.25); one SAM /
 SAM-HQ mask per box (one image-encoder pass per image, its boxes in decoder calls of up to 64); the union of
-the masks of each phrase (:func:`tcompose.segment.union_by_label`). Each caption's row lists its phrases in
+the masks of each phrase (:func:`tcompose.masks.segment.union_by_label`). Each caption's row lists its phrases in
 caption order; a phrase that got no box is kept with a null mask, as the original pipeline did, and counted
 (``phrases_no_box``; ``phrases_not_prompted`` for one too long for the text encoder). ``categories`` is
 empty ("") for every phrase: this source does not know dataset categories.
@@ -15,7 +15,7 @@ Batches of ``--batch-size`` images (grouped by size within a shard, so padding i
 forward (GroundingDINO's processor pads the batch and passes a pixel mask, but its Swin backbone still sees
 the padding, which is why ``--batch-size`` is one of the settings in the dataset fingerprint), one SAM
 image-encoder forward, then the mask decoder per image. Models run in ``--dtype`` (fp16 / bf16 on GPU;
-fp16 on CPU runs in fp32, see :func:`tcompose.hf_load.torch_dtype`; the effective dtype is a setting too).
+fp16 on CPU runs in fp32, see :func:`tcompose.models.loading.torch_dtype`; the effective dtype is a setting too).
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from . import grounding_dino, segment
+from ..data.coco import CocoDataset
+from ..data.nouns import METHODS, default_nouns, noun_phrases
+from .config import MasksConfig, model_dtype
 from .grounding_dino import Detector
-from .masks_sources import Grounding
+from .grounding_dino import preprocess as detector_inputs
+from .interface import Grounding
 from .segment import Segmenter, union_by_label
+from .segment import preprocess as segmenter_inputs
 
 if TYPE_CHECKING:
-    from .masks import MasksConfig
-    from .masks_loader import Item
+    from .loader import Item
 
 
 class GroundedSamPrep:
@@ -44,13 +47,11 @@ class GroundedSamPrep:
         self.nouns, self.detector_processor, self.segmenter_processor = nouns, detector_processor, segmenter_processor
 
     def parse(self, image: Any, captions: Sequence[str]) -> list[list[str]]:
-        from .nouns import noun_phrases
-
         return [noun_phrases(c, method=self.nouns) for c in captions]
 
     def preprocess(self, images: list) -> dict:
-        return {"detector": grounding_dino.preprocess(self.detector_processor, images),
-                "segmenter": segment.preprocess(self.segmenter_processor, images)}
+        return {"detector": detector_inputs(self.detector_processor, images),
+                "segmenter": segmenter_inputs(self.segmenter_processor, images)}
 
 
 class GroundedSam:
@@ -114,17 +115,14 @@ class GroundedSam:
         return out
 
 
-def build(cfg: "MasksConfig", device: Any) -> tuple[GroundedSamPrep, GroundedSam]:
+def build(cfg: MasksConfig, coco: CocoDataset, device: Any) -> tuple[GroundedSamPrep, GroundedSam]:
     """Load the detector and the segmenter on ``device`` (once per process); the noun vocabulary is built here,
-    before the loader's worker processes fork, so they share it."""
-    from .nouns import METHODS, default_nouns, noun_phrases
-
+    before the loader's worker processes fork, so they share it. ``coco`` is not needed (only the captions,
+    which the loader passes with each image)."""
     if cfg.nouns not in METHODS:
         raise ValueError(f"--nouns must be one of {', '.join(METHODS)}, got {cfg.nouns!r}")
     default_nouns()
     noun_phrases("a dog on a table", method=cfg.nouns)  # spaCy missing: fail now, with its install hint
-    from .masks import model_dtype
-
     dtype, _ = model_dtype(cfg)
     detector = Detector.load(cfg.detector, cfg.detector_revision, device, dtype, box_threshold=cfg.box_threshold,
                              text_threshold=cfg.text_threshold, batch_size=cfg.batch_size)
@@ -133,11 +131,8 @@ def build(cfg: "MasksConfig", device: Any) -> tuple[GroundedSamPrep, GroundedSam
     return prep, GroundedSam(detector, segmenter)
 
 
-def content(cfg: "MasksConfig") -> dict:
+def content(cfg: MasksConfig) -> dict:
     """The grounded-sam settings that decide the rows."""
-    from .masks import model_dtype
-    from .nouns import default_nouns
-
     dtype, _ = model_dtype(cfg)
     return {
         "detector": str(cfg.detector), "detector_revision": cfg.detector_revision,

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .defaults import GROUNDING_DINO
+from ..models.defaults import GROUNDING_DINO
 
 DEFAULT_DETECTOR = GROUNDING_DINO
 _DELIMITERS = re.compile(r"[.?]")
@@ -163,7 +163,7 @@ class Detector:
         """From a hub id or a local folder (``model_type`` must be grounding-dino); ``kwargs`` go to __init__."""
         from transformers import AutoImageProcessor, AutoModelForZeroShotObjectDetection, AutoTokenizer
 
-        from .hf_load import model_type, pretrained
+        from ..models.loading import model_type, pretrained
 
         kind = model_type(name, revision, "detector")
         if kind != "grounding-dino":

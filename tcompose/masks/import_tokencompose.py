@@ -12,7 +12,7 @@ Runbook::
     {"file_name": "000000000370.jpg", "text": "A little girl holds a piece of broccoli towards the camera.",
      "attn_list": [["girl", "seg/000000000370/mask_000000000370_girl.png"], ["piece", null], ...]}
 
-Each line becomes one row of :data:`tcompose.datasets.MASKS_COLUMNS` (source ``tokencompose``): the image
+Each line becomes one row of :data:`tcompose.io.datasets.MASKS_COLUMNS` (source ``tokencompose``): the image
 file's own bytes, ``caption`` = ``text`` with whitespace collapsed, ``phrases`` in ``attn_list`` order,
 ``categories`` empty strings (the original knows no COCO category), and per phrase its mask as a 1-bit PNG
 (grey PNG > 0 is foreground; of an RGB(A) PNG, as the original's ``plt.imsave`` wrote them, the first
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tcompose.stage_io import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
-from tcompose.datasets import DatasetError, ShardedWriter, encode_mask, image_struct
+from ..io.datasets import DatasetError, ShardedWriter, encode_mask, image_struct
+from ..io.stages import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
 
 SOURCE = "tokencompose"
 

@@ -22,8 +22,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .coco import CocoDataset, CocoImage, ImageReadError
-from .datasets import Shard
+from ..data.coco import CocoDataset, CocoImage, ImageReadError
+from ..io.datasets import Shard
 
 
 @dataclass

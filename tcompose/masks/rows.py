@@ -1,6 +1,6 @@
-"""The rows of one image of the masks stage (the columns of :data:`tcompose.datasets.MASKS_COLUMNS`).
+"""The rows of one image of the masks stage (the columns of :data:`tcompose.io.datasets.MASKS_COLUMNS`).
 
-:func:`rows_of` turns an :class:`~tcompose.masks_loader.Item` and its groundings into rows (masks encoded as
+:func:`rows_of` turns an :class:`~tcompose.masks.loader.Item` and its groundings into rows (masks encoded as
 1-bit PNGs; a missing or empty mask stored as null), the skips to list in the manifest and the counters to
 add to its ``stats``. It touches no shared state, so the stage runs it in threads while the models go on.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .datasets import encode_mask, image_struct
-from .masks_loader import Item
-from .masks_sources import Grounding, Source
+from ..io.datasets import encode_mask, image_struct
+from .interface import Grounding, Source
+from .loader import Item
 
 
 class Done:

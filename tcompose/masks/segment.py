@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .defaults import SEGMENTER
+from ..models.defaults import SEGMENTER
 
 DEFAULT_SEGMENTER = SEGMENTER
 SEGMENTER_TYPES = ("sam_hq", "sam")
@@ -63,7 +63,7 @@ class Segmenter:
         """From a hub id or a local folder: SamHQModel for ``model_type`` sam_hq, SamModel for sam."""
         from transformers import AutoImageProcessor, SamHQModel, SamModel
 
-        from .hf_load import model_type, pretrained
+        from ..models.loading import model_type, pretrained
 
         kind = model_type(name, revision, "segmenter")
         if kind not in SEGMENTER_TYPES:

@@ -12,15 +12,15 @@ Runbook::
     # killed? run the same command again: finished shards are kept, the rest is written, rows are identical
 
 Per image (in image-id order; ``--image-ids FILE`` and ``--limit`` select): its caption(s) (``--captions
-first|all|clip-best``, :mod:`tcompose.caption_choice`); the caption's phrases and a mask for each, from the
-source (:mod:`tcompose.masks_sources`). ``coco-gt``: the noun phrases that name one of the image's annotated
-categories (:func:`tcompose.vocab.match_categories`), each with the union of that category's instance masks.
-``grounded-sam`` (:mod:`tcompose.grounded_sam`): the caption's noun phrases (:mod:`tcompose.nouns`), each
+first|all|clip-best``, :mod:`tcompose.masks.caption_choice`); the caption's phrases and a mask for each, from the
+source (:mod:`tcompose.masks.sources`). ``coco-gt``: the noun phrases that name one of the image's annotated
+categories (:func:`tcompose.data.vocab.match_categories`), each with the union of that category's instance masks.
+``grounded-sam`` (:mod:`tcompose.masks.grounded_sam`): the caption's noun phrases (:mod:`tcompose.data.nouns`), each
 with the union of the SAM masks of the GroundingDINO boxes mapped to it, or null when no box was. One row
-per (image, caption) with the columns of :data:`tcompose.datasets.MASKS_COLUMNS`: the original JPEG bytes,
+per (image, caption) with the columns of :data:`tcompose.io.datasets.MASKS_COLUMNS`: the original JPEG bytes,
 the caption (whitespace collapsed), ``phrases``, ``categories``, ``masks`` (1-bit PNGs), ``source``.
 
-Images are read, decoded and preprocessed in ``workers`` DataLoader processes (:mod:`tcompose.masks_loader`);
+Images are read, decoded and preprocessed in ``workers`` DataLoader processes (:mod:`tcompose.masks.loader`);
 the main process runs the models on batches of ``batch_size`` images (grouped by size within a shard, never
 straddling one), so a batch holds the same images in a fresh, resumed or multi-process run; ``workers``
 threads encode the masks as PNGs meanwhile. For grounded-sam ``batch_size`` is one of the settings that
@@ -37,21 +37,21 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .caption_choice import DEFAULT_CLIP, check_mode, static_choice
-from .coco import CocoDataset
-from .datasets import DatasetError, ShardedWriter
-from .grounding_dino import DEFAULT_DETECTOR
-from .masks_loader import Collate, ImageSet, batches, plan_batches, select_ids
-from .masks_rows import Done, rows_of
-from .masks_sources import SOURCES, Grounding, Source
-from .segment import DEFAULT_SEGMENTER
-from .stage_io import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
+from ..data.coco import CocoDataset
+from ..io.datasets import DatasetError, ShardedWriter
+from ..io.stages import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
+from ..models.loading import DTYPES
+from .caption_choice import check_mode, static_choice
+from .config import MasksConfig, model_dtype, resolve_device
+from .interface import Source
+from .loader import Collate, ImageSet, batches, plan_batches, select_ids
+from .rows import Done, rows_of
+from .sources import SOURCES
 
-__all__ = ["MasksConfig", "Grounding", "Source", "SOURCES", "STATS_KEYS", "run", "content_config", "summary_line"]
+__all__ = ["STATS_KEYS", "run", "content_config", "summary_line"]
 
 #: Counters every masks manifest has under ``stats`` (summed over shards); a source adds its own
 #: (:attr:`Source.stats`; grounded-sam: ``boxes``, ``phrases_no_box``, ``phrases_not_prompted``).
@@ -68,79 +68,6 @@ STATS_KEYS = (
     "images_skipped_unreadable",  # image file missing, not decodable, or of another size than annotated
     "images_skipped_no_match",  # every considered caption of the image had no phrase
 )
-
-
-@dataclass
-class MasksConfig:
-    """Settings of ``tcompose masks`` (the CLI's default ``--source`` is grounded-sam; this class keeps
-    coco-gt, which needs no models, as the library default)."""
-
-    coco_dir: Path
-    """COCO-format folder: ``annotations/captions_{split}.json`` (+ ``instances_{split}.json`` for coco-gt) and
-    the images in ``{split}/``."""
-    output: Path
-    """Dataset folder to write (Parquet shards + manifest.json); rerunning into it resumes."""
-    split: str = "train2017"
-    """Which annotation files and image folder to read (``val2017`` for the 5k validation images)."""
-    source: str = "coco-gt"
-    """Where masks come from: ``coco-gt`` (COCO's instance masks) or ``grounded-sam`` (GroundingDINO + SAM).
-    The command line defaults to ``grounded-sam`` (the paper's masks); the library to ``coco-gt``, which loads
-    no model, so that code building a config (the demo, tests) never downloads by accident."""
-    captions: str = "first"
-    """``first``: one row per image, its first caption; ``all``: one row per caption; ``clip-best``: one row
-    per image, for the caption ``clip_model`` scores highest (what TokenCompose did)."""
-    limit: int | None = None
-    """Only the first N images in image-id order, after ``image_ids`` (None: all)."""
-    image_ids: Path | None = None
-    """A text file with one image id per line (``#`` comments and blank lines ignored): only those images."""
-    shard_size: int = 1000
-    """Images per Parquet shard; the unit of resuming and of splitting work between processes."""
-    include_crowd: bool = True
-    """coco-gt: use COCO crowd regions (``iscrowd=1``: a crowd of people, a pile of bananas) in a category's
-    mask. On by default: a caption's "people" or "bananas" refers to the crowd too, and leaving it out would
-    teach the model that part of the phrase's region is background. Off: crowd-only categories are absent."""
-    detector: str = DEFAULT_DETECTOR
-    """grounded-sam: GroundingDINO checkpoint, hub id or local folder."""
-    detector_revision: str | None = None
-    segmenter: str = DEFAULT_SEGMENTER
-    """grounded-sam: SAM-HQ (``model_type`` sam_hq) or SAM (sam) checkpoint, hub id or local folder."""
-    segmenter_revision: str | None = None
-    box_threshold: float = 0.25
-    """grounded-sam: keep a box when its highest token probability exceeds this."""
-    text_threshold: float = 0.25
-    """grounded-sam: map a kept box to a phrase only when that phrase's best token probability exceeds this."""
-    nouns: str = "vocab"
-    """grounded-sam: noun phrases by the bundled vocabulary (``vocab``) or spaCy's parser (``spacy``)."""
-    clip_model: str = DEFAULT_CLIP
-    """``--captions clip-best``: the CLIP model that scores captions (OpenAI ViT-L/14@336px, as the original)."""
-    clip_revision: str | None = None
-    batch_size: int = 8
-    """Images per model batch (grounded-sam: part of the settings, see the module docstring)."""
-    dtype: str = "fp32"
-    """Model precision: fp32, fp16 or bf16 (fp16 on CPU runs in fp32). Part of the settings: it moves masks."""
-    workers: int = 4
-    """DataLoader worker processes that read, decode and preprocess images (0: in the main process), and as
-    many threads encoding PNGs; coco-gt always works in the main process. Performance only."""
-    device: str | None = None
-    """Where the models run; None: cuda if available, else cpu (the CLI passes accelerate's device)."""
-
-    def __post_init__(self):
-        self.coco_dir = Path(self.coco_dir)
-        self.output = Path(self.output)
-        self.image_ids = Path(self.image_ids) if self.image_ids is not None else None
-
-
-def resolve_device(device: str | None):
-    import torch
-
-    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_dtype(cfg: MasksConfig) -> tuple[Any, str | None]:
-    """(torch dtype, note) the models run in: ``cfg.dtype`` on ``cfg.device`` (fp16 on CPU: fp32 + a note)."""
-    from .hf_load import torch_dtype
-
-    return torch_dtype(cfg.dtype, resolve_device(cfg.device))
 
 
 def content_config(cfg: MasksConfig, ids_digest: str | None = None) -> dict:
@@ -174,8 +101,6 @@ def _check(cfg: MasksConfig) -> None:
     for name in ("box_threshold", "text_threshold"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
-    from .hf_load import DTYPES
-
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
 

@@ -34,7 +34,7 @@ CLIP_VOCAB_SIZE = 49408
 # CLIP's pre-tokenisation: special tokens, English contractions, letter runs, single digits, other symbols.
 CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _WORDS_FILE = Path(__file__).resolve().parent / "resources" / "common_words.txt"
-_REPO_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repo
+_REPO_SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repo
 
 
 @lru_cache(maxsize=1)

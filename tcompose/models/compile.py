@@ -5,7 +5,7 @@
     uncompile_regions(unet)        # back to eager (before evaluating or saving)
 
 Why regions and not the whole UNet: the grounding losses capture cross-attention maps by swapping the
-attention processors of the supervised layers on every step (:mod:`tcompose.attention`); a whole-model graph
+attention processors of the supervised layers on every step (:mod:`tcompose.grounding.attention`); a whole-model graph
 would be invalidated each time. ResNet blocks and feed-forwards never see the processors, so their graphs
 compile once per input shape and are reused. ``module.compile()`` compiles in place: parameter names, the
 state dict and ``save_pretrained`` stay as they are.

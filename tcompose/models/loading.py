@@ -1,5 +1,11 @@
-"""Loading transformers vision models (detector, segmenter, CLIP) from a hub id or a local folder, offline-friendly.
+"""Loading models from a hub id or a local folder, offline-friendly: what every model loader shares.
 
+``local_path(name)`` tells a local folder from a hub id (a path that looks local but is missing is a
+``ModelFolderError``); ``hub_hint`` attaches a one-line hint to a hub loading error; ``offline()`` reads
+``HF_HUB_OFFLINE``; ``no_hf_progress_bars`` / ``quiet_transformers`` keep transformers' own bars and chatter
+out of a stage's output.
+
+For the transformers vision models (detector, segmenter, CLIP):
 ``pretrained(loader, name, revision)`` calls ``loader(name, revision=...)`` for a hub id and ``loader(folder)``
 for a local folder (a path that looks local but is missing is a one-line error); a hub failure becomes one
 line that says how to get the model (``HF_HUB_OFFLINE=1`` needs a warm cache). ``torch_dtype(name, device)``
@@ -10,14 +16,105 @@ precision are missing or slow) and says so in the returned note.
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from .models import ModelFolderError, _local_path, _offline
-
 T = TypeVar("T")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelFolderError(ValueError):
+    """A model path that is not a usable folder (missing, or without the expected subfolders/files)."""
+
+
+def tf_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers >= 4.56 names the argument ``dtype``; older versions ``torch_dtype``."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def local_path(name: str | os.PathLike) -> Path | None:
+    """The local folder ``name`` names, None for a hub id; ModelFolderError for a local path that is absent."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelFolderError(
+                f"{path} is a file; pass a model folder or a hub id such as CompVis/stable-diffusion-v1-4"
+            )
+        return path
+    text = str(name)
+    parts = text.replace("\\", "/").split("/")
+    local_like = (
+        isinstance(name, Path) or text.startswith((".", "/", "~")) or "\\" in text or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
+    if local_like:
+        raise ModelFolderError(
+            f"{path}: model folder not found. Pass an existing local folder (e.g. one written by "
+            "`StableDiffusionPipeline.save_pretrained` or `tcompose train-unet`) or a hub id such as "
+            "CompVis/stable-diffusion-v1-4."
+        )
+    return None
+
+
+def offline(local_files_only: bool | None = None) -> bool:
+    """Whether hub downloads are off: ``local_files_only``, or ``HF_HUB_OFFLINE`` set to 1/true/yes/on."""
+    if local_files_only:
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def hub_hint(model_id: str, local_files_only: bool | None) -> Iterator[None]:
+    """Re-raise a hub loading error unchanged, with a one-line hint attached."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelFolderError):
+            raise
+        if offline(local_files_only):
+            hint = (f"hint: {model_id!r} is not in the local Hugging Face cache and offline mode (HF_HUB_OFFLINE=1 / "
+                    f"local_files_only) forbids downloading it: fetch it once with network (`tcompose download "
+                    f"{model_id}`), point HF_HOME at a warm cache, or pass a local diffusers folder.")
+        else:
+            hint = (f"hint: could not load {model_id!r} from the Hugging Face Hub: check the id and --revision and "
+                    "the network, or pass a local diffusers folder.")
+        err.add_note(hint)
+        raise
+
+
+@contextlib.contextmanager
+def quiet_logger(logger_name: str) -> Iterator[None]:
+    """Drop a logger's records below ERROR. A filter, not setLevel: transformers reads its logger's level."""
+    import logging
+
+    log = logging.getLogger(logger_name)
+    drop = lambda record: record.levelno >= logging.ERROR  # noqa: E731
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """Turn off transformers' per-model progress bars ("Loading weights", "Writing model shards") inside the
+    block: one bar per component is noise next to a stage's own progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -28,7 +125,7 @@ def _hint(name: str, what: str) -> Iterator[None]:
     except (OSError, ValueError) as err:
         if isinstance(err, ModelFolderError):
             raise
-        if _offline(None):
+        if offline(None):
             hint = (f"the {what} {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
                     f"downloading it: fetch it once with network (`huggingface-cli download {name}`), point HF_HOME "
                     "at a warm cache, or pass a local folder written by save_pretrained")
@@ -60,7 +157,7 @@ def pretrained(loader: Callable[..., T], name: str, revision: str | None = None,
                **kwargs: Any) -> T:
     """``loader`` (a ``from_pretrained``) applied to a local folder or a hub id at ``revision``."""
     try:
-        local = _local_path(name)
+        local = local_path(name)
     except ModelFolderError:
         raise ModelFolderError(f"{name}: {what} folder not found; pass an existing local folder (written by "
                                "save_pretrained) or a hub id") from None

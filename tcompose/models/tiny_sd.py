@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import torch
 
 from .clip_bpe import write_clip_tokenizer
+from .loading import no_hf_progress_bars
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -120,7 +121,7 @@ def build_tiny_text_encoder(
         return CLIPTextModel(CLIPTextConfig(**cfg))
 
 
-def _write_tokenizer(out: Path, source: str | Path | None, corpus: Iterable[str] | None) -> None:
+def write_tokenizer(out: Path, source: str | Path | None, corpus: Iterable[str] | None) -> None:
     if source is None:
         write_clip_tokenizer(out, corpus=corpus)
         return
@@ -165,7 +166,7 @@ def write_tiny_pipeline(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write_tokenizer(tmp / "tokenizer", tokenizer_source, corpus)
+        write_tokenizer(tmp / "tokenizer", tokenizer_source, corpus)
         vocab = json.loads((tmp / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
         bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
         unet = build_tiny_unet(seed, size=size, **(unet_kwargs or {}))
@@ -175,8 +176,6 @@ def write_tiny_pipeline(
             len(vocab), seed + 2, hidden_size=unet.config.cross_attention_dim, bos_token_id=bos, eos_token_id=eos,
             pad_token_id=eos,
         )
-        from .models import no_hf_progress_bars  # models re-exports this module's builders: import late
-
         with no_hf_progress_bars():
             text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         (tmp / "scheduler").mkdir()

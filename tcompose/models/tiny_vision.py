@@ -23,12 +23,16 @@ queries, 256 text tokens, what ``IDEA-Research/grounding-dino-tiny`` holds) and 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
+from .clip import CLIP_MEAN, CLIP_STD, preprocess_config
+from .tiny_sd import write_tokenizer
 
 # BERT's (bert-base-uncased) ids that GroundingDINO's text masking relies on.
 BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
@@ -196,29 +200,144 @@ def write_tiny_sam(out_dir: str | os.PathLike, hq: bool = True, seed: int = 0) -
     return _atomic_dir(out_dir, write)
 
 
-def write_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, corpus: Iterable[str] | None = None) -> Path:
-    """Save a tiny CLIPModel + CLIPProcessor (32 px images, the small trained CLIP BPE) to ``out_dir``."""
-    import json
+# ----------------------------------------------------------------------------------------------------------
+# CLIP (train-clip, --captions clip-best)
 
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from transformers.models.clip import CLIPImageProcessorPil
+_TINY = dict(
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+    projection_dim=32,
+)
+# openai/clip-vit-base-patch16 and openai/clip-vit-large-patch14 (config.json), randomly initialised.
+_VIT_B = dict(
+    text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16),
+    projection_dim=512,
+)
+_VIT_L = dict(
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224, patch_size=14),
+    projection_dim=768,
+)
+CLIP_SIZES: dict[str, dict[str, Any]] = {"tiny": _TINY, "vit-b": _VIT_B, "vit-l": _VIT_L}
+CLIP_VOCAB_SIZE = 49408
 
+
+def build_clip(size: str = "tiny", seed: int = 0, vocab_size: int = CLIP_VOCAB_SIZE, bos_token_id: int | None = None,
+               eos_token_id: int | None = None, pad_token_id: int | None = None):
+    """A randomly initialised ``CLIPModel`` of ``size`` (tiny, vit-b, vit-l); the global RNG is untouched.
+
+    Special ids default to CLIP's layout (``<|startoftext|>`` = vocab_size - 2, ``<|endoftext|>`` = the last id
+    = padding). 77 text positions, quick_gelu, CLIP's initial temperature (logit_scale ln(1/0.07)).
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    if size not in CLIP_SIZES:
+        raise ValueError(f"unknown CLIP size {size!r}; choose one of {sorted(CLIP_SIZES)}")
+    spec = CLIP_SIZES[size]
+    eos = vocab_size - 1 if eos_token_id is None else eos_token_id
+    text = dict(spec["text"], vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu",
+                projection_dim=spec["projection_dim"], bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
+                eos_token_id=eos, pad_token_id=eos if pad_token_id is None else pad_token_id)
+    vision = dict(spec["vision"], hidden_act="quick_gelu", projection_dim=spec["projection_dim"])
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec["projection_dim"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPModel(config)
+
+
+def write_tiny_clip(out_dir: str | Path, tokenizer_source: str | Path | None = None, seed: int = 0, size: str = "tiny",
+                    corpus: Iterable[str] | None = None) -> Path:
+    """Write a random CLIPModel folder (weights, tokenizer, ``preprocessor_config.json``) atomically.
+
+    ``tokenizer_source`` as in :func:`tcompose.models.tiny_sd.write_tiny_pipeline`: None -> a small BPE learnt from
+    ``corpus``; CLIP's ``bpe_simple_vocab_16e6.txt.gz`` -> the real vocabulary; a tokenizer folder -> copied.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; pick another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_tokenizer(tmp, tokenizer_source, corpus)
+        vocab = json.loads((tmp / "vocab.json").read_text(encoding="utf-8"))
+        model = build_clip(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                           eos_token_id=vocab["<|endoftext|>"])
+        model.save_pretrained(tmp, safe_serialization=True)
+        cfg = preprocess_config(model.config.vision_config.image_size)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OWLv2 (multigen's detector)
+
+#: Architectures: ``large`` is OWLv2-L/14 (owlv2-large-patch14-ensemble's shapes, 1008 px, 72 x 72 boxes).
+OWLV2_SIZES = {
+    "tiny": dict(text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+                 vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=64, patch_size=16),
+                 projection_dim=32),
+    "large": dict(text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+                  vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=1008, patch_size=14),
+                  projection_dim=768),
+}
+
+
+def owlv2_config(size: str = "tiny", vocab_size: int = 49408, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None):
+    """An ``Owlv2Config`` of one of :data:`OWLV2_SIZES` (16-token queries, as every OWLv2)."""
+    from transformers import Owlv2Config
+
+    spec = OWLV2_SIZES[size]
+    text = dict(spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
+                bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
+                eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
+                pad_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id)
+    return Owlv2Config(text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"])
+
+
+def build_owlv2(size: str = "tiny", seed: int = 0, **config_kwargs: Any):
+    """A random ``Owlv2ForObjectDetection`` of :func:`owlv2_config` ``(size)``."""
+    from transformers import Owlv2ForObjectDetection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Owlv2ForObjectDetection(owlv2_config(size, **config_kwargs)).eval()
+
+
+def write_tiny_owlv2(out_dir: str | Path, tokenizer_source: str | Path | None = None, seed: int = 0,
+                     size: str = "tiny") -> Path:
+    """Write a random OWLv2 folder that :meth:`tcompose.evaluate.detect.Owlv2Detector.load` (and ``Owlv2ForObjectDetection`` /
+    ``AutoTokenizer.from_pretrained``) reads: safetensors weights, a 16-token CLIP tokenizer (the real BPE from
+    ``tokenizer_source`` = ``bpe_simple_vocab_16e6.txt.gz``, else a small one trained on category names), and
+    ``preprocessor_config.json``."""
+    from ..data.categories import ADE20K_150, COCO_80
     from .clip_bpe import write_clip_tokenizer
 
-    def write(tmp: Path) -> None:
-        write_clip_tokenizer(tmp / "tok", corpus=corpus, vocab_size=1024)
-        vocab = json.loads((tmp / "tok" / "vocab.json").read_text(encoding="utf-8"))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
-        eos = vocab["<|endoftext|>"]
-        text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                    eos_token_id=eos, pad_token_id=eos)
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      image_size=32, patch_size=8)
-        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
-        _seeded(seed, lambda: CLIPModel(cfg)).save_pretrained(tmp)
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
-        shutil.rmtree(tmp / "tok")
-
-    return _atomic_dir(out_dir, write)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = [f"a photo of a {n}" for n in COCO_80 + ADE20K_150]  # the detector's queries (evaluate.detect)
+    write_clip_tokenizer(out, bpe_path=tokenizer_source, corpus=None if tokenizer_source else corpus)
+    cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["model_max_length"] = 16
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    model = build_owlv2(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                        eos_token_id=vocab["<|endoftext|>"])
+    model.save_pretrained(out, safe_serialization=True)
+    n = model.config.vision_config.image_size
+    pre = {"image_processor_type": "Owlv2ImageProcessor", "do_rescale": True, "rescale_factor": 1 / 255,
+           "do_pad": True, "do_resize": True, "size": {"height": n, "width": n}, "do_normalize": True,
+           "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return out

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import RowReader, check_columns, decode_mask, load_manifest
-from .text import phrases_token_positions, tokenize_captions
+from ..data.text import phrases_token_positions, tokenize_captions
+from ..io.datasets import RowReader, check_columns, decode_mask, load_manifest
 
 
 @dataclass
@@ -125,7 +125,7 @@ def load_pixels(image_bytes: bytes, resolution: int, flip: bool = False) -> tupl
 class TrainingExamples(Dataset):
     """Indexed by ``(row, global_example_number)``; returns one example with its own noise and timestep.
 
-    With ``latents`` (a :class:`tcompose.latent_cache.LatentCache`) an example carries the VAE's cached
+    With ``latents`` (a :class:`tcompose.train.latent_cache.LatentCache`) an example carries the VAE's cached
     ``latent_moments`` ``[2, C, h, w]`` (mean, std of the chosen orientation) instead of ``pixel_values``;
     its image is then not read at all (only its masks), and everything random stays the same.
     """
@@ -187,8 +187,8 @@ class TrainingExamples(Dataset):
 
 def collate(examples: list[dict]) -> dict:
     """Stack examples (``pixel_values`` or cached ``latent_moments``); words are padded to ``[B, W, K]``
-    (see :func:`tcompose.losses.pad_words`)."""
-    from .losses import pad_words
+    (see :func:`tcompose.grounding.losses.pad_words`)."""
+    from ..grounding.losses import pad_words
 
     index, valid = pad_words([e["words"] for e in examples])
     b, w = index.shape[:2]
@@ -209,42 +209,3 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-class MicroBatches:
-    """Batch sampler: this process's ``(row, example number)`` keys for each micro-step from ``start`` on.
-
-    Micro-step ``m`` takes global batch ``m`` of epoch ``m // batches_per_epoch`` (the last incomplete batch
-    of an epoch is dropped); process ``rank`` takes its ``per_process`` slice of it.
-    """
-
-    def __init__(self, rows: list[int], per_process: int, world_size: int, rank: int, seed: int, start: int = 0, stop: int | None = None):
-        self.rows = rows
-        self.per_process = per_process
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-        self.start = start
-        self.stop = stop
-        self.global_batch = per_process * world_size
-        if len(rows) < self.global_batch:
-            raise ValueError(
-                f"{len(rows)} training examples cannot fill one batch of {self.global_batch} "
-                f"(--batch-size x processes); lower --batch-size or add data"
-            )
-        self.per_epoch = len(rows) // self.global_batch
-
-    def keys(self, micro_step: int) -> list[tuple[int, int]]:
-        epoch, j = divmod(micro_step, self.per_epoch)
-        perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
-        first = j * self.global_batch + self.rank * self.per_process
-        return [(self.rows[perm[first + i]], micro_step * self.global_batch + self.rank * self.per_process + i) for i in range(self.per_process)]
-
-    def __iter__(self):
-        m = self.start
-        while self.stop is None or m < self.stop:
-            yield self.keys(m)
-            m += 1
-
-    def __len__(self) -> int:
-        if self.stop is None:
-            raise TypeError("an open-ended MicroBatches has no length")
-        return self.stop - self.start

@@ -10,10 +10,10 @@ Runbook::
 What is cached: for every image of the masks dataset (rows are deduplicated by ``image_id``, so the captions
 of one image share one entry; held-out rows are included, so the cache does not depend on the split) the
 parameters of the VAE's latent distribution, ``mean`` and ``std`` (``DiagonalGaussianDistribution``: std =
-exp(logvar / 2)), of the center-cropped, resized image (:func:`tcompose.training_data.load_pixels`). With
+exp(logvar / 2)), of the center-cropped, resized image (:func:`tcompose.train.examples.load_pixels`). With
 ``--random-flip`` both orientations are cached (the flipped image is encoded; the VAE is not flip-equivariant).
 Training then samples ``latents = (mean + std * eps) * scaling_factor`` with each example's own ``eps``, as
-without the cache (:func:`tcompose.objective.encode_batch`).
+without the cache (:func:`tcompose.grounding.objective.encode_batch`).
 
 Precision: the moments are stored in the dtype the VAE runs in, which is the training's ``--mixed-precision``
 (float32 with ``no``, bfloat16 with ``bf16``, float16 with ``fp16``; train-unet casts the frozen VAE to it).
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .datasets import MANIFEST, RowReader, shard_files, write_json_atomic
+from ..io.datasets import MANIFEST, RowReader, shard_files, write_json_atomic
 
 CACHE_VERSION = 1
 INDEX = "cache.json"
@@ -161,7 +161,7 @@ class _EntryImages(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from .training_data import load_pixels
+        from .examples import load_pixels
 
         pixels, size = load_pixels(self.reader[self.rows[i]]["image"]["bytes"], self.resolution)
         # flipping after the resize only reorders pixels: equal to load_pixels(..., flip=True)
@@ -210,7 +210,7 @@ def prepare_latent_cache(root: str | Path, prep, vae, resolution: int, flipped: 
     """Reuse the cache under ``root`` if it matches (see the module docstring), else build it; every process
     calls this (``barrier``: e.g. ``accelerator.wait_for_everyone``) and gets the same :class:`LatentCache`.
 
-    ``prep``: :class:`tcompose.training_data.PreparedRows` (its ``data_dir`` and ``image_ids``); ``vae`` on
+    ``prep``: :class:`tcompose.train.examples.PreparedRows` (its ``data_dir`` and ``image_ids``); ``vae`` on
     its device and in its training dtype.
     """
     from safetensors.torch import save_file

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .defaults import BASE_MODEL
+from ..models.defaults import BASE_MODEL
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -75,9 +75,9 @@ class TrainUnetConfig:
     eval_max_examples: int = 64
     eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
     random_flip: bool = False  # flips image and masks together; captions saying left/right become wrong
-    cache_latents: bool = False  # encode each image once into OUT/latent_cache/ (tcompose.latent_cache)
+    cache_latents: bool = False  # encode each image once into OUT/latent_cache/ (tcompose.train.latent_cache)
     channels_last: bool = False  # UNet weights and the latents in torch.channels_last
-    compile: bool = False  # torch.compile the UNet's ResNet blocks and feed-forwards (tcompose.compile)
+    compile: bool = False  # torch.compile the UNet's ResNet blocks and feed-forwards (tcompose.models.compile)
     num_workers: int = 4
     log_every: int = 10
     allow_tf32: bool = True
@@ -96,7 +96,7 @@ class TrainUnetConfig:
             raise ValueError(f"--resolution must be a multiple of 8, got {self.resolution}")
         if self.lambda_token < 0 or self.gamma_pixel < 0:
             raise ValueError("--lambda and --gamma must be >= 0")
-        from .attention import parse_layers
+        from ..grounding.attention import parse_layers
 
         parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
 
@@ -139,12 +139,13 @@ def run(cfg: TrainUnetConfig) -> dict:
     from diffusers.optimization import get_scheduler
     from torch.utils.data import DataLoader
 
-    from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
-    from .datasets import check_columns, load_manifest, write_json_atomic
-    from .grounding import grounding_score
-    from .models import load_components
-    from .objective import encode_batch, tokencompose_losses
-    from .training_data import MicroBatches, TrainingExamples, collate, prepare_rows, split_heldout
+    from ..grounding.objective import encode_batch, tokencompose_losses
+    from ..grounding.score import grounding_score
+    from ..io.batches import MicroBatches
+    from ..io.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+    from ..io.datasets import check_columns, load_manifest, write_json_atomic
+    from ..models.stable_diffusion import load_components
+    from .examples import TrainingExamples, collate, prepare_rows, split_heldout
 
     load_manifest(cfg.data)  # bad data fails before any model is loaded
     check_columns(cfg.data, "masks")
@@ -244,7 +245,7 @@ def run(cfg: TrainUnetConfig) -> dict:
                         pin_memory=device.type == "cuda", persistent_workers=False)
 
     if cfg.compile:  # after the "before" score: evaluation runs eager (no extra no-grad graphs to compile)
-        from .compile import compile_regions
+        from ..models.compile import compile_regions
 
         n = compile_regions(accelerator.unwrap_model(unet))
         log(f"compile: {n} UNet regions (ResNet blocks, feed-forwards) compile on the first steps")
@@ -294,7 +295,7 @@ def run(cfg: TrainUnetConfig) -> dict:
                 break
     train_s = time.perf_counter() - t0
     if cfg.compile:
-        from .compile import uncompile_regions
+        from ..models.compile import uncompile_regions
 
         uncompile_regions(accelerator.unwrap_model(unet))
     accelerator.wait_for_everyone()
@@ -367,7 +368,7 @@ def _save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path) -> None:
     """The base pipeline with the trained UNet (and the swapped text encoder), reloaded in float32 and saved."""
     from diffusers import StableDiffusionPipeline
 
-    from .models import load_text_encoder
+    from ..models.stable_diffusion import load_text_encoder
 
     parts = {"unet": unet}
     if cfg.text_encoder:

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from tcompose.bench_baseline import baseline_losses, keep_all_attention
-from tcompose.bench_train import LAYERS, TC, count_flops, make_batch, make_scheduler
-from tcompose.objective import tokencompose_losses
-from tcompose.tiny_models import build_tiny_unet
+from tcompose.bench.baseline import baseline_losses, keep_all_attention
+from tcompose.bench.train import LAYERS, TC, count_flops, make_batch, make_scheduler
+from tcompose.grounding.objective import tokencompose_losses
+from tcompose.models.tiny_sd import build_tiny_unet
 
 
 def _positive(value) -> bool:

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tcompose.clip_loss import distributed_info_nce, gather_with_grad
-from tcompose.losses import info_nce, info_nce_local
+from tcompose.clip.loss import distributed_info_nce, gather_with_grad, info_nce, info_nce_local
 
 
 def hand_info_nce(img, txt, scale, labels=None):
@@ -46,7 +45,7 @@ def test_info_nce_equals_float64_loops(scale):
 
 
 def test_info_nce_equals_transformers_clip_loss():
-    from tcompose.clip_models import build_clip
+    from tcompose.models.tiny_vision import build_clip
 
     model = build_clip("tiny", seed=1, vocab_size=200).eval()
     with torch.no_grad():
@@ -178,8 +177,8 @@ def test_train_clip_two_processes_equal_one_process_with_doubled_batch(tmp_path)
     from safetensors.torch import load_file
     from test_train_clip import SHAPES, write_crops
 
-    from tcompose.clip_models import write_tiny_clip
-    from tcompose.train_clip import TrainClipConfig, run
+    from tcompose.clip.loop import TrainClipConfig, run
+    from tcompose.models.tiny_vision import write_tiny_clip
 
     crops = write_crops(tmp_path / "crops", n_images=40)
     base = write_tiny_clip(tmp_path / "clip", corpus=[f"a photo of a {n}" for n, _ in SHAPES.values()])

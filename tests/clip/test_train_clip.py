@@ -16,11 +16,13 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from tcompose.cli import main
-from tcompose.clip_data import Preprocess, read_crops, split_by_image
-from tcompose.clip_eval import compare, format_table, recall_at_k, topk_accuracy
-from tcompose.clip_models import build_clip, lock_towers, no_decay, param_groups, preprocess_config, write_tiny_clip
-from tcompose.datasets import ShardedWriter, image_struct
-from tcompose.train_clip import TrainClipConfig, lr_factor, run, total_steps
+from tcompose.clip.data import Preprocess, read_crops, split_by_image
+from tcompose.clip.eval import compare, format_table, recall_at_k, topk_accuracy
+from tcompose.clip.loop import TrainClipConfig, lr_factor, run, total_steps
+from tcompose.clip.towers import lock_towers, no_decay, param_groups
+from tcompose.io.datasets import ShardedWriter, image_struct
+from tcompose.models.clip import preprocess_config
+from tcompose.models.tiny_vision import build_clip, write_tiny_clip
 
 SHAPES = {1: ("ball", (215, 35, 35)), 2: ("box", (35, 70, 215)), 3: ("cup", (40, 165, 60)),
           4: ("kite", (240, 215, 40)), 5: ("ring", (145, 55, 190)), 6: ("bar", (250, 250, 250))}
@@ -279,13 +281,13 @@ def test_cli_bad_input_is_one_clear_line(setup, tmp_path, capsys):
 def test_finetuned_text_encoder_is_used_by_train_unet_and_generation(trained, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from tcompose.masks import MasksConfig
-    from tcompose.masks import run as make_masks
-    from tcompose.models import TextEncoderMismatchError, load_components
-    from tcompose.synthetic import make_scenes
-    from tcompose.tiny_models import write_tiny_pipeline
-    from tcompose.train_unet import TrainUnetConfig
-    from tcompose.train_unet import run as train_unet
+    from tcompose.data.synthetic import make_scenes
+    from tcompose.masks.config import MasksConfig
+    from tcompose.masks.stage import run as make_masks
+    from tcompose.models.stable_diffusion import TextEncoderMismatchError, load_components
+    from tcompose.models.tiny_sd import write_tiny_pipeline
+    from tcompose.train.loop import TrainUnetConfig
+    from tcompose.train.loop import run as train_unet
 
     out, _ = trained
     finetuned = load_file(out / "text_encoder" / "model.safetensors")
@@ -300,8 +302,8 @@ def test_finetuned_text_encoder_is_used_by_train_unet_and_generation(trained, tm
     saved = pipe.text_encoder.state_dict()
     assert saved.keys() == finetuned.keys() and all(torch.equal(saved[k], finetuned[k]) for k in finetuned)
     # generate --text-encoder OUT: the base model with OUT's text tower and tokenizer
-    from tcompose.generate import GenerateConfig, load_pipeline
-    from tcompose.generate import run as generate
+    from tcompose.evaluate.generate import GenerateConfig, load_pipeline
+    from tcompose.evaluate.generate import run as generate
 
     gen = load_pipeline(str(base), text_encoder=str(out), dtype="fp32", device="cpu")
     assert all(torch.equal(gen.text_encoder.state_dict()[k], finetuned[k]) for k in finetuned)

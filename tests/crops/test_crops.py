@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
 
-from tcompose.coco import CocoError
-from tcompose.crop_geometry import CLIP_MEAN_RGB, crop_box, cut, inside_fraction, output_size
-from tcompose.crops import STATS_KEYS, CropsConfig, run, summary_line
-from tcompose.datasets import MANIFEST, DatasetError, ShardedWriter, iter_rows, shard_files
-from tcompose.synthetic import make_scenes
+from tcompose.crops.geometry import CLIP_MEAN_RGB, crop_box, cut, inside_fraction, output_size
+from tcompose.crops.stage import STATS_KEYS, CropsConfig, run, summary_line
+from tcompose.data.coco import CocoError
+from tcompose.data.synthetic import make_scenes
+from tcompose.io.datasets import MANIFEST, DatasetError, ShardedWriter, iter_rows, shard_files
 
 GREY = np.array(CLIP_MEAN_RGB, dtype=float)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from tcompose.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
-from tcompose.synthetic import make_scenes
+from tcompose.data.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
+from tcompose.data.synthetic import make_scenes
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tcompose.coco import CocoDataset, ImageReadError, annotation_mask
-from tcompose.synthetic import CATEGORIES, COLOURS, TABLE_RGB, make_scenes
-from tcompose.vocab import match_categories
+from tcompose.data.coco import CocoDataset, ImageReadError, annotation_mask
+from tcompose.data.synthetic import CATEGORIES, COLOURS, TABLE_RGB, make_scenes
+from tcompose.data.vocab import match_categories
 
 
 @pytest.fixture(scope="module")

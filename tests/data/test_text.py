@@ -1,4 +1,4 @@
-"""tcompose.text: phrase -> CLIP token positions, on the real CLIP vocabulary and real COCO captions."""
+"""tcompose.data.text: phrase -> CLIP token positions, on the real CLIP vocabulary and real COCO captions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from tcompose.clip_bpe import write_clip_tokenizer
-from tcompose.text import phrase_token_positions, tokenize_captions, word_positions
+from tcompose.data.text import phrase_token_positions, tokenize_captions, word_positions
+from tcompose.models.clip_bpe import write_clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_small_trained_tokenizer(tmp_path):
 
 
 def test_phrases_claim_their_tokens_longest_first(tok):
-    from tcompose.text import phrases_token_positions
+    from tcompose.data.text import phrases_token_positions
 
     caption = "A hot dog and a dog on a plate"
     hot_dog, dog, plate = phrases_token_positions(tok, caption, ["hot dog", "dog", "plate"])

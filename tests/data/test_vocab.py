@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from tcompose.coco import CocoDataset
-from tcompose.vocab import Vocabulary, default_vocabulary, match_categories, normalize_name, pluralize
+from tcompose.data.coco import CocoDataset
+from tcompose.data.vocab import Vocabulary, default_vocabulary, match_categories, normalize_name, pluralize
 
 
 @pytest.mark.parametrize(

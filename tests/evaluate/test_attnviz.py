@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tcompose.attention_maps import MapAccumulator, combine_groups, group_hw, normalize, parse_steps, word_maps
-from tcompose.attnviz import AttnvizConfig, draw_figure, figure_size, load_maps, maps_path, run
 from tcompose.cli import main
-from tcompose.generate import GenerateConfig
-from tcompose.generate import run as generate
-from tcompose.model_spec import ModelSpec, parse_model_spec, parse_model_specs
-from tcompose.tiny_models import write_tiny_pipeline
+from tcompose.evaluate.attnviz import AttnvizConfig, draw_figure, figure_size, load_maps, maps_path, run
+from tcompose.evaluate.generate import GenerateConfig
+from tcompose.evaluate.generate import run as generate
+from tcompose.grounding.attention_maps import MapAccumulator, combine_groups, group_hw, normalize, parse_steps, word_maps
+from tcompose.models.spec import ModelSpec, parse_model_spec, parse_model_specs
+from tcompose.models.tiny_sd import write_tiny_pipeline
 
 PROMPT = "A cat and a wine glass"
 SIZE = 32
@@ -189,7 +189,7 @@ def test_cli_attnviz(models, tmp_path, capsys):
 
 
 def test_default_words_are_the_prompts_noun_phrases():
-    from tcompose.attnviz import default_words
+    from tcompose.evaluate.attnviz import default_words
 
     assert default_words(PROMPT) == ["cat", "wine glass"]
     with pytest.raises(ValueError, match="no noun phrases"):

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from scipy import ndimage as ndi
 
-from tcompose.detect import Detections, Owlv2Detector, postprocess, query_text, resample_matrix, write_tiny_owlv2
+from tcompose.evaluate.detect import Detections, Owlv2Detector, postprocess, query_text, resample_matrix
+from tcompose.models.tiny_vision import write_tiny_owlv2
 
 
 @pytest.fixture(scope="module")

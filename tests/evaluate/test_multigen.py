@@ -10,10 +10,17 @@ import shutil
 import numpy as np
 import pytest
 
-from tcompose.categories import ADE20K_150, ADE20K_OBJECTS, COCO_80, MULTIGEN_CATEGORIES
-from tcompose.multigen import score
-from tcompose.multigen_prompts import (PROMPT_SETS, PromptSetError, fetch_prompt_set, prompt_text, read_prompt_file,
-                                       resolve_prompts, sample_prompts)
+from tcompose.data.categories import ADE20K_150, ADE20K_OBJECTS, COCO_80, MULTIGEN_CATEGORIES
+from tcompose.evaluate.multigen.prompts import (
+    PROMPT_SETS,
+    PromptSetError,
+    fetch_prompt_set,
+    prompt_text,
+    read_prompt_file,
+    resolve_prompts,
+    sample_prompts,
+)
+from tcompose.evaluate.multigen.scoring import score
 
 ABCDE, FGHIJ, ACEGI = list("abcde"), list("fghij"), list("acegi")
 
@@ -169,8 +176,8 @@ def test_sampled_prompts():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tcompose.detect import write_tiny_owlv2
-    from tcompose.tiny_models import write_tiny_pipeline
+    from tcompose.models.tiny_sd import write_tiny_pipeline
+    from tcompose.models.tiny_vision import write_tiny_owlv2
 
     root = tmp_path_factory.mktemp("mg")
     corpus = [p.text for p in sample_prompts(COCO_80, 20, seed=0)]
@@ -178,7 +185,7 @@ def tiny(tmp_path_factory):
 
 
 def _config(tiny, out, models=("A", "B"), **kw):
-    from tcompose.multigen import MultigenConfig
+    from tcompose.evaluate.multigen.stage import MultigenConfig
 
     base = dict(models=[f"{m}={tiny['sd']}" for m in models], output=out, sample_seed=0, prompts=3, images=2,
                 steps=2, height=32, width=32, detector=str(tiny["owl"]), device="cpu", part_size=2,
@@ -187,7 +194,7 @@ def _config(tiny, out, models=("A", "B"), **kw):
 
 
 def _rows(out, name):
-    from tcompose.multigen_store import read_records
+    from tcompose.evaluate.multigen.store import read_records
 
     rows = read_records(out / "detections" / name)
     return {k: (r["labels"], r["scores"], r["boxes"]) for k, r in sorted(rows.items())}
@@ -205,9 +212,9 @@ def _same_rows(a: dict, b: dict) -> bool:
 
 @pytest.mark.slow
 def test_multigen_resume_after_kill_processes_and_score_only(tiny, tmp_path, monkeypatch):
-    from tcompose import multigen_store
     from tcompose.cli import main
-    from tcompose.multigen import rescore, run
+    from tcompose.evaluate.multigen import store as multigen_store
+    from tcompose.evaluate.multigen.stage import rescore, run
 
     ref = run(_config(tiny, tmp_path / "ref"), progress=False)
     assert set(ref["models"]) == {"A", "B"} and ref["models"]["A"] == ref["models"]["B"]  # same seeds, same model

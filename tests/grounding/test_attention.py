@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcompose.attention import average_maps, capture_cross_attention, cross_attention_modules
-from tcompose.losses import grounding_losses, pad_words
-from tcompose.tiny_models import build_tiny_unet
+from tcompose.grounding.attention import average_maps, capture_cross_attention, cross_attention_modules
+from tcompose.grounding.losses import grounding_losses, pad_words
+from tcompose.models.tiny_sd import build_tiny_unet
 
 
 @pytest.fixture(scope="module")

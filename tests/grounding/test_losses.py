@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tcompose.losses import (
+from tcompose.grounding.losses import (
     _bce,
     attention_in_mask,
     grounding_losses,

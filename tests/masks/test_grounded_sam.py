@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from tcompose.caption_choice import best_per_image
-from tcompose.datasets import MANIFEST, DatasetError, ShardedWriter, decode_mask, iter_rows, schema_for, shard_files
-from tcompose.grounding_dino import assign_phrases, boxes_to_pixels, build_prompts, clean_phrase
-from tcompose.masks import STATS_KEYS, MasksConfig, run
-from tcompose.masks_sources import SOURCES
-from tcompose.segment import scale_boxes, union_by_label
-from tcompose.synthetic import make_scenes
-from tcompose.tiny_vision import bert_tokenizer
+from tcompose.data.synthetic import make_scenes
+from tcompose.io.datasets import MANIFEST, DatasetError, ShardedWriter, decode_mask, iter_rows, schema_for, shard_files
+from tcompose.masks.caption_choice import best_per_image
+from tcompose.masks.config import MasksConfig
+from tcompose.masks.grounding_dino import assign_phrases, boxes_to_pixels, build_prompts, clean_phrase
+from tcompose.masks.segment import scale_boxes, union_by_label
+from tcompose.masks.sources import SOURCES
+from tcompose.masks.stage import STATS_KEYS, run
+from tcompose.models.tiny_vision import bert_tokenizer
 
 # --------------------------------------------------------------------------------------------------------------
 # Phrase mapping on hand-made outputs
@@ -120,7 +121,7 @@ def test_boxes_masks_and_caption_choice_helpers():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tcompose.tiny_vision import write_tiny_clip, write_tiny_grounding_dino, write_tiny_sam
+    from tcompose.models.tiny_vision import write_tiny_clip, write_tiny_grounding_dino, write_tiny_sam
 
     root = tmp_path_factory.mktemp("models")
     scenes = make_scenes(root / "coco", n_images=7, size=48, seed=3, corrupt=1)
@@ -143,8 +144,13 @@ def _images(scenes, n=3):
 
 def _reference_masks(tiny, image, phrases, gd="gd", box_t=0.25, text_t=0.25):
     """One image through transformers' own processors and post-processing: per phrase, the OR of its boxes' masks."""
-    from transformers import AutoModelForZeroShotObjectDetection, AutoTokenizer, GroundingDinoProcessor, SamHQModel
-    from transformers import SamHQProcessor
+    from transformers import (
+        AutoModelForZeroShotObjectDetection,
+        AutoTokenizer,
+        GroundingDinoProcessor,
+        SamHQModel,
+        SamHQProcessor,
+    )
     from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
     from transformers.models.sam import SamImageProcessorPil
 
@@ -180,8 +186,8 @@ def _reference_masks(tiny, image, phrases, gd="gd", box_t=0.25, text_t=0.25):
 
 
 def test_ground_phrases_match_transformers_reference(tiny):
-    from tcompose import grounding_dino, segment
-    from tcompose.grounded_sam import GroundedSam
+    from tcompose.masks import grounding_dino, segment
+    from tcompose.masks.grounded_sam import GroundedSam
 
     det = grounding_dino.Detector.load(str(tiny["gd"]), batch_size=2)  # 3 images: two detector batches
     seg = segment.Segmenter.load(str(tiny["sam_hq"]), batch_size=2)
@@ -205,8 +211,8 @@ def test_ground_phrases_match_transformers_reference(tiny):
 
 
 def test_long_prompt_becomes_several_detector_passes(tiny):
-    from tcompose import grounding_dino, segment
-    from tcompose.grounded_sam import GroundedSam
+    from tcompose.masks import grounding_dino, segment
+    from tcompose.masks.grounded_sam import GroundedSam
 
     det = grounding_dino.Detector.load(str(tiny["gd_short"]))  # 12 text tokens
     seg = segment.Segmenter.load(str(tiny["sam_hq"]))
@@ -243,8 +249,8 @@ def reference_run(tiny, tmp_path_factory):
 def test_end_to_end_schema_phrases_union_and_counts(tiny, reference_run, tmp_path):
     import datasets
 
-    from tcompose.coco import CocoDataset
-    from tcompose.nouns import noun_phrases
+    from tcompose.data.coco import CocoDataset
+    from tcompose.data.nouns import noun_phrases
 
     cfg, manifest = reference_run
     for f in shard_files(cfg.output):
@@ -284,7 +290,7 @@ def test_end_to_end_schema_phrases_union_and_counts(tiny, reference_run, tmp_pat
 
 
 def test_strict_thresholds_keep_phrases_without_boxes(tiny, reference_run, tmp_path):
-    from tcompose.masks import summary_line
+    from tcompose.masks.stage import summary_line
 
     manifest = run(_cfg(tiny, tmp_path / "strict", box_threshold=0.99, text_threshold=0.9999), progress=False)
     s, ref = manifest["stats"], reference_run[1]["stats"]
@@ -330,7 +336,7 @@ def test_clip_best_with_sam(tiny, tmp_path):
     from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
     from transformers.models.clip import CLIPImageProcessorPil
 
-    from tcompose.coco import CocoDataset
+    from tcompose.data.coco import CocoDataset
 
     cfg = _cfg(tiny, tmp_path / "clip", captions="clip-best", clip_model=str(tiny["clip"]), segmenter=str(tiny["sam"]))
     manifest = run(cfg, progress=False)
@@ -376,9 +382,9 @@ def test_cli_image_ids_dtype_note_and_errors(tiny, tmp_path):
 
 
 def test_bad_settings_are_clear(tiny, tmp_path):
-    from tcompose.grounding_dino import Detector
-    from tcompose.models import ModelFolderError
-    from tcompose.segment import Segmenter
+    from tcompose.masks.grounding_dino import Detector
+    from tcompose.masks.segment import Segmenter
+    from tcompose.models.loading import ModelFolderError
 
     out = tmp_path / "o"
     for kw, message in ((dict(nouns="magic"), "--nouns must be"), (dict(dtype="fp8"), "--dtype must be"),
@@ -394,7 +400,7 @@ def test_bad_settings_are_clear(tiny, tmp_path):
 
 
 def test_segmenter_box_chunks_and_images_without_boxes(tiny):
-    from tcompose import segment
+    from tcompose.masks import segment
 
     seg = segment.Segmenter.load(str(tiny["sam_hq"]))
     images = _images(tiny["scenes"], 2)
@@ -412,9 +418,9 @@ def test_train_unet_reads_a_grounded_sam_dataset(tiny, reference_run, tmp_path):
     """The stages compose: grounded-sam rows (empty categories, null masks for phrases without a box) train."""
     import json
 
-    from tcompose.tiny_models import write_tiny_pipeline
-    from tcompose.train_unet import TrainUnetConfig
-    from tcompose.train_unet import run as train
+    from tcompose.models.tiny_sd import write_tiny_pipeline
+    from tcompose.train.loop import TrainUnetConfig
+    from tcompose.train.loop import run as train
 
     cfg, _ = reference_run
     captions = [a["caption"] for a in json.loads((tiny["scenes"] / "annotations" / "captions_train2017.json").read_text())["annotations"]]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tcompose.datasets import MANIFEST, DatasetError, ShardedWriter, check_columns, decode_mask, iter_rows, shard_files
-from tcompose.import_tokencompose import STATS_KEYS, ImportConfig, image_id_for, mask_path, run, summary_line
+from tcompose.io.datasets import MANIFEST, DatasetError, ShardedWriter, check_columns, decode_mask, iter_rows, shard_files
+from tcompose.masks.import_tokencompose import STATS_KEYS, ImportConfig, image_id_for, mask_path, run, summary_line
 
 
 def _mask(h, w, y0, x0, y1, x1):

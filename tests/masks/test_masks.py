@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tcompose import masks as masks_stage
-from tcompose.coco import CocoDataset, CocoError
-from tcompose.datasets import MANIFEST, DatasetError, ShardedWriter, decode_mask, iter_rows, shard_files
-from tcompose.masks import STATS_KEYS, MasksConfig, run
-from tcompose.synthetic import CATEGORIES, make_scenes
+from tcompose.data.coco import CocoDataset, CocoError
+from tcompose.data.synthetic import CATEGORIES, make_scenes
+from tcompose.io.datasets import MANIFEST, DatasetError, ShardedWriter, decode_mask, iter_rows, shard_files
+from tcompose.masks import stage as masks_stage
+from tcompose.masks.config import MasksConfig
+from tcompose.masks.stage import STATS_KEYS, run
 
 
 def _rows(out):

@@ -1,4 +1,4 @@
-"""tcompose.models / tiny_models / clip_bpe: tokenizers on disk, tiny pipelines, loading, text-encoder swaps."""
+"""tcompose.models: tokenizers on disk, tiny pipelines, loading, text-encoder swaps."""
 
 from __future__ import annotations
 
@@ -9,19 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcompose import clip_bpe
-from tcompose.models import (
-    ModelFolderError,
-    TextEncoderMismatchError,
+from tcompose.models import clip_bpe
+from tcompose.models.clip_bpe import find_clip_bpe, write_clip_tokenizer
+from tcompose.models.loading import ModelFolderError
+from tcompose.models.stable_diffusion import TextEncoderMismatchError, check_text_encoder, load_components, load_text_encoder
+from tcompose.models.tiny_sd import (
     build_tiny_text_encoder,
     build_tiny_unet,
-    check_text_encoder,
     count_parameters,
-    find_clip_bpe,
-    load_components,
-    load_text_encoder,
     tiny_unet_config,
-    write_clip_tokenizer,
     write_tiny_pipeline,
 )
 

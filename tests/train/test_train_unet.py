@@ -14,16 +14,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tcompose.cli import app
-from tcompose.datasets import ShardedWriter, encode_mask, image_struct
-from tcompose.masks import MasksConfig
-from tcompose.masks import run as make_masks
-from tcompose.models import load_components
-from tcompose.objective import encode_batch, tokencompose_losses
-from tcompose.synthetic import make_scenes
-from tcompose.tiny_models import build_tiny_text_encoder, write_tiny_pipeline
-from tcompose.train_unet import TrainUnetConfig
-from tcompose.train_unet import run as train
-from tcompose.training_data import TrainingExamples, collate, prepare_rows
+from tcompose.data.synthetic import make_scenes
+from tcompose.grounding.objective import encode_batch, tokencompose_losses
+from tcompose.io.datasets import ShardedWriter, encode_mask, image_struct
+from tcompose.masks.config import MasksConfig
+from tcompose.masks.stage import run as make_masks
+from tcompose.models.stable_diffusion import load_components
+from tcompose.models.tiny_sd import build_tiny_text_encoder, write_tiny_pipeline
+from tcompose.train.examples import TrainingExamples, collate, prepare_rows
+from tcompose.train.loop import TrainUnetConfig
+from tcompose.train.loop import run as train
 
 RES = 32  # training resolution of these tests: 16x16 latents, attention maps of 16x16 and 8x8
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tcompose.bench_train import LAYERS, TC, make_batch, make_scheduler
-from tcompose.latent_cache import INDEX, LatentCache, prepare_latent_cache, shard_name
-from tcompose.masks import MasksConfig
-from tcompose.masks import run as make_masks
-from tcompose.models import load_components
-from tcompose.objective import encode_batch, tokencompose_losses
-from tcompose.synthetic import make_scenes
-from tcompose.tiny_models import build_tiny_unet, write_tiny_pipeline
-from tcompose.train_unet import TrainUnetConfig
-from tcompose.train_unet import run as train
-from tcompose.training_data import TrainingExamples, collate, load_pixels, prepare_rows
+from tcompose.bench.train import LAYERS, TC, make_batch, make_scheduler
+from tcompose.data.synthetic import make_scenes
+from tcompose.grounding.objective import encode_batch, tokencompose_losses
+from tcompose.masks.config import MasksConfig
+from tcompose.masks.stage import run as make_masks
+from tcompose.models.stable_diffusion import load_components
+from tcompose.models.tiny_sd import build_tiny_unet, write_tiny_pipeline
+from tcompose.train.examples import TrainingExamples, collate, load_pixels, prepare_rows
+from tcompose.train.latent_cache import INDEX, LatentCache, prepare_latent_cache, shard_name
+from tcompose.train.loop import TrainUnetConfig
+from tcompose.train.loop import run as train
 
 RES = 32  # 16x16 latents with the tiny VAE
 
@@ -229,7 +229,7 @@ def test_compile_regions_on_one_block():
     not tested here; the regions are found in the UNet, and one FeedForward compiles and matches eager."""
     from diffusers.models.attention import FeedForward
 
-    from tcompose.compile import compile_regions, compiled_regions, uncompile_regions
+    from tcompose.models.compile import compile_regions, compiled_regions, uncompile_regions
 
     unet = build_tiny_unet(0, "tiny")
     keys = list(unet.state_dict())
@@ -252,9 +252,9 @@ def test_compile_regions_on_one_block():
 
 
 def test_bench_measures_channels_last_and_the_vae_encode():
-    from tcompose.bench import BenchConfig
-    from tcompose.bench import run as bench
-    from tcompose.bench_report import table_rows
+    from tcompose.bench.report import table_rows
+    from tcompose.bench.run import BenchConfig
+    from tcompose.bench.run import run as bench
 
     report = bench(BenchConfig(sections=("train",), quick=True, gradient_checkpointing="off", channels_last="both",
                                threads=1, rounds=1, steps=1, warmup=0), progress=False)

@@ -18,7 +18,7 @@ nothing is fetched: a cached copy is used, else the error says how to get one (`
 ``--prompt-file`` with a local copy, which is checked against the same sha256).
 
 Sampled prompts (``sample_seed``) draw 5 distinct names per prompt from
-:data:`tcompose.categories.MULTIGEN_CATEGORIES` with ``random.Random(sample_seed)``, in the sets' template
+:data:`tcompose.data.categories.MULTIGEN_CATEGORIES` with ``random.Random(sample_seed)``, in the sets' template
 (:func:`prompt_text`, "a" before every name, as the original sets write it).
 """
 
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .categories import MULTIGEN_CATEGORIES
+from ...data.categories import MULTIGEN_CATEGORIES
+from ...models.loading import offline
 
 REPO = "mlpc-ucsd/TokenCompose"
 COMMIT = "5633f816116fdf7de74d9055ff9666c5222416e2"
@@ -114,10 +115,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _how_to_get(ps: PromptSet) -> str:
     return (f"run `tcompose download` once with network, or download {ps.url} yourself and pass it as "
             f"--prompt-file")
@@ -136,10 +133,10 @@ def fetch_prompt_set(dataset: str, cache: str | os.PathLike | None = None, base_
     if path.is_file():
         if sha256_file(path) == ps.sha256:
             return path
-        if _offline():
+        if offline():
             raise PromptSetError(f"{path}: cached copy has the wrong sha256 (expected {ps.sha256}); delete it and "
                                  + _how_to_get(ps))
-    elif _offline():
+    elif offline():
         raise PromptSetError(f"the {dataset} MultiGen prompts are not in the cache ({path}) and HF_HUB_OFFLINE=1 "
                              "forbids fetching them: " + _how_to_get(ps))
     url = (base_url or BASE_URL).rstrip("/") + "/" + ps.filename
@@ -224,7 +221,7 @@ def resolve_prompts(dataset: str = "coco", prompt_file: str | os.PathLike | None
             raise PromptSetError("--sample-seed draws new prompts; it does not combine with --prompt-file")
         n = 1000 if limit is None else limit
         source = {"kind": "sampled", "dataset": dataset, "sample_seed": sample_seed, "num_categories": NUM_CATEGORIES,
-                  "category_list": f"tcompose.categories.MULTIGEN_CATEGORIES[{dataset!r}]"}
+                  "category_list": f"tcompose.data.categories.MULTIGEN_CATEGORIES[{dataset!r}]"}
         return sample_prompts(MULTIGEN_CATEGORIES[dataset], n, sample_seed), source
     if prompt_file is not None:
         path = Path(prompt_file)

@@ -122,9 +122,9 @@ def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int
     """Score every model's stored detections over ``prompts`` x ``images``; write ``summary{suffix}.json`` and
     ``.md`` (and ``grid_NAME.png`` when ``grid``); print the table when ``progress``. An image without a stored
     row is scored as missing."""
-    from .datasets import write_json_atomic
-    from .multigen import score
-    from .multigen_store import read_records
+    from ...io.datasets import write_json_atomic
+    from .scoring import score
+    from .store import read_records
 
     dataset = None if source.get("kind") == "custom" else source.get("dataset")
     results = {}
@@ -159,7 +159,7 @@ def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int
 
 
 def _grid(output: Path, name: str, prompts: Sequence, cols: int, stored: dict, threshold: float) -> None:
-    from .generate import image_filename
+    from ..generate import image_filename
 
     image_dir = output / "models" / name / "images"
     paths = [[image_dir / image_filename(p.prompt_id, k) for k in range(cols)] for p in prompts]

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .multigen_prompts import Prompt
+from .prompts import Prompt
 
 DETECTION_SCHEMA = pa.schema([
     ("model", pa.string()),

@@ -1,0 +1,22 @@
+"""What the data is: COCO-format folders, the synthetic scenes of the demo and tests, category lists, the
+caption vocabulary (words -> COCO categories), noun phrases, and caption text -> CLIP token positions.
+
+- :mod:`.coco`: ``CocoDataset`` (images, captions, instances, masks from polygons and RLE);
+- :mod:`.synthetic`: ``make_scenes``, COCO-format scenes of coloured objects with captions and masks;
+- :mod:`.categories`: COCO's 80 and ADE20K's 150 class names, MultiGen's category sets;
+- :mod:`.vocab`: ``match_categories`` (resources/coco_synonyms.json);
+- :mod:`.nouns`: ``noun_phrases`` (resources/nouns.txt); :mod:`.text`: ``phrase_token_positions``.
+"""
+
+from .categories import ADE20K_150, COCO_80
+from .coco import CocoDataset, CocoError, ImageReadError
+from .nouns import default_nouns, load_nouns
+from .synthetic import make_scenes
+from .text import noun_phrases, phrase_token_positions, phrases_token_positions, tokenize_captions
+from .vocab import Vocabulary, default_vocabulary, match_categories
+
+__all__ = [
+    "ADE20K_150", "COCO_80", "CocoDataset", "CocoError", "ImageReadError", "Vocabulary", "default_nouns",
+    "default_vocabulary", "load_nouns", "make_scenes", "match_categories", "noun_phrases", "phrase_token_positions",
+    "phrases_token_positions", "tokenize_captions",
+]

@@ -1,0 +1,35 @@
+"""How stages read and write: the dataset formats (schemas, sharded atomic resumable writing, reading), the
+trainers' checkpoints and data order, and what every sharded stage does around its rows.
+
+- :mod:`.datasets`: a dataset is a folder of ``train-*.parquet`` shards plus ``manifest.json``;
+  ``ShardedWriter``, ``RowReader``, the masks and crops schemas, mask PNG encoding;
+- :mod:`.stages`: progress bar, refusing a folder written with other settings, stale temporary files, waiting
+  for the other processes' shards;
+- :mod:`.checkpoints`: training state as safetensors + JSON (no pickle), ``--resume latest``;
+- :mod:`.batches`: ``MicroBatches``, the resumable, process-sharded data order of both trainers.
+"""
+
+from .batches import MicroBatches
+from .checkpoints import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .datasets import (
+    COLUMNS,
+    MANIFEST,
+    DatasetError,
+    RowReader,
+    ShardedWriter,
+    decode_mask,
+    encode_mask,
+    image_struct,
+    iter_rows,
+    load_manifest,
+    read_table,
+    schema_for,
+    shard_files,
+    write_json_atomic,
+)
+
+__all__ = [
+    "COLUMNS", "MANIFEST", "DatasetError", "MicroBatches", "RowReader", "ShardedWriter", "decode_mask", "encode_mask",
+    "image_struct", "iter_rows", "list_checkpoints", "load_checkpoint", "load_manifest", "read_table",
+    "resolve_resume", "save_checkpoint", "schema_for", "shard_files", "write_json_atomic",
+]
