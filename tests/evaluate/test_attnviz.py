@@ -167,7 +167,8 @@ def test_attnviz_timesteps_and_layers_change_the_maps(models, tmp_path):
     assert b.meta["timesteps"] == "0" and b.meta["layers"] == ["up_16"]
     torch.testing.assert_close(b.rows[0].tokens.sum(dim=0), torch.ones(16, 16), atol=1e-5, rtol=0)
     assert not torch.allclose(a.rows[0].words["cat"], b.rows[0].words["cat"])
-    np.testing.assert_array_equal(a.rows[0].image, b.rows[0].image)
+    # the same image: capturing other layers only changes float rounding (explicit fp32 softmax instead of SDPA)
+    assert np.abs(a.rows[0].image.astype(int) - b.rows[0].image.astype(int)).max() <= 1
 
 
 def test_cli_attnviz(models, tmp_path, capsys):

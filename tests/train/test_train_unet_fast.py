@@ -78,7 +78,8 @@ def test_cached_example_equals_uncached_example(setup, tmp_path):
         flips.add(flipped)
         with torch.no_grad():
             dist = vae.encode(a["pixel_values"][None]).latent_dist
-        torch.testing.assert_close(b["latent_moments"], torch.stack([dist.mean[0], dist.std[0]]), rtol=1e-5, atol=1e-6)
+        # the cache encodes in batches: batched convolutions round differently in the last bits
+        torch.testing.assert_close(b["latent_moments"], torch.stack([dist.mean[0], dist.std[0]]), rtol=1e-5, atol=1e-5)
     assert flips == {True, False}
     image = prep.reader[row]["image"]["bytes"]  # the cache flips resized pixels: the same as flipping the image
     assert torch.equal(load_pixels(image, RES, flip=True)[0], load_pixels(image, RES)[0].flip(-1))
