@@ -4,23 +4,22 @@ Randomness is a pure function of (seed, global example number): the order of the
 is a permutation drawn from ``seed + e``, and each example's diffusion noise, timestep and VAE sample come
 from a generator seeded with its global number. So a run resumed at step ``s`` sees exactly the batches an
 uninterrupted run would, and an example's noise does not depend on the batch size or on which process
-draws it.
+draws it. Images and masks are placed as the original implementation placed them (:mod:`.geometry`).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
 from ..data.text import phrases_token_positions, tokenize_captions
 from ..io.datasets import RowReader, check_columns, decode_mask, load_manifest
+from .geometry import load_mask, load_pixels, resize_crop
 
 
 @dataclass
@@ -101,27 +100,6 @@ def split_heldout(prep: PreparedRows, fraction: float, seed: int, max_examples: 
     return train, heldout
 
 
-def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return left, top, left + s, top + s
-
-
-def load_pixels(image_bytes: bytes, resolution: int, flip: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
-    """An encoded image as the VAE's input: center crop, bicubic resize to ``resolution``, optional left-right
-    flip; ``[3, R, R]`` float32 in [-1, 1], and the image's original ``(width, height)``."""
-    from PIL import Image
-
-    r = resolution
-    with Image.open(io.BytesIO(image_bytes)) as im:
-        im = im.convert("RGB")
-        size = im.size
-        im = im.crop(center_crop_box(*size)).resize((r, r), Image.BICUBIC)
-        if flip:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0, size
-
-
 class TrainingExamples(Dataset):
     """Indexed by ``(row, global_example_number)``; returns one example with its own noise and timestep.
 
@@ -149,8 +127,6 @@ class TrainingExamples(Dataset):
         return torch.Generator().manual_seed((self.seed * 1_000_003 + number) % (2**63))
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        from PIL import Image
-
         row, number = key
         g = self.generator(number)
         noise = torch.randn(self.latent_shape, generator=g)
@@ -161,19 +137,13 @@ class TrainingExamples(Dataset):
         r = self.resolution
         if self.latents is None:
             record = self.prep.reader[row]
-            pixels, size = load_pixels(record["image"]["bytes"], r, flip)
+            pixels, placement = load_pixels(record["image"]["bytes"], r, flip)
             image = {"pixel_values": pixels}
         else:
             record = self.masks_reader[row]
-            size = self.latents.image_size(row)
+            placement = resize_crop(*self.latents.image_size(row), r)
             image = {"latent_moments": self.latents.moments(row, flip)}
-        box = center_crop_box(*size)
-        masks = []
-        for slot in self.prep.mask_slots[row]:
-            m = Image.fromarray(decode_mask(record["masks"][slot]).astype(np.uint8) * 255).crop(box).resize((r, r), Image.BILINEAR)
-            if flip:
-                m = m.transpose(Image.FLIP_LEFT_RIGHT)
-            masks.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0))
+        masks = [load_mask(decode_mask(record["masks"][slot]), placement, flip) for slot in self.prep.mask_slots[row]]
         return {
             **image,
             "input_ids": self.prep.input_ids[row],

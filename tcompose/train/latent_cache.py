@@ -10,7 +10,7 @@ Runbook::
 What is cached: for every image of the masks dataset (rows are deduplicated by ``image_id``, so the captions
 of one image share one entry; held-out rows are included, so the cache does not depend on the split) the
 parameters of the VAE's latent distribution, ``mean`` and ``std`` (``DiagonalGaussianDistribution``: std =
-exp(logvar / 2)), of the center-cropped, resized image (:func:`tcompose.train.examples.load_pixels`). With
+exp(logvar / 2)), of the resized, center-cropped image (:func:`tcompose.train.geometry.load_pixels`). With
 ``--random-flip`` both orientations are cached (the flipped image is encoded; the VAE is not flip-equivariant).
 Training then samples ``latents = (mean + std * eps) * scaling_factor`` with each example's own ``eps``, as
 without the cache (:func:`tcompose.grounding.objective.encode_batch`).
@@ -26,7 +26,7 @@ and ``sizes`` ``[n, 2]``, the original image's width and height, which the masks
 shard; written to a temporary name then renamed) and ``cache.json`` (the fingerprint, the row -> entry map,
 written last: a cache without it is unfinished). Fingerprint: the dataset's manifest (sha256) and shard files
 (name, size, mtime), the VAE's config and encoder weights (sha256 of the weights as used, in their dtype),
-the resolution, the dtype and the orientations. Several processes each build every ``world_size``-th shard,
+the geometry's version, the resolution, the dtype and the orientations. Several processes each build every ``world_size``-th shard,
 then the main process writes ``cache.json``; OUT must be on storage every process sees (as for checkpoints).
 """
 
@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 
 from ..io.datasets import MANIFEST, RowReader, shard_files, write_json_atomic
+from ..io.files import match_umask
+from .geometry import GEOMETRY_VERSION, load_pixels
 
 CACHE_VERSION = 1
 INDEX = "cache.json"
@@ -76,6 +78,7 @@ def fingerprint(data_dir: str | Path, vae, resolution: int, flipped: bool) -> di
     config = json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")}, sort_keys=True, default=str)
     return {
         "version": CACHE_VERSION,
+        "geometry": GEOMETRY_VERSION,  # how images are resized and cropped (tcompose.train.geometry)
         "data": {"manifest_sha256": _sha256((data_dir / MANIFEST).read_bytes()), "shards": files},
         "vae": {"config_sha256": _sha256(config.encode()), "encoder_weights_sha256": vae_weights_sha256(vae)},
         "resolution": resolution,
@@ -161,12 +164,10 @@ class _EntryImages(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from .examples import load_pixels
-
-        pixels, size = load_pixels(self.reader[self.rows[i]]["image"]["bytes"], self.resolution)
+        pixels, placement = load_pixels(self.reader[self.rows[i]]["image"]["bytes"], self.resolution)
         # flipping after the resize only reorders pixels: equal to load_pixels(..., flip=True)
         pixels = torch.stack([pixels, pixels.flip(-1)]) if self.flipped else pixels.unsqueeze(0)
-        return pixels, torch.tensor(size)
+        return pixels, torch.tensor(placement.original)
 
 
 def _shard_done(path: Path, digest: str, n: int) -> bool:
@@ -277,6 +278,7 @@ def prepare_latent_cache(root: str | Path, prep, vae, resolution: int, flipped: 
                     tmp = root / f".{shard_name(k)}.{os.getpid()}.tmp"
                     save_file({"moments": m[:n].contiguous(), "sizes": s[:n].contiguous()}, str(tmp),
                               metadata={"fingerprint": digest})
+                    match_umask(tmp)
                     os.replace(tmp, root / shard_name(k))
                     moments, sizes = [m[n:]], [s[n:]]
                     have -= n
