@@ -45,7 +45,7 @@ def run(cfg: DemoConfig) -> dict:
     from .masks.config import MasksConfig
     from .masks.stage import run as make_masks
     from .models.tiny_sd import write_tiny_pipeline
-    from .train.loop import TrainUnetConfig
+    from .train.config import TrainUnetConfig
     from .train.loop import run as train
 
     console = Console(stderr=True)

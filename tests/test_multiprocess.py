@@ -21,7 +21,7 @@ from tcompose.data.synthetic import make_scenes
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
 from tcompose.models.tiny_sd import write_tiny_pipeline
-from tcompose.train.loop import TrainUnetConfig
+from tcompose.train.config import TrainUnetConfig
 from tcompose.train.loop import run as train
 
 pytestmark = pytest.mark.slow
@@ -82,9 +82,11 @@ def test_train_unet_two_processes_equal_one_process_with_doubled_batch(train_set
     moved = max((a[k] - base[k]).abs().max().item() for k in a)
     assert moved > 1e-4  # training changed the weights, so the comparison below means something
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    # Adam divides by sqrt(v): a weight whose gradient is ~0 moves by up to lr per step on float noise alone,
-    # so the bound is a small fraction of the lr for the worst weight and far tighter for the typical one.
-    assert diff.max().item() < 0.1 * 1e-3, f"2 processes x batch 1 differ from 1 process x batch 2 by {diff.max()}"
+    # Adam divides by sqrt(v): a weight whose gradient is ~0 moves by up to lr per step on float noise alone.
+    # The bound is the lr for the worst weight (seen: 0.15 lr), and 1% of it for all but 1 in 10,000 weights; a
+    # real difference (other examples, other noise) moves most weights by a good part of the lr.
+    assert diff.max().item() < 1e-3, f"2 processes x batch 1 differ from 1 process x batch 2 by {diff.max()}"
+    assert torch.quantile(diff, 0.9999).item() < 1e-5, f"99.99th percentile of the difference {torch.quantile(diff, 0.9999)}"
     assert diff.mean().item() < 1e-7, f"mean difference {diff.mean()}"
     one_losses = json.loads((one / "training_summary.json").read_text())["final_losses"]
     for k, v in summary["final_losses"].items():

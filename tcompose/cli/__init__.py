@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from . import data, evaluate, tools, train  # noqa: F401  (registers the commands)
+from . import _app, data, evaluate, tools, train  # noqa: F401  (registers the commands)
 from ._app import app
 
 __all__ = ["app", "main"]
@@ -19,8 +19,10 @@ __all__ = ["app", "main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; ``main(["train-unet", ...])`` runs a command in-process and returns its exit code."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    _app.ARGV[:] = args
     try:
-        app(args=argv if argv is not None else sys.argv[1:], prog_name="tcompose", standalone_mode=True)
+        app(args=args, prog_name="tcompose", standalone_mode=True)
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:

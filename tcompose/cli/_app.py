@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 import os
 
 import typer
@@ -16,12 +18,28 @@ app = typer.Typer(
 )
 
 
+def _flag(fn, name: str) -> str:
+    """The option's flag as the user typed it (``--lambda`` for ``lambda_token``)."""
+    default = inspect.signature(fn).parameters[name].default
+    decls = [d for d in getattr(default, "param_decls", ()) if d.startswith("--")]
+    return decls[0] if decls else "--" + name.replace("_", "-")
+
+
+def _refuse_non_finite(fn, kwargs: dict) -> None:
+    """NaN and inf pass click's float parsing, and every ``x < 0`` check: refuse them for every float option."""
+    for name, value in kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{_flag(fn, name)} {value}: not a finite number")
+
+
 def _friendly(fn):
-    """Bad input ends in one red line and exit code 2 (TCOMPOSE_DEBUG=1 shows the traceback instead)."""
+    """Bad input ends in one red line and exit code 2 (TCOMPOSE_DEBUG=1 shows the traceback instead).
+    A non-finite float option (nan, inf) is bad input for every command."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _refuse_non_finite(fn, kwargs)
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as err:
             if os.environ.get("TCOMPOSE_DEBUG"):
@@ -30,8 +48,33 @@ def _friendly(fn):
 
             Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2)
+        except KeyboardInterrupt as err:
+            if os.environ.get("TCOMPOSE_DEBUG"):
+                raise
+            _say_interrupted(err)
+            raise typer.Exit(code=130)
 
     return wrapper
+
+
+#: The command line being run (``main`` sets it), for the resume hint after Ctrl-C.
+ARGV: list[str] = []
+
+
+def _say_interrupted(err: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line saying what was kept and the command that continues (main process only)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    import shlex
+
+    from rich.console import Console
+
+    note = getattr(err, "note", None) or "interrupted: what was finished is kept (shards, images and checkpoints are written whole)"
+    args = list(ARGV)
+    flag = getattr(err, "resume_flag", None)
+    if flag and flag.split()[0] not in args:
+        args = [a for a in args if a != "--overwrite"] + flag.split()
+    Console(stderr=True).print(f"{note}; resume with: tcompose {shlex.join(args)}", highlight=False, soft_wrap=True)
 
 
 def _split(value: str) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from ._app import _friendly, _split, app
 def generate(
     model: str = typer.Option(..., help="Hub id or local diffusers folder (a train-unet OUT is one)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder: images/*.png, generations.parquet, run.json."),
-    prompt: Optional[list[str]] = typer.Option(None, help="A prompt (repeatable)."),
+    prompt: Optional[list[str]] = typer.Option(None, help="A prompt (repeatable); with --prompts too, these come first (ids 0, 1, ...), then the file's."),
     prompts: Optional[Path] = typer.Option(None, help="Prompts file: one per line (# comments), or a .json list."),
     images_per_prompt: int = typer.Option(1, help="Images per prompt."),
     unet: Optional[str] = typer.Option(None, help="UNet folder, or a folder with unet/ (train-unet OUT), replacing the model's."),

@@ -22,7 +22,7 @@ def train_unet(
     lambda_token: float = typer.Option(1e-3, "--lambda", help="Weight of the token loss."),
     gamma_pixel: float = typer.Option(5e-5, "--gamma", help="Weight of the pixel loss."),
     layers: str = typer.Option("mid,up", help="Supervised cross-attention: blocks (down, mid, up) or groups (mid_8, up_16, ...)."),
-    resolution: int = typer.Option(512, help="Training resolution (center crop, then resize)."),
+    resolution: Optional[int] = typer.Option(None, help="Training resolution (default: the model's own, 512 for SD1.x, 768 for SD2.1-768); shorter side resized to it, then the centre crop."),
     batch_size: int = typer.Option(1, help="Examples per process per micro-step."),
     grad_accum: int = typer.Option(4, help="Micro-steps per optimizer step."),
     max_steps: int = typer.Option(24_000, help="Optimizer steps."),
@@ -37,8 +37,9 @@ def train_unet(
     use_ema: bool = typer.Option(False, help="Keep an EMA of the UNet weights and save it as the pipeline's UNet."),
     ema_decay: float = typer.Option(0.9999, help="EMA decay."),
     checkpoint_every: int = typer.Option(1000, help="Save a resumable checkpoint every N steps (0: only at the end)."),
-    checkpoints_limit: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints."),
+    checkpoints_limit: int = typer.Option(3, help="Keep only the newest K checkpoints (SD1.4: ~9.7 GB each, UNet + AdamW state)."),
     resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder: continue exactly where it stopped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="OUT already holds a run: delete its checkpoints, pipeline and logs, and start again."),
     eval_fraction: float = typer.Option(0.05, help="Share of images held out for the grounding score (0: none)."),
     eval_max_examples: int = typer.Option(64, help="At most this many held-out examples are scored."),
     eval_timesteps: str = typer.Option("100,300,500,700,900", help="Timesteps at which the grounding score is measured."),
@@ -50,7 +51,8 @@ def train_unet(
     log_every: int = typer.Option(10, help="Log losses every N steps."),
 ) -> None:
     """TokenCompose finetuning: L_LDM + lambda * L_token + gamma * L_pixel on the UNet's cross-attention."""
-    from ..train.loop import TrainUnetConfig, run
+    from ..train.config import TrainUnetConfig
+    from ..train.loop import run
 
     cfg = TrainUnetConfig(
         data=data, output=output, model=model, revision=revision, text_encoder=text_encoder,
@@ -59,7 +61,7 @@ def train_unet(
         lr_warmup_steps=lr_warmup_steps, adam_weight_decay=adam_weight_decay, max_grad_norm=max_grad_norm,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed, use_ema=use_ema,
         ema_decay=ema_decay, checkpoint_every=checkpoint_every, checkpoints_limit=checkpoints_limit, resume=resume,
-        eval_fraction=eval_fraction, eval_max_examples=eval_max_examples,
+        overwrite=overwrite, eval_fraction=eval_fraction, eval_max_examples=eval_max_examples,
         eval_timesteps=tuple(int(t) for t in _split(eval_timesteps)), random_flip=random_flip,
         cache_latents=cache_latents, channels_last=channels_last, compile=compile,
         num_workers=num_workers, log_every=log_every,
@@ -92,15 +94,17 @@ def train_clip(
     gradient_checkpointing: bool = typer.Option(False, help="Recompute transformer layers in backward to save memory."),
     seed: int = typer.Option(0, help="Seed of the data order and the held-out split."),
     checkpoint_every: int = typer.Option(500, help="Save a resumable checkpoint every N steps (0: only at the end)."),
-    checkpoints_limit: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints."),
+    checkpoints_limit: int = typer.Option(3, help="Keep only the newest K checkpoints (ViT-L/14: ~5 GB each, model + AdamW state)."),
     resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder: continue exactly where it stopped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="OUT already holds a run: delete its checkpoints, model and logs, and start again."),
     eval_fraction: float = typer.Option(0.05, help="Share of images whose crops are held out for evaluation (0: none)."),
     eval_max_examples: int = typer.Option(5000, help="At most this many held-out crops."),
     num_workers: int = typer.Option(4, help="Data loader worker processes."),
     log_every: int = typer.Option(10, help="Log the loss every N steps."),
 ) -> None:
     """Contrastive (InfoNCE) finetuning of CLIP on object crops; its text tower then serves as SD's text encoder."""
-    from ..clip.loop import TrainClipConfig, run
+    from ..clip.config import TrainClipConfig
+    from ..clip.loop import run
 
     cfg = TrainClipConfig(
         data=data, output=output, model=model, revision=revision, batch_size=batch_size, grad_accum=grad_accum,
@@ -109,7 +113,7 @@ def train_clip(
         dedupe_labels=dedupe_labels, lock_vision=lock_vision, lock_text=lock_text,
         unlocked_text_layers=unlocked_text_layers, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
-        checkpoints_limit=checkpoints_limit, resume=resume, eval_fraction=eval_fraction,
+        checkpoints_limit=checkpoints_limit, resume=resume, overwrite=overwrite, eval_fraction=eval_fraction,
         eval_max_examples=eval_max_examples, num_workers=num_workers, log_every=log_every,
     )
     run(cfg)

@@ -50,7 +50,7 @@ def read_crops(data_dir: str | Path) -> CropRows:
     manifest = load_manifest(data_dir)
     if manifest.get("kind", "crops") != "crops":
         raise DatasetError(f"{data_dir} is a {manifest.get('kind')!r} dataset; train-clip needs a crops dataset "
-                           f"(`tcompose crops COCO_DIR --output {data_dir}`)")
+                           "(make one with `tcompose crops COCO_DIR --output data/crops` and pass --data data/crops)")
     texts, labels, image_ids, ann_ids, names = [], [], [], [], {}
     counts: dict[int, Counter] = {}
     for f in check_columns(data_dir, "crops"):

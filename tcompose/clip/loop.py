@@ -37,74 +37,25 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..models.defaults import CLIP
+from ..io.runs import (
+    FiniteGuard,
+    Interrupted,
+    NonFiniteLossError,
+    check_resume,
+    interrupted_note,
+    kept_checkpoint_note,
+    output_guard,
+    peak_memory_mb,
+    prepare_run_folder,
+    training_progress,
+)
+from .config import OUTPUTS, TrainClipConfig, config_dict, resume_settings
 
-LR_SCHEDULERS = ("cosine", "constant")
-
-
-@dataclass
-class TrainClipConfig:
-    """Settings of ``tcompose train-clip``; defaults are CLIP's finetuning recipe (see the module docstring)."""
-
-    data: Path  # crops dataset folder (tcompose crops)
-    output: Path
-    model: str = CLIP  # hub id or local CLIPModel folder
-    revision: str | None = None
-    batch_size: int = 64  # per process; the contrastive batch is batch_size x processes
-    grad_accum: int = 1
-    epochs: float = 1.0  # used when max_steps is None
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    lr: float = 1e-5
-    lr_scheduler: str = "cosine"  # cosine: linear warmup, then cosine decay to 0 at the last step
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # not on norms, biases, logit_scale, embeddings (tcompose.clip.towers.no_decay)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_epsilon: float = 1e-6
-    max_grad_norm: float = 1.0  # 0: no clipping
-    learn_temperature: bool = True  # logit_scale learnt (clamped at ln 100) or fixed at the model's value
-    dedupe_labels: bool = True  # crops of one category are positives of each other, not negatives
-    lock_vision: bool = False
-    lock_text: bool = False
-    unlocked_text_layers: int = 0  # with lock_text: the last N text layers (+ final norm, projection) still learn
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500
-    checkpoints_limit: int | None = None
-    resume: str | None = None  # latest | checkpoint folder
-    eval_fraction: float = 0.05  # share of images whose crops are held out (0: no evaluation)
-    eval_max_examples: int = 5000  # held-out crops at most
-    num_workers: int = 4
-    log_every: int = 10
-    allow_tf32: bool = True
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("--lr must be > 0, --warmup-steps and --weight-decay >= 0")
-        if self.unlocked_text_layers and not self.lock_text:
-            raise ValueError("--unlocked-text-layers only applies with --lock-text")
-
-
-def config_dict(cfg: TrainClipConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
+__all__ = ["TrainClipConfig", "lr_factor", "run", "total_steps"]
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
@@ -126,25 +77,15 @@ def total_steps(cfg: TrainClipConfig, n_train: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]train-clip"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.description}"), disable=not enabled)
-
-
 def run(cfg: TrainClipConfig) -> dict:
     """Evaluate, finetune with InfoNCE, checkpoint, evaluate again, and export to ``cfg.output``."""
     cfg.validate()
-    from accelerate import Accelerator
+    with output_guard(cfg.output):
+        return _train(cfg)
+
+
+def _train(cfg: TrainClipConfig) -> dict:
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration
     from torch.utils.data import DataLoader
     from transformers.utils import logging as transformers_logging
@@ -161,13 +102,28 @@ def run(cfg: TrainClipConfig) -> dict:
     rows = read_crops(cfg.data)  # bad data fails before any model is loaded
     transformers_logging.disable_progress_bar()
     out = Path(cfg.output)
+    # Every refusal comes before the Accelerator and the weights: the contrastive batch, the run folder and a
+    # resume's settings (the schedule's length follows from the data alone).
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes then form a gloo group (tests)
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    cfg.check_contrastive_batch(world)
+    prepare_run_folder(out, cfg.resume, cfg.overwrite, OUTPUTS, "train-clip", clear=main)
+    state.wait_for_everyone()
+    train_rows, heldout = split_by_image(rows.image_ids, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
+    max_steps = total_steps(cfg, len(train_rows), world)
+    ckpt_root = out / "checkpoints"
+    settings = resume_settings(cfg, world, max_steps)
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path is not None:
+        saved = json.loads((resume_path / "state.json").read_text()).get("extra", {})
+        check_resume(saved.get("settings"), settings, resume_path)
+
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # several CPU processes then form a gloo group (tests, CPU clusters)
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    device, main, log = accelerator.device, accelerator.is_main_process, accelerator.print
-    rank, world = accelerator.process_index, accelerator.num_processes
+    device, log = accelerator.device, accelerator.print
     if cfg.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -180,11 +136,9 @@ def run(cfg: TrainClipConfig) -> dict:
         enable_checkpointing(clip)
     clip.to(device).train()
 
-    train_rows, heldout = split_by_image(rows.image_ids, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
     examples = CropExamples(rows, Preprocess.from_config(pre_cfg), tokenizer)
     class_ids = list(rows.class_texts)
     class_input_ids = tokenize(tokenizer, [rows.class_texts[c] for c in class_ids])
-    max_steps = total_steps(cfg, len(train_rows), world)
     log(f"data: {len(train_rows)} training crops, {len(heldout)} held out, {len(class_ids)} categories; "
         f"{max_steps} steps; parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen")
 
@@ -194,9 +148,7 @@ def run(cfg: TrainClipConfig) -> dict:
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer = accelerator.prepare(clip, optimizer)  # the sampler shards the data itself (MicroBatches)
 
-    ckpt_root = out / "checkpoints"
     step, before = 0, None
-    resume_path = resolve_resume(cfg.resume, ckpt_root)
     if resume_path is not None:
         state = load_checkpoint(resume_path, clip, optimizer, lr_scheduler, None, accelerator.scaler)
         step, before = state["step"], state["extra"].get("eval_before")
@@ -220,52 +172,72 @@ def run(cfg: TrainClipConfig) -> dict:
                            stop=max_steps * cfg.grad_accum)
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
+    guard = FiniteGuard(("loss",), device)
+
+    def check_finite() -> None:  # a sync: at logging steps, before every checkpoint and at the end
+        try:
+            guard.check(accelerator.gather)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                f"{err}: training stopped and no model was written; {kept_checkpoint_note(ckpt_root)}. Lower --lr, "
+                "check the data, then continue from it with --resume latest"
+            ) from None
+
+    def save(at: int) -> None:
+        save_checkpoint(ckpt_root, at, clip, optimizer, lr_scheduler, None, accelerator.scaler, cfg.checkpoints_limit,
+                        extra={"eval_before": before, "settings": settings})
+
     loss_sum, n_micro, last = torch.zeros((), device=device), 0, {}
     start_step, t0 = step, time.perf_counter()
-    with _progress(main and cfg.progress) as bar:
-        task = bar.add_task("", total=max_steps, completed=step)
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                outputs = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
-                labels = batch["labels"] if cfg.dedupe_labels else None
-                loss = distributed_info_nce(outputs.image_embeds, outputs.text_embeds, clip.logit_scale.exp(),
-                                            rank=rank, world_size=world, labels=labels)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            n_micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-            if not accelerator.optimizer_step_was_skipped:
-                lr_scheduler.step()
-            step += 1
-            bar.update(task, advance=1)
-            if step % cfg.log_every == 0 or step == max_steps:
-                mean = float(accelerator.reduce(loss_sum / n_micro, reduction="mean"))
-                last = {"loss": mean, "logit_scale": float(clip.logit_scale.detach().exp()), "lr": lr_scheduler.get_last_lr()[0]}
-                accelerator.log({f"train/{k}": v for k, v in last.items()}, step=step)
-                bar.update(task, description=f"loss {mean:.4g} scale {last['logit_scale']:.1f}")
-                loss_sum, n_micro = torch.zeros((), device=device), 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
-                if main:
-                    save_checkpoint(ckpt_root, step, clip, optimizer, lr_scheduler, None, accelerator.scaler,
-                                    cfg.checkpoints_limit, extra={"eval_before": before})
-                accelerator.wait_for_everyone()
-            if step >= max_steps:
-                break
+    try:
+        with training_progress("train-clip", main and cfg.progress) as bar:
+            task = bar.add_task("", total=max_steps, completed=step)
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with accelerator.accumulate(model):
+                    outputs = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+                    labels = batch["labels"] if cfg.dedupe_labels else None
+                    loss = distributed_info_nce(outputs.image_embeds, outputs.text_embeds, clip.logit_scale.exp(),
+                                                rank=rank, world_size=world, labels=labels)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                guard.update(step + 1, {"loss": loss})
+                loss_sum += loss.detach().float()
+                n_micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                with torch.no_grad():
+                    clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+                if not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                step += 1
+                bar.update(task, advance=1)
+                if step % cfg.log_every == 0 or step == max_steps:
+                    check_finite()
+                    mean = float(accelerator.reduce(loss_sum / n_micro, reduction="mean"))
+                    last = {"loss": mean, "logit_scale": float(clip.logit_scale.detach().exp()), "lr": lr_scheduler.get_last_lr()[0]}
+                    accelerator.log({f"train/{k}": v for k, v in last.items()}, step=step)
+                    bar.update(task, description=f"loss {mean:.4g} scale {last['logit_scale']:.1f}")
+                    loss_sum, n_micro = torch.zeros((), device=device), 0
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
+                    check_finite()
+                    if main:
+                        save(step)
+                    accelerator.wait_for_everyone()
+                if step >= max_steps:
+                    break
+        check_finite()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_note(ckpt_root, step), "--resume latest") from None
     train_s = time.perf_counter() - t0
     accelerator.wait_for_everyone()
 
     summary = None
     if main:
-        save_checkpoint(ckpt_root, step, clip, optimizer, lr_scheduler, None, accelerator.scaler, cfg.checkpoints_limit,
-                        extra={"eval_before": before})
+        save(step)
         report = compare(before, held_out_eval())
         report |= {"steps": step, "heldout_images": len({rows.image_ids[r] for r in heldout}), "model": cfg.model}
         write_json_atomic(out / "eval.json", report)
@@ -275,7 +247,7 @@ def run(cfg: TrainClipConfig) -> dict:
         summary = {
             "steps": step, "steps_this_run": steps_run, "final": last, "train_seconds": train_s,
             "images_per_s": steps_run * cfg.grad_accum * cfg.batch_size * world / train_s if train_s > 0 else None,
-            "peak_memory_mb": _peak_memory_mb(device), "device": str(device), "num_processes": world,
+            "peak_memory_mb": peak_memory_mb(device), "device": str(device), "num_processes": world,
             "parameters": counts, "eval": report,
             "data": {"train_crops": len(train_rows), "heldout_crops": len(heldout), "categories": len(class_ids)},
             "config": config_dict(cfg),

@@ -44,11 +44,11 @@ import numpy as np
 
 from ..data.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
 from ..io.datasets import DatasetError, ShardedWriter, image_struct
-from ..io.stages import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
+from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
 from .geometry import CLIP_MEAN_RGB, check_bbox, crop_box, cut, inside_fraction, output_size
 
 JPEG_QUALITY = 95  # crops are small: a high quality costs little and keeps CLIP's input clean
-GEOMETRY_VERSION = 1  # bumped when the crop maths changes, so a resumed run never mixes two versions
+GEOMETRY_VERSION = 2  # bumped when the crop maths changes, so a resumed run never mixes two versions (2: empty masks skipped)
 
 #: Counters every crops manifest has under ``stats`` (summed over shards).
 STATS_KEYS = (
@@ -61,6 +61,7 @@ STATS_KEYS = (
     "annotations_skipped_category",  # category not in --categories
     "annotations_skipped_small",  # area below --min-area
     "annotations_skipped_invalid",  # box or segmentation that cannot be read (listed)
+    "annotations_skipped_empty_mask",  # --masked: no mask pixel inside the crop (a degenerate polygon; listed)
     "annotations_skipped_unreadable_image",  # kept annotations of images skipped as unreadable
     "images_skipped_unreadable",  # image file missing, not decodable, or of another size than annotated (listed)
 )
@@ -251,7 +252,12 @@ def image_crops(image: dict, cfg: CropsConfig, names: dict, wanted: frozenset) -
             except CocoError as e:
                 skip("annotations_skipped_invalid", str(e), ann["id"])
                 continue
-            crop[~cut(mask, box, False)] = CLIP_MEAN_RGB
+            inside = cut(mask, box, False)
+            if not inside.any():
+                skip("annotations_skipped_empty_mask", f"annotation {ann['id']}: its segmentation covers no pixel "
+                     "(a degenerate polygon), so the --masked crop would be all grey", ann["id"])
+                continue
+            crop[~inside] = CLIP_MEAN_RGB
         name = names[ann["category_id"]]
         rows.append({
             "image": image_struct(_encode(crop, cfg.size), f"{stem}_{ann['id']}.jpg"),
@@ -341,6 +347,7 @@ def run(
     if world_size > 1:
         wait_for_shards(writer, len(ids), finalize_timeout_s)
     manifest = writer.finalize(len(ids), elapsed_s=round(time.monotonic() - t0, 3))
+    refuse_empty(manifest, writer, f"{cfg.coco_dir} ({cfg.split})", "images")
     if progress:
         from rich.console import Console
 
@@ -353,7 +360,7 @@ def summary_line(manifest: dict, output: Path | str, written: dict | None = None
     s = manifest["stats"]
     skips = {"small": "annotations_skipped_small", "crowd": "annotations_skipped_crowd",
              "other category": "annotations_skipped_category", "invalid annotation": "annotations_skipped_invalid",
-             "unreadable image": "images_skipped_unreadable"}
+             "empty mask": "annotations_skipped_empty_mask", "unreadable image": "images_skipped_unreadable"}
     tail = ", ".join(f"{k}: {s[v]}" for k, v in skips.items() if s.get(v)) or "nothing"
     speed = ""
     if written and written.get("crops") and work_s:

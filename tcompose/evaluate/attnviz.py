@@ -41,6 +41,8 @@ import numpy as np
 import torch
 
 from ..grounding.attention_maps import MapAccumulator, normalize, parse_steps, word_maps
+from ..io.files import match_umask
+from ..io.runs import output_guard
 from ..models.spec import ModelSpec, parse_model_spec
 
 __all__ = ["AttnvizConfig", "Row", "AttnvizResult", "run", "maps_path", "save_maps", "load_maps",
@@ -182,6 +184,7 @@ def save_maps(result: AttnvizResult, path: str | os.PathLike) -> Path:
             "token_positions": {r.name: r.positions for r in result.rows}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+    match_umask(tmp)  # safetensors writes its files 0600
     os.replace(tmp, path)
     return path
 
@@ -190,7 +193,15 @@ def load_maps(path: str | os.PathLike) -> AttnvizResult:
     """What :func:`save_maps` wrote."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-maps {path}: no such file; pass the .safetensors written beside a figure")
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as err:  # noqa: BLE001  (safetensors raises its own error type for a file it cannot read)
+        raise ValueError(f"--from-maps {path}: not a safetensors file ({err}); pass the .safetensors file that "
+                         "tcompose attnviz wrote beside its figure") from None
+    with f:
         raw = (f.metadata() or {}).get(_META_KEY)
         if raw is None:
             raise ValueError(f"{path}: no attnviz metadata; pass a .safetensors file written by tcompose attnviz")
@@ -240,9 +251,8 @@ def draw_figure(result: AttnvizResult, path: str | os.PathLike, panel: int = 256
 
 
 def run(cfg: AttnvizConfig, progress: bool = True) -> dict:
-    """Generate each model's image with capture on, save the maps and draw the figure; returns a summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
+    """Generate each model's image with capture on, save the maps and draw the figure; returns a summary.
+    Every input and output is checked before the first model loads."""
     if not cfg.models:
         raise ValueError("no --model given; pass --model NAME=ID_OR_PATH once per row of the figure")
     if len({m.name for m in cfg.models}) != len(cfg.models):
@@ -250,6 +260,39 @@ def run(cfg: AttnvizConfig, progress: bool = True) -> dict:
     if cfg.output.suffix.lower() != ".png":
         raise ValueError(f"--output {cfg.output}: the figure is a PNG; use a name ending in .png")
     words = list(dict.fromkeys(cfg.words)) if cfg.words else default_words(cfg.prompt)
+    _check_outputs(cfg.output)
+    for spec in cfg.models:  # every model's --layers before any image is generated
+        _check_layers(spec, cfg)
+    with output_guard(cfg.output.parent):
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        return _run(cfg, words, progress)
+
+
+def _check_outputs(figure: Path) -> None:
+    """The figure and the maps beside it can be written (checked before any model is loaded)."""
+    for path in (figure, maps_path(figure)):
+        if path.is_dir():
+            raise ValueError(f"--output {figure}: {path} is a folder; pass a file name ending in .png")
+    existing = next((p for p in [figure.parent, *figure.parent.parents] if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise ValueError(f"--output {figure}: cannot create files under {existing}")
+
+
+def _check_layers(spec: ModelSpec, cfg: AttnvizConfig) -> None:
+    """``--layers`` resolved against the model's UNet at the figure's size, from its config alone."""
+    from ..grounding.attention import attention_groups, resolve_layers
+    from .sampling import model_facts
+
+    facts = model_facts(spec.model, spec.unet, spec.revision, cfg.scheduler)
+    f = facts["vae_factor"]
+    h, w = (cfg.height or facts["size"]) // f, (cfg.width or facts["size"]) // f
+    resolve_layers(cfg.layers, attention_groups(facts["unet_config"], (h, w)),
+                   f" ({spec.name}, at {h}x{w} latents)")
+
+
+def _run(cfg: AttnvizConfig, words: list[str], progress: bool) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     rows = []
     bar = Progress(TextColumn("[bold]attnviz {task.description}"), BarColumn(), MofNCompleteColumn(),
                    disable=not progress)

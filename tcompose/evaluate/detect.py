@@ -119,6 +119,20 @@ class Owlv2Detector:
         self.std = torch.tensor(std, device=self.device).view(3, 1, 1)
         self._matrices: dict[int, torch.Tensor] = {}
 
+    @staticmethod
+    def check(name: str, revision: str | None = None) -> None:
+        """Read the checkpoint's config only, so that a model that is not OWLv2 fails before any image is made."""
+        from ..models.loading import model_type
+
+        try:
+            kind = model_type(name, revision, "OWLv2 detector")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--detector {name}: no readable model config there ({str(err).splitlines()[0]}); pass "
+                             f"an OWLv2 checkpoint such as {DEFAULT_DETECTOR}") from None
+        if kind != "owlv2":
+            raise ValueError(f"--detector {name}: model_type {kind!r} is not an OWLv2 detector; pass an OWLv2 "
+                             f"checkpoint such as {DEFAULT_DETECTOR}")
+
     @classmethod
     def load(cls, name: str = DEFAULT_DETECTOR, revision: str | None = None, device: str | None = None,
              dtype: str = "auto") -> "Owlv2Detector":

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.runs import model_id, output_guard
 from .sampling import load_pipeline  # noqa: F401  (part of this module's interface)
 
 __all__ = ["GenerateConfig", "image_seed", "image_filename", "read_prompts", "load_pipeline", "run",
@@ -150,21 +151,13 @@ def _check(cfg: GenerateConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
 
 
-def _path_id(value: str | None) -> str | None:
-    """A local path made absolute (so reruns from another folder match); a hub id as given."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else value
-
-
 def settings_of(cfg: GenerateConfig, dtype: str) -> dict[str, Any]:
     """What decides the images (their fingerprint), resolved from configs without loading weights."""
     from .sampling import model_facts
 
     facts = model_facts(cfg.model, cfg.unet, cfg.revision, cfg.scheduler)
     return {
-        "model": _path_id(cfg.model), "unet": _path_id(cfg.unet), "text_encoder": _path_id(cfg.text_encoder),
+        "model": model_id(cfg.model), "unet": model_id(cfg.unet), "text_encoder": model_id(cfg.text_encoder),
         "revision": cfg.revision, "scheduler": facts["scheduler"], "steps": cfg.steps, "guidance": cfg.guidance,
         "height": cfg.height or facts["size"], "width": cfg.width or facts["size"], "dtype": dtype,
         "safety_checker": cfg.safety_checker, "seed": cfg.seed,
@@ -299,11 +292,16 @@ def run(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, progress: bool 
     most ``finalize_timeout_s``) and writes the table and run.json. Returns a summary dict: ``images`` (this
     process's share), ``generated``, ``skipped_existing``, ``seconds``, ``images_per_s`` (generated images
     per second of generation, model loading excluded), ``rank``, ``world_size`` (+ ``table`` on rank 0)."""
+    _check(cfg, rank, world_size)
+    with output_guard(cfg.output):  # a model that fails to load leaves no empty folder behind
+        return _run(cfg, rank, world_size, progress, finalize_timeout_s)
+
+
+def _run(cfg: GenerateConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
     from ..io.datasets import library_versions, write_json_atomic
     from .sampling import dtype_name, resolve_device, resolve_dtype
 
     t0 = time.monotonic()
-    _check(cfg, rank, world_size)
     device = resolve_device(cfg.device)
     settings = settings_of(cfg, dtype_name(resolve_dtype(cfg.dtype, device)))
     fingerprint = _fingerprint(settings)

@@ -64,21 +64,34 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _unet_source(unet: str | os.PathLike) -> tuple[str, str | None]:
-    """(folder, subfolder) of a ``--unet`` path: a UNet folder, or a pipeline / train-unet OUT with unet/."""
-    path = Path(unet).expanduser()
-    if (path / "unet" / "config.json").is_file():
-        return str(path), "unet"
-    if (path / "config.json").is_file():
-        return str(path), None
+    """(folder, subfolder) of a ``--unet`` path: a UNet folder, or a pipeline / train-unet OUT with unet/.
+    ModelFolderError when neither holds a UNet's config.json."""
+    import json
+
     from ..models.loading import ModelFolderError
 
-    raise ModelFolderError(f"--unet {path}: no config.json there nor in {path / 'unet'}; pass a UNet folder "
-                           "(UNet2DConditionModel.save_pretrained) or a pipeline folder such as a train-unet OUT")
+    path = Path(unet).expanduser()
+    folder, sub = (path, "unet") if (path / "unet" / "config.json").is_file() else (path, None)
+    config_file = path / (sub or "") / "config.json"
+    if not config_file.is_file():
+        raise ModelFolderError(f"--unet {path}: no config.json there nor in {path / 'unet'}; pass a UNet folder "
+                               "(UNet2DConditionModel.save_pretrained) or a pipeline folder such as a train-unet OUT")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelFolderError(f"--unet {path}: {config_file} does not read as JSON ({err})") from None
+    if not isinstance(config, dict) or "sample_size" not in config or "cross_attention_dim" not in config:
+        kind = config.get("_class_name") or config.get("model_type") if isinstance(config, dict) else None
+        raise ModelFolderError(f"--unet {path}: {config_file} is not a UNet2DConditionModel's config "
+                               f"({'it describes ' + repr(kind) if kind else 'no sample_size / cross_attention_dim'}); "
+                               "pass a UNet folder or a pipeline folder with unet/, such as a train-unet OUT")
+    return str(folder), sub
 
 
 def model_facts(model: str | os.PathLike, unet: str | None = None, revision: str | None = None,
                 scheduler: str | None = None) -> dict[str, Any]:
-    """Read from configs only (no weights): the inference scheduler's class and the default image size."""
+    """Read from configs only (no weights): the inference scheduler's class, the default image size, the VAE's
+    downsampling factor and the UNet's config."""
     import contextlib
 
     from ..models.loading import ModelFolderError, hub_hint, local_path
@@ -111,7 +124,8 @@ def _facts(model, unet, hub: dict, scheduler: str | None) -> dict[str, Any]:
         unet_cfg = UNet2DConditionModel.load_config(str(model), subfolder="unet", **hub)
     vae_cfg = AutoencoderKL.load_config(str(model), subfolder="vae", **hub)
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    return {"scheduler": sched_class, "size": int(unet_cfg["sample_size"]) * factor}
+    return {"scheduler": sched_class, "size": int(unet_cfg["sample_size"]) * factor, "vae_factor": factor,
+            "unet_config": dict(unet_cfg)}
 
 
 def _scheduler(model: str, revision: str | None, name: str | None):

@@ -195,3 +195,73 @@ def average_maps(store: AttentionStore) -> dict[str, torch.Tensor]:
             out[group] = m.reshape(m.shape[0], side, side, m.shape[-1])
     return out
 
+
+
+def _meta_inputs(config, latent_hw: tuple[int, int]) -> tuple[tuple, dict]:
+    """Zero inputs of one UNet forward on the meta device (SDXL's micro-conditioning included)."""
+    h, w = latent_hw
+    meta = torch.device("meta")
+    cross = config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    args = (torch.zeros(1, config.in_channels, h, w, device=meta), torch.zeros(1, device=meta))
+    kwargs = {"encoder_hidden_states": torch.zeros(1, 77, cross, device=meta)}
+    if config.get("addition_embed_type") == "text_time":
+        n_time = 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(1, config.projection_class_embeddings_input_dim - n_time, device=meta),
+            "time_ids": torch.zeros(1, 6, device=meta),
+        }
+    return args, kwargs
+
+
+def attention_groups(unet_or_config, latent_hw: tuple[int, int]) -> dict[str, int]:
+    """The cross-attention groups of a UNet at a latent size, with their number of maps: ``{"mid_8": 1, ...}``.
+
+    A shapes-only forward pass: the UNet is rebuilt from its config on the meta device (no memory, no weights,
+    well under a second even for SDXL), and hooks read each cross-attention layer's input size. Group names are
+    those :func:`capture_cross_attention` gives, in forward order.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = getattr(unet_or_config, "config", unet_or_config)
+    with torch.device("meta"):
+        meta_unet = UNet2DConditionModel.from_config(config)
+    store = AttentionStore(latent_hw=tuple(latent_hw))
+    counts: dict[str, int] = {}
+
+    def pre_hook(block):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hw = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
+            group = store.group_name(block, hw)
+            counts[group] = counts.get(group, 0) + 1
+        return hook
+
+    handles = [m.register_forward_pre_hook(pre_hook(block), with_kwargs=True)
+               for _, block, m in cross_attention_modules(meta_unet)]
+    try:
+        args, kwargs = _meta_inputs(meta_unet.config, latent_hw)
+        with torch.no_grad():
+            meta_unet(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def describe_groups(groups: dict[str, int]) -> str:
+    """``"mid_8 (1 map), up_16 (3 maps)"``."""
+    return ", ".join(f"{g} ({n} map{'s' if n != 1 else ''})" for g, n in groups.items())
+
+
+def resolve_layers(layers: Iterable[str], groups: dict[str, int], where: str = "") -> dict[str, int]:
+    """The groups of ``groups`` (see :func:`attention_groups`) that a ``--layers`` selection picks, in forward
+    order; ValueError naming the selection and listing the model's groups when a name picks none."""
+    blocks, names = parse_layers(tuple(layers))
+    unknown = [n for n in layers if (n in blocks and not any(g.startswith(n + "_") for g in groups))
+               or (n in names and n not in groups)]
+    if unknown or not groups:
+        have = describe_groups(groups) or "none"
+        raise ValueError(f"--layers {','.join(unknown or layers)}: this UNet has no such cross-attention "
+                         f"{'group' if len(unknown) == 1 else 'groups'}{where}; its groups are {have}")
+    return {g: n for g, n in groups.items() if g in names or g.split("_")[0] in blocks}

@@ -6,7 +6,9 @@ trainers' checkpoints and data order, and what every sharded stage does around i
 - :mod:`.stages`: progress bar, refusing a folder written with other settings, stale temporary files, waiting
   for the other processes' shards;
 - :mod:`.checkpoints`: training state as safetensors + JSON (no pickle), ``--resume latest``;
-- :mod:`.batches`: ``MicroBatches``, the resumable, process-sharded data order of both trainers.
+- :mod:`.batches`: ``MicroBatches``, the resumable, process-sharded data order of both trainers;
+- :mod:`.runs`: what both trainers do around their loop (run folders, resume checks, non-finite losses, Ctrl-C);
+- :mod:`.files`: written files get the umask's permissions (safetensors writes 0600).
 """
 
 from .batches import MicroBatches

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import match_umask
+
 PREFIX = "step-"
 
 
@@ -69,6 +71,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, lr_scheduler, ema=N
     if scaler is not None:
         state["scaler"] = _jsonable(scaler.state_dict())
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    match_umask(tmp)  # safetensors writes its files 0600
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -46,3 +46,21 @@ def remove_stale_tmp(writer: ShardedWriter, todo) -> None:
         name = writer.shard_path(shard.index).name
         for tmp in writer.out_dir.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def refuse_empty(manifest: dict, writer: ShardedWriter, source: str, unit: str) -> None:
+    """A run whose input gave no row at all is an error, not an empty dataset: the shards and the manifest are
+    removed again (so a fixed input can be written to the same --output) and the skip reasons are named."""
+    if manifest["num_rows"]:
+        return
+    reasons: dict[str, int] = {}
+    for s in manifest.get("skipped", []):
+        reasons[s.get("reason", "?")] = reasons.get(s.get("reason", "?"), 0) + 1
+    top = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3]) or "nothing was skipped"
+    for shard in writer.plan(manifest["num_items"]):
+        writer.shard_path(shard.index).unlink(missing_ok=True)
+    (writer.out_dir / MANIFEST).unlink(missing_ok=True)
+    if writer.out_dir.is_dir() and not any(writer.out_dir.iterdir()):
+        writer.out_dir.rmdir()
+    raise DatasetError(f"{source}: not one of its {manifest['num_items']} {unit} gave a row ({top}); nothing was "
+                       f"written to {writer.out_dir}")

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.datasets import DatasetError, ShardedWriter, encode_mask, image_struct
-from ..io.stages import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
+from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
 
 SOURCE = "tokencompose"
 
@@ -243,6 +243,7 @@ def run(
     if world_size > 1:
         wait_for_shards(writer, len(lines), finalize_timeout_s)
     manifest = writer.finalize(len(lines), elapsed_s=round(time.monotonic() - t0, 3))
+    refuse_empty(manifest, writer, str(cfg.metadata), "lines")
     if progress:
         from rich.console import Console
 

@@ -42,7 +42,8 @@ from typing import Any
 
 from ..data.coco import CocoDataset
 from ..io.datasets import DatasetError, ShardedWriter
-from ..io.stages import progress_bar, refuse_other_settings, remove_stale_tmp, wait_for_shards
+from ..io.runs import output_guard
+from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
 from ..models.loading import DTYPES
 from .caption_choice import check_mode, static_choice
 from .config import MasksConfig, model_dtype, resolve_device
@@ -120,9 +121,14 @@ def run(
     barrier is needed from the caller. Rerunning after a kill keeps the finished shards. The returned dict
     also holds ``throughput`` (this process's images, seconds and images/s of the work done now).
     """
-    t0 = time.monotonic()
     _check(cfg)
     _check_rank(rank, world_size)
+    with output_guard(cfg.output):  # models that fail to load leave no empty folder behind
+        return _run(cfg, rank, world_size, progress, finalize_timeout_s)
+
+
+def _run(cfg: MasksConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
+    t0 = time.monotonic()
     source = SOURCES[cfg.source]
     coco = CocoDataset(cfg.coco_dir, cfg.split, captions=True, instances=source.needs_instances)
     ids, digest = select_ids(coco, cfg.image_ids, cfg.limit)
@@ -145,6 +151,7 @@ def run(
     if world_size > 1:
         wait_for_shards(writer, len(ids), finalize_timeout_s)
     manifest = writer.finalize(len(ids), elapsed_s=round(time.monotonic() - t0, 3))
+    refuse_empty(manifest, writer, f"{cfg.coco_dir} ({cfg.split}, --source {cfg.source})", "images")
     if progress:
         from rich.console import Console
 

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..io.files import match_umask
 from .loading import ModelFolderError, hub_hint, local_path
 
 #: CLIP's image normalisation (every OpenAI CLIP and OWL model uses it).
@@ -111,6 +112,7 @@ def export_clip(model, tokenizer, preprocess: dict, out: str | Path) -> Path:
         save_tokenizer(tokenizer, tmp / "tokenizer")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocess, indent=2) + "\n")
         text_tower(model).save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        match_umask(tmp)  # safetensors writes its files 0600
         for entry in sorted(tmp.iterdir()):
             dest = out / entry.name
             if dest.is_dir():

@@ -24,7 +24,8 @@ import torch
 
 from .loading import ModelFolderError, hub_hint, local_path, quiet_logger, tf_dtype_kwargs
 
-__all__ = ["SDComponents", "TextEncoderMismatchError", "load_components", "load_text_encoder", "check_text_encoder"]
+__all__ = ["SDComponents", "TextEncoderMismatchError", "load_components", "load_text_encoder", "check_text_encoder",
+           "model_configs"]
 
 PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -150,6 +151,34 @@ def check_text_encoder(text_encoder: Any, unet: Any, tokenizer: Any = None) -> N
             f"tokenizer has {len(tokenizer)} tokens but the text encoder's vocab_size is "
             f"{text_encoder.config.vocab_size}: pair the text encoder with its own tokenizer"
         )
+
+
+def model_configs(model: str | os.PathLike, revision: str | None = None,
+                  local_files_only: bool | None = None) -> tuple[dict, int]:
+    """(the UNet's config, the VAE's downsampling factor) of a model, from its config files alone (no weights):
+    what a stage needs to check sizes and ``--layers`` before it loads anything."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    local = local_path(model)
+    if local is not None:
+        missing = [s for s in ("unet", "vae") if not (local / s / "config.json").is_file()]
+        if missing:
+            raise ModelFolderError(
+                f"{local} is not a diffusers Stable Diffusion folder: missing {', '.join(s + '/' for s in missing)}. "
+                "Pass a folder written by `StableDiffusionPipeline.save_pretrained` or `tcompose train-unet`, or a "
+                "hub id such as CompVis/stable-diffusion-v1-4."
+            )
+        kw: dict[str, Any] = {}
+        context: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        kw = {"revision": revision}
+        if local_files_only is not None:
+            kw["local_files_only"] = local_files_only
+        context = hub_hint(str(model), local_files_only)
+    with context:
+        unet = UNet2DConditionModel.load_config(str(model), subfolder="unet", **kw)
+        vae = AutoencoderKL.load_config(str(model), subfolder="vae", **kw)
+    return dict(unet), 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def load_components(

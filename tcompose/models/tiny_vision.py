@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import torch
 
 from .clip import CLIP_MEAN, CLIP_STD, preprocess_config
+from .loading import no_hf_progress_bars
 from .tiny_sd import write_tokenizer
 
 # BERT's (bert-base-uncased) ids that GroundingDINO's text masking relies on.
@@ -159,7 +160,8 @@ def _atomic_dir(out_dir: str | os.PathLike, write) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        write(tmp)
+        with no_hf_progress_bars():
+            write(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -264,7 +266,8 @@ def write_tiny_clip(out_dir: str | Path, tokenizer_source: str | Path | None = N
         vocab = json.loads((tmp / "vocab.json").read_text(encoding="utf-8"))
         model = build_clip(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
                            eos_token_id=vocab["<|endoftext|>"])
-        model.save_pretrained(tmp, safe_serialization=True)
+        with no_hf_progress_bars():
+            model.save_pretrained(tmp, safe_serialization=True)
         cfg = preprocess_config(model.config.vision_config.image_size)
         (tmp / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if out.exists():
@@ -334,7 +337,8 @@ def write_tiny_owlv2(out_dir: str | Path, tokenizer_source: str | Path | None = 
     vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
     model = build_owlv2(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
                         eos_token_id=vocab["<|endoftext|>"])
-    model.save_pretrained(out, safe_serialization=True)
+    with no_hf_progress_bars():
+        model.save_pretrained(out, safe_serialization=True)
     n = model.config.vision_config.image_size
     pre = {"image_processor_type": "Owlv2ImageProcessor", "do_rescale": True, "rescale_factor": 1 / 255,
            "do_pad": True, "do_resize": True, "size": {"height": n, "width": n}, "do_normalize": True,

@@ -23,94 +23,41 @@ Runbook (the reference recipe is the default: lr 5e-6 constant, AdamW wd 1e-2, c
 
 OUT ends as a diffusers pipeline folder (``StableDiffusionPipeline.from_pretrained(OUT)``) with
 ``training_summary.json``, ``checkpoints/`` and tensorboard ``logs/``.
+
+What keeps a long run from going silently wrong (:mod:`tcompose.io.runs`): a folder that holds a run is not
+trained into without ``--resume latest`` or ``--overwrite``; a resume with other settings or other data is
+refused, listing the differences; ``--layers`` is resolved against the UNet before anything trains (an unknown
+group is an error listing the model's groups); a NaN or inf loss stops the run, naming the step and the term,
+before any checkpoint or pipeline is written from it; Ctrl-C says what was kept and how to continue.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..models.defaults import BASE_MODEL
+from ..grounding.attention import attention_groups, describe_groups, resolve_layers
+from ..io.files import match_umask
+from ..io.runs import (
+    FiniteGuard,
+    Interrupted,
+    NonFiniteLossError,
+    check_resume,
+    interrupted_note,
+    kept_checkpoint_note,
+    output_guard,
+    peak_memory_mb,
+    prepare_run_folder,
+    training_progress,
+)
+from .config import OUTPUTS, TrainUnetConfig, config_dict, may_differ_on_resume, resume_settings
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+__all__ = ["TrainUnetConfig", "run"]
 
-
-@dataclass
-class TrainUnetConfig:
-    """Settings of ``tcompose train-unet``; defaults are the TokenCompose reference recipe."""
-
-    data: Path  # masks dataset folder (tcompose masks)
-    output: Path
-    model: str = BASE_MODEL  # hub id or local diffusers folder
-    revision: str | None = None
-    text_encoder: str | None = None  # another CLIP text model (hub id or folder) to use and save
-    lambda_token: float = 1e-3
-    gamma_pixel: float = 5e-5
-    layers: tuple[str, ...] = ("mid", "up")  # blocks or groups (mid_8, up_16, ...) whose maps are supervised
-    resolution: int = 512
-    batch_size: int = 1  # per process
-    grad_accum: int = 4
-    max_steps: int = 24_000  # optimizer steps
-    lr: float = 5e-6
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    checkpoint_every: int = 1000
-    checkpoints_limit: int | None = None
-    resume: str | None = None  # latest | checkpoint folder
-    eval_fraction: float = 0.05  # share of images held out for the grounding score
-    eval_max_examples: int = 64
-    eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
-    random_flip: bool = False  # flips image and masks together; captions saying left/right become wrong
-    cache_latents: bool = False  # encode each image once into OUT/latent_cache/ (tcompose.train.latent_cache)
-    channels_last: bool = False  # UNet weights and the latents in torch.channels_last
-    compile: bool = False  # torch.compile the UNet's ResNet blocks and feed-forwards (tcompose.models.compile)
-    num_workers: int = 4
-    log_every: int = 10
-    allow_tf32: bool = True
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "resolution"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.resolution % 8:
-            raise ValueError(f"--resolution must be a multiple of 8, got {self.resolution}")
-        if self.lambda_token < 0 or self.gamma_pixel < 0:
-            raise ValueError("--lambda and --gamma must be >= 0")
-        from ..grounding.attention import parse_layers
-
-        parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
-
-
-def config_dict(cfg: TrainUnetConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # resident set, KiB on Linux
+LOSS_TERMS = ("ldm", "token", "pixel", "total")
 
 
 def _quiet_loading() -> None:
@@ -122,19 +69,25 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]train-unet"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.description}"), disable=not enabled, transient=False,
-    )
+def data_line(stats: dict, train_rows: int, heldout_rows: int) -> str:
+    """The data the run trains on, as a sentence."""
+    line = (f"data: {train_rows} training rows, {heldout_rows} held out for the grounding score; "
+            f"{stats['words_supervised']} of {stats['phrases']} phrases supervised")
+    why = [f"{stats[k]} {text}" for k, text in (("phrase_no_mask", "without a mask"),
+                                                ("phrase_not_in_tokens", "not found in the caption's 77 tokens"))
+           if stats.get(k)]
+    return line + (f" ({', '.join(why)})" if why else "")
 
 
 def run(cfg: TrainUnetConfig) -> dict:
     """Train, checkpoint, score grounding before and after, and write the pipeline to ``cfg.output``."""
     cfg.validate()
-    from accelerate import Accelerator
+    with output_guard(cfg.output):
+        return _train(cfg)
+
+
+def _train(cfg: TrainUnetConfig) -> dict:
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
     from torch.utils.data import DataLoader
@@ -144,29 +97,52 @@ def run(cfg: TrainUnetConfig) -> dict:
     from ..io.batches import MicroBatches
     from ..io.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
     from ..io.datasets import check_columns, load_manifest, write_json_atomic
-    from ..models.stable_diffusion import load_components
+    from ..models.stable_diffusion import load_components, model_configs
     from .examples import TrainingExamples, collate, prepare_rows, split_heldout
 
     load_manifest(cfg.data)  # bad data fails before any model is loaded
     check_columns(cfg.data, "masks")
     _quiet_loading()
     out = Path(cfg.output)
+    # Every refusal comes before the Accelerator and the weights: the run folder, the model's geometry and
+    # --layers (from its configs), and a resume's settings.
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes then form a gloo group (tests)
+    world, main = state.num_processes, state.is_main_process
+    prepare_run_folder(out, cfg.resume, cfg.overwrite, OUTPUTS, "train-unet", clear=main)
+    state.wait_for_everyone()
+    unet_config, down = model_configs(cfg.model, cfg.revision)
+    resolution = cfg.resolution or int(unet_config["sample_size"]) * down
+    if resolution % down:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {down}")
+    latent = resolution // down
+    groups = resolve_layers(cfg.layers, attention_groups(unet_config, (latent, latent)),
+                            f" at {latent}x{latent} latents ({resolution} px)")
+    layers = tuple(groups)
+    ckpt_root = out / "checkpoints"
+    settings = resume_settings(cfg, resolution, world)
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path is not None:
+        saved = json.loads((resume_path / "state.json").read_text()).get("extra", {})
+        check_resume(saved.get("settings"), settings, resume_path, may_differ_on_resume(cfg))
+
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # several CPU processes (tests, CPU clusters) then talk over gloo
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    device, main = accelerator.device, accelerator.is_main_process
-    log = accelerator.print
+    device, log = accelerator.device, accelerator.print
     if cfg.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
+    source = "--resolution" if cfg.resolution else f"the model's own: sample size {unet_config['sample_size']} x {down}"
+    log(f"resolution: {resolution} px ({source}); supervised cross-attention: {describe_groups(groups)}")
 
     comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder)
     unet, vae, text_encoder, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.text_encoder, comps.tokenizer, comps.noise_scheduler
+
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     for frozen in (vae, text_encoder):
         frozen.requires_grad_(False)
@@ -182,19 +158,18 @@ def run(cfg: TrainUnetConfig) -> dict:
 
     prep = prepare_rows(cfg.data, tokenizer)
     train_rows, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_shape = (unet.config.in_channels, cfg.resolution // down, cfg.resolution // down)
+    latent_shape = (unet.config.in_channels, latent, latent)
     n_t = noise_scheduler.config.num_train_timesteps
     cache = None
     if cfg.cache_latents:
         from .latent_cache import prepare_latent_cache
 
-        cache = prepare_latent_cache(out / "latent_cache", prep, vae, cfg.resolution, cfg.random_flip,
+        cache = prepare_latent_cache(out / "latent_cache", prep, vae, resolution, cfg.random_flip,
                                      accelerator.process_index, accelerator.num_processes,
                                      accelerator.wait_for_everyone, main and cfg.progress, log, cfg.num_workers)
-    examples = TrainingExamples(prep, cfg.resolution, latent_shape, n_t, cfg.seed, cfg.random_flip, latents=cache)
-    eval_examples = TrainingExamples(prep, cfg.resolution, latent_shape, n_t, cfg.seed, random_flip=False)
-    log(f"data: {len(train_rows)} training rows, {len(heldout)} held out; {prep.stats}")
+    examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, cfg.random_flip, latents=cache)
+    eval_examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, random_flip=False)
+    log(data_line(prep.stats, len(train_rows), len(heldout)))
 
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -209,15 +184,9 @@ def run(cfg: TrainUnetConfig) -> dict:
         ema.to(device)
     unet, optimizer = accelerator.prepare(unet, optimizer)  # the sampler shards data itself; see MicroBatches
 
-    ckpt_root = out / "checkpoints"
-    # what decides which examples each step sees (MicroBatches): a resume must keep it to continue the same run
-    data_order = {"global_micro_batch": cfg.batch_size * accelerator.num_processes, "grad_accum": cfg.grad_accum,
-                  "seed": cfg.seed}
     step, before = 0, None
-    resume_path = resolve_resume(cfg.resume, ckpt_root)
     if resume_path is not None:
         state = load_checkpoint(resume_path, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema, accelerator.scaler)
-        _check_data_order(state["extra"].get("data_order"), data_order, resume_path)
         step, before = state["step"], state["extra"].get("grounding_before")
         log(f"resumed from {resume_path} at step {step}")
     elif cfg.resume == "latest":
@@ -229,13 +198,18 @@ def run(cfg: TrainUnetConfig) -> dict:
         batches = (collate([eval_examples[(r, 0)] for r in heldout[i : i + cfg.batch_size]]) for i in range(0, len(heldout), cfg.batch_size))
         with accelerator.autocast():
             return grounding_score(accelerator.unwrap_model(unet), vae, text_encoder, noise_scheduler, batches,
-                                   cfg.layers, cfg.eval_timesteps, seed=cfg.seed, weight_dtype=weight_dtype)
+                                   layers, cfg.eval_timesteps, seed=cfg.seed, weight_dtype=weight_dtype)
 
     if before is None and main:
         before = evaluate()
         if before:
             log(f"grounding score before: {before['score']:.4f} (chance {before['chance']:.4f})")
     accelerator.wait_for_everyone()
+    extra = lambda: {"grounding_before": before, "settings": settings, "supervised_groups": groups}  # noqa: E731
+
+    def save(at: int) -> None:
+        save_checkpoint(ckpt_root, at, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema,
+                        accelerator.scaler, cfg.checkpoints_limit, extra=extra())
 
     if main:
         accelerator.init_trackers("train_unet", config={k: v for k, v in config_dict(cfg).items() if isinstance(v, (int, float, str, bool))})
@@ -249,50 +223,66 @@ def run(cfg: TrainUnetConfig) -> dict:
 
         n = compile_regions(accelerator.unwrap_model(unet))
         log(f"compile: {n} UNet regions (ResNet blocks, feed-forwards) compile on the first steps")
-    keys = ("ldm", "token", "pixel", "total")
-    sums = {k: torch.zeros((), device=device) for k in keys}
+    guard = FiniteGuard(LOSS_TERMS[:3], device)
+
+    def check_finite() -> None:  # a sync: at logging steps, before every checkpoint and at the end
+        try:
+            guard.check(accelerator.gather)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                f"{err}: training stopped and no pipeline was written; {kept_checkpoint_note(ckpt_root)}. Lower "
+                "--lr (or --lambda / --gamma), check the data, then continue from it with --resume latest"
+            ) from None
+
+    sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
     n_micro, last = 0, {}
     start_step, t0 = step, time.perf_counter()
-    with _progress(main and cfg.progress) as bar:
-        task = bar.add_task("", total=cfg.max_steps, completed=step)
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with accelerator.accumulate(unet):
-                latents, emb = encode_batch(vae, text_encoder, batch, weight_dtype)
-                if cfg.channels_last:
-                    latents = latents.contiguous(memory_format=torch.channels_last)
-                    batch["noise"] = batch["noise"].contiguous(memory_format=torch.channels_last)
-                losses = tokencompose_losses(unet, latents, emb, batch, noise_scheduler, cfg.layers,
-                                             cfg.lambda_token, cfg.gamma_pixel, backward=accelerator.backward)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k in keys:
-                sums[k] += losses[k].detach().float()
-            n_micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            if not accelerator.optimizer_step_was_skipped:
-                lr_scheduler.step()
-            if ema is not None:
-                ema.step(unet.parameters())
-            step += 1
-            bar.update(task, advance=1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                means = accelerator.reduce(torch.stack([sums[k] for k in keys]) / n_micro, reduction="mean")
-                last = {k: float(v) for k, v in zip(keys, means.tolist())}
-                accelerator.log({f"loss/{k}": v for k, v in last.items()} | {"lr": lr_scheduler.get_last_lr()[0]}, step=step)
-                bar.update(task, description=" ".join(f"{k} {v:.4g}" for k, v in last.items()))
-                sums = {k: torch.zeros((), device=device) for k in keys}
-                n_micro = 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                if main:
-                    save_checkpoint(ckpt_root, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema,
-                                    accelerator.scaler, cfg.checkpoints_limit, extra={"grounding_before": before, "data_order": data_order})
-                accelerator.wait_for_everyone()
-            if step >= cfg.max_steps:
-                break
+    try:
+        with training_progress("train-unet", main and cfg.progress) as bar:
+            task = bar.add_task("", total=cfg.max_steps, completed=step)
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with accelerator.accumulate(unet):
+                    latents, emb = encode_batch(vae, text_encoder, batch, weight_dtype)
+                    if cfg.channels_last:
+                        latents = latents.contiguous(memory_format=torch.channels_last)
+                        batch["noise"] = batch["noise"].contiguous(memory_format=torch.channels_last)
+                    losses = tokencompose_losses(unet, latents, emb, batch, noise_scheduler, layers,
+                                                 cfg.lambda_token, cfg.gamma_pixel, backward=accelerator.backward)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                guard.update(step + 1, losses)
+                for k in LOSS_TERMS:
+                    sums[k] += losses[k].detach().float()
+                n_micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                if not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                if ema is not None:
+                    ema.step(unet.parameters())
+                step += 1
+                bar.update(task, advance=1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    check_finite()
+                    means = accelerator.reduce(torch.stack([sums[k] for k in LOSS_TERMS]) / n_micro, reduction="mean")
+                    last = {k: float(v) for k, v in zip(LOSS_TERMS, means.tolist())}
+                    accelerator.log({f"loss/{k}": v for k, v in last.items()} | {"lr": lr_scheduler.get_last_lr()[0]}, step=step)
+                    bar.update(task, description=" ".join(f"{k} {v:.4g}" for k, v in last.items()))
+                    sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
+                    n_micro = 0
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                    check_finite()
+                    if main:
+                        save(step)
+                    accelerator.wait_for_everyone()
+                if step >= cfg.max_steps:
+                    break
+        check_finite()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_note(ckpt_root, step), "--resume latest") from None
     train_s = time.perf_counter() - t0
     if cfg.compile:
         from ..models.compile import uncompile_regions
@@ -304,8 +294,7 @@ def run(cfg: TrainUnetConfig) -> dict:
     summary = None
     if main:
         trained = accelerator.unwrap_model(unet)
-        save_checkpoint(ckpt_root, step, trained, optimizer, lr_scheduler, ema, accelerator.scaler,
-                        cfg.checkpoints_limit, extra={"grounding_before": before, "data_order": data_order})
+        save(step)
         if ema is not None:
             ema.copy_to(trained.parameters())  # the pipeline and the "after" score use the EMA weights
         if cfg.channels_last:
@@ -321,10 +310,12 @@ def run(cfg: TrainUnetConfig) -> dict:
             "final_losses": last,
             "train_seconds": train_s,
             "images_per_s": steps_run * cfg.grad_accum * cfg.batch_size * accelerator.num_processes / train_s if train_s > 0 else None,
-            "peak_memory_mb": _peak_memory_mb(device),
+            "peak_memory_mb": peak_memory_mb(device),
             "device": str(device),
             "num_processes": accelerator.num_processes,
             "ranks_in_sync": in_sync,
+            "resolution": resolution,
+            "supervised_groups": groups,
             "grounding_before": before,
             "grounding_after": after,
             "data": prep.stats | {"train_rows": len(train_rows), "heldout_rows": len(heldout)},
@@ -337,18 +328,6 @@ def run(cfg: TrainUnetConfig) -> dict:
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
     return summary or {}
-
-
-def _check_data_order(saved: dict | None, now: dict, path: Path) -> None:
-    """Refuse a resume whose batch layout or seed would make the steps after it see other examples."""
-    if saved is None or saved == now:  # checkpoints older than this check carry no data order
-        return
-    raise ValueError(
-        f"{path} was written with --batch-size x processes = {saved['global_micro_batch']}, --grad-accum "
-        f"{saved['grad_accum']}, --seed {saved['seed']}; this run has {now['global_micro_batch']}, "
-        f"{now['grad_accum']}, {now['seed']}, so it would not continue the same run. Resume with the same "
-        "settings (processes may change if --batch-size x processes stays equal), or train into a new --output"
-    )
 
 
 def _ranks_in_sync(accelerator, unet) -> bool:
@@ -375,3 +354,4 @@ def _save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path) -> None:
         parts["text_encoder"], parts["tokenizer"] = load_text_encoder(cfg.text_encoder, base_tokenizer=tokenizer)
     pipe = StableDiffusionPipeline.from_pretrained(cfg.model, revision=cfg.revision, **parts)  # float32, the default
     pipe.save_pretrained(out, safe_serialization=True)
+    match_umask(*(out / name for name in OUTPUTS))  # safetensors writes its files 0600

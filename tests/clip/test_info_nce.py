@@ -177,7 +177,8 @@ def test_train_clip_two_processes_equal_one_process_with_doubled_batch(tmp_path)
     from safetensors.torch import load_file
     from test_train_clip import SHAPES, write_crops
 
-    from tcompose.clip.loop import TrainClipConfig, run
+    from tcompose.clip.config import TrainClipConfig
+    from tcompose.clip.loop import run
     from tcompose.models.tiny_vision import write_tiny_clip
 
     crops = write_crops(tmp_path / "crops", n_images=40)

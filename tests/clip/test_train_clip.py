@@ -16,9 +16,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from tcompose.cli import main
+from tcompose.clip.config import TrainClipConfig
 from tcompose.clip.data import Preprocess, read_crops, split_by_image
 from tcompose.clip.eval import compare, format_table, recall_at_k, topk_accuracy
-from tcompose.clip.loop import TrainClipConfig, lr_factor, run, total_steps
+from tcompose.clip.loop import lr_factor, run, total_steps
 from tcompose.clip.towers import lock_towers, no_decay, param_groups
 from tcompose.io.datasets import ShardedWriter, image_struct
 from tcompose.models.clip import preprocess_config
@@ -286,7 +287,7 @@ def test_finetuned_text_encoder_is_used_by_train_unet_and_generation(trained, tm
     from tcompose.masks.stage import run as make_masks
     from tcompose.models.stable_diffusion import TextEncoderMismatchError, load_components
     from tcompose.models.tiny_sd import write_tiny_pipeline
-    from tcompose.train.loop import TrainUnetConfig
+    from tcompose.train.config import TrainUnetConfig
     from tcompose.train.loop import run as train_unet
 
     out, _ = trained
@@ -315,3 +316,31 @@ def test_finetuned_text_encoder_is_used_by_train_unet_and_generation(trained, tm
     wide = write_tiny_pipeline(tmp_path / "sd64", tokenizer_source=out / "tokenizer", unet_kwargs={"cross_attention_dim": 64})
     with pytest.raises(TextEncoderMismatchError, match="hidden size 32 != UNet cross_attention_dim 64"):
         load_components(str(wide), text_encoder=str(out))
+
+
+# ----------------------------------------------------------------------------- no silent wrong runs (train-clip)
+
+
+def test_a_contrastive_batch_of_one_is_refused(setup, tmp_path, capsys):
+    args = ["train-clip", "--data", str(setup["crops"]), "--model", str(setup["base"]), "--output", str(tmp_path / "o"),
+            "--num-workers", "0", "--batch-size", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "contrastive batch of 1" in err and "no negatives" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_clip_refuses_a_folder_holding_a_run_and_a_resume_with_other_settings(setup, tmp_path):
+    out = tmp_path / "run"
+    run(small(setup, out, max_steps=4, checkpoint_every=2))
+    with pytest.raises(ValueError, match="already holds a train-clip run.*--resume latest.*--overwrite"):
+        run(small(setup, out, max_steps=4))
+    with pytest.raises(ValueError, match=r"--batch-size x processes 16 -> 8"):
+        run(small(setup, out, max_steps=4, batch_size=8, resume="latest"))
+    with pytest.raises(ValueError, match=r"--lr 0.002 -> 0.001"):
+        run(small(setup, out, max_steps=4, lr=1e-3, resume="latest"))
+    summary = run(small(setup, out, max_steps=2, checkpoint_every=1, overwrite=True))
+    assert summary["steps"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    with pytest.raises(ValueError, match="--lr nan: not a finite number"):
+        small(setup, out, lr=float("nan")).validate()

@@ -392,3 +392,27 @@ def test_several_processes_and_summary(scenes, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"crops: {manifest['num_rows']} crops from 11 images" in " ".join(err.split())
     assert "unreadable image: 1" in summary_line(manifest, out) and "crops/s" in " ".join(err.split())
+
+
+def test_masked_crop_of_a_degenerate_polygon_is_skipped_and_counted(handmade, tmp_path):
+    """A polygon of collinear points covers no pixel: its --masked crop would be all grey with a label."""
+    ann_file = handmade / "annotations" / "instances_val2017.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"].append({"id": 11, "image_id": 0, "category_id": 1, "iscrowd": 0, "area": 400.0,
+                                "bbox": [40.0, 30.0, 20.0, 20.0], "segmentation": [[40, 30, 50, 40, 60, 50]]})
+    ann_file.write_text(json.dumps(data))
+    cfg = dict(split="val2017", min_area=100, size=40, workers=1)
+    manifest = run(CropsConfig(handmade, tmp_path / "masked", masked=True, **cfg), progress=False)
+    assert 11 not in {r["ann_id"] for r in iter_rows(tmp_path / "masked")}
+    assert manifest["stats"]["annotations_skipped_empty_mask"] == 1
+    assert any(s["ann_id"] == 11 and "degenerate polygon" in s["reason"] for s in manifest["skipped"])
+    assert "empty mask: 1" in summary_line(manifest, tmp_path / "masked")
+    plain = run(CropsConfig(handmade, tmp_path / "plain", **cfg), progress=False)  # unmasked, its box is kept
+    assert 11 in {r["ann_id"] for r in iter_rows(tmp_path / "plain")} and plain["stats"]["annotations_skipped_empty_mask"] == 0
+
+
+def test_an_input_that_gives_no_crop_at_all_is_an_error(handmade, tmp_path):
+    out = tmp_path / "none"
+    with pytest.raises(DatasetError, match="not one of its 4 images gave a row"):
+        run(CropsConfig(handmade, out, split="val2017", min_area=10**6, workers=1), progress=False)
+    assert not out.exists()

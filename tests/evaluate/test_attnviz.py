@@ -195,3 +195,27 @@ def test_default_words_are_the_prompts_noun_phrases():
     assert default_words(PROMPT) == ["cat", "wine glass"]
     with pytest.raises(ValueError, match="no noun phrases"):
         default_words("running quickly")
+
+
+def test_every_input_and_output_is_checked_before_generating(models, tmp_path, capsys):
+    base = ["attnviz", "--prompt", PROMPT, "--model", f"SD={models['base']}", "--steps", "2", "--height", str(SIZE),
+            "--width", str(SIZE), "--panel", "32"]
+    # a group the UNet does not have at this size: the error lists the ones it has, and nothing is drawn
+    assert main([*base, "--layers", "up_4", "--output", str(tmp_path / "bad" / "fig.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--layers up_4" in err and "its groups are down_16" in err, err
+    assert not (tmp_path / "bad").exists()
+    # the maps file is read as such or refused in one line
+    (tmp_path / "notmaps.safetensors").write_bytes(b"\x00" * 64)
+    assert main(["attnviz", "--from-maps", str(tmp_path / "notmaps.safetensors"), "--output", str(tmp_path / "x.png")]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+    # an output folder that does not exist yet is made, and the maps beside it get the umask's mode
+    import os
+
+    fig = tmp_path / "new" / "deeper" / "fig.png"
+    old = os.umask(0o022)
+    try:
+        assert main([*base, "--words", "cat", "--output", str(fig)]) == 0
+    finally:
+        os.umask(old)
+    assert fig.is_file() and maps_path(fig).stat().st_mode & 0o777 == 0o644

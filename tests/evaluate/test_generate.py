@@ -232,3 +232,18 @@ def test_safety_checker_on_records_nsfw(models, tmp_path):
     rows = pq.read_table(out / "generations.parquet").to_pylist()
     assert [r["nsfw"] for r in rows] == [True, True] and json.loads(rows[0]["settings"])["safety_checker"] is True
     assert all(a.max() == 0 for a in read_images(out).values())  # the checker blacked them out
+
+
+def test_a_unet_folder_that_is_no_unet_is_one_line_and_leaves_no_folder(models, tmp_path, capsys):
+    from tcompose.models.tiny_vision import write_tiny_owlv2
+
+    owl = write_tiny_owlv2(tmp_path / "owl")  # a folder with a config.json that is not a UNet's
+    capsys.readouterr()
+    args = ["generate", "--model", str(models["base"]), "--prompt", "a cat", "--steps", "2", "--height", str(SIZE),
+            "--width", str(SIZE)]
+    assert main([*args, "--unet", str(owl), "--output", str(tmp_path / "g1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a UNet2DConditionModel's config" in err, err
+    # a UNet of another family (the VAE's latents do not fit it) fails at load: no empty --output is left
+    assert main([*args, "--unet", str(models["base"] / "vae"), "--output", str(tmp_path / "g2")]) == 2
+    assert not (tmp_path / "g1").exists() and not (tmp_path / "g2").exists()

@@ -288,3 +288,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pass --model" in err and "--score-only takes" in err and "unknown --dataset 'lvis'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_is_no_detector_fails_before_any_image_is_made(tiny, tmp_path, capsys):
+    from tcompose.cli import main
+
+    out = tmp_path / "mg"
+    args = ["multigen", "--model", f"A={tiny['sd']}", "-o", str(out), "--sample-seed", "0", "--prompts", "1",
+            "--images", "1", "--steps", "2", "--height", "32", "--width", "32"]
+    assert main([*args, "--detector", str(tiny["sd"])]) == 2  # a pipeline folder: no OWLv2 config
+    assert main([*args, "--detector", str(tiny["sd"] / "unet")]) == 2  # a config, but no OWLv2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("--detector" in line and "OWLv2" in line for line in err), err
+    assert not out.exists()  # nothing generated, no empty folder left

@@ -419,7 +419,7 @@ def test_train_unet_reads_a_grounded_sam_dataset(tiny, reference_run, tmp_path):
     import json
 
     from tcompose.models.tiny_sd import write_tiny_pipeline
-    from tcompose.train.loop import TrainUnetConfig
+    from tcompose.train.config import TrainUnetConfig
     from tcompose.train.loop import run as train
 
     cfg, _ = reference_run

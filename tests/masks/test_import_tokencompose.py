@@ -173,3 +173,21 @@ def test_cli_masks_from_tokencompose(layout, tmp_path):
     assert manifest["stage"] == "import-tokencompose" and manifest["num_rows"] > 0
     assert main(["masks", str(tmp_path), *args]) == 2  # COCO_DIR and --from-tokencompose together
     assert main(["masks", "--seg-root", str(tmp_path), "--output", str(tmp_path / "x")]) == 2  # no input at all
+
+
+def test_a_malformed_metadata_file_is_an_error_not_an_empty_dataset(layout, tmp_path, capsys):
+    from tcompose.cli import main
+
+    meta, _ = layout
+    seg_root = meta.parent.parent
+    bad = meta.parent / "bad.jsonl"
+    bad.write_text('{"file_name": "000000000142.jpg", "text": "broken\n[1, 2, 3]\n{"text": "no file name"}\n')
+    out = tmp_path / "o"
+    assert main(["masks", "--from-tokencompose", str(bad), "--seg-root", str(seg_root), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl: not one of its 3 lines gave a row" in err and "nothing was written" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    # once fixed, the same --output takes the data
+    bad.write_text(meta.read_text())
+    assert main(["masks", "--from-tokencompose", str(bad), "--seg-root", str(seg_root), "--output", str(out)]) == 0
+    assert json.loads((out / MANIFEST).read_text())["num_rows"] > 0

@@ -224,3 +224,17 @@ def test_progress_and_summary(scenes, tmp_path, capsys):
     assert "masks:" in err and f"{manifest['num_rows']} rows" in err
     line = masks_stage.summary_line(manifest, tmp_path / "out")
     assert "3 images" in line and str(tmp_path / "out") in line
+
+
+def test_an_input_that_gives_no_row_at_all_is_an_error(tmp_path):
+    """Captions that name none of the annotated objects: an error naming why, not an empty dataset."""
+    scenes = make_scenes(tmp_path / "scenes", n_images=3, size=32, seed=0)
+    caps = scenes / "annotations" / "captions_train2017.json"
+    data = json.loads(caps.read_text())
+    for a in data["annotations"]:
+        a["caption"] = "Nothing to see in this picture."
+    caps.write_text(json.dumps(data))
+    out = tmp_path / "masks"
+    with pytest.raises(DatasetError, match="not one of its 3 images gave a row .*no caption noun names an annotated"):
+        run(MasksConfig(coco_dir=scenes, output=out, split="train2017"), progress=False)
+    assert not out.exists()

@@ -21,8 +21,8 @@ from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
 from tcompose.models.stable_diffusion import load_components
 from tcompose.models.tiny_sd import build_tiny_text_encoder, write_tiny_pipeline
+from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, collate, prepare_rows
-from tcompose.train.loop import TrainUnetConfig
 from tcompose.train.loop import run as train
 
 RES = 32  # training resolution of these tests: 16x16 latents, attention maps of 16x16 and 8x8

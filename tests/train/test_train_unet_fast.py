@@ -21,10 +21,10 @@ from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
 from tcompose.models.stable_diffusion import load_components
 from tcompose.models.tiny_sd import build_tiny_unet, write_tiny_pipeline
+from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, collate, prepare_rows
 from tcompose.train.geometry import load_pixels
 from tcompose.train.latent_cache import INDEX, LatentCache, prepare_latent_cache, shard_name
-from tcompose.train.loop import TrainUnetConfig
 from tcompose.train.loop import run as train
 
 RES = 32  # 16x16 latents with the tiny VAE

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..detect import DEFAULT_DETECTOR
+from ...io.runs import output_guard
+from ..detect import DEFAULT_DETECTOR, Owlv2Detector
 from .prompts import Prompt, resolve_prompts
 
 RUN_JSON, PROMPTS_JSON, SUMMARY = "run.json", "prompts.json", "summary"
@@ -168,6 +169,11 @@ def _wait(paths: list[Path], timeout_s: float) -> None:
 def run(cfg: MultigenConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
         finalize_timeout_s: float = 86400.0) -> dict:
     """Generate, detect and (rank 0) score; returns the summary (rank 0) or this process's timings (others)."""
+    with output_guard(cfg.output):
+        return _run(cfg, rank, world_size, progress, finalize_timeout_s)
+
+
+def _run(cfg: MultigenConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
     from ...io.datasets import library_versions, write_json_atomic
     from ...models.spec import parse_model_specs
     from ..generate import image_filename
@@ -177,6 +183,7 @@ def run(cfg: MultigenConfig, rank: int = 0, world_size: int = 1, progress: bool 
     _check(cfg, rank, world_size)
     specs = parse_model_specs(cfg.models)
     prompts, source = resolve_prompts(cfg.dataset, cfg.prompt_file, cfg.prompts, cfg.sample_seed, cfg.custom_prompts)
+    Owlv2Detector.check(cfg.detector, cfg.detector_revision)  # a wrong --detector fails before any image is made
     record = _run_record(cfg, specs, prompts, source)
     run_path = cfg.output / RUN_JSON
     merged = _merge_run_json(run_path, record)
@@ -203,7 +210,6 @@ def run(cfg: MultigenConfig, rank: int = 0, world_size: int = 1, progress: bool 
         image_dir = cfg.output / "models" / spec.name / "images"
         _wait([image_dir / image_filename(p.prompt_id, k) for p, k in todo], finalize_timeout_s)
         if detector is None:
-            from ..detect import Owlv2Detector
             from ..sampling import resolve_device
 
             t0 = time.perf_counter()

@@ -1,0 +1,248 @@
+"""What both trainers (train-unet, train-clip) do around their loop so that a long run never goes silently wrong.
+
+- :func:`prepare_run_folder`: a folder that already holds a run is never trained into by accident. Without
+  ``--resume`` the run is refused with the two ways on (``--resume latest`` or ``--overwrite``); ``--overwrite``
+  first removes the old run's checkpoints, logs, outputs and summary.
+- :func:`check_resume`: a checkpoint records every setting that changes what is trained (and a fingerprint of
+  the data); a resume with other settings is refused, listing the differences.
+- :class:`FiniteGuard`: records, on the device and without a host sync per step, the first step at which a
+  loss term became NaN or inf; :meth:`FiniteGuard.check` (at logging and before every checkpoint) stops the
+  run with :class:`NonFiniteLossError`, so no checkpoint and no model is written from diverged weights.
+- :class:`Interrupted`: Ctrl-C during training, carrying one line for the CLI: what was kept and how to resume.
+- :func:`output_guard`: an output folder that a failed stage created and left empty is removed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from .checkpoints import PREFIX, list_checkpoints
+from .datasets import MANIFEST
+
+RUN_FILES = ("checkpoints", "logs", "training_summary.json")  # what every trainer writes into its folder
+
+
+class NonFiniteLossError(ValueError):
+    """A loss term became NaN or inf during training; the run stopped before writing anything from it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a stage; ``note`` says what was kept, ``resume_flag`` what to add to the command to continue."""
+
+    def __init__(self, note: str, resume_flag: str | None = None):
+        super().__init__(note)
+        self.note, self.resume_flag = note, resume_flag
+
+
+def finite_or_raise(values: dict[str, float | None]) -> None:
+    """ValueError naming the first option whose value is NaN or infinite (``{"--lr": 5e-6, ...}``)."""
+    for flag, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} {value}: not a finite number")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run folder
+
+
+def run_markers(out: Path, outputs: Sequence[str]) -> list[str]:
+    """What in ``out`` shows that a run was trained there: checkpoints, logs, a summary, or its outputs."""
+    found = []
+    for name in (*RUN_FILES, *outputs):
+        p = out / name
+        if p.is_dir() and any(p.iterdir()) or p.is_file():
+            found.append(name + ("/" if p.is_dir() else ""))
+    return found
+
+
+def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, outputs: Sequence[str], command: str,
+                       clear: bool = True) -> None:
+    """Refuse to train into a folder holding another run unless resuming; ``overwrite`` clears that run first.
+
+    ``outputs``: the entries the trainer writes besides checkpoints/logs/summary (a pipeline's subfolders, ...).
+    Every process calls it before any model is loaded (so all refuse alike); only the one with ``clear``
+    (the main process) deletes.
+    """
+    if resume is not None and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
+                         "--overwrite deletes it and starts again")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; pass a folder for the run")
+    if resume is not None:
+        return
+    found = run_markers(out, outputs) if out.is_dir() else []
+    if not found:
+        return
+    if not overwrite:
+        steps = [p.name for p in list_checkpoints(out / "checkpoints")]
+        last = f", last checkpoint {steps[-1]}" if steps else ""
+        raise ValueError(
+            f"{out} already holds a {command} run ({', '.join(found)}{last}): continue it with --resume latest, "
+            f"start it again with --overwrite (deletes that run's checkpoints, logs and outputs), or pick a new --output"
+        )
+    if not clear:
+        return
+    for name in (*RUN_FILES, *outputs):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings a resume must keep
+
+
+def dataset_fingerprint(data_dir: str | os.PathLike) -> str:
+    """A short hash of a dataset folder's content as its manifest describes it (settings, shards, row counts,
+    statistics), not of its path: a copied or moved dataset keeps its fingerprint, another dataset does not."""
+    manifest = json.loads((Path(data_dir) / MANIFEST).read_text())
+    keep = {k: manifest.get(k) for k in ("kind", "fingerprint", "config", "num_rows", "shards", "stats")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_id(name: str | os.PathLike | None) -> str | None:
+    """A model as a resume compares it: a local folder by its absolute path, a hub id as written."""
+    if name is None:
+        return None
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else str(name)
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def settings_differences(saved: dict, now: dict, ignore: Iterable[str] = ()) -> list[str]:
+    """``"--lr 1e-05 -> 0.0001"`` for every setting whose value differs (keys are the options' flags), but those
+    in ``ignore``."""
+    out, skip = [], set(ignore)
+    for key in sorted((set(saved) | set(now)) - skip):
+        a, b = saved.get(key, "(not recorded)"), now.get(key, "(not recorded)")
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(f"{key} {_show(a)} -> {_show(b)}")
+    return out
+
+
+def check_resume(saved: dict | None, now: dict, path: Path, may_differ: Iterable[str] = ()) -> None:
+    """Refuse a resume from ``path`` whose recorded settings differ from this run's (``may_differ``: flags that
+    are allowed to change here). Checkpoints older than this check record none: nothing to compare."""
+    if saved is None:
+        return
+    diffs = settings_differences(saved, now, ignore=may_differ)
+    if diffs:
+        raise ValueError(
+            f"{path} was trained with other settings, so this run would not continue the same run: "
+            f"{'; '.join(diffs)}. "
+            "Resume with the checkpoint's settings (processes may change if --batch-size x processes stays equal), "
+            "or train into a new --output"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-finite losses
+
+
+class FiniteGuard:
+    """First optimizer step at which each loss term was NaN or inf, kept on the device (no sync per step).
+
+    ``update(step, {"ldm": t, ...})`` after each micro-step; ``check(gather)`` syncs (all processes together:
+    ``gather`` stacks every process's record, the earliest step wins) and raises :class:`NonFiniteLossError`
+    naming the step and the term.
+    """
+
+    NEVER = 2**62
+
+    def __init__(self, terms: Sequence[str], device):
+        import torch
+
+        self.terms = list(terms)
+        self.first = torch.full((len(self.terms),), self.NEVER, dtype=torch.long, device=device)
+
+    def update(self, step: int, losses: dict) -> None:
+        import torch
+
+        bad = torch.stack([~torch.isfinite(losses[t].detach()).all() for t in self.terms])
+        self.first = torch.where(bad & (self.first == self.NEVER), torch.full_like(self.first, step), self.first)
+
+    def check(self, gather=None, context: str = "") -> None:
+        first = self.first
+        if gather is not None:  # every process must take the same decision: the earliest step over processes
+            first = gather(first[None]).min(dim=0).values
+        values = first.tolist()
+        bad = [(s, t) for s, t in zip(values, self.terms) if s != self.NEVER]
+        if bad:
+            step = min(s for s, _ in bad)
+            terms = ", ".join(t for s, t in bad if s == step)
+            raise NonFiniteLossError(f"the loss became non-finite at step {step} ({terms} is NaN or inf){context}")
+
+
+def kept_checkpoint_note(ckpt_root: Path) -> str:
+    """'the last good checkpoint is .../step-000300' or 'no checkpoint was written'."""
+    found = list_checkpoints(ckpt_root)
+    return f"the last good checkpoint is {found[-1]}" if found else f"no checkpoint was written under {ckpt_root}"
+
+
+def interrupted_note(ckpt_root: Path, step: int) -> str:
+    found = list_checkpoints(ckpt_root)
+    if not found:
+        return f"interrupted at step {step}: no checkpoint was written yet (--checkpoint-every)"
+    last = int(found[-1].name[len(PREFIX):])
+    lost = f"; steps {last + 1}-{step} are lost" if step > last else ""
+    return f"interrupted at step {step}: kept {found[-1]}{lost}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output folders
+
+
+def _only_empty_dirs(path: Path) -> bool:
+    return all(p.is_dir() for p in path.rglob("*"))
+
+
+@contextlib.contextmanager
+def output_guard(*paths: str | os.PathLike) -> Iterator[None]:
+    """On an exception, remove each of ``paths`` that did not exist before and holds no file yet (a failed model
+    load leaves nothing behind); anything already written stays, for a rerun to resume from."""
+    new = [Path(p) for p in paths if not Path(p).exists()]
+    try:
+        yield
+    except BaseException:
+        for p in new:
+            if p.is_dir() and _only_empty_dirs(p):
+                shutil.rmtree(p, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a trainer reports
+
+
+def peak_memory_mb(device) -> float:
+    """Peak allocated CUDA memory of ``device``, or this process's peak resident set on CPU, in MiB."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def training_progress(name: str, enabled: bool):
+    """The rich progress bar of a trainer: steps, elapsed, remaining, and a description for the losses."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.description}"), disable=not enabled, transient=False)

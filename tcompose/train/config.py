@@ -1,0 +1,123 @@
+"""The settings of ``tcompose train-unet``, their checks, and the part of them a resume must keep."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..grounding.attention import parse_layers
+from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
+from ..models.defaults import BASE_MODEL
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+#: Schedules whose learning rate does not depend on --max-steps: a resume may extend such a run.
+FLAT_SCHEDULERS = ("constant", "constant_with_warmup")
+#: What train-unet writes into OUT besides checkpoints/, logs/ and training_summary.json (--overwrite removes them).
+OUTPUTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker",
+           "feature_extractor", "image_encoder")
+
+
+@dataclass
+class TrainUnetConfig:
+    """Settings of ``tcompose train-unet``; defaults are the TokenCompose reference recipe."""
+
+    data: Path  # masks dataset folder (tcompose masks)
+    output: Path
+    model: str = BASE_MODEL  # hub id or local diffusers folder
+    revision: str | None = None
+    text_encoder: str | None = None  # another CLIP text model (hub id or folder) to use and save
+    lambda_token: float = 1e-3
+    gamma_pixel: float = 5e-5
+    layers: tuple[str, ...] = ("mid", "up")  # blocks or groups (mid_8, up_16, ...) whose maps are supervised
+    resolution: int | None = None  # None: the model's own (UNet sample size x the VAE's factor; 512 for SD1.x)
+    batch_size: int = 1  # per process
+    grad_accum: int = 4
+    max_steps: int = 24_000  # optimizer steps
+    lr: float = 5e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    checkpoint_every: int = 1000
+    checkpoints_limit: int | None = 3  # an SD1.4 checkpoint (UNet + AdamW state, fp32) is ~9.7 GB
+    resume: str | None = None  # latest | checkpoint folder
+    overwrite: bool = False  # delete the run already in `output` (checkpoints, pipeline, logs) and start again
+    eval_fraction: float = 0.05  # share of images held out for the grounding score
+    eval_max_examples: int = 64
+    eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
+    random_flip: bool = False  # flips image and masks together; captions saying left/right become wrong
+    cache_latents: bool = False  # encode each image once into OUT/latent_cache/ (tcompose.train.latent_cache)
+    channels_last: bool = False  # UNet weights and the latents in torch.channels_last
+    compile: bool = False  # torch.compile the UNet's ResNet blocks and feed-forwards (tcompose.models.compile)
+    num_workers: int = 4
+    log_every: int = 10
+    allow_tf32: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Every check that needs no model and no data: a bad option fails at once."""
+        finite_or_raise({"--lambda": self.lambda_token, "--gamma": self.gamma_pixel, "--lr": self.lr,
+                         "--adam-weight-decay": self.adam_weight_decay, "--max-grad-norm": self.max_grad_norm,
+                         "--ema-decay": self.ema_decay, "--eval-fraction": self.eval_fraction,
+                         "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_epsilon": self.adam_epsilon})
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.lambda_token < 0 or self.gamma_pixel < 0:
+            raise ValueError("--lambda and --gamma must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.max_grad_norm < 0 or self.adam_weight_decay < 0 or self.lr_warmup_steps < 0:
+            raise ValueError("--max-grad-norm, --adam-weight-decay and --lr-warmup-steps must be >= 0")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1], got {self.ema_decay}")
+        if self.checkpoint_every < 0 or (self.checkpoints_limit is not None and self.checkpoints_limit < 1):
+            raise ValueError("--checkpoint-every must be >= 0 and --checkpoints-limit >= 1")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
+                             "--overwrite deletes it and starts again")
+        parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
+
+
+def config_dict(cfg: TrainUnetConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def resume_settings(cfg: TrainUnetConfig, resolution: int, world_size: int) -> dict:
+    """Every setting that changes what is trained, keyed by its option: a checkpoint records them and a resume
+    must match (the number of processes may change if --batch-size x processes stays the same; --num-workers,
+    logging, progress, --cache-latents, --channels-last and --compile do not change the result)."""
+    return {
+        "--data": dataset_fingerprint(cfg.data),
+        "--model": model_id(cfg.model), "--revision": cfg.revision, "--text-encoder": model_id(cfg.text_encoder),
+        "--lambda": cfg.lambda_token, "--gamma": cfg.gamma_pixel, "--layers": list(cfg.layers),
+        "--resolution": resolution, "--random-flip": cfg.random_flip,
+        "--batch-size x processes": cfg.batch_size * world_size, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
+        "--max-steps": cfg.max_steps, "--lr": cfg.lr, "--lr-scheduler": cfg.lr_scheduler,
+        "--lr-warmup-steps": cfg.lr_warmup_steps, "--adam-weight-decay": cfg.adam_weight_decay,
+        "adam_betas_eps": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon], "--max-grad-norm": cfg.max_grad_norm,
+        "--mixed-precision": cfg.mixed_precision, "--use-ema": cfg.use_ema, "--ema-decay": cfg.ema_decay,
+        "--eval-fraction": cfg.eval_fraction, "--eval-max-examples": cfg.eval_max_examples,
+        "--eval-timesteps": list(cfg.eval_timesteps),
+    }
+
+
+def may_differ_on_resume(cfg: TrainUnetConfig) -> tuple[str, ...]:
+    """Settings a resume may change: --max-steps, when the learning rate does not depend on it."""
+    return ("--max-steps",) if cfg.lr_scheduler in FLAT_SCHEDULERS else ()
