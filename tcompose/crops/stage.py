@@ -31,6 +31,7 @@ order, so the rows do not depend on ``workers``.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import sys
@@ -282,14 +283,32 @@ _START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def _results(tasks: list[dict], work, workers: int) -> Iterator[tuple]:
-    """``work(task)`` of every task, in task order, computed by ``workers`` processes."""
+    """``work(task)`` of every task, in task order, computed by ``workers`` processes.
+
+    A window of at most 4 tasks per worker is in flight. When the consumer stops early (an error while writing a
+    shard, Ctrl-C), the pending tasks are cancelled and the pool shuts down cleanly: a ``multiprocessing.Pool``
+    terminated mid-``imap`` can hang for ever joining its task thread (seen here, in a process with other threads).
+    """
     if workers == 1 or len(tasks) < 2:
         yield from map(work, tasks)
         return
     import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
 
-    with multiprocessing.get_context(_START_METHOD).Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap(work, tasks, chunksize=2)
+    n = min(workers, len(tasks))
+    pending = iter(tasks)
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(_START_METHOD)) as pool:
+        window = deque(pool.submit(work, t) for _, t in zip(range(4 * n), pending))
+        try:
+            while window:
+                result = window.popleft().result()
+                for t in itertools.islice(pending, 1):
+                    window.append(pool.submit(work, t))
+                yield result
+        finally:
+            for future in window:
+                future.cancel()
 
 
 def run(
