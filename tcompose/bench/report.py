@@ -8,6 +8,9 @@
     headline.loss_overhead       = step_s_tc / step_s_plain - 1 at that best configuration
     headline.mfu_best            = the highest train MFU (the best batch)
     headline.peak_mem_mb_b8_ckpt = peak memory at batch 8 with gradient checkpointing (CUDA: reserved)
+    headline.peak_mem_mb_sdxl_lora_b1_ckpt = the same for SDXL at 1024 px, LoRA, batch 1 (the 24 GB card target)
+
+The headline's training figures are full finetuning's (LoRA rows are another workload).
 
 Targets (issue 6) are judged on CUDA with real-size models only; otherwise their status is "n/a (CPU)" or
 "n/a (--quick)", and "not measured" when the run did not include what they need.
@@ -23,6 +26,8 @@ TARGETS = (
     ("mfu_best", ">=", 0.35, "", "model FLOP utilisation at the best batch"),
     ("loss_overhead", "<=", 0.10, "", "step time with the grounding losses on vs lambda = gamma = 0, minus 1"),
     ("peak_mem_mb_b8_ckpt", "<=", float(GIB_24), "MiB", "peak memory at batch 8 with gradient checkpointing (24 GiB)"),
+    ("peak_mem_mb_sdxl_lora_b1_ckpt", "<=", float(GIB_24), "MiB",
+     "SDXL at 1024 px, LoRA, batch 1, gradient checkpointing (24 GiB)"),
 )
 
 
@@ -33,16 +38,20 @@ def _ok(row: Any) -> bool:
 def summarise(report: dict) -> dict:
     """Add MFU, ``headline`` and ``targets`` to a report (in place; also returned)."""
     rate = report["matmul"]["tflops"] * 1e12
-    train = [r for r in report.get("train", []) if _ok(r)]
-    for r in train:
+    for r in [r for key in ("train", "sdxl") for r in report.get(key, []) if _ok(r)]:
         if "flops_per_step_tc" in r:
             r["mfu"] = round(r["flops_per_step_tc"] / r["step_s_tc"] / rate, 4)
             r["mfu_plain"] = round(r["flops_per_step_plain"] / r["step_s_plain"] / rate, 4)
+    train = [r for r in report.get("train", []) if _ok(r) and not r.get("lora_rank")]  # full finetuning
     base = report.get("baseline")
     if _ok(base) and "flops_per_step" in base:
         base["mfu"] = round(base["flops_per_step"] / base["step_s"] / rate, 4)
     head: dict[str, Any] = {"speedup_vs_baseline": None, "mfu_best": None, "loss_overhead": None,
-                            "peak_mem_mb_b8_ckpt": None, "best_train": None}
+                            "peak_mem_mb_b8_ckpt": None, "peak_mem_mb_sdxl_lora_b1_ckpt": None, "best_train": None}
+    xl = [r for r in report.get("sdxl", []) if _ok(r) and r.get("lora_rank") and r["batch_size"] == 1
+          and r["gradient_checkpointing"]]
+    if xl:
+        head["peak_mem_mb_sdxl_lora_b1_ckpt"] = xl[0].get("peak_reserved_mb", xl[0]["peak_mem_mb"])
     if train:
         best = max(train, key=lambda r: r["images_per_s"])
         head["best_train"] = {k: best.get(k) for k in ("batch_size", "gradient_checkpointing", "dtype", "compiled",
@@ -82,21 +91,22 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     m = report["matmul"]
     rows.append(("machine", f"{m['dtype']} matmul n={m['n']}", f"{m['tflops']:.3f}", "TFLOP/s"))
-    for r in report.get("train", []):
+    for section, r in ((key, r) for key in ("train", "sdxl") for r in report.get(key, [])):
         if not _ok(r):
-            rows.append(("train", f"batch {r.get('batch_size')}", "error", r.get("error", "")))
+            rows.append((section, f"batch {r.get('batch_size')}", "error", r.get("error", "")))
             continue
         setting = f"{r['size']} B{r['batch_size']} {r['latent_size'] * 8}px {r['dtype']} ckpt " \
                   f"{'on' if r['gradient_checkpointing'] else 'off'}{' compiled' if r['compiled'] else ''}" \
-                  f"{' channels_last' if r.get('channels_last') else ''}"
-        rows += [("train", setting, f"{r['images_per_s']:.3f}", "images/s (losses on)"),
-                 ("train", setting, f"{r['images_per_s_plain']:.3f}", "images/s (lambda=gamma=0)"),
-                 ("train", setting, f"{r['overhead_ratio'] - 1:+.1%}", "losses' overhead"),
-                 ("train", setting, f"{r.get('mfu', float('nan')):.1%}", "MFU"),
-                 ("train", setting, f"{r.get('peak_reserved_mb', r['peak_mem_mb']):.0f}", "MiB peak")]
+                  f"{' channels_last' if r.get('channels_last') else ''}" \
+                  f"{' LoRA r' + str(r['lora_rank']) if r.get('lora_rank') else ' full'}"
+        rows += [(section, setting, f"{r['images_per_s']:.3f}", "images/s (losses on)"),
+                 (section, setting, f"{r['images_per_s_plain']:.3f}", "images/s (lambda=gamma=0)"),
+                 (section, setting, f"{r['overhead_ratio'] - 1:+.1%}", "losses' overhead"),
+                 (section, setting, f"{r.get('mfu', float('nan')):.1%}", "MFU"),
+                 (section, setting, f"{r.get('peak_reserved_mb', r['peak_mem_mb']):.0f}", "MiB peak")]
         if "vae_encode_s" in r:  # the step starts from latents (--cache-latents); without it, it also encodes
-            rows += [("train", setting, f"{r['images_per_s_with_vae_encode']:.3f}", "images/s with VAE encode"),
-                     ("train", setting, f"{r['vae_encode_share']:.1%}", "step time --cache-latents saves")]
+            rows += [(section, setting, f"{r['images_per_s_with_vae_encode']:.3f}", "images/s with VAE encode"),
+                     (section, setting, f"{r['vae_encode_share']:.1%}", "step time --cache-latents saves")]
     base = report.get("baseline")
     if base is not None:
         if _ok(base):

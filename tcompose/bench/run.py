@@ -16,7 +16,9 @@ OWLv2-L/14, GroundingDINO-T and SAM-HQ ViT-H; ``--quick`` swaps in the tiny test
   (MFU = FLOPs of one step, counted once with FlopCounterMode / seconds per step / the machine's matmul rate,
   measured here: a large bf16 matmul on CUDA, fp32 on CPU); per memory format (``channels_last``: both on
   CUDA real-size runs); and the VAE encode of the batch, which the step (starting from latents) leaves out, as
-  train-unet with ``--cache-latents`` does: ``vae_encode_share`` is what that option saves;
+  train-unet with ``--cache-latents`` does: ``vae_encode_share`` is what that option saves; each for full
+  finetuning and for LoRA (rank 64 on the attention projections, the base frozen in the training dtype);
+- ``sdxl``: the same step on SDXL's UNet (~2.6B parameters) at 1024 px, batch 1 and 4, full and LoRA;
 - ``baseline``: the same step as the original implementation ran it (:mod:`tcompose.bench.baseline`: fp32,
   batch 1, explicit attention in every layer, every map kept), in this process; the headline is
   ``speedup = best train images/s / baseline images/s``;
@@ -40,12 +42,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("train", "baseline", "generate", "detect", "masks")
+SECTIONS = ("train", "sdxl", "baseline", "generate", "detect", "masks")
 CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 FULL = dict(unet="sd14", owlv2="large", masks="real", resolution=512, train_batch_sizes=(8,), batch_sizes=(1, 8, 16),
-            warmup=2, steps=2, rounds=5, gen_steps=25, infer_batch_size=8, image_wh=(640, 480), boxes=4)
+            warmup=2, steps=2, rounds=5, gen_steps=25, infer_batch_size=8, image_wh=(640, 480), boxes=4,
+            sdxl="sdxl", sdxl_resolution=1024, sdxl_batch_sizes=(1, 4), lora_ranks=(None, 64))
 QUICK = dict(unet="tiny", owlv2="tiny", masks="tiny", resolution=128, train_batch_sizes=(2,), batch_sizes=(1, 2),
-             warmup=1, steps=1, rounds=2, gen_steps=2, infer_batch_size=2, image_wh=(96, 64), boxes=2)
+             warmup=1, steps=1, rounds=2, gen_steps=2, infer_batch_size=2, image_wh=(96, 64), boxes=2,
+             sdxl="tiny-sdxl", sdxl_resolution=128, sdxl_batch_sizes=(1,), lora_ranks=(None, 4))
 
 
 @dataclass
@@ -251,14 +255,15 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     if "train" in cfg.sections:
         rows = []
-        for b in s["train_batch_sizes"]:
+        for b, rank in ((b, r) for b in s["train_batch_sizes"] for r in s["lora_ranks"]):
             say(f"train: {s['unet']} UNet, batch {b}, {s['resolution']} px, {dtype}, checkpointing "
-                f"{cfg.gradient_checkpointing}{', compiled' if compile_unet else ''}, channels_last {channels_last}")
+                f"{cfg.gradient_checkpointing}{', compiled' if compile_unet else ''}, channels_last {channels_last}, "
+                f"{'LoRA rank ' + str(rank) if rank else 'full finetuning'}")
 
-            def train(b=b):
+            def train(b=b, rank=rank):
                 rows = bench_unet(s["unet"], b, latent, dtype, CHECKPOINTING[cfg.gradient_checkpointing], s["warmup"],
                                   s["steps"], s["rounds"], device, mem, flops=True, compile=compile_unet,
-                                  channels_last=CHECKPOINTING[channels_last])
+                                  channels_last=CHECKPOINTING[channels_last], lora_rank=rank)
                 # The step above starts from latents, as with --cache-latents; without it each step also encodes.
                 enc = bench_vae_encode(s["unet"], b, latent, dtype, min(s["warmup"], 1), max(s["rounds"], 3), device)
                 for row in rows:
@@ -266,9 +271,19 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                                vae_encode_share=round(enc["vae_encode_s"] / (row["step_s_tc"] + enc["vae_encode_s"]), 4))
                 return rows
 
-            got = _section(report, f"train_b{b}", train, say)
-            rows += got if isinstance(got, list) else [{"batch_size": b, **got}]
+            got = _section(report, f"train_b{b}" + (f"_lora{rank}" if rank else ""), train, say)
+            rows += got if isinstance(got, list) else [{"batch_size": b, "lora_rank": rank, **got}]
         report["train"] = rows
+    if "sdxl" in cfg.sections:
+        rows, xl_latent = [], s["sdxl_resolution"] // 8
+        for b, rank in ((b, r) for b in s["sdxl_batch_sizes"] for r in s["lora_ranks"]):
+            say(f"sdxl: {s['sdxl']} UNet, batch {b}, {s['sdxl_resolution']} px, {dtype}, checkpointing "
+                f"{cfg.gradient_checkpointing}, {'LoRA rank ' + str(rank) if rank else 'full finetuning'}")
+            got = _section(report, f"sdxl_b{b}" + (f"_lora{rank}" if rank else ""), lambda b=b, rank=rank: bench_unet(
+                s["sdxl"], b, xl_latent, dtype, CHECKPOINTING[cfg.gradient_checkpointing], s["warmup"], s["steps"],
+                s["rounds"], device, mem, flops=True, lora_rank=rank), say)
+            rows += got if isinstance(got, list) else [{"batch_size": b, "lora_rank": rank, **got}]
+        report["sdxl"] = rows
     if "baseline" in cfg.sections:
         say(f"baseline: {s['unet']} UNet, fp32, batch 1, explicit attention everywhere, every map kept")
         report["baseline"] = _section(report, "baseline", lambda: bench_baseline(

@@ -58,14 +58,23 @@ SEED = 0
 # ----------------------------------------------------------------------------------------------------- batch
 
 
-def make_batch(batch_size: int, latent_size: int, cross_dim: int, device: torch.device, seed: int = SEED) -> tuple:
-    """Random latents, text embeddings, noise, timesteps, words and rectangle masks at pixel size 8 * latent."""
+def make_batch(batch_size: int, latent_size: int, cross_dim: int, device: torch.device, seed: int = SEED,
+               unet_config=None) -> tuple:
+    """Random latents, the UNet's conditioning, noise, timesteps, words and rectangle masks at pixel size 8 *
+    latent. The conditioning is text embeddings; for an SDXL UNet (``unet_config``) it is the conditioning dict
+    with a pooled embedding and time ids too."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     b, s = batch_size, latent_size
     r = 8 * s  # masks arrive at pixel resolution; the objective resizes them to each attention map's side
     latents = torch.randn(b, 4, s, s, generator=g)
     emb = torch.randn(b, TEXT_LEN, cross_dim, generator=g)
+    config = getattr(unet_config, "config", unet_config)
+    if config is not None and config.get("addition_embed_type") == "text_time":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        time_ids = torch.tensor([[8.0 * s, 8.0 * s, 0.0, 0.0, 8.0 * s, 8.0 * s]]).repeat(b, 1)
+        emb = {"encoder_hidden_states": emb.to(device), "added_cond_kwargs": {
+            "text_embeds": torch.randn(b, pooled, generator=g).to(device), "time_ids": time_ids.to(device)}}
     noise = torch.randn(b, 4, s, s, generator=g)
     timesteps = torch.randint(0, 1000, (b,), generator=g)
     words = []
@@ -86,7 +95,7 @@ def make_batch(batch_size: int, latent_size: int, cross_dim: int, device: torch.
             masks[i, j, y : y + h, x : x + w] = 1.0
     batch = {"noise": noise, "timesteps": timesteps, "masks": masks, "word_index": index, "word_valid": valid}
     batch = {k: v.to(device) for k, v in batch.items()}
-    return latents.to(device), emb.to(device), batch
+    return latents.to(device), (emb if isinstance(emb, dict) else emb.to(device)), batch
 
 
 def make_scheduler():
@@ -234,10 +243,11 @@ class TrainStep:
         amp = AMP_DTYPES[dtype]
         self.unet, self.device, self.losses_fn, self.layers = unet, device, losses_fn, tuple(layers)
         self.model = unet if amp is None else Autocast(unet, device.type, amp)
-        self.opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)  # as train-unet builds it
+        trainable = [p for p in unet.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.opt = torch.optim.AdamW(trainable, lr=5e-6, weight_decay=1e-2)  # as train-unet builds it
         self.scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
         self.latents, self.emb, self.batch = make_batch(batch_size, latent_size, unet.config.cross_attention_dim,
-                                                        device, seed)
+                                                        device, seed, unet.config)
         self.sched = make_scheduler()
 
     def set_channels_last(self, on: bool) -> None:
@@ -324,19 +334,26 @@ def bench_vae_encode(size: str, batch_size: int, latent_size: int, dtype: str = 
 def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype: str = "fp32",
                checkpointing=(False,), warmup: int = 2, steps: int = 3, rounds: int = 8,
                device: torch.device | None = None, mem: PeakMemory | None = None, flops: bool = False,
-               compile: bool = False, channels_last=(False,)) -> list[dict]:
+               compile: bool = False, channels_last=(False,), lora_rank: int | None = None) -> list[dict]:
     """Plain vs tc training steps of a UNet of ``size`` (tcompose.models.tiny_sd.UNET_SIZES), one result per
     memory format (``channels_last``: UNet weights and latents in ``torch.channels_last``, as train-unet's
     ``--channels-last``) and checkpointing mode. ``flops``: add ``flops_per_step_tc`` / ``_plain`` (see the
     module docstring). ``compile``: :func:`compile_regions`; if compiling fails (no compiler), runs eager and
-    says so."""
+    says so. ``lora_rank``: train LoRA adapters on the attention projections instead, the base held frozen in
+    ``dtype`` (as train-unet --lora-rank does)."""
     device = device or torch.device("cpu")
     mem = mem or PeakMemory(device)
     cfg = UNET_SIZES[size]
     latent = latent_size or cfg["sample_size"]
     unet = build_tiny_unet(SEED, size=size).to(device)
+    if lora_rank:
+        from ..models.lora import add_lora, cast_base
+
+        cast_base(unet, AMP_DTYPES[dtype] or torch.float32)
+        add_lora(unet, lora_rank, seed=SEED)
     unet.train()
     params_m = count_parameters(unet) / 1e6
+    trainable_m = sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6
     step = TrainStep(unet, batch_size, latent, dtype, device)
     counted = {}
     if flops:
@@ -362,7 +379,8 @@ def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype
         plain, tc = (statistics.median(res[k]["times"]) for k in ("plain", "tc"))
         ratios = [t / p for t, p in zip(res["tc"]["round_medians"], res["plain"]["round_medians"])]
         row = {
-            "size": size, "params_m": round(params_m, 3), "batch_size": batch_size, "latent_size": latent,
+            "size": size, "params_m": round(params_m, 3), "trainable_params_m": round(trainable_m, 3),
+            "lora_rank": lora_rank, "batch_size": batch_size, "latent_size": latent,
             "dtype": dtype, "gradient_checkpointing": ckpt, "compiled": compiled, "channels_last": cl,
             "step_s_plain": round(plain, 5), "step_s_tc": round(tc, 5), "overhead_ratio": round(tc / plain, 4),
             "images_per_s": round(batch_size / tc, 3), "images_per_s_plain": round(batch_size / plain, 3),

@@ -22,6 +22,8 @@ def generate(
     unet: Optional[str] = typer.Option(None, help="UNet folder, or a folder with unet/ (train-unet OUT), replacing the model's."),
     text_encoder: Optional[str] = typer.Option(None, help="Another CLIP text model (hub id or folder)."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of --model."),
+    lora: Optional[str] = typer.Option(None, help="LoRA adapters (a train-unet --lora-rank OUT) merged into --model's UNet."),
+    lora_scale: float = typer.Option(1.0, help="Weight of the --lora adapters."),
     name: Optional[str] = typer.Option(None, help="Model label stored in the table (default: --model)."),
     batch_size: int = typer.Option(4, help="Images per pipeline call."),
     dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
@@ -44,7 +46,8 @@ def generate(
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
     state = process_state()
     cfg = GenerateConfig(model=model, output=output, prompts=texts, images_per_prompt=images_per_prompt, unet=unet,
-                         text_encoder=text_encoder, revision=revision, name=name, batch_size=batch_size, dtype=dtype,
+                         text_encoder=text_encoder, revision=revision, lora=lora, lora_scale=lora_scale, name=name,
+                         batch_size=batch_size, dtype=dtype,
                          steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
                          safety_checker=safety_checker == "on", seed=seed, device=str(state.device))
     run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
@@ -55,7 +58,7 @@ def generate(
 def attnviz(
     output: Path = typer.Option(..., "--output", "-o", help="Figure PNG; the raw maps go beside it as .safetensors."),
     prompt: Optional[str] = typer.Option(None, help="The prompt (required unless --from-maps)."),
-    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH], one per row (repeatable)."),
+    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]], one per row (repeatable)."),
     words: Optional[str] = typer.Option(None, help="Comma-separated words/phrases of the prompt (default: its noun phrases)."),
     layers: str = typer.Option("mid,up", help="Captured cross-attention: blocks (down, mid, up) or groups (up_16, ...)."),
     timesteps: str = typer.Option("all", help="Denoising step indices to average: all, or e.g. 0-24 or 0,10,20-."),
@@ -89,7 +92,7 @@ def attnviz(
 @app.command()
 @_friendly
 def multigen(
-    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH] (repeatable; same seeds for all)."),
+    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable; same seeds for all)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, models/, detections/, summary.json/.md, grid_NAME.png."),
     dataset: str = typer.Option("coco", help="Prompt set: coco or ade20k (the paper's; fetched at a pinned commit, sha256-checked, cached)."),
     prompt_file: Optional[Path] = typer.Option(None, help="Local copy of the dataset's prompt file (offline use; sha256-checked)."),

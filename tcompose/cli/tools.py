@@ -49,7 +49,7 @@ def download(
 @_friendly
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Tiny CPU-size models, small sizes, 2 rounds: a smoke run (< 1 min on 2 cores)."),
-    sections: str = typer.Option("train,baseline,generate,detect,masks", help="Comma-separated sections to run."),
+    sections: str = typer.Option("train,sdxl,baseline,generate,detect,masks", help="Comma-separated sections to run."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32: training autocast and inference."),
     batch_sizes: Optional[str] = typer.Option(None, help="Generation batch sizes, comma-separated (default 1,8,16; quick 1,2)."),
     train_batch_size: Optional[str] = typer.Option(None, help="Training-step batch size(s), comma-separated (default 8; quick 2)."),

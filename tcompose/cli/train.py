@@ -19,9 +19,15 @@ def train_unet(
     model: str = typer.Option(defaults.BASE_MODEL, help="Base model: hub id or local diffusers folder."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the base model."),
     text_encoder: Optional[str] = typer.Option(None, help="Another CLIP text model (hub id or folder) to use as SD's text encoder."),
+    vae: Optional[str] = typer.Option(None, help="Another VAE (hub id or folder) to encode with and save, e.g. madebyollin/sdxl-vae-fp16-fix."),
     lambda_token: float = typer.Option(1e-3, "--lambda", help="Weight of the token loss."),
     gamma_pixel: float = typer.Option(5e-5, "--gamma", help="Weight of the pixel loss."),
     layers: str = typer.Option("mid,up", help="Supervised cross-attention: blocks (down, mid, up) or groups (mid_8, up_16, ...)."),
+    map_reduction: str = typer.Option("sum", help="A group's token loss over its maps: sum (the reference's) or mean."),
+    lora_rank: Optional[int] = typer.Option(None, help="Train LoRA adapters of this rank instead of the whole UNet."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA scale alpha / rank (default: alpha = rank)."),
+    lora_targets: str = typer.Option("to_q,to_k,to_v,to_out.0", help="Modules that get LoRA adapters."),
+    fuse: bool = typer.Option(False, "--fuse", help="LoRA: also write OUT/fused/, a pipeline with the adapters merged."),
     resolution: Optional[int] = typer.Option(None, help="Training resolution (default: the model's own, 512 for SD1.x, 768 for SD2.1-768); shorter side resized to it, then the centre crop."),
     batch_size: int = typer.Option(1, help="Examples per process per micro-step."),
     grad_accum: int = typer.Option(4, help="Micro-steps per optimizer step."),
@@ -55,8 +61,9 @@ def train_unet(
     from ..train.loop import run
 
     cfg = TrainUnetConfig(
-        data=data, output=output, model=model, revision=revision, text_encoder=text_encoder,
-        lambda_token=lambda_token, gamma_pixel=gamma_pixel, layers=_split(layers), resolution=resolution,
+        data=data, output=output, model=model, revision=revision, text_encoder=text_encoder, vae=vae,
+        lambda_token=lambda_token, gamma_pixel=gamma_pixel, layers=_split(layers), map_reduction=map_reduction,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=_split(lora_targets), fuse=fuse, resolution=resolution,
         batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, lr=lr, lr_scheduler=lr_scheduler,
         lr_warmup_steps=lr_warmup_steps, adam_weight_decay=adam_weight_decay, max_grad_norm=max_grad_norm,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed, use_ema=use_ema,

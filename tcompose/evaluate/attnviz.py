@@ -133,6 +133,7 @@ def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) 
     from .sampling import generate_batch, load_pipeline
 
     pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
+                         lora=spec.lora, lora_scale=spec.lora_scale,
                          dtype=cfg.dtype, scheduler=cfg.scheduler, device=cfg.device)
     positions = {}
     for w, pos in zip(words, phrases_token_positions(pipe.tokenizer, cfg.prompt, words)):

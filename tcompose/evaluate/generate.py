@@ -71,6 +71,9 @@ class GenerateConfig:
     text_encoder: str | None = None
     """A CLIP text model (hub id or folder; :func:`tcompose.models.load_text_encoder` rules)."""
     revision: str | None = None
+    lora: str | None = None
+    """LoRA adapters (a train-unet --lora-rank OUT) merged into the UNet; a LoRA OUT as ``model`` needs none."""
+    lora_scale: float = 1.0
     name: str | None = None
     """The model's label in the table (default: ``model``)."""
     batch_size: int = 4
@@ -158,6 +161,7 @@ def settings_of(cfg: GenerateConfig, dtype: str) -> dict[str, Any]:
     facts = model_facts(cfg.model, cfg.unet, cfg.revision, cfg.scheduler)
     return {
         "model": model_id(cfg.model), "unet": model_id(cfg.unet), "text_encoder": model_id(cfg.text_encoder),
+        **({"lora": model_id(cfg.lora), "lora_scale": cfg.lora_scale} if cfg.lora else {}),
         "revision": cfg.revision, "scheduler": facts["scheduler"], "steps": cfg.steps, "guidance": cfg.guidance,
         "height": cfg.height or facts["size"], "width": cfg.width or facts["size"], "dtype": dtype,
         "safety_checker": cfg.safety_checker, "seed": cfg.seed,
@@ -321,6 +325,7 @@ def _run(cfg: GenerateConfig, rank: int, world_size: int, progress: bool, finali
     gen_s = 0.0
     if todo:
         pipe = load_pipeline(cfg.model, unet=cfg.unet, text_encoder=cfg.text_encoder, revision=cfg.revision,
+                             lora=cfg.lora, lora_scale=cfg.lora_scale,
                              dtype=cfg.dtype, scheduler=cfg.scheduler, safety_checker=cfg.safety_checker,
                              device=cfg.device)
         gen_s = write_images(pipe, cfg, todo, images, fingerprint, label, progress and rank == 0)

@@ -91,10 +91,13 @@ def _unet_source(unet: str | os.PathLike) -> tuple[str, str | None]:
 def model_facts(model: str | os.PathLike, unet: str | None = None, revision: str | None = None,
                 scheduler: str | None = None) -> dict[str, Any]:
     """Read from configs only (no weights): the inference scheduler's class, the default image size, the VAE's
-    downsampling factor and the UNet's config."""
+    downsampling factor and the UNet's config (of a LoRA run's OUT: its base model's)."""
     import contextlib
 
     from ..models.loading import ModelFolderError, hub_hint, local_path
+    from ..models.lora import resolve_lora_model
+
+    model, _, revision, _ = resolve_lora_model(model, None, revision)
 
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)} (or leave it out for "
@@ -148,6 +151,25 @@ def _scheduler(model: str, revision: str | None, name: str | None):
     return getattr(diffusers, cls_name).from_config(config, **extra)
 
 
+def _force_zeros(model: str, revision: str | None) -> bool:
+    """SDXL's ``force_zeros_for_empty_prompt`` from the model's ``model_index.json`` (True, as diffusers', if absent)."""
+    import json
+
+    from ..models.loading import local_path
+
+    local = local_path(model)
+    try:
+        if local is not None:
+            index = json.loads((local / "model_index.json").read_text())
+        else:
+            from diffusers import DiffusionPipeline
+
+            index = DiffusionPipeline.load_config(str(model), revision=revision)
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
+
+
 def _safety_parts(model: str, revision: str | None, dtype: torch.dtype):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
@@ -167,22 +189,27 @@ def _safety_parts(model: str, revision: str | None, dtype: torch.dtype):
 
 def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encoder: str | None = None,
                   revision: str | None = None, dtype: str | torch.dtype = "auto", scheduler: str | None = None,
-                  safety_checker: bool = False, device: str | torch.device | None = None):
-    """A ready ``StableDiffusionPipeline`` (progress bar off) on ``device`` in ``dtype``.
+                  safety_checker: bool = False, device: str | torch.device | None = None, lora: str | None = None,
+                  lora_scale: float = 1.0):
+    """A ready ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (progress bar off) on ``device``.
 
     ``unet``: a UNet folder, or a pipeline folder with ``unet/`` (a train-unet OUT), replacing the model's.
-    ``text_encoder``: see :func:`tcompose.models.load_text_encoder`. ``scheduler``: None = the model's own.
-    ``safety_checker``: load the model's ``safety_checker/`` (ValueError when it has none).
+    ``text_encoder``: see :func:`tcompose.models.load_text_encoder`. ``lora``: a train-unet --lora-rank OUT
+    (diffusers LoRA weights) merged into the UNet at ``lora_scale``; a LoRA OUT given as ``model`` stands for
+    its base model with those adapters. ``scheduler``: None = the model's own. ``safety_checker``: load the
+    model's ``safety_checker/`` (SD1.x; ValueError when it has none).
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from ..models.loading import no_hf_progress_bars
+    from ..models.lora import apply_lora, resolve_lora_model
     from ..models.stable_diffusion import check_text_encoder, load_components
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    model, lora, revision, vae = resolve_lora_model(model, lora, revision)
     with no_hf_progress_bars():
-        comps = load_components(model, revision=revision, text_encoder=text_encoder, dtype=dtype)
+        comps = load_components(model, revision=revision, text_encoder=text_encoder, dtype=dtype, vae=vae)
     unet_model = comps.unet
     if unet is not None:
         folder, sub = _unet_source(unet)
@@ -191,14 +218,26 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
         if unet_model.config.in_channels != comps.unet.config.in_channels:
             raise ValueError(f"--unet {unet}: {unet_model.config.in_channels} input channels, but {model}'s VAE "
                              f"latents have {comps.unet.config.in_channels}; pass a UNet of the same family")
-        check_text_encoder(comps.text_encoder, unet_model, comps.tokenizer)
+        check_text_encoder(comps.text_encoder, unet_model, comps.tokenizer, comps.text_encoder_2)
         comps.unet = None  # the base UNet is not kept
-    checker, extractor = _safety_parts(str(model), revision, dtype) if safety_checker else (None, None)
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet_model,
-        scheduler=_scheduler(str(model), revision, scheduler), safety_checker=checker,
-        feature_extractor=extractor, requires_safety_checker=safety_checker,
-    )
+    if comps.is_sdxl:
+        if safety_checker:
+            raise ValueError("--safety-checker on: SDXL pipelines have no safety checker; use --safety-checker off")
+        pipe = StableDiffusionXLPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=unet_model,
+            scheduler=_scheduler(str(model), revision, scheduler), force_zeros_for_empty_prompt=_force_zeros(model, revision),
+            add_watermarker=False,
+        )
+    else:
+        checker, extractor = _safety_parts(str(model), revision, dtype) if safety_checker else (None, None)
+        pipe = StableDiffusionPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet_model,
+            scheduler=_scheduler(str(model), revision, scheduler), safety_checker=checker,
+            feature_extractor=extractor, requires_safety_checker=safety_checker,
+        )
+    if lora is not None:
+        apply_lora(pipe, lora, lora_scale)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -214,22 +253,39 @@ def initial_latents(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dty
 
 
 class PromptEmbeddings:
-    """Text embeddings per prompt, cached: the prompts of a batch not seen yet are encoded in one call."""
+    """Text embeddings per prompt, cached: the prompts of a batch not seen yet are encoded in one call.
+
+    SDXL pipelines also give each prompt a pooled embedding; its empty prompt is all zeros when the model says
+    ``force_zeros_for_empty_prompt`` (SDXL base does), as the pipeline's own call would make it.
+    """
 
     def __init__(self, pipe, max_cached: int = 512):
         self.pipe = pipe
         self.max_cached = max_cached
-        self._cache: dict[str, torch.Tensor] = {}
+        self.sdxl = hasattr(pipe, "text_encoder_2")
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _encode(self, prompts: list[str]) -> None:
         if len(self._cache) + len(prompts) > self.max_cached:
             self._cache.clear()
         with torch.inference_mode():
-            emb, _ = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, False)
-        self._cache.update(zip(prompts, emb.unbind(0)))
+            if self.sdxl:
+                emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe._execution_device,
+                                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
+                self._cache.update(zip(prompts, zip(emb.unbind(0), pooled.unbind(0))))
+            else:
+                emb, _ = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, False)
+                self._cache.update(zip(prompts, ((e, None) for e in emb.unbind(0))))
 
-    def __call__(self, prompts: Sequence[str], guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prompt embeddings [B, 77, D], the empty prompt's repeated [B, 77, D] or None without guidance)."""
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        emb, pooled = self._cache[""]
+        if self.sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+            return torch.zeros_like(emb), torch.zeros_like(pooled)
+        return emb, pooled
+
+    def __call__(self, prompts: Sequence[str], guidance: bool) -> dict[str, torch.Tensor]:
+        """The pipeline's embedding arguments: ``prompt_embeds [B, 77, D]``, with guidance the empty prompt's as
+        ``negative_prompt_embeds``; SDXL also ``pooled_prompt_embeds`` (and the negative one)."""
         wanted = list(prompts) + ([""] if guidance else [])
         new = list(dict.fromkeys(p for p in wanted if p not in self._cache))
         if new:
@@ -237,8 +293,16 @@ class PromptEmbeddings:
         if any(p not in self._cache for p in wanted):  # the cache was cleared in between: encode all at once
             self._cache.clear()
             self._encode(list(dict.fromkeys(wanted)))
-        cond = torch.stack([self._cache[p] for p in prompts])
-        return cond, (self._cache[""].expand_as(cond) if guidance else None)
+        cond = torch.stack([self._cache[p][0] for p in prompts])
+        out = {"prompt_embeds": cond}
+        if self.sdxl:
+            out["pooled_prompt_embeds"] = torch.stack([self._cache[p][1] for p in prompts])
+        if guidance:
+            emb, pooled = self._empty()
+            out["negative_prompt_embeds"] = emb.expand_as(cond)
+            if self.sdxl:
+                out["negative_pooled_prompt_embeds"] = pooled.expand_as(out["pooled_prompt_embeds"])
+        return out
 
 
 def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5,
@@ -256,11 +320,11 @@ def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
     device = pipe._execution_device
     shape = (pipe.unet.config.in_channels, height // factor, width // factor)
     latents, gens = initial_latents(seeds, shape, pipe.unet.dtype, device)
-    cond, uncond = (embeddings or PromptEmbeddings(pipe))(prompts, guidance > 1)
+    embeds = (embeddings or PromptEmbeddings(pipe))(prompts, guidance > 1)
     with torch.inference_mode():
-        out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, generator=gens,
-                   num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                   output_type="pt")
+        out = pipe(**embeds, latents=latents, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                   height=height, width=width, output_type="pt")
         images = out.images.float().mul(255).round().clamp(0, 255).to(torch.uint8)
-    nsfw = None if out.nsfw_content_detected is None else [bool(x) for x in out.nsfw_content_detected]
+    flags = getattr(out, "nsfw_content_detected", None)
+    nsfw = None if flags is None else [bool(x) for x in flags]
     return images.permute(0, 2, 3, 1).cpu().numpy(), nsfw

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
+#: How a group's token loss combines its maps: "sum" (the reference's; it grows with the group's map count) or "mean".
+MAP_REDUCTIONS = ("sum", "mean")
 # torch's BCELoss clamps each log term at -100; the reference's value at p == 0 or p == 1 is that clamp.
 _LOG_CLAMP = -100.0
 
@@ -92,18 +94,20 @@ def _bce(p: Tensor, target: Tensor) -> Tensor:
     return -(target * log_p + (1.0 - target) * log_q.clamp_min(_LOG_CLAMP))
 
 
-def grounding_losses(maps: Sequence[Tensor], masks: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def grounding_losses(maps: Sequence[Tensor], masks: Tensor, index: Tensor, valid: Tensor,
+                     map_reduction: str = "sum") -> tuple[Tensor, Tensor]:
     """Per-word token and pixel losses of one layer group for a batch.
 
     Args:
         maps: the group's attention probabilities, ``L x [B, heads, HW, T]`` (softmax over T).
         masks: ``[B, W, HW]`` binary {0, 1} at the maps' resolution.
         index, valid: ``[B, W, K]`` token positions of each word and which entries are real (:func:`pad_words`).
+        map_reduction: ``"sum"`` (the reference's) or ``"mean"`` of the token loss over the group's L maps.
 
     Returns:
-        ``(token [B, W], pixel [B, W])``; 0 where a word is padding. Token losses are summed over the group's
-        maps and averaged over a word's tokens; pixel losses use the word's tokens summed after averaging maps
-        and heads.
+        ``(token [B, W], pixel [B, W])``; 0 where a word is padding. Token losses are summed (or averaged) over
+        the group's maps and averaged over a word's tokens; pixel losses use the word's tokens summed after
+        averaging maps and heads (so ``map_reduction`` does not change them).
     """
     b, w, k = index.shape
     sel = _gather_tokens(maps, index).float()  # [B, L, H, HW, J]
@@ -111,7 +115,8 @@ def grounding_losses(maps: Sequence[Tensor], masks: Tensor, index: Tensor, valid
     n_tok = valid_f.sum(-1).clamp_min(1.0)  # [B, W]
 
     ratio = _in_mask_ratio(sel, masks, k).mean(dim=2)  # [B, L, J] (mean over heads)
-    per_token = (1.0 - ratio).square().sum(dim=1).reshape(b, w, k)  # summed over maps
+    per_map = (1.0 - ratio).square()
+    per_token = (per_map.sum(dim=1) if map_reduction == "sum" else per_map.mean(dim=1)).reshape(b, w, k)
     token = (per_token * valid_f).sum(-1) / n_tok
 
     avg = sel.mean(dim=(1, 2)).reshape(b, -1, w, k)  # [B, HW, W, K] (mean over maps and heads)

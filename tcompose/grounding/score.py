@@ -13,14 +13,17 @@ import torch
 
 from .attention import capture_cross_attention
 from .losses import attention_in_mask, resize_mask
+from .objective import encode_text
 
 DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 @torch.no_grad()
-def grounding_score(unet, vae, text_encoder, noise_scheduler, batches, layers, timesteps=DEFAULT_TIMESTEPS, seed: int = 0, weight_dtype=torch.float32) -> dict:
+def grounding_score(unet, vae, text_encoder, noise_scheduler, batches, layers, timesteps=DEFAULT_TIMESTEPS,
+                    seed: int = 0, text_encoder_2=None) -> dict:
     """Mean attention-in-mask share over ``batches`` (collated held-out examples) and ``timesteps``.
 
+    ``text_encoder_2``: SDXL's second encoder (the batches then carry ``input_ids_2`` and ``time_ids``).
     Returns ``{"score", "chance", "per_group": {group: score}, "words", "examples", "timesteps"}``.
     """
     device = next(unet.parameters()).device
@@ -35,10 +38,11 @@ def grounding_score(unet, vae, text_encoder, noise_scheduler, batches, layers, t
         word_valid = valid.any(-1)
         if not word_valid.any():
             continue
-        px = batch["pixel_values"].to(device, weight_dtype)
+        px = batch["pixel_values"].to(device, vae.dtype)
         dist = vae.encode(px).latent_dist
         latents = dist.mean * vae.config.scaling_factor
-        emb = text_encoder(batch["input_ids"].to(device))[0]
+        on = {k: batch[k].to(device) for k in ("input_ids", "input_ids_2", "time_ids") if k in batch}
+        cond = encode_text(text_encoder, on["input_ids"], text_encoder_2, on.get("input_ids_2"), on.get("time_ids"))
         index = batch["word_index"].to(device)
         masks_full = batch["masks"].to(device)
         sums = torch.zeros(word_valid.shape, device=device)
@@ -49,7 +53,7 @@ def grounding_score(unet, vae, text_encoder, noise_scheduler, batches, layers, t
             ts = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
             noisy = noise_scheduler.add_noise(latents, noise, ts)
             with capture_cross_attention(unet, layers) as store:
-                unet(noisy, ts, encoder_hidden_states=emb)
+                unet(noisy.to(unet.dtype), ts, **cond)
             for group, maps in store.maps.items():
                 side = int(maps[0].shape[2] ** 0.5)
                 m = resize_mask(masks_full, side).flatten(-2)

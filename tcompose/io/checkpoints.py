@@ -2,7 +2,7 @@
 
 Layout of ``OUT/checkpoints/step-000300/``:
 
-    model.safetensors       trainable weights
+    model.safetensors       the model's weights (only its trainable ones for LoRA: the adapters)
     optimizer.safetensors   optimizer tensors (Adam moments, step counts), keyed state.<param>.<name>
     ema.safetensors         EMA shadow weights (with --use-ema)
     state.json              step, optimizer param groups, lr scheduler, EMA and grad scaler scalars
@@ -48,22 +48,33 @@ def _is_plain(v) -> bool:
     return v is None or isinstance(v, (int, float, str, bool))
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, lr_scheduler, ema=None, scaler=None, limit: int | None = None, extra: dict | None = None) -> Path:
-    """Save everything needed to continue training exactly; keep at most ``limit`` checkpoints."""
+def _trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, lr_scheduler, ema=None, scaler=None, limit: int | None = None,
+                    extra: dict | None = None, only_trainable: bool = False) -> Path:
+    """Save everything needed to continue training exactly; keep at most ``limit`` checkpoints.
+    ``only_trainable``: the model's trainable parameters only (LoRA adapters: the frozen base is not copied)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
-    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+    weights = model.state_dict()
+    if only_trainable:
+        keep = _trainable_names(model)
+        weights = {k: v for k, v in weights.items() if k in keep}
+    save_file(_contiguous(weights), tmp / "model.safetensors")
     opt = optimizer.state_dict()
     tensors = {}
     for pid, st in opt["state"].items():
         for name, value in st.items():
             tensors[f"state.{pid}.{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
     save_file(_contiguous(tensors), tmp / "optimizer.safetensors")
-    state = {"step": step, "param_groups": _jsonable(opt["param_groups"]), "lr_scheduler": _jsonable(lr_scheduler.state_dict()), "extra": extra or {}}
+    state = {"step": step, "param_groups": _jsonable(opt["param_groups"]), "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+             "only_trainable": only_trainable, "extra": extra or {}}
     if ema is not None:
         ema_state = ema.state_dict()
         save_file(_contiguous({str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}), tmp / "ema.safetensors")
@@ -107,6 +118,8 @@ def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema=None, scaler
     """Restore what :func:`save_checkpoint` wrote; returns the state (with ``step``)."""
     state = json.loads((path / "state.json").read_text())
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    if state.get("only_trainable"):  # the frozen weights are the base model's own
+        missing = [k for k in missing if k in _trainable_names(model)]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tensors = load_file(path / "optimizer.safetensors")

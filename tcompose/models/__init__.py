@@ -2,8 +2,9 @@
 tokenizer, ``--model`` specs, regional compile and the default ids.
 
 - :mod:`.loading`: what every loader shares (``local_path``, ``offline``, hub hints, quiet loading, ``--dtype``);
-- :mod:`.stable_diffusion`: ``load_components`` (UNet, VAE, text encoder, tokenizer, DDPM scheduler),
-  ``load_text_encoder`` and ``check_text_encoder`` for the ``--text-encoder`` swap;
+- :mod:`.stable_diffusion`: ``load_components`` (UNet, VAE, text encoder(s), tokenizer(s), DDPM scheduler;
+  SD1.x, SD2.x and SDXL), ``load_text_encoder`` and ``check_text_encoder`` for the ``--text-encoder`` swap;
+- :mod:`.lora`: LoRA adapters (peft) on the UNet's attention projections, in diffusers' LoRA format;
 - :mod:`.clip`: ``load_clip``, ``export_clip`` (a CLIPModel folder whose text tower SD loads);
 - :mod:`.tiny_sd`, :mod:`.tiny_vision`: random SD pipelines, GroundingDINO, SAM / SAM-HQ, CLIP and OWLv2
   (tiny for tests and the demo; real-size configurations for benchmarks), written with ``save_pretrained``;
@@ -22,8 +23,9 @@ from typing import Any
 
 _EXPORTS = {
     "loading": ("ModelFolderError", "DTYPES", "local_path", "offline", "pretrained", "torch_dtype"),
-    "stable_diffusion": ("SDComponents", "TextEncoderMismatchError", "check_text_encoder", "load_components",
-                         "load_text_encoder"),
+    "stable_diffusion": ("SDComponents", "TextEncoderMismatchError", "check_text_encoder", "is_sdxl",
+                         "load_components", "load_text_encoder", "load_vae", "model_configs"),
+    "lora": ("add_lora", "apply_lora", "lora_parameter_count", "read_lora_meta", "save_lora"),
     "clip": ("export_clip", "load_clip"),
     "tiny_sd": ("UNET_SIZES", "build_tiny_text_encoder", "build_tiny_unet", "build_tiny_vae", "count_parameters",
                 "tiny_unet_config", "write_tiny_pipeline"),

@@ -1,4 +1,4 @@
-"""Stable Diffusion components loaded from a hub id or a local diffusers folder, and the text-encoder swap.
+"""Stable Diffusion components (SD1.x, SD2.x, SDXL) from a hub id or a local folder; the text-encoder swap.
 
     comps = load_components("CompVis/stable-diffusion-v1-4", revision=None, text_encoder=None)
     comps.unet, comps.vae, comps.text_encoder, comps.tokenizer, comps.noise_scheduler
@@ -25,7 +25,7 @@ import torch
 from .loading import ModelFolderError, hub_hint, local_path, quiet_logger, tf_dtype_kwargs
 
 __all__ = ["SDComponents", "TextEncoderMismatchError", "load_components", "load_text_encoder", "check_text_encoder",
-           "model_configs"]
+           "model_configs", "load_vae", "is_sdxl"]
 
 PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -36,13 +36,25 @@ class TextEncoderMismatchError(ValueError):
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion model that training and inference need."""
+    """The parts of a Stable Diffusion model that training and inference need (SDXL: two text encoders)."""
 
     unet: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
+    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+
+def is_sdxl(unet_config) -> bool:
+    """Whether a UNet is SDXL's: micro-conditioned on a pooled text embedding and 6 time ids."""
+    config = getattr(unet_config, "config", unet_config)
+    return config.get("addition_embed_type") == "text_time"
 
 
 def _clip_text_from_pretrained(source: str | Path, **kwargs: Any):
@@ -127,9 +139,10 @@ def load_text_encoder(
     return text_model, tokenizer
 
 
-def check_text_encoder(text_encoder: Any, unet: Any, tokenizer: Any = None) -> None:
-    """Raise TextEncoderMismatchError unless ``text_encoder`` can condition ``unet`` with 77-token prompts."""
-    hidden = text_encoder.config.hidden_size
+def check_text_encoder(text_encoder: Any, unet: Any, tokenizer: Any = None, text_encoder_2: Any = None) -> None:
+    """Raise TextEncoderMismatchError unless ``text_encoder`` (SDXL: with ``text_encoder_2``, their hidden states
+    concatenated) can condition ``unet`` with 77-token prompts."""
+    hidden = text_encoder.config.hidden_size + (text_encoder_2.config.hidden_size if text_encoder_2 is not None else 0)
     cross = unet.config.cross_attention_dim
     crosses = set(cross) if isinstance(cross, (list, tuple)) else {cross}
     if crosses != {hidden}:
@@ -181,21 +194,46 @@ def model_configs(model: str | os.PathLike, revision: str | None = None,
     return dict(unet), 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def load_vae(vae: str | os.PathLike, revision: str | None = None, dtype: torch.dtype = torch.float32,
+             local_files_only: bool | None = None):
+    """An AutoencoderKL from a VAE folder or hub id (``madebyollin/sdxl-vae-fp16-fix``), or a pipeline's ``vae/``."""
+    from diffusers import AutoencoderKL
+
+    local = local_path(vae)
+    weights: dict[str, Any] = {"use_safetensors": True}
+    if dtype != torch.float32:
+        weights["torch_dtype"] = dtype
+    if local is not None:
+        sub = "vae" if (local / "vae" / "config.json").is_file() else None
+        if not (local / (sub or "") / "config.json").is_file():
+            raise ModelFolderError(f"--vae {local}: no config.json there nor in {local / 'vae'}; pass an AutoencoderKL "
+                                   "folder, a pipeline folder with vae/, or a hub id such as madebyollin/sdxl-vae-fp16-fix")
+        return AutoencoderKL.from_pretrained(str(local), subfolder=sub, **weights)
+    kw: dict[str, Any] = {"revision": revision}
+    if local_files_only is not None:
+        kw["local_files_only"] = local_files_only
+    with hub_hint(str(vae), local_files_only):
+        return AutoencoderKL.from_pretrained(str(vae), **weights, **kw)
+
+
 def load_components(
     model: str | os.PathLike,
     revision: str | None = None,
     text_encoder: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     local_files_only: bool | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> SDComponents:
-    """UNet, VAE, text encoder, tokenizer and the DDPM training scheduler of a hub id or local folder.
+    """UNet, VAE, text encoder(s), tokenizer(s) and the DDPM training scheduler of a hub id or local folder.
 
-    Weights are read from safetensors only. ``revision`` applies to a hub id; ``local_files_only`` None
-    follows ``HF_HUB_OFFLINE``. Raises ModelFolderError (a ValueError) for a missing or incomplete local
-    folder, TextEncoderMismatchError when the text encoder cannot condition the UNet.
+    SD1.x / SD2.x pipelines, and SDXL (its UNet's ``addition_embed_type`` is ``text_time``): then also
+    ``text_encoder_2`` (``CLIPTextModelWithProjection``) and ``tokenizer_2``. ``vae``: another VAE to use (SDXL's
+    fp16-safe one, say). Weights are read from safetensors only. ``revision`` applies to a hub id;
+    ``local_files_only`` None follows ``HF_HUB_OFFLINE``. Raises ModelFolderError (a ValueError) for a missing or
+    incomplete local folder, TextEncoderMismatchError when the text encoder cannot condition the UNet.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     local = local_path(model)
     kw: dict[str, Any] = {}
@@ -221,14 +259,32 @@ def load_components(
         if dtype != torch.float32:  # float32 is the default; diffusers >= 0.42 warns on `torch_dtype`
             weights["torch_dtype"] = dtype
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+        sdxl = is_sdxl(unet.config)
+        if sdxl and text_encoder is not None:
+            raise ValueError("--text-encoder swaps SD1.x / SD2.x's one text encoder; an SDXL model has two (they "
+                             "stay the model's own)")
+        if sdxl and local is not None:
+            missing = [s for s in ("text_encoder_2", "tokenizer_2") if not (local / s).is_dir()]
+            if missing:
+                raise ModelFolderError(f"{local} has an SDXL UNet but no {', '.join(s + '/' for s in missing)}: pass "
+                                       "a folder written by `StableDiffusionXLPipeline.save_pretrained`")
+        vae_model = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights) if vae is None else None
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
         if text_encoder is None:
             text_model = _clip_text_from_pretrained(source, subfolder="text_encoder", **kw, **tf_dtype_kwargs(dtype))
+        text_2 = tokenizer_2 = None
+        if sdxl:
+            with quiet_logger("transformers.modeling_utils"):
+                text_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2",
+                                                                     use_safetensors=True, **kw, **tf_dtype_kwargs(dtype))
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
+    if vae is not None:
+        vae_model = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
     if text_encoder is not None:
         text_model, tokenizer = load_text_encoder(
             text_encoder, revision=None, dtype=dtype, base_tokenizer=tokenizer, local_files_only=local_files_only
         )
-    check_text_encoder(text_model, unet, tokenizer)
-    return SDComponents(unet=unet, vae=vae, text_encoder=text_model, tokenizer=tokenizer, noise_scheduler=scheduler)
+    check_text_encoder(text_model, unet, tokenizer, text_2)
+    return SDComponents(unet=unet, vae=vae_model, text_encoder=text_model, tokenizer=tokenizer,
+                        noise_scheduler=scheduler, text_encoder_2=text_2, tokenizer_2=tokenizer_2)

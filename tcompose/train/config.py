@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..grounding.attention import parse_layers
+from ..grounding.losses import MAP_REDUCTIONS
 from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
 from ..models.defaults import BASE_MODEL
 
@@ -14,8 +15,9 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 #: Schedules whose learning rate does not depend on --max-steps: a resume may extend such a run.
 FLAT_SCHEDULERS = ("constant", "constant_with_warmup")
 #: What train-unet writes into OUT besides checkpoints/, logs/ and training_summary.json (--overwrite removes them).
-OUTPUTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker",
-           "feature_extractor", "image_encoder")
+OUTPUTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+           "scheduler", "safety_checker", "feature_extractor", "image_encoder", "pytorch_lora_weights.safetensors",
+           "tcompose_lora.json", "fused")
 
 
 @dataclass
@@ -27,9 +29,15 @@ class TrainUnetConfig:
     model: str = BASE_MODEL  # hub id or local diffusers folder
     revision: str | None = None
     text_encoder: str | None = None  # another CLIP text model (hub id or folder) to use and save
+    vae: str | None = None  # another VAE to encode with (and save), e.g. SDXL's fp16-safe madebyollin/sdxl-vae-fp16-fix
     lambda_token: float = 1e-3
     gamma_pixel: float = 5e-5
     layers: tuple[str, ...] = ("mid", "up")  # blocks or groups (mid_8, up_16, ...) whose maps are supervised
+    map_reduction: str = "sum"  # a group's token loss: sum over its maps (the reference's) or their mean
+    lora_rank: int | None = None  # train LoRA adapters of this rank instead of the whole UNet
+    lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = rank
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    fuse: bool = False  # LoRA: also write OUT/fused/, a full pipeline with the adapters merged
     resolution: int | None = None  # None: the model's own (UNet sample size x the VAE's factor; 512 for SD1.x)
     batch_size: int = 1  # per process
     grad_accum: int = 4
@@ -67,6 +75,7 @@ class TrainUnetConfig:
     def validate(self) -> None:
         """Every check that needs no model and no data: a bad option fails at once."""
         finite_or_raise({"--lambda": self.lambda_token, "--gamma": self.gamma_pixel, "--lr": self.lr,
+                         "--lora-alpha": self.lora_alpha,
                          "--adam-weight-decay": self.adam_weight_decay, "--max-grad-norm": self.max_grad_norm,
                          "--ema-decay": self.ema_decay, "--eval-fraction": self.eval_fraction,
                          "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_epsilon": self.adam_epsilon})
@@ -92,6 +101,16 @@ class TrainUnetConfig:
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
                              "--overwrite deletes it and starts again")
+        if self.map_reduction not in MAP_REDUCTIONS:
+            raise ValueError(f"--map-reduction must be one of {', '.join(MAP_REDUCTIONS)}, got {self.map_reduction!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
+        if self.lora_rank is None and (self.fuse or self.lora_alpha is not None):
+            raise ValueError("--lora-alpha and --fuse go with --lora-rank")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not self.lora_targets:
+            raise ValueError("--lora-targets names no module")
         parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
 
 
@@ -106,7 +125,9 @@ def resume_settings(cfg: TrainUnetConfig, resolution: int, world_size: int) -> d
     return {
         "--data": dataset_fingerprint(cfg.data),
         "--model": model_id(cfg.model), "--revision": cfg.revision, "--text-encoder": model_id(cfg.text_encoder),
-        "--lambda": cfg.lambda_token, "--gamma": cfg.gamma_pixel, "--layers": list(cfg.layers),
+        "--vae": model_id(cfg.vae), "--lambda": cfg.lambda_token, "--gamma": cfg.gamma_pixel,
+        "--layers": list(cfg.layers), "--map-reduction": cfg.map_reduction, "--lora-rank": cfg.lora_rank,
+        "--lora-alpha": cfg.lora_alpha, "--lora-targets": list(cfg.lora_targets) if cfg.lora_rank else None,
         "--resolution": resolution, "--random-flip": cfg.random_flip,
         "--batch-size x processes": cfg.batch_size * world_size, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
         "--max-steps": cfg.max_steps, "--lr": cfg.lr, "--lr-scheduler": cfg.lr_scheduler,

@@ -28,6 +28,7 @@ class PreparedRows:
 
     reader: RowReader  # image and masks of a row, read when an example is built
     input_ids: torch.Tensor  # [N, 77]
+    input_ids_2: torch.Tensor | None  # [N, 77]: SDXL's second tokenizer (the same BPE, padded with "!")
     words: list[list[list[int]]]  # per row, per supervised word: token positions
     mask_slots: list[list[int]]  # per row, per supervised word: its index in the row's masks
     image_ids: list[int]
@@ -39,8 +40,11 @@ class PreparedRows:
         return len(self.image_ids)
 
 
-def prepare_rows(data_dir: str | Path, tokenizer) -> PreparedRows:
+def prepare_rows(data_dir: str | Path, tokenizer, tokenizer_2=None) -> PreparedRows:
     """Read a masks dataset's captions and phrases and resolve each phrase to caption token positions.
+
+    ``tokenizer_2`` (SDXL): the captions are tokenized by it too; the phrase positions found with ``tokenizer``
+    serve both encoders, which is checked here (a ValueError if the two disagree on any caption's tokens).
 
     Phrases without a mask, or whose words cannot be found among the caption's 77 tokens (e.g. truncated),
     are left out of the supervision and counted; the row still trains the denoising loss. Reads shard by
@@ -71,9 +75,15 @@ def prepare_rows(data_dir: str | Path, tokenizer) -> PreparedRows:
             image_ids.append(r["image_id"])
             words.append(ws)
             slots.append(ss)
+    input_ids = tokenize_captions(tokenizer, captions)
+    input_ids_2 = None
+    if tokenizer_2 is not None:
+        input_ids_2 = tokenize_captions(tokenizer_2, captions)
+        _check_same_tokens(input_ids, input_ids_2, tokenizer, tokenizer_2, captions)
     return PreparedRows(
         reader=RowReader(data_dir, ["image", "masks"]),
-        input_ids=tokenize_captions(tokenizer, captions),
+        input_ids=input_ids,
+        input_ids_2=input_ids_2,
         words=words,
         mask_slots=slots,
         image_ids=image_ids,
@@ -81,6 +91,17 @@ def prepare_rows(data_dir: str | Path, tokenizer) -> PreparedRows:
         dropped=dropped,
         data_dir=Path(data_dir),
     )
+
+
+def _check_same_tokens(ids: torch.Tensor, ids_2: torch.Tensor, tokenizer, tokenizer_2, captions: list[str]) -> None:
+    """The token positions of a phrase are those of the first tokenizer; they hold for the second only if both
+    give the same ids up to the end-of-text token (they differ only in padding: SDXL's second pads with "!")."""
+    eos = tokenizer.eos_token_id
+    for i in range(ids.shape[0]):
+        end = int((ids[i] == eos).nonzero()[0]) + 1 if (ids[i] == eos).any() else ids.shape[1]
+        if not torch.equal(ids[i, :end], ids_2[i, :end]):
+            raise ValueError(f"the two tokenizers split the caption {captions[i]!r} differently, so one set of token "
+                             "positions cannot supervise both text encoders; use a model whose tokenizers share one BPE")
 
 
 def split_heldout(prep: PreparedRows, fraction: float, seed: int, max_examples: int | None = None) -> tuple[list[int], list[int]]:
@@ -144,9 +165,15 @@ class TrainingExamples(Dataset):
             placement = resize_crop(*self.latents.image_size(row), r)
             image = {"latent_moments": self.latents.moments(row, flip)}
         masks = [load_mask(decode_mask(record["masks"][slot]), placement, flip) for slot in self.prep.mask_slots[row]]
+        (w, h), r = placement.original, placement.size
+        text = {"input_ids": self.prep.input_ids[row]}
+        if self.prep.input_ids_2 is not None:
+            text["input_ids_2"] = self.prep.input_ids_2[row]
         return {
             **image,
-            "input_ids": self.prep.input_ids[row],
+            **text,
+            # SDXL's micro-conditioning: original (h, w), the crop's top-left in the resized image, target (h, w)
+            "time_ids": torch.tensor([h, w, placement.top, placement.left, r, r], dtype=torch.float32),
             "masks": torch.stack(masks) if masks else torch.zeros(0, r, r),
             "words": self.prep.words[row],
             "noise": noise,
@@ -167,9 +194,11 @@ def collate(examples: list[dict]) -> dict:
     for i, e in enumerate(examples):
         masks[i, : e["masks"].shape[0]] = e["masks"]
     image = "latent_moments" if "latent_moments" in examples[0] else "pixel_values"
+    text = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "input_ids_2") if k in examples[0]}
     return {
         image: torch.stack([e[image] for e in examples]),
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        **text,
+        "time_ids": torch.stack([e["time_ids"] for e in examples]),
         "masks": masks,
         "word_index": index,
         "word_valid": valid,

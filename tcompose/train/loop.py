@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 
 from ..grounding.attention import attention_groups, describe_groups, resolve_layers
-from ..io.files import match_umask
 from ..io.runs import (
     FiniteGuard,
     Interrupted,
@@ -54,6 +53,7 @@ from ..io.runs import (
     training_progress,
 )
 from .config import OUTPUTS, TrainUnetConfig, config_dict, may_differ_on_resume, resume_settings
+from .output import save_lora_outputs, save_pipeline
 
 __all__ = ["TrainUnetConfig", "run"]
 
@@ -140,23 +140,38 @@ def _train(cfg: TrainUnetConfig) -> dict:
     source = "--resolution" if cfg.resolution else f"the model's own: sample size {unet_config['sample_size']} x {down}"
     log(f"resolution: {resolution} px ({source}); supervised cross-attention: {describe_groups(groups)}")
 
-    comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder)
+    comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae)
     unet, vae, text_encoder, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.text_encoder, comps.tokenizer, comps.noise_scheduler
+    text_encoder_2 = comps.text_encoder_2
 
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    for frozen in (vae, text_encoder):
+    for frozen in (vae, text_encoder, text_encoder_2):
+        if frozen is None:
+            continue
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(device)
-        if weight_dtype != torch.float32:
+        # a VAE that asks to be upcast (SDXL's overflows in fp16) stays float32 under fp16; pass an fp16-safe --vae
+        upcast = frozen is vae and cfg.mixed_precision == "fp16" and vae.config.get("force_upcast", False)
+        if weight_dtype != torch.float32 and not upcast:
             frozen.to(dtype=weight_dtype)
+    trainable = list(unet.parameters())
+    if cfg.lora_rank:
+        from ..models.lora import add_lora, cast_base
+
+        cast_base(unet, weight_dtype)  # the frozen base in the training precision; the adapters in float32
+        add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in unet.parameters())
+    log(f"model: {'SDXL' if comps.is_sdxl else 'SD'} UNet, {n_all:,} parameters, {n_train:,} trained"
+        + (f" (LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)})" if cfg.lora_rank else ""))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
     unet.train()
 
-    prep = prepare_rows(cfg.data, tokenizer)
+    prep = prepare_rows(cfg.data, tokenizer, comps.tokenizer_2)
     train_rows, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
     latent_shape = (unet.config.in_channels, latent, latent)
     n_t = noise_scheduler.config.num_train_timesteps
@@ -172,7 +187,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
     log(data_line(prep.stats, len(train_rows), len(heldout)))
 
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
     )
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
@@ -180,7 +195,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
     if cfg.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema = EMAModel(trainable, decay=cfg.ema_decay) if cfg.lora_rank else EMAModel(
+            trainable, decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
         ema.to(device)
     unet, optimizer = accelerator.prepare(unet, optimizer)  # the sampler shards data itself; see MicroBatches
 
@@ -198,7 +214,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
         batches = (collate([eval_examples[(r, 0)] for r in heldout[i : i + cfg.batch_size]]) for i in range(0, len(heldout), cfg.batch_size))
         with accelerator.autocast():
             return grounding_score(accelerator.unwrap_model(unet), vae, text_encoder, noise_scheduler, batches,
-                                   layers, cfg.eval_timesteps, seed=cfg.seed, weight_dtype=weight_dtype)
+                                   layers, cfg.eval_timesteps, seed=cfg.seed, text_encoder_2=text_encoder_2)
 
     if before is None and main:
         before = evaluate()
@@ -209,7 +225,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
 
     def save(at: int) -> None:
         save_checkpoint(ckpt_root, at, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema,
-                        accelerator.scaler, cfg.checkpoints_limit, extra=extra())
+                        accelerator.scaler, cfg.checkpoints_limit, extra=extra(), only_trainable=bool(cfg.lora_rank))
 
     if main:
         accelerator.init_trackers("train_unet", config={k: v for k, v in config_dict(cfg).items() if isinstance(v, (int, float, str, bool))})
@@ -243,14 +259,15 @@ def _train(cfg: TrainUnetConfig) -> dict:
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with accelerator.accumulate(unet):
-                    latents, emb = encode_batch(vae, text_encoder, batch, weight_dtype)
+                    latents, cond = encode_batch(vae, text_encoder, batch, text_encoder_2)
                     if cfg.channels_last:
                         latents = latents.contiguous(memory_format=torch.channels_last)
                         batch["noise"] = batch["noise"].contiguous(memory_format=torch.channels_last)
-                    losses = tokencompose_losses(unet, latents, emb, batch, noise_scheduler, layers,
-                                                 cfg.lambda_token, cfg.gamma_pixel, backward=accelerator.backward)
+                    losses = tokencompose_losses(unet, latents, cond, batch, noise_scheduler, layers, cfg.lambda_token,
+                                                 cfg.gamma_pixel, backward=accelerator.backward,
+                                                 map_reduction=cfg.map_reduction)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 guard.update(step + 1, losses)
@@ -262,7 +279,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
                 if not accelerator.optimizer_step_was_skipped:
                     lr_scheduler.step()
                 if ema is not None:
-                    ema.step(unet.parameters())
+                    ema.step(trainable)
                 step += 1
                 bar.update(task, advance=1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -296,13 +313,16 @@ def _train(cfg: TrainUnetConfig) -> dict:
         trained = accelerator.unwrap_model(unet)
         save(step)
         if ema is not None:
-            ema.copy_to(trained.parameters())  # the pipeline and the "after" score use the EMA weights
+            ema.copy_to(trainable)  # the pipeline and the "after" score use the EMA weights
         if cfg.channels_last:
             trained.to(memory_format=torch.contiguous_format)  # safetensors saves contiguous tensors only
         after = evaluate()
         if after:
             log(f"grounding score after: {after['score']:.4f} (before {before['score']:.4f}, chance {after['chance']:.4f})")
-        _save_pipeline(cfg, trained, tokenizer, out)
+        if cfg.lora_rank:
+            save_lora_outputs(cfg, trained, tokenizer, out, comps.is_sdxl)
+        else:
+            save_pipeline(cfg, trained, tokenizer, out, comps.is_sdxl)
         steps_run = step - start_step
         summary = {
             "steps": step,
@@ -314,8 +334,13 @@ def _train(cfg: TrainUnetConfig) -> dict:
             "device": str(device),
             "num_processes": accelerator.num_processes,
             "ranks_in_sync": in_sync,
+            "family": "sdxl" if comps.is_sdxl else "sd",
+            "trainable_parameters": n_train,
+            "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": list(cfg.lora_targets),
+                     "fused": cfg.fuse} if cfg.lora_rank else None,
             "resolution": resolution,
             "supervised_groups": groups,
+            "map_reduction": cfg.map_reduction,
             "grounding_before": before,
             "grounding_after": after,
             "data": prep.stats | {"train_rows": len(train_rows), "heldout_rows": len(heldout)},
@@ -324,7 +349,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
             "config": config_dict(cfg),
         }
         write_json_atomic(out / "training_summary.json", summary)
-        log(f"wrote {out} (pipeline, training_summary.json, checkpoints/, logs/)")
+        what = ("LoRA adapters" + (", fused/" if cfg.fuse else "")) if cfg.lora_rank else "pipeline"
+        log(f"wrote {out} ({what}, training_summary.json, checkpoints/, logs/)")
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
     return summary or {}
@@ -341,17 +367,3 @@ def _ranks_in_sync(accelerator, unet) -> bool:
         accelerator.print(f"warning: UNet weights differ between processes (checksums {sums})")
         return False
     return True
-
-
-def _save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path) -> None:
-    """The base pipeline with the trained UNet (and the swapped text encoder), reloaded in float32 and saved."""
-    from diffusers import StableDiffusionPipeline
-
-    from ..models.stable_diffusion import load_text_encoder
-
-    parts = {"unet": unet}
-    if cfg.text_encoder:
-        parts["text_encoder"], parts["tokenizer"] = load_text_encoder(cfg.text_encoder, base_tokenizer=tokenizer)
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.model, revision=cfg.revision, **parts)  # float32, the default
-    pipe.save_pretrained(out, safe_serialization=True)
-    match_umask(*(out / name for name in OUTPUTS))  # safetensors writes its files 0600

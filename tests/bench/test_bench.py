@@ -34,15 +34,23 @@ def quick_report(tmp_path_factory):
 def test_quick_bench_json_structure(quick_report):
     r = quick_report
     assert r["tcompose_bench"] == 1 and r["quick"] is True and r["errors"] == []
-    assert set(r["section_s"]) == {"train_b2", "baseline", "generate", "detect", "masks"}
+    assert set(r["section_s"]) == {"train_b2", "train_b2_lora4", "sdxl_b1", "sdxl_b1_lora4", "baseline", "generate",
+                                   "detect", "masks"}
     m = r["machine"]
     assert m["device"] == "cpu" and m["threads"] == 1 and m["torch"] == torch.__version__
     assert r["matmul"]["dtype"] == "fp32" and _positive(r["matmul"]["tflops"])
     s = r["settings"]
     assert s["dtype"] == "fp32" and s["unet"] == "tiny" and s["train_batch_sizes"] == [2] and s["latent_size"] == 16
 
-    train = r["train"]
+    train = [row for row in r["train"] if not row["lora_rank"]]
     assert [row["gradient_checkpointing"] for row in train] == [False, True]  # default: both
+    lora = [row for row in r["train"] if row["lora_rank"]]
+    assert [row["lora_rank"] for row in lora] == [4, 4] and all(row["trainable_params_m"] < row["params_m"] / 10 for row in lora)
+    xl = r["sdxl"]
+    assert [(row["size"], row["lora_rank"], row["gradient_checkpointing"]) for row in xl] == [
+        ("tiny-sdxl", None, False), ("tiny-sdxl", None, True), ("tiny-sdxl", 4, False), ("tiny-sdxl", 4, True)]
+    assert all(_positive(row["images_per_s"]) and _positive(row["mfu"]) for row in xl)
+    assert r["headline"]["peak_mem_mb_sdxl_lora_b1_ckpt"] == xl[3]["peak_mem_mb"]
     for row in train:
         assert row["batch_size"] == 2 and row["latent_size"] == 16 and row["size"] == "tiny"
         for key in ("step_s_plain", "step_s_tc", "overhead_ratio", "images_per_s", "images_per_s_plain",
@@ -71,7 +79,8 @@ def test_quick_bench_json_structure(quick_report):
     assert head["peak_mem_mb_b8_ckpt"] is None  # no batch 8 in the quick run
     status = {t["name"]: t["status"] for t in r["targets"]}
     assert status == {"speedup_vs_baseline": "n/a (--quick)", "mfu_best": "n/a (--quick)",
-                      "loss_overhead": "n/a (--quick)", "peak_mem_mb_b8_ckpt": "not measured"}
+                      "loss_overhead": "n/a (--quick)", "peak_mem_mb_b8_ckpt": "not measured",
+                      "peak_mem_mb_sdxl_lora_b1_ckpt": "n/a (--quick)"}
 
     assert [g["batch_size"] for g in r["generate"]] == [1, 2]
     for g in r["generate"]:
@@ -143,3 +152,23 @@ def test_count_flops_matches_hand_count():
     q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     assert count_flops(lambda: sdpa(q, k, v)) == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # QK^T and PV
+
+
+def test_training_memory_counts_the_real_models_from_their_configs():
+    """Parameter counts of the published checkpoints (SD1.4: 859,520,964 in the UNet; SDXL: 2,567,463,684), and
+    the bytes per parameter of full finetuning (16) and of a LoRA run (the base at 2, the adapters at 16)."""
+    from tcompose.bench.memory import memory_table, model_parameters, training_memory
+    from tcompose.models.lora import lora_parameter_count
+    from tcompose.models.tiny_sd import UNET_SIZES
+
+    assert model_parameters("sd14") == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert model_parameters("sdxl")["unet"] == 2_567_463_684
+    assert model_parameters("sdxl")["text_encoder_2"] == 694_659_840
+    full = training_memory("sd14")
+    assert full["weights_gb"] == pytest.approx(859_520_964 * 4 / 1e9) and full["optimizer_gb"] == 2 * full["gradients_gb"]
+    lora = training_memory("sdxl", 64)
+    n = lora_parameter_count(UNET_SIZES["sdxl"], 64)
+    assert lora["trainable_parameters"] == n
+    assert lora["weights_gb"] == pytest.approx((2_567_463_684 * 2 + n * 4) / 1e9)
+    assert lora["total_gb"] < 24 < training_memory("sdxl")["total_gb"]
+    assert len(memory_table()) == 4

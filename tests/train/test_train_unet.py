@@ -88,7 +88,7 @@ def test_batch_of_two_equals_mean_of_single_examples(setup):
 
     def loss(examples):
         batch = collate(examples)
-        latents, emb = encode_batch(comps.vae, comps.text_encoder, batch, torch.float32)
+        latents, emb = encode_batch(comps.vae, comps.text_encoder, batch)
         return tokencompose_losses(comps.unet, latents, emb, batch, comps.noise_scheduler, ("mid", "up"), 1.0, 0.1)
 
     both = loss(items)

@@ -115,7 +115,8 @@ def _gen_config(cfg: MultigenConfig, spec, prompts: list[Prompt]):
     return GenerateConfig(
         model=spec.model, output=cfg.output / "models" / spec.name, prompts=[p.text for p in prompts],
         prompt_ids=[p.prompt_id for p in prompts], images_per_prompt=cfg.images, unet=spec.unet,
-        text_encoder=spec.text_encoder, revision=spec.revision, name=spec.name, batch_size=cfg.batch_size,
+        text_encoder=spec.text_encoder, revision=spec.revision, lora=spec.lora, lora_scale=spec.lora_scale,
+        name=spec.name, batch_size=cfg.batch_size,
         dtype=cfg.dtype, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler, height=cfg.height,
         width=cfg.width, safety_checker=cfg.safety_checker, seed=cfg.seed, device=cfg.device)
 
