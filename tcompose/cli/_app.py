@@ -15,6 +15,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: it wraps long option names and help texts at any width (80 columns included), where
+    # rich's boxed layout cut them ("--detector-revisi...")
+    rich_markup_mode=None,
 )
 
 
