@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from tcompose.evaluate.generate import GenerateConfig, image_seed, write_images
+from tcompose.evaluate.generate import GenerateConfig, write_images
+from tcompose.models.sampling import image_seed
 from tcompose.evaluate.sampling import DTYPES
 from tcompose.models.clip_bpe import write_clip_tokenizer
 from tcompose.models.tiny_sd import count_parameters

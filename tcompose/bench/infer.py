@@ -74,7 +74,7 @@ def bench_generate(pipe, batch_sizes, steps: int, resolution: int | None, warmup
                    device: torch.device, mem: PeakMemory) -> list[dict]:
     """Per batch size: images/s of :func:`generate_batch` (``steps`` PNDM steps, guidance 7.5) and UNet
     denoising steps/s at 2 x batch (the guided batch)."""
-    from ..evaluate.sampling import generate_batch
+    from ..models.sampling import generate_batch
 
     side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     lat = side // pipe.vae_scale_factor

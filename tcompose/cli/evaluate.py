@@ -70,13 +70,14 @@ def attnviz(
     width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
     dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
     panel: int = typer.Option(256, help="Panel side in pixels."),
+    scale: str = typer.Option("per-map", help="per-map: each heat map to its own range; shared: one scale for the figure (compares models)."),
     from_maps: Optional[Path] = typer.Option(None, help="Redraw from a saved .safetensors instead of generating."),
 ) -> None:
     """Per-word cross-attention heat maps of several models on one seeded prompt (the paper's SD vs TokenCompose figure)."""
     from ..evaluate.attnviz import AttnvizConfig, draw_figure, load_maps, run
 
     if from_maps is not None:
-        draw_figure(load_maps(from_maps), output, panel)
+        draw_figure(load_maps(from_maps), output, panel, scale)
         return
     if not prompt or not model:
         raise ValueError("pass --prompt and at least one --model NAME=ID_OR_PATH (or --from-maps FILE)")
@@ -85,7 +86,7 @@ def attnviz(
     cfg = AttnvizConfig(prompt=prompt, models=parse_model_specs(model), output=output,
                         words=list(_split(words)) if words else None, layers=_split(layers), timesteps=timesteps,
                         seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
-                        dtype=dtype, panel=panel)
+                        dtype=dtype, panel=panel, scale=scale)
     run(cfg)
 
 

@@ -8,9 +8,10 @@
 
 from .attnviz import AttnvizConfig
 from .detect import Owlv2Detector
-from .generate import GenerateConfig, image_seed
+from ..models.sampling import generate_batch, image_seed
+from .generate import GenerateConfig
 from .generate import run as generate
-from .sampling import generate_batch, load_pipeline
+from .sampling import load_pipeline
 
 __all__ = ["AttnvizConfig", "GenerateConfig", "Owlv2Detector", "generate", "generate_batch", "image_seed",
            "load_pipeline"]

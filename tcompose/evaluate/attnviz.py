@@ -40,7 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..grounding.attention_maps import MapAccumulator, normalize, parse_steps, word_maps
+from ..grounding.attention_maps import accumulate_attention, parse_steps, word_maps
+from ..io.figures import SCALES, PanelRow, draw_attention_figure
+from ..io.figures import figure_size as _figure_size
 from ..io.files import match_umask
 from ..io.runs import output_guard
 from ..models.spec import ModelSpec, parse_model_spec
@@ -48,9 +50,6 @@ from ..models.spec import ModelSpec, parse_model_spec
 __all__ = ["AttnvizConfig", "Row", "AttnvizResult", "run", "maps_path", "save_maps", "load_maps",
            "draw_figure", "figure_size", "default_words"]
 
-DPI = 128  # a power of two: pixel sizes survive the inches round trip exactly
-LABEL_PX = 32  # left band holding each row's model name
-TITLE_PX = 24  # band above each panel holding its title
 _META_KEY = "attnviz"
 
 
@@ -79,6 +78,8 @@ class AttnvizConfig:
     device: str | None = None
     panel: int = 256
     """Side of each panel in pixels."""
+    scale: str = "per-map"
+    """per-map: each heat map stretched to its own range; shared: one scale for the whole figure (models comparable)."""
 
     def __post_init__(self):
         self.output = Path(self.output)
@@ -123,14 +124,13 @@ def maps_path(figure: str | os.PathLike) -> Path:
 
 def figure_size(n_rows: int, n_words: int, panel: int = 256) -> tuple[int, int]:
     """(width, height) in pixels of a figure with ``n_rows`` models and ``n_words`` words."""
-    return LABEL_PX + (1 + n_words) * panel, n_rows * (TITLE_PX + panel)
+    return _figure_size(n_rows, n_words, panel)
 
 
 def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) -> Row:
     from ..data.text import phrases_token_positions
-    from ..grounding.attention import capture_cross_attention
-    from .generate import image_seed
-    from .sampling import generate_batch, load_pipeline
+    from ..models.sampling import generate_batch, image_seed
+    from .sampling import load_pipeline
 
     pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
                          lora=spec.lora, lora_scale=spec.lora_scale,
@@ -145,22 +145,10 @@ def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) 
     pipe.scheduler.set_timesteps(cfg.steps)
     n_calls = len(pipe.scheduler.timesteps)  # UNet evaluations of the denoising loop
     selected = set(parse_steps(cfg.timesteps, n_calls))
-    acc = MapAccumulator(guidance=cfg.guidance > 1)
-    calls = [0]
-    with capture_cross_attention(pipe.unet, cfg.layers) as store:
-
-        def after_unet(_module, _args, _output):  # runs after the capture's own hook: store.maps is this call's
-            if calls[0] in selected:
-                acc.add(store.maps)
-            calls[0] += 1
-            progress(calls[0], n_calls)
-
-        handle = pipe.unet.register_forward_hook(after_unet)
-        try:
-            images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(cfg.seed, 0, 0)], cfg.steps, cfg.guidance,
-                                       cfg.height, cfg.width)
-        finally:
-            handle.remove()
+    with accumulate_attention(pipe.unet, cfg.layers, cfg.guidance > 1, selected,
+                              lambda i: progress(i, n_calls)) as acc:
+        images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(cfg.seed, 0, 0)], cfg.steps, cfg.guidance,
+                                   cfg.height, cfg.width)
     tokens = acc.token_maps()[0].float().cpu()
     row = Row(spec.name, images[0], tokens, word_maps(tokens, positions), positions)
     del pipe
@@ -216,39 +204,12 @@ def load_maps(path: str | os.PathLike) -> AttnvizResult:
     return AttnvizResult(meta["prompt"], meta["words"], rows, extra)
 
 
-def draw_figure(result: AttnvizResult, path: str | os.PathLike, panel: int = 256) -> list[tuple[int, int, str]]:
-    """Draw rows = models, columns = image + one overlay per word; returns the panels (row, column, title).
-    Matplotlib's Agg canvas directly (no pyplot state); the PNG is exactly :func:`figure_size` pixels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    width, height = figure_size(len(result.rows), len(result.words), panel)
-    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    FigureCanvasAgg(fig)
-    panels = []
-    for r, row in enumerate(result.rows):
-        top = r * (TITLE_PX + panel) + TITLE_PX
-        h, w = row.image.shape[:2]
-        extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-        titles = ["image"] + result.words
-        for c, title in enumerate(titles):
-            ax = fig.add_axes((
-                (LABEL_PX + c * panel) / width, 1 - (top + panel) / height, panel / width, panel / height))
-            ax.imshow(row.image, extent=extent, interpolation="bilinear")
-            if c > 0:
-                shown = normalize(row.words[title].float()).numpy()
-                ax.imshow(shown, cmap="jet", alpha=0.5, extent=extent, interpolation="bilinear", vmin=0, vmax=1)
-            ax.set_axis_off()
-            ax.set_title(title, fontsize=9, pad=3)
-            panels.append((r, c, title))
-        fig.text(LABEL_PX / 2 / width, 1 - (top + panel / 2) / height, row.name, rotation=90, ha="center",
-                 va="center", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    os.replace(tmp, path)
-    return panels
+def draw_figure(result: AttnvizResult, path: str | os.PathLike, panel: int = 256,
+                scale: str = "per-map") -> list[tuple[int, int, str]]:
+    """Draw rows = models, columns = image + one overlay per word (:func:`tcompose.io.figures.draw_attention_figure`,
+    ``scale`` per-map or shared); returns the panels (row, column, title)."""
+    rows = [PanelRow(row.name, row.image, [(w, row.words[w]) for w in result.words]) for row in result.rows]
+    return draw_attention_figure(rows, path, panel, scale)
 
 
 def run(cfg: AttnvizConfig, progress: bool = True) -> dict:
@@ -260,6 +221,8 @@ def run(cfg: AttnvizConfig, progress: bool = True) -> dict:
         raise ValueError("two --model values share a name; give each a NAME= prefix of its own")
     if cfg.output.suffix.lower() != ".png":
         raise ValueError(f"--output {cfg.output}: the figure is a PNG; use a name ending in .png")
+    if cfg.scale not in SCALES:
+        raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {cfg.scale!r}")
     words = list(dict.fromkeys(cfg.words)) if cfg.words else default_words(cfg.prompt)
     _check_outputs(cfg.output)
     for spec in cfg.models:  # every model's --layers before any image is generated
@@ -307,7 +270,7 @@ def _run(cfg: AttnvizConfig, words: list[str], progress: bool) -> dict:
             "model_specs": [vars(m) for m in cfg.models]}
     result = AttnvizResult(cfg.prompt, words, rows, meta)
     maps = save_maps(result, maps_path(cfg.output))
-    panels = draw_figure(result, cfg.output, cfg.panel)
+    panels = draw_figure(result, cfg.output, cfg.panel, cfg.scale)
     if progress:
         from rich.console import Console
 

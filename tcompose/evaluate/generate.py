@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..io.runs import model_id, output_guard
+from ..models.sampling import image_seed
 from .sampling import load_pipeline  # noqa: F401  (part of this module's interface)
 
 __all__ = ["GenerateConfig", "image_seed", "image_filename", "read_prompts", "load_pipeline", "run",
@@ -99,12 +100,6 @@ class GenerateConfig:
         if self.prompt_ids is None:
             self.prompt_ids = list(range(len(self.prompts)))
         self.prompt_ids = [int(i) for i in self.prompt_ids]
-
-
-def image_seed(seed: int, prompt_id: int, image_index: int) -> int:
-    """The seed of image ``image_index`` of prompt ``prompt_id``: a 63-bit hash of the three numbers."""
-    digest = hashlib.sha256(f"tcompose-generate:{int(seed)}:{int(prompt_id)}:{int(image_index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def image_filename(prompt_id: int, image_index: int) -> str:
@@ -222,7 +217,7 @@ def write_images(pipe, cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]
     ``benchmarks/generate.py``)."""
     import torch
 
-    from .sampling import PromptEmbeddings, generate_batch
+    from ..models.sampling import PromptEmbeddings, generate_batch
 
     embeddings = embeddings or PromptEmbeddings(pipe)
     bar, task = _bar(progress, len(jobs))

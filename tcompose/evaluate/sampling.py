@@ -1,41 +1,28 @@
-"""Stable Diffusion inference for `generate`, `multigen` and `attnviz`: the pipeline, seeded latents, a batch.
+"""The pipeline that `generate`, `multigen` and `attnviz` sample: loading, device and precision.
 
     pipe = load_pipeline("runs/tc", dtype="fp16", scheduler="ddim", device="cuda")
-    images, nsfw = generate_batch(pipe, ["a cat and a wine glass"] * 2, seeds=[11, 12], steps=50, guidance=7.5)
-    # images: uint8 numpy [B, H, W, 3]; nsfw: list of bool, or None without a safety checker
+    images, nsfw = generate_batch(pipe, ["a cat and a wine glass"] * 2, seeds=[11, 12])   # tcompose.models.sampling
 
-The pipeline is diffusers' ``StableDiffusionPipeline`` built from :func:`tcompose.models.load_components`
-(same loading rules, offline hints and text-encoder checks as training), with the model's own inference
-scheduler (``scheduler/scheduler_config.json``) unless ``scheduler`` names another: ``pndm``, ``ddim``,
-``euler`` (Euler discrete, no churn) or ``dpm++`` (DPM-Solver++ multistep). All four are deterministic
-given the initial latents.
-
-Seeding: image ``i`` of a batch starts from ``torch.randn((1, C, H/8, W/8), generator=Generator("cpu")
-.manual_seed(seeds[i]))`` in float32, cast to the pipeline's dtype and moved to its device, so an image's
-start does not depend on its batch, the device or the process. The same per-image CPU generators go to the
-pipeline too (a stochastic scheduler then draws each image's noise from its own generator). For float32
-this is exactly what ``pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds])`` does.
+The pipeline is diffusers' ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` built from
+:func:`tcompose.models.load_components` (same loading rules, offline hints and text-encoder checks as
+training), optionally with a swapped UNet, text encoder or merged LoRA adapters, with the model's own
+inference scheduler (``scheduler/scheduler_config.json``) unless ``scheduler`` names another: ``pndm``,
+``ddim``, ``euler`` (Euler discrete, no churn) or ``dpm++`` (DPM-Solver++ multistep). All four are
+deterministic given the initial latents; seeding is :mod:`tcompose.models.sampling`'s.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
-__all__ = ["SCHEDULERS", "DTYPES", "resolve_device", "resolve_dtype", "dtype_name", "model_facts",
-           "load_pipeline", "initial_latents", "PromptEmbeddings", "generate_batch"]
+from ..models.sampling import SCHEDULERS, inference_scheduler
 
-#: ``--scheduler`` names -> (diffusers class, extra config).
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-}
+__all__ = ["DTYPES", "resolve_device", "resolve_dtype", "dtype_name", "model_facts", "load_pipeline"]
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -131,26 +118,6 @@ def _facts(model, unet, hub: dict, scheduler: str | None) -> dict[str, Any]:
             "unet_config": dict(unet_cfg)}
 
 
-def _scheduler(model: str, revision: str | None, name: str | None):
-    import diffusers
-    from diffusers import DDPMScheduler
-
-    from ..models.loading import local_path
-
-    hub = {} if local_path(model) is not None else {"revision": revision}
-    config = DDPMScheduler.load_config(str(model), subfolder="scheduler", **hub)
-    if name is None:
-        cls = getattr(diffusers, config.get("_class_name", ""), None)
-        if cls is None:
-            raise ValueError(f"{model}: unknown scheduler class {config.get('_class_name')!r} in scheduler/; "
-                             f"pass --scheduler {'|'.join(SCHEDULERS)}")
-        return cls.from_config(config)
-    if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(config, **extra)
-
-
 def _force_zeros(model: str, revision: str | None) -> bool:
     """SDXL's ``force_zeros_for_empty_prompt`` from the model's ``model_index.json`` (True, as diffusers', if absent)."""
     import json
@@ -226,14 +193,14 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
         pipe = StableDiffusionXLPipeline(
             vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
             tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=unet_model,
-            scheduler=_scheduler(str(model), revision, scheduler), force_zeros_for_empty_prompt=_force_zeros(model, revision),
+            scheduler=inference_scheduler(str(model), revision, scheduler), force_zeros_for_empty_prompt=_force_zeros(model, revision),
             add_watermarker=False,
         )
     else:
         checker, extractor = _safety_parts(str(model), revision, dtype) if safety_checker else (None, None)
         pipe = StableDiffusionPipeline(
             vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet_model,
-            scheduler=_scheduler(str(model), revision, scheduler), safety_checker=checker,
+            scheduler=inference_scheduler(str(model), revision, scheduler), safety_checker=checker,
             feature_extractor=extractor, requires_safety_checker=safety_checker,
         )
     if lora is not None:
@@ -243,88 +210,3 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
     return pipe
 
 
-def initial_latents(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Per-image starting noise ``[len(seeds), *shape]`` (each from its own CPU generator, in float32, then
-    cast), and the generators, positioned after their draw."""
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    noise = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in gens]
-    return torch.cat(noise).to(device=device, dtype=dtype), gens
-
-
-class PromptEmbeddings:
-    """Text embeddings per prompt, cached: the prompts of a batch not seen yet are encoded in one call.
-
-    SDXL pipelines also give each prompt a pooled embedding; its empty prompt is all zeros when the model says
-    ``force_zeros_for_empty_prompt`` (SDXL base does), as the pipeline's own call would make it.
-    """
-
-    def __init__(self, pipe, max_cached: int = 512):
-        self.pipe = pipe
-        self.max_cached = max_cached
-        self.sdxl = hasattr(pipe, "text_encoder_2")
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def _encode(self, prompts: list[str]) -> None:
-        if len(self._cache) + len(prompts) > self.max_cached:
-            self._cache.clear()
-        with torch.inference_mode():
-            if self.sdxl:
-                emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe._execution_device,
-                                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
-                self._cache.update(zip(prompts, zip(emb.unbind(0), pooled.unbind(0))))
-            else:
-                emb, _ = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, False)
-                self._cache.update(zip(prompts, ((e, None) for e in emb.unbind(0))))
-
-    def _empty(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        emb, pooled = self._cache[""]
-        if self.sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", True):
-            return torch.zeros_like(emb), torch.zeros_like(pooled)
-        return emb, pooled
-
-    def __call__(self, prompts: Sequence[str], guidance: bool) -> dict[str, torch.Tensor]:
-        """The pipeline's embedding arguments: ``prompt_embeds [B, 77, D]``, with guidance the empty prompt's as
-        ``negative_prompt_embeds``; SDXL also ``pooled_prompt_embeds`` (and the negative one)."""
-        wanted = list(prompts) + ([""] if guidance else [])
-        new = list(dict.fromkeys(p for p in wanted if p not in self._cache))
-        if new:
-            self._encode(new)
-        if any(p not in self._cache for p in wanted):  # the cache was cleared in between: encode all at once
-            self._cache.clear()
-            self._encode(list(dict.fromkeys(wanted)))
-        cond = torch.stack([self._cache[p][0] for p in prompts])
-        out = {"prompt_embeds": cond}
-        if self.sdxl:
-            out["pooled_prompt_embeds"] = torch.stack([self._cache[p][1] for p in prompts])
-        if guidance:
-            emb, pooled = self._empty()
-            out["negative_prompt_embeds"] = emb.expand_as(cond)
-            if self.sdxl:
-                out["negative_pooled_prompt_embeds"] = pooled.expand_as(out["pooled_prompt_embeds"])
-        return out
-
-
-def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5,
-                   height: int | None = None, width: int | None = None,
-                   embeddings: PromptEmbeddings | None = None) -> tuple[np.ndarray, list[bool] | None]:
-    """Images of ``prompts`` (one per prompt, image i seeded by ``seeds[i]``): uint8 [B, H, W, 3], and the
-    safety checker's NSFW flags (None when the pipeline has no checker)."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    factor = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
-    if height % 8 or width % 8:
-        raise ValueError(f"--height/--width must be multiples of 8, got {height}x{width}")
-    device = pipe._execution_device
-    shape = (pipe.unet.config.in_channels, height // factor, width // factor)
-    latents, gens = initial_latents(seeds, shape, pipe.unet.dtype, device)
-    embeds = (embeddings or PromptEmbeddings(pipe))(prompts, guidance > 1)
-    with torch.inference_mode():
-        out = pipe(**embeds, latents=latents, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                   height=height, width=width, output_type="pt")
-        images = out.images.float().mul(255).round().clamp(0, 255).to(torch.uint8)
-    flags = getattr(out, "nsfw_content_detected", None)
-    nsfw = None if flags is None else [bool(x) for x in flags]
-    return images.permute(0, 2, 3, 1).cpu().numpy(), nsfw

@@ -12,19 +12,22 @@ summed over steps and layers per group, then divided by the group's count (steps
 average ``[B, T, h, w]`` is upsampled (bilinear, align_corners=False) to the largest group side S and the
 groups are averaged, weighted by their number of layers (so every layer counts the same). Every step is a
 convex combination of softmax rows, so each pixel's token distribution still sums to 1. A word's map is the
-sum of its tokens' maps.
+sum of its tokens' maps. :func:`accumulate_attention` does the capturing and adding around a generation.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["group_hw", "conditional_half", "MapAccumulator", "combine_groups", "word_maps", "normalize",
-           "parse_steps"]
+from .attention import capture_cross_attention
+
+__all__ = ["group_hw", "conditional_half", "MapAccumulator", "accumulate_attention", "combine_groups", "word_maps",
+           "normalize", "parse_steps"]
 
 
 def group_hw(group: str, hw: int) -> tuple[int, int]:
@@ -86,6 +89,30 @@ class MapAccumulator:
         if not self.sums:
             raise ValueError("no attention maps were recorded: check --layers and --timesteps")
         return combine_groups(self.group_means(), self.layers)
+
+
+@contextmanager
+def accumulate_attention(unet, layers: Sequence[str], guidance: bool, selected: Collection[int] | None = None,
+                         on_call: Callable[[int], None] | None = None) -> Iterator[MapAccumulator]:
+    """Inside the block, every UNet evaluation ``i`` (0 = the first) whose index is in ``selected`` (None: all)
+    adds its captured ``layers`` maps to the yielded :class:`MapAccumulator`; ``on_call(i + 1)`` follows each
+    evaluation (a progress bar). The UNet's own processors are back on exit."""
+    acc = MapAccumulator(guidance=guidance)
+    calls = [0]
+    with capture_cross_attention(unet, layers) as store:
+
+        def after_unet(_module, _args, _output):  # runs after the capture's own hook: store.maps is this call's
+            if selected is None or calls[0] in selected:
+                acc.add(store.maps)
+            calls[0] += 1
+            if on_call is not None:
+                on_call(calls[0])
+
+        handle = unet.register_forward_hook(after_unet)
+        try:
+            yield acc
+        finally:
+            handle.remove()
 
 
 def combine_groups(means: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None,

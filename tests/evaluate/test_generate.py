@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from tcompose.cli import main
-from tcompose.evaluate.generate import GenerateConfig, image_filename, image_seed, read_prompts, run
-from tcompose.evaluate.sampling import generate_batch, initial_latents, load_pipeline
+from tcompose.evaluate.generate import GenerateConfig, image_filename, read_prompts, run
+from tcompose.evaluate.sampling import load_pipeline
+from tcompose.models.sampling import generate_batch, image_seed, initial_latents
 from tcompose.models.tiny_sd import write_tiny_pipeline
 
 PROMPTS = ["a cat and a wine glass", "a red ball on a table", "two dogs near a car"]

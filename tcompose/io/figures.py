@@ -1,0 +1,105 @@
+"""Attention figures as PNG files: rows of an image and its per-word heat maps, with a colour bar.
+
+    rows = [PanelRow("SD", image, [("cat", cat_map), ("wine glass", glass_map)]), ...]
+    draw_attention_figure(rows, "fig.png", panel=256, scale="shared")
+
+Each row is labelled on the left; its first panel is the image, the next ones the image with a heat map on top
+(``jet`` at 50% opacity, bilinear). ``scale="per-map"`` stretches each map from its own minimum to its maximum
+(where each word looks, whatever its strength); ``"shared"`` puts every map of the figure on one scale from 0
+to the largest value (how strongly, comparable across rows: SD against TokenCompose, losses off against on).
+The colour bar on the right says which. The PNG is exactly :func:`figure_size` pixels; matplotlib's Agg canvas
+is used directly (no pyplot state), and the file is written to a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+DPI = 128  # a power of two: pixel sizes survive the inches round trip exactly
+LABEL_PX = 32  # left band holding each row's label
+TITLE_PX = 24  # band above each panel holding its title
+CBAR_PX = 84  # right band holding the colour bar, its ticks and its label
+SCALES = ("per-map", "shared")
+
+
+@dataclass
+class PanelRow:
+    """One row: a label, an image (uint8 [H, W, 3]) and its overlays ``(title, map [h, w] or None)``."""
+
+    label: str
+    image: np.ndarray
+    maps: list[tuple[str, Any]] = field(default_factory=list)
+    image_title: str = "image"
+
+
+def figure_size(n_rows: int, n_maps: int, panel: int = 256) -> tuple[int, int]:
+    """(width, height) in pixels of a figure with ``n_rows`` rows of an image and ``n_maps`` overlays."""
+    return LABEL_PX + (1 + n_maps) * panel + CBAR_PX, n_rows * (TITLE_PX + panel)
+
+
+def _array(m) -> np.ndarray:
+    return np.asarray(m.float().cpu().numpy() if hasattr(m, "float") else m, dtype=np.float32)
+
+
+def draw_attention_figure(rows: Sequence[PanelRow], path: str | os.PathLike, panel: int = 256,
+                          scale: str = "per-map") -> list[tuple[int, int, str]]:
+    """Draw ``rows`` into ``path``; returns the drawn panels as ``(row, column, title)``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    if scale not in SCALES:
+        raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    n_maps = max((len(r.maps) for r in rows), default=0)
+    width, height = figure_size(len(rows), n_maps, panel)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    maps = [_array(m) for r in rows for _, m in r.maps if m is not None]
+    vmax = max((float(m.max()) for m in maps), default=1.0) if scale == "shared" else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    panels = []
+    for r, row in enumerate(rows):
+        top = r * (TITLE_PX + panel) + TITLE_PX
+        h, w = row.image.shape[:2]
+        extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+        for c, (title, m) in enumerate([(row.image_title, None), *row.maps]):
+            ax = fig.add_axes(((LABEL_PX + c * panel) / width, 1 - (top + panel) / height, panel / width,
+                               panel / height))
+            ax.set_axis_off()
+            if c > 0 and m is None:  # a row with fewer words than the widest one
+                continue
+            ax.imshow(row.image, extent=extent, interpolation="bilinear")
+            if c > 0:
+                a = _array(m)
+                if scale == "per-map":
+                    lo, hi = float(a.min()), float(a.max())
+                    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+                ax.imshow(a, cmap="jet", alpha=0.5, extent=extent, interpolation="bilinear", vmin=0, vmax=vmax)
+            ax.set_title(title, fontsize=9, pad=3)
+            panels.append((r, c, title))
+        fig.text(LABEL_PX / 2 / width, 1 - (top + panel / 2) / height, row.label, rotation=90, ha="center",
+                 va="center", fontsize=9)
+    if n_maps:
+        bar = fig.add_axes(((width - CBAR_PX + 22) / width, 1 - (height - TITLE_PX) / height, 12 / width,
+                            (height - 2 * TITLE_PX) / height))
+        colours = ScalarMappable(norm=Normalize(0, vmax), cmap="jet")
+        cb = fig.colorbar(colours, cax=bar)
+        cb.ax.tick_params(labelsize=7)
+        cb.ax.yaxis.set_label_position("left")  # the ticks take the right side
+        if scale == "per-map":
+            cb.set_ticks([0, 1], labels=["min", "max"])
+            cb.set_label("each map", fontsize=8)
+        else:
+            cb.set_label("attention share", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
+    return panels

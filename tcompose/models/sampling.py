@@ -1,0 +1,147 @@
+"""Sampling a diffusers pipeline with per-image seeds: what generate, multigen, attnviz and train-unet's
+validation images share.
+
+    latents, gens = initial_latents([image_seed(0, p, k) for p, k in jobs], shape)
+    images, nsfw = generate_batch(pipe, prompts, seeds, steps=50, guidance=7.5)   # uint8 [B, H, W, 3]
+
+Seeding: image ``i`` of a batch starts from ``torch.randn((1, C, H/8, W/8), generator=Generator("cpu")
+.manual_seed(seeds[i]))`` in float32, cast to the pipeline's dtype and moved to its device, so an image's
+start does not depend on its batch, the device or the process. The same per-image CPU generators go to the
+pipeline too (a stochastic scheduler then draws each image's noise from its own generator). For float32
+this is exactly what ``pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds])`` does.
+``image_seed(seed, prompt, image)`` is the seed of one image: a hash of the three numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SCHEDULERS", "image_seed", "inference_scheduler", "initial_latents", "PromptEmbeddings", "generate_batch"]
+
+
+#: ``--scheduler`` names -> (diffusers class, extra config).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+}
+
+
+def initial_latents(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per-image starting noise ``[len(seeds), *shape]`` (each from its own CPU generator, in float32, then
+    cast), and the generators, positioned after their draw."""
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    noise = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in gens]
+    return torch.cat(noise).to(device=device, dtype=dtype), gens
+
+
+class PromptEmbeddings:
+    """Text embeddings per prompt, cached: the prompts of a batch not seen yet are encoded in one call.
+
+    SDXL pipelines also give each prompt a pooled embedding; its empty prompt is all zeros when the model says
+    ``force_zeros_for_empty_prompt`` (SDXL base does), as the pipeline's own call would make it.
+    """
+
+    def __init__(self, pipe, max_cached: int = 512):
+        self.pipe = pipe
+        self.max_cached = max_cached
+        self.sdxl = hasattr(pipe, "text_encoder_2")
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _encode(self, prompts: list[str]) -> None:
+        if len(self._cache) + len(prompts) > self.max_cached:
+            self._cache.clear()
+        with torch.inference_mode():
+            if self.sdxl:
+                emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe._execution_device,
+                                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
+                self._cache.update(zip(prompts, zip(emb.unbind(0), pooled.unbind(0))))
+            else:
+                emb, _ = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, False)
+                self._cache.update(zip(prompts, ((e, None) for e in emb.unbind(0))))
+
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        emb, pooled = self._cache[""]
+        if self.sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+            return torch.zeros_like(emb), torch.zeros_like(pooled)
+        return emb, pooled
+
+    def __call__(self, prompts: Sequence[str], guidance: bool) -> dict[str, torch.Tensor]:
+        """The pipeline's embedding arguments: ``prompt_embeds [B, 77, D]``, with guidance the empty prompt's as
+        ``negative_prompt_embeds``; SDXL also ``pooled_prompt_embeds`` (and the negative one)."""
+        wanted = list(prompts) + ([""] if guidance else [])
+        new = list(dict.fromkeys(p for p in wanted if p not in self._cache))
+        if new:
+            self._encode(new)
+        if any(p not in self._cache for p in wanted):  # the cache was cleared in between: encode all at once
+            self._cache.clear()
+            self._encode(list(dict.fromkeys(wanted)))
+        cond = torch.stack([self._cache[p][0] for p in prompts])
+        out = {"prompt_embeds": cond}
+        if self.sdxl:
+            out["pooled_prompt_embeds"] = torch.stack([self._cache[p][1] for p in prompts])
+        if guidance:
+            emb, pooled = self._empty()
+            out["negative_prompt_embeds"] = emb.expand_as(cond)
+            if self.sdxl:
+                out["negative_pooled_prompt_embeds"] = pooled.expand_as(out["pooled_prompt_embeds"])
+        return out
+
+
+def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5,
+                   height: int | None = None, width: int | None = None,
+                   embeddings: PromptEmbeddings | None = None) -> tuple[np.ndarray, list[bool] | None]:
+    """Images of ``prompts`` (one per prompt, image i seeded by ``seeds[i]``): uint8 [B, H, W, 3], and the
+    safety checker's NSFW flags (None when the pipeline has no checker)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    factor = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    if height % 8 or width % 8:
+        raise ValueError(f"--height/--width must be multiples of 8, got {height}x{width}")
+    device = pipe._execution_device
+    shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+    latents, gens = initial_latents(seeds, shape, pipe.unet.dtype, device)
+    embeds = (embeddings or PromptEmbeddings(pipe))(prompts, guidance > 1)
+    with torch.inference_mode():
+        out = pipe(**embeds, latents=latents, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                   height=height, width=width, output_type="pt")
+        images = out.images.float().mul(255).round().clamp(0, 255).to(torch.uint8)
+    flags = getattr(out, "nsfw_content_detected", None)
+    nsfw = None if flags is None else [bool(x) for x in flags]
+    return images.permute(0, 2, 3, 1).cpu().numpy(), nsfw
+
+
+def image_seed(seed: int, prompt_id: int, image_index: int) -> int:
+    """The seed of image ``image_index`` of prompt ``prompt_id``: a 63-bit hash of the three numbers."""
+    digest = hashlib.sha256(f"tcompose-generate:{int(seed)}:{int(prompt_id)}:{int(image_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def inference_scheduler(model: str, revision: str | None = None, name: str | None = None):
+    """The model's own inference scheduler (``scheduler/scheduler_config.json``), or ``name`` (see :data:`SCHEDULERS`)
+    built from the same config."""
+    import diffusers
+    from diffusers import DDPMScheduler
+
+    from .loading import local_path
+
+    hub = {} if local_path(model) is not None else {"revision": revision}
+    config = DDPMScheduler.load_config(str(model), subfolder="scheduler", **hub)
+    if name is None:
+        cls = getattr(diffusers, config.get("_class_name", ""), None)
+        if cls is None:
+            raise ValueError(f"{model}: unknown scheduler class {config.get('_class_name')!r} in scheduler/; "
+                             f"pass --scheduler {'|'.join(SCHEDULERS)}")
+        return cls.from_config(config)
+    if name not in SCHEDULERS:
+        raise ValueError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(config, **extra)
