@@ -8,7 +8,14 @@ from typing import Optional
 import typer
 
 from ..models import defaults
-from ._app import _friendly, _split, app
+from ._app import ARGV, _friendly, _split, app
+
+
+def _command() -> str:
+    """The command line as the user typed it (for the model card)."""
+    import shlex
+
+    return "tcompose " + shlex.join(ARGV)
 
 
 @app.command("train-unet")
@@ -50,6 +57,10 @@ def train_unet(
     eval_max_examples: int = typer.Option(64, help="At most this many held-out examples are scored."),
     eval_timesteps: str = typer.Option("100,300,500,700,900", help="Timesteps at which the grounding score is measured."),
     random_flip: bool = typer.Option(False, help="Flip image and masks together (captions saying left/right become wrong)."),
+    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-gamma weighting of the denoising loss (5.0 is usual; off by default)."),
+    validation_prompt: Optional[list[str]] = typer.Option(None, help="A prompt drawn with its nouns' attention at each validation (repeatable)."),
+    validation_every: int = typer.Option(0, help="Steps between validation grids (0: only after the last step)."),
+    validation_steps: int = typer.Option(25, help="Denoising steps of a validation image."),
     cache_latents: bool = typer.Option(False, "--cache-latents", help="Encode each image once with the frozen VAE into OUT/latent_cache/ and train from it (no VAE encode per step); reused on --resume and reruns, rebuilt when data, VAE, resolution or precision change."),
     channels_last: bool = typer.Option(False, "--channels-last", help="UNet weights and latents in torch.channels_last (faster convolutions on recent GPUs under bf16/fp16)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet's ResNet blocks and feed-forwards (attention stays eager); compiling costs minutes at the start."),
@@ -69,7 +80,9 @@ def train_unet(
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed, use_ema=use_ema,
         ema_decay=ema_decay, checkpoint_every=checkpoint_every, checkpoints_limit=checkpoints_limit, resume=resume,
         overwrite=overwrite, eval_fraction=eval_fraction, eval_max_examples=eval_max_examples,
-        eval_timesteps=tuple(int(t) for t in _split(eval_timesteps)), random_flip=random_flip,
+        eval_timesteps=tuple(int(t) for t in _split(eval_timesteps)), random_flip=random_flip, snr_gamma=snr_gamma,
+        validation_prompts=tuple(validation_prompt or ()), validation_every=validation_every,
+        validation_steps=validation_steps, command=_command(),
         cache_latents=cache_latents, channels_last=channels_last, compile=compile,
         num_workers=num_workers, log_every=log_every,
     )

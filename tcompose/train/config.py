@@ -17,7 +17,7 @@ FLAT_SCHEDULERS = ("constant", "constant_with_warmup")
 #: What train-unet writes into OUT besides checkpoints/, logs/ and training_summary.json (--overwrite removes them).
 OUTPUTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
            "scheduler", "safety_checker", "feature_extractor", "image_encoder", "pytorch_lora_weights.safetensors",
-           "tcompose_lora.json", "fused")
+           "tcompose_lora.json", "fused", "validation", "README.md")
 
 
 @dataclass
@@ -63,6 +63,11 @@ class TrainUnetConfig:
     eval_max_examples: int = 64
     eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
     random_flip: bool = False  # flips image and masks together; captions saying left/right become wrong
+    snr_gamma: float | None = None  # Min-SNR-gamma weighting of L_LDM (diffusers' --snr_gamma; 5.0 is usual)
+    validation_prompts: tuple[str, ...] = ()  # images + per-noun attention every validation_every steps
+    validation_every: int = 0  # steps between validation grids (0: only after the last step)
+    validation_steps: int = 25  # denoising steps of a validation image
+    command: str | None = None  # the command line that started the run (the CLI fills it; the model card shows it)
     cache_latents: bool = False  # encode each image once into OUT/latent_cache/ (tcompose.train.latent_cache)
     channels_last: bool = False  # UNet weights and the latents in torch.channels_last
     compile: bool = False  # torch.compile the UNet's ResNet blocks and feed-forwards (tcompose.models.compile)
@@ -75,7 +80,7 @@ class TrainUnetConfig:
     def validate(self) -> None:
         """Every check that needs no model and no data: a bad option fails at once."""
         finite_or_raise({"--lambda": self.lambda_token, "--gamma": self.gamma_pixel, "--lr": self.lr,
-                         "--lora-alpha": self.lora_alpha,
+                         "--lora-alpha": self.lora_alpha, "--snr-gamma": self.snr_gamma,
                          "--adam-weight-decay": self.adam_weight_decay, "--max-grad-norm": self.max_grad_norm,
                          "--ema-decay": self.ema_decay, "--eval-fraction": self.eval_fraction,
                          "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_epsilon": self.adam_epsilon})
@@ -111,6 +116,14 @@ class TrainUnetConfig:
             raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if not self.lora_targets:
             raise ValueError("--lora-targets names no module")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"--snr-gamma must be > 0 (or left out), got {self.snr_gamma}")
+        if self.validation_every < 0 or self.validation_steps < 1:
+            raise ValueError("--validation-every must be >= 0 and --validation-steps >= 1")
+        if self.validation_every and not self.validation_prompts:
+            raise ValueError("--validation-every needs at least one --validation-prompt")
+        if any(not p.strip() for p in self.validation_prompts):
+            raise ValueError("--validation-prompt: an empty prompt")
         parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
 
 
@@ -128,7 +141,7 @@ def resume_settings(cfg: TrainUnetConfig, resolution: int, world_size: int) -> d
         "--vae": model_id(cfg.vae), "--lambda": cfg.lambda_token, "--gamma": cfg.gamma_pixel,
         "--layers": list(cfg.layers), "--map-reduction": cfg.map_reduction, "--lora-rank": cfg.lora_rank,
         "--lora-alpha": cfg.lora_alpha, "--lora-targets": list(cfg.lora_targets) if cfg.lora_rank else None,
-        "--resolution": resolution, "--random-flip": cfg.random_flip,
+        "--resolution": resolution, "--random-flip": cfg.random_flip, "--snr-gamma": cfg.snr_gamma,
         "--batch-size x processes": cfg.batch_size * world_size, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
         "--max-steps": cfg.max_steps, "--lr": cfg.lr, "--lr-scheduler": cfg.lr_scheduler,
         "--lr-warmup-steps": cfg.lr_warmup_steps, "--adam-weight-decay": cfg.adam_weight_decay,

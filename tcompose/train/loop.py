@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..grounding.attention import attention_groups, describe_groups, resolve_layers
+from ..io.files import match_umask
 from ..io.runs import (
     FiniteGuard,
     Interrupted,
@@ -52,7 +53,14 @@ from ..io.runs import (
     prepare_run_folder,
     training_progress,
 )
-from .config import OUTPUTS, TrainUnetConfig, config_dict, may_differ_on_resume, resume_settings
+from .card import write_model_card
+from .config import (
+    OUTPUTS,
+    TrainUnetConfig,
+    config_dict,
+    may_differ_on_resume,
+    resume_settings,
+)
 from .output import save_lora_outputs, save_pipeline
 
 __all__ = ["TrainUnetConfig", "run"]
@@ -221,6 +229,25 @@ def _train(cfg: TrainUnetConfig) -> dict:
         if before:
             log(f"grounding score before: {before['score']:.4f} (chance {before['chance']:.4f})")
     accelerator.wait_for_everyone()
+    validation: dict = {"pipe": None, "last": None}
+
+    def validate(at: int, score: dict | None = None) -> None:  # main process: the validation grid and the score
+        if cfg.validation_prompts:
+            from .validation import render_validation, validation_pipeline
+
+            if validation["pipe"] is None:
+                validation["pipe"] = validation_pipeline(cfg.model, cfg.revision, accelerator.unwrap_model(unet), vae,
+                                                         text_encoder, tokenizer, text_encoder_2, comps.tokenizer_2)
+            path = out / "validation" / f"step-{at:06d}.png"
+            with accelerator.autocast():
+                grid = render_validation(validation["pipe"], cfg.validation_prompts, cfg.seed, cfg.validation_steps,
+                                         7.5, resolution, layers, path)
+            match_umask(path)
+            accelerator.get_tracker("tensorboard").log_images({"validation": grid[None]}, step=at, dataformats="NHWC")
+            validation["last"] = path
+        score = score or evaluate()
+        if score is not None:
+            accelerator.log({"grounding/score": score["score"]}, step=at)
     extra = lambda: {"grounding_before": before, "settings": settings, "supervised_groups": groups}  # noqa: E731
 
     def save(at: int) -> None:
@@ -265,7 +292,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
                         batch["noise"] = batch["noise"].contiguous(memory_format=torch.channels_last)
                     losses = tokencompose_losses(unet, latents, cond, batch, noise_scheduler, layers, cfg.lambda_token,
                                                  cfg.gamma_pixel, backward=accelerator.backward,
-                                                 map_reduction=cfg.map_reduction)
+                                                 map_reduction=cfg.map_reduction, snr_gamma=cfg.snr_gamma)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
@@ -295,6 +322,11 @@ def _train(cfg: TrainUnetConfig) -> dict:
                     if main:
                         save(step)
                     accelerator.wait_for_everyone()
+                if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.max_steps:
+                    check_finite()
+                    if main:
+                        validate(step)
+                    accelerator.wait_for_everyone()
                 if step >= cfg.max_steps:
                     break
         check_finite()
@@ -319,6 +351,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
         after = evaluate()
         if after:
             log(f"grounding score after: {after['score']:.4f} (before {before['score']:.4f}, chance {after['chance']:.4f})")
+        validate(step, after)
         if cfg.lora_rank:
             save_lora_outputs(cfg, trained, tokenizer, out, comps.is_sdxl)
         else:
@@ -346,9 +379,11 @@ def _train(cfg: TrainUnetConfig) -> dict:
             "data": prep.stats | {"train_rows": len(train_rows), "heldout_rows": len(heldout)},
             "latent_cache": {"path": str(cache.root), "images": len(cache), "dtype": cache.dtype} if cache else None,
             "phrases_dropped": prep.dropped[:100],
+            "validation": str(validation["last"].relative_to(out)) if validation["last"] else None,
             "config": config_dict(cfg),
         }
         write_json_atomic(out / "training_summary.json", summary)
+        write_model_card(out, cfg, summary)
         what = ("LoRA adapters" + (", fused/" if cfg.fuse else "")) if cfg.lora_rank else "pipeline"
         log(f"wrote {out} ({what}, training_summary.json, checkpoints/, logs/)")
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes

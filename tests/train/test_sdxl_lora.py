@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from tcompose.data.synthetic import make_scenes
 from tcompose.data.text import phrases_token_positions, tokenize_captions
-from tcompose.grounding.attention import capture_cross_attention
 from tcompose.grounding.objective import encode_text, tokencompose_losses
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks

@@ -1,0 +1,138 @@
+"""OUT/README.md: the model card of a train-unet run, in the Hub's format (huggingface_hub's ModelCard).
+
+YAML front matter: ``base_model``, ``license`` (the base model's, read from its own card where it can be found
+offline or online; ``other`` otherwise), ``library_name: diffusers``, ``pipeline_tag: text-to-image`` and tags.
+The body: how to load it, the command that trained it, the recipe, the data, the grounding score before and
+after training, and the last validation grid. A push of OUT to the Hub shows it as any diffusers model's card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io.files import match_umask
+from ..models.loading import local_path
+from .config import TrainUnetConfig
+
+CARD = "README.md"
+
+
+def base_license(model: str, revision: str | None = None) -> str | None:
+    """The ``license`` of the base model's card: a local folder's README.md, or the Hub's (cache first)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        local = local_path(model)
+        if local is not None:
+            readme = local / CARD
+            return ModelCard.load(readme).data.license if readme.is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        from ..models.loading import offline
+
+        path = hf_hub_download(model, CARD, revision=revision, local_files_only=offline())
+        return ModelCard.load(path).data.license
+    except Exception:  # noqa: BLE001  (no card, no network: the licence is then "other", and said so)
+        return None
+
+
+def _n(count, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _score(g: dict | None) -> str:
+    return "not measured (no held-out images)" if not g or g.get("score") is None else f"{g['score']:.4f}"
+
+
+def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
+    """The card: YAML front matter and Markdown body."""
+    from huggingface_hub import ModelCardData
+
+    sdxl = summary.get("family") == "sdxl"
+    lora = summary.get("lora")
+    tags = ["tcompose", "tokencompose", "stable-diffusion-xl" if sdxl else "stable-diffusion", "text-to-image",
+            "diffusers", "diffusers-training"] + (["lora"] if lora else [])
+    data = ModelCardData(base_model=str(cfg.model), license=license or "other", library_name="diffusers",
+                         pipeline_tag="text-to-image", tags=tags)
+    if not license:
+        data.license_name = "the base model's licence"
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    if lora:
+        load = (f"pipe = {pipeline}.from_pretrained(\"{cfg.model}\")\npipe.load_lora_weights(\"OUT\")  # this folder")
+    else:
+        load = f"pipe = {pipeline}.from_pretrained(\"OUT\")  # this folder"
+    before, after = summary.get("grounding_before"), summary.get("grounding_after")
+    chance = (after or before or {}).get("chance")
+    groups = ", ".join(f"{g} ({n} map{'s' if n != 1 else ''})" for g, n in (summary.get("supervised_groups") or {}).items())
+    d = summary.get("data", {})
+    recipe = [
+        ("base model", f"`{cfg.model}`" + (f" @ `{cfg.revision}`" if cfg.revision else "")),
+        ("trained", f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['targets'])}" if lora
+         else "the whole UNet"),
+        ("lambda (token loss) / gamma (pixel loss)", f"{cfg.lambda_token:g} / {cfg.gamma_pixel:g}"),
+        ("supervised cross-attention", f"{groups} ({summary.get('map_reduction', 'sum')} over a group's maps)"),
+        ("resolution", f"{summary.get('resolution')} px"),
+        ("steps", f"{summary.get('steps')} (batch {cfg.batch_size} x "
+                  f"{_n(summary.get('num_processes', 1), 'process')} x {cfg.grad_accum} accumulation)"),
+        ("optimizer", f"AdamW, lr {cfg.lr:g} ({cfg.lr_scheduler}), weight decay {cfg.adam_weight_decay:g}"),
+        ("precision", {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
+         + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
+    ]
+    if cfg.snr_gamma:
+        recipe.append(("Min-SNR gamma", f"{cfg.snr_gamma:g}"))
+    lines = [
+        f"# {Path(cfg.output).name}",
+        "",
+        f"[TokenCompose](https://arxiv.org/abs/2312.03626) finetuning of `{cfg.model}` with tcompose: the "
+        "denoising loss plus token and pixel losses that move each noun's cross-attention into its object's mask.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        f"from diffusers import {pipeline}",
+        "",
+        load,
+        "image = pipe(\"a cat and a wine glass\").images[0]",
+        "```",
+        "",
+        "## Training",
+        "",
+        "```bash",
+        cfg.command or "(trained through the Python API)",
+        "```",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in recipe),
+        "",
+        "## Data",
+        "",
+        f"`{cfg.data}`: {d.get('train_rows', '?')} training rows, {d.get('heldout_rows', '?')} held out; "
+        f"{d.get('words_supervised', '?')} of {d.get('phrases', '?')} phrases supervised.",
+        "",
+        "## Grounding score",
+        "",
+        "The share of each noun token's cross-attention inside its object's mask on held-out images (1 is perfect; "
+        "attention spread evenly scores the masks' mean area, the chance level).",
+        "",
+        "| before | after | chance |",
+        "|---|---|---|",
+        f"| {_score(before)} | {_score(after)} | {'-' if chance is None else f'{chance:.4f}'} |",
+    ]
+    if summary.get("validation"):
+        lines += ["", "## Validation", "", f"![validation grid]({summary['validation']})"]
+    body = "\n".join(lines) + "\n"
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"
+
+
+def write_model_card(out: Path, cfg: TrainUnetConfig, summary: dict) -> Path:
+    """Write OUT/README.md (see the module docstring)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(card_text(cfg, summary, base_license(cfg.model, cfg.revision)))
+    path = Path(out) / CARD
+    tmp = path.with_name(f".{CARD}.tmp")
+    card.save(tmp)
+    tmp.replace(path)
+    match_umask(path)
+    return path
