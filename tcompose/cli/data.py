@@ -73,8 +73,9 @@ def masks(
 @app.command()
 @_friendly
 def crops(
-    coco_dir: Path = typer.Argument(..., help="COCO-format folder: annotations/instances_SPLIT.json and SPLIT/*.jpg."),
+    coco_dir: Optional[Path] = typer.Argument(None, help="COCO-format folder: annotations/instances_SPLIT.json and SPLIT/*.jpg."),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write (Parquet shards + manifest.json)."),
+    from_masks: Optional[Path] = typer.Option(None, "--from-masks", help="Instead of COCO_DIR: one crop per masked phrase of this masks dataset (the grounded-SAM recipe)."),
     split: str = typer.Option("train2017", help="COCO split name (train2017, val2017, ...)."),
     min_area: float = typer.Option(1024.0, help="Smallest object kept: its annotation's area (mask pixels), default 32x32."),
     margin: float = typer.Option(0.1, help="Context around the box: each side grows by this fraction of the box."),
@@ -88,11 +89,28 @@ def crops(
     shard_size: int = typer.Option(1000, help="Images per Parquet shard (the unit of resuming)."),
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: one per CPU core); rows do not depend on it."),
 ) -> None:
-    """Object crops labelled "a photo of a {category}" from COCO instances: the data of train-clip. Resumable."""
-    from ..crops.stage import CropsConfig, run
+    """Object crops labelled "a photo of a {category}": from COCO instances, or --from-masks a masks dataset's masked phrases. The data of train-clip; resumable."""
     from ._app import process_state
 
     state = process_state()
+    if from_masks is not None:
+        if coco_dir is not None:
+            raise ValueError("pass either COCO_DIR or --from-masks MASKS_DIR, not both")
+        if include_crowd or categories or split != "train2017":
+            raise ValueError("--split, --categories and --include-crowd choose COCO annotations; they do not apply "
+                             "to --from-masks")
+        from ..crops.from_masks import MaskCropsConfig
+        from ..crops.from_masks import run as run_from_masks
+
+        cfg = MaskCropsConfig(masks=from_masks, output=output, min_area=min_area, margin=margin, square=square,
+                              size=size, template=template, masked=masked, limit=limit, shard_size=shard_size,
+                              workers=workers)
+        run_from_masks(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+        return
+    if coco_dir is None:
+        raise ValueError("missing COCO_DIR (a COCO-format folder with instance annotations), or --from-masks MASKS_DIR")
+    from ..crops.stage import CropsConfig, run
+
     cfg = CropsConfig(coco_dir=coco_dir, output=output, split=split, min_area=min_area, margin=margin, square=square,
                       size=size, template=template, masked=masked, include_crowd=include_crowd,
                       categories=_split(categories), limit=limit, shard_size=shard_size, workers=workers)

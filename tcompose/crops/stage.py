@@ -120,7 +120,9 @@ def content_config(cfg: CropsConfig) -> dict:
     }
 
 
-def _check(cfg: CropsConfig) -> None:
+def check_options(cfg) -> None:
+    """The options every crops run shares (``tcompose crops COCO_DIR`` and ``--from-masks``): ValueError naming
+    the first bad one."""
     try:
         template_ok = "{category}" in cfg.template and cfg.template.format(category="x") is not None
     except (KeyError, IndexError, ValueError):
@@ -185,7 +187,7 @@ def _area_and_bbox(ann: dict, height: int, width: int) -> tuple[float, list[floa
     return float(area), list(bbox)
 
 
-def _encode(crop: np.ndarray, size: int) -> bytes:
+def encode_crop(crop: np.ndarray, size: int) -> bytes:
     from PIL import Image
 
     im = Image.fromarray(crop)
@@ -261,7 +263,7 @@ def image_crops(image: dict, cfg: CropsConfig, names: dict, wanted: frozenset) -
             crop[~inside] = CLIP_MEAN_RGB
         name = names[ann["category_id"]]
         rows.append({
-            "image": image_struct(_encode(crop, cfg.size), f"{stem}_{ann['id']}.jpg"),
+            "image": image_struct(encode_crop(crop, cfg.size), f"{stem}_{ann['id']}.jpg"),
             "text": cfg.template.format(category=name), "category": name, "category_id": int(ann["category_id"]),
             "image_id": int(image_id), "ann_id": int(ann["id"]), "bbox": bbox, "crop_box": list(box),
         })
@@ -282,7 +284,7 @@ def default_workers(world_size: int = 1) -> int:
 _START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-def _results(tasks: list[dict], work, workers: int) -> Iterator[tuple]:
+def parallel_results(tasks: list[dict], work, workers: int) -> Iterator[tuple]:
     """``work(task)`` of every task, in task order, computed by ``workers`` processes.
 
     A window of at most 4 tasks per worker is in flight. When the consumer stops early (an error while writing a
@@ -320,7 +322,7 @@ def run(
     ``finalize_timeout_s``) for all of them and writes ``manifest.json``. A rerun keeps the finished shards.
     """
     t0 = time.monotonic()
-    _check(cfg)
+    check_options(cfg)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
     coco = CocoDataset(cfg.coco_dir, cfg.split, captions=False, instances=True)
@@ -342,7 +344,7 @@ def run(
         images = [coco[ids[pos]] for shard in todo for pos in shard.items]
         tasks = [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height,
                   "path": str(coco.image_path(im)), "annotations": list(im.annotations)} for im in images]
-        results = _results(tasks, work, workers)
+        results = parallel_results(tasks, work, workers)
         try:
             with progress_bar(progress and rank == 0) as bar:
                 task = bar.add_task("crops", total=len(tasks))
