@@ -78,10 +78,57 @@ def print_table(results: dict[str, dict], dataset: str | None, title: str) -> No
     Console(stderr=True).print(table)
 
 
+#: Box and label colours, one per category in the order a row's labels first appear (tab10).
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def _overlap(a: tuple, b: tuple) -> float:
+    """Area shared by two rectangles ``(x0, y0, x1, y1)``."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def place_labels(boxes: Sequence[Sequence[float]], sizes: Sequence[tuple[float, float]], width: float,
+                 height: float) -> list[tuple[float, float]]:
+    """Top-left corners of one label per box, each label ``sizes[i]`` = (w, h), inside the ``width`` x ``height``
+    image and not on top of an earlier label where any candidate allows: above the box's top-left corner, just
+    inside it, below it, inside its bottom, then the same at its right edge, then sliding down inside the box.
+    Where every candidate collides, the one overlapping the placed labels least. Boxes in order of priority."""
+    placed: list[tuple] = []
+    corners = []
+    for (x0, y0, x1, y1), (w, h) in zip(boxes, sizes):
+        w, h = min(w, width), min(h, height)
+        starts = [(x0, y0 - h), (x0, y0), (x0, y1), (x0, y1 - h), (x1 - w, y0 - h), (x1 - w, y0), (x1 - w, y1)]
+        starts += [(x0, y0 + k * h) for k in range(1, max(1, int((y1 - y0) // max(h, 1))))]
+        best, best_cost = None, None
+        for sx, sy in starts:
+            sx, sy = min(max(sx, 0.0), width - w), min(max(sy, 0.0), height - h)
+            rect = (sx, sy, sx + w, sy + h)
+            cost = sum(_overlap(rect, q) for q in placed)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = rect, cost
+            if cost == 0:
+                break
+        placed.append(best)
+        corners.append((best[0], best[1]))
+    return corners
+
+
+def _fit_text(draw, text: str, font, width: float) -> str:
+    """``text``, cut with an ellipsis until it is at most ``width`` pixels wide."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
 def write_grid(path: Path, prompts: Sequence[str], images: Sequence[Sequence[Path]],
                boxes: Sequence[Sequence[list[tuple[str, float, list[float]]]]] | None = None, cell: int = 256) -> Path:
     """A PNG grid: one row per prompt (its text above), one column per image, detected boxes drawn on top
-    (``boxes[row][col]`` = ``[(label, score, [x0, y0, x1, y1]), ...]``). Missing images stay grey."""
+    (``boxes[row][col]`` = ``[(label, score, [x0, y0, x1, y1]), ...]``). Each category has its colour in a row;
+    labels sit on a filled background, inside the image, clear of each other (:func:`place_labels`), the most
+    confident first. Missing images stay grey."""
     from PIL import Image, ImageDraw, ImageFont
 
     cols = max((len(r) for r in images), default=0)
@@ -89,9 +136,11 @@ def write_grid(path: Path, prompts: Sequence[str], images: Sequence[Sequence[Pat
     sheet = Image.new("RGB", (max(cols * cell, 640), len(images) * (cell + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=13)
+    small = ImageFont.load_default(size=11)
     for r, (text, row) in enumerate(zip(prompts, images)):
         y = r * (cell + text_h)
-        draw.text((4, y + 4), text, fill="black", font=font)
+        draw.text((4, y + 4), _fit_text(draw, text, font, sheet.width - 8), fill="black", font=font)
+        colours: dict[str, tuple] = {}
         for c, img_path in enumerate(row):
             x = c * cell
             if not Path(img_path).is_file():
@@ -103,13 +152,24 @@ def write_grid(path: Path, prompts: Sequence[str], images: Sequence[Sequence[Pat
                 thumb = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
             sheet.paste(thumb, (x, y + text_h))
             w, h = thumb.size
-            for label, score, (x0, y0, x1, y1) in (boxes[r][c] if boxes else []):
+            found = sorted(boxes[r][c] if boxes else [], key=lambda d: -d[1])
+            rects, labels = [], []
+            for label, score, (x0, y0, x1, y1) in found:
                 x0, x1 = (min(max(v * scale, 0), w - 1) for v in (x0, x1))
                 y0, y1 = (min(max(v * scale, 0), h - 1) for v in (y0, y1))
-                box = [x + x0, y + text_h + y0, x + x1, y + text_h + y1]
-                draw.rectangle(box, outline=(255, 40, 40), width=2)
-                ty = min(box[1] + 1, y + text_h + h - 15)
-                draw.text((box[0] + 2, ty), f"{label} {score:.2f}", fill=(255, 40, 40), font=font)
+                rects.append((x0, y0, x1, y1))
+                labels.append(_fit_text(draw, f"{label} {score:.2f}", small, w - 4))
+                colour = colours.setdefault(label, PALETTE[len(colours) % len(PALETTE)])
+                draw.rectangle([x + x0, y + text_h + y0, x + x1, y + text_h + y1], outline=colour, width=2)
+            sizes = []
+            for t in labels:
+                left, top, right, bottom = draw.textbbox((0, 0), t, font=small)
+                sizes.append((right + 4, bottom + 3))
+            for (label, _, _), t, (lx, ly), (lw, lh) in zip(found, labels, place_labels(rects, sizes, w, h), sizes):
+                colour = colours[label]
+                ink = "black" if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 150 else "white"
+                draw.rectangle([x + lx, y + text_h + ly, x + lx + lw - 1, y + text_h + ly + lh - 1], fill=colour)
+                draw.text((x + lx + 2, y + text_h + ly + 1), t, fill=ink, font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     sheet.save(tmp)
