@@ -8,7 +8,10 @@ exactly as for COCO, writes a tiny random Stable Diffusion (its CLIP-format toke
 captions), then trains that model twice with the same seed: once with the grounding losses off
 (lambda = gamma = 0) and once on, at demo-scale weights (a random tiny model is far from grounded, so the
 weights are larger than the paper's 1e-3 / 5e-5, which are tuned for SD1.4's loss scales). It prints the
-grounding score of both runs on held-out scenes: the share of each noun's attention inside its object.
+grounding score of both runs on held-out scenes: the share of each noun's attention inside its object, and
+ends with a picture of it, ``attention.png``: for a few held-out scenes, the image, then each noun's attention
+with the losses off (one row) and on (the next), all maps on one colour scale, each object's mask outlined,
+each panel titled with the share the score counts.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class DemoConfig:
     lr: float = 1e-3
     batch_size: int = 8
     scene_size: int = 64  # pixels of the generated JPEGs
+    figure_scenes: int = 3  # held-out scenes drawn in attention.png
     resolution: int = 32  # training resolution: 16x16 latents, attention maps of 16x16 and 8x8
     eval_fraction: float = 0.15
     progress: bool = True
@@ -87,12 +91,70 @@ def run(cfg: DemoConfig) -> dict:
         report["runs"][name] = {"before": b["score"], "after": a["score"], "chance": a["chance"], "summary": str(out / name / "training_summary.json")}
     off, on = report["runs"]["losses-off"]["after"], report["runs"]["losses-on"]["after"]
     report["gain"] = on - off
+    figure = attention_figure(out / "attention.png", {"losses off": out / "losses-off", "losses on": out / "losses-on"},
+                              out / "masks", cfg)
+    report["figure"] = str(figure)
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "demo_report.json", report)
     Console().print(table)
     Console().print(
         f"With the losses on, {on:.1%} of each noun's attention falls inside its object, against {off:.1%} without "
         f"(chance {report['runs']['losses-on']['chance']:.1%}).\nOutputs: scenes {scenes}, masks {out / 'masks'}, "
-        f"models {out / 'losses-off'} and {out / 'losses-on'} (diffusers pipelines), report {out / 'demo_report.json'}."
+        f"models {out / 'losses-off'} and {out / 'losses-on'} (diffusers pipelines), report {out / 'demo_report.json'}, "
+        f"picture {figure}."
     )
     return report
+
+
+def _uint8(pixels):
+    """The VAE's input ``[3, R, R]`` in [-1, 1] as an image ``[R, R, 3]`` uint8."""
+    import numpy as np
+
+    return np.asarray(((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+
+
+def attention_figure(path: Path, runs: dict[str, Path], masks_dir: Path, cfg: DemoConfig) -> Path:
+    """``attention.png``: held-out scenes, each noun's attention in every run of ``runs`` (label -> trained
+    pipeline folder), on one shared scale, with the mask outlined and the share inside it in the title."""
+    from .grounding.score import word_attention
+    from .io.datasets import RowReader
+    from .io.figures import PanelRow, draw_attention_figure
+    from .models.stable_diffusion import load_components
+    from .train.examples import TrainingExamples, collate, prepare_rows, split_heldout
+
+    loaded = {label: load_components(str(folder)) for label, folder in runs.items()}
+    first = next(iter(loaded.values()))
+    prep = prepare_rows(masks_dir, first.tokenizer)
+    _, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed)
+    rows, seen = [], set()
+    for r in heldout:  # one caption per scene
+        if prep.image_ids[r] not in seen:
+            seen.add(prep.image_ids[r])
+            rows.append(r)
+        if len(rows) == cfg.figure_scenes:
+            break
+    if not rows:
+        raise ValueError(f"{masks_dir} has no held-out scene with a supervised noun to draw")
+    latent = cfg.resolution // 2 ** (len(first.vae.config.block_out_channels) - 1)
+    examples = TrainingExamples(prep, cfg.resolution, (first.unet.config.in_channels, latent, latent),
+                                first.noise_scheduler.config.num_train_timesteps, cfg.seed)
+    batch = collate([examples[(r, 0)] for r in rows])
+    summaries = {label: json.loads((folder / "training_summary.json").read_text()) for label, folder in runs.items()}
+    maps = {}
+    for label, c in loaded.items():
+        layers = tuple(summaries[label]["supervised_groups"])
+        timesteps = tuple(summaries[label]["config"]["eval_timesteps"])
+        maps[label] = word_attention(c.unet, c.vae, c.text_encoder, c.noise_scheduler, batch, layers, timesteps,
+                                     seed=cfg.seed)
+    text = RowReader(masks_dir, ["caption", "phrases"])
+    panels = []
+    for i, r in enumerate(rows):
+        record = text[r]
+        words = [record["phrases"][slot] for slot in prep.mask_slots[r]]
+        for label, m in maps.items():
+            panels.append(PanelRow(
+                label, _uint8(batch["pixel_values"][i]),
+                [(f"{w}: {float(m['share'][i, j]):.0%} inside", m["maps"][i, j]) for j, w in enumerate(words)],
+                image_title=record["caption"], outlines=[batch["masks"][i, j] > 0.5 for j in range(len(words))]))
+    draw_attention_figure(panels, path, panel=160, scale="shared")
+    return path

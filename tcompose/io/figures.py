@@ -4,9 +4,10 @@
     draw_attention_figure(rows, "fig.png", panel=256, scale="shared")
 
 Each row is labelled on the left; its first panel is the image, the next ones the image with a heat map on top
-(``jet`` at 50% opacity, bilinear). ``scale="per-map"`` stretches each map from its own minimum to its maximum
-(where each word looks, whatever its strength); ``"shared"`` puts every map of the figure on one scale from 0
-to the largest value (how strongly, comparable across rows: SD against TokenCompose, losses off against on).
+(``jet`` at 50% opacity, bilinear), optionally with the object's mask outlined in white. ``scale="per-map"``
+stretches each map from its own minimum to its maximum (where each word looks, whatever its strength);
+``"shared"`` puts every map of the figure on one scale from 0 to the largest value (how strongly, comparable
+across rows: SD against TokenCompose, losses off against on).
 The colour bar on the right says which. The PNG is exactly :func:`figure_size` pixels; matplotlib's Agg canvas
 is used directly (no pyplot state), and the file is written to a temporary name, then renamed.
 """
@@ -23,18 +24,20 @@ import numpy as np
 DPI = 128  # a power of two: pixel sizes survive the inches round trip exactly
 LABEL_PX = 32  # left band holding each row's label
 TITLE_PX = 24  # band above each panel holding its title
-CBAR_PX = 84  # right band holding the colour bar, its ticks and its label
+CBAR_PX = 100  # right band holding the colour bar, its ticks and its label
 SCALES = ("per-map", "shared")
 
 
 @dataclass
 class PanelRow:
-    """One row: a label, an image (uint8 [H, W, 3]) and its overlays ``(title, map [h, w] or None)``."""
+    """One row: a label, an image (uint8 [H, W, 3]) and its overlays ``(title, map [h, w] or None)``;
+    ``outlines`` optionally gives each overlay a boolean mask (at any size) drawn as a white contour."""
 
     label: str
     image: np.ndarray
     maps: list[tuple[str, Any]] = field(default_factory=list)
     image_title: str = "image"
+    outlines: list[Any] | None = None
 
 
 def figure_size(n_rows: int, n_maps: int, panel: int = 256) -> tuple[int, int]:
@@ -44,6 +47,25 @@ def figure_size(n_rows: int, n_maps: int, panel: int = 256) -> tuple[int, int]:
 
 def _array(m) -> np.ndarray:
     return np.asarray(m.float().cpu().numpy() if hasattr(m, "float") else m, dtype=np.float32)
+
+
+def _fit_title(ax, title: str, width_px: float) -> None:
+    """The panel's title at 9 pt, else 8 or 7 pt, else cut with an ellipsis until it fits ``width_px`` (measured
+    by the renderer)."""
+    text = ax.set_title(title, fontsize=9, pad=3)
+    renderer = ax.figure.canvas.get_renderer()
+    for size in (8, 7):
+        if text.get_window_extent(renderer).width <= width_px:
+            return
+        text.set_fontsize(size)
+    cut = len(title)
+    while cut > 1 and text.get_window_extent(renderer).width > width_px:
+        cut -= 1
+        text.set_text(title[:cut].rstrip() + "…")
+
+
+def _percent(value: float, _pos=None) -> str:
+    return f"{100 * value:.3g}%"
 
 
 def draw_attention_figure(rows: Sequence[PanelRow], path: str | os.PathLike, panel: int = 256,
@@ -81,7 +103,16 @@ def draw_attention_figure(rows: Sequence[PanelRow], path: str | os.PathLike, pan
                     lo, hi = float(a.min()), float(a.max())
                     a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
                 ax.imshow(a, cmap="jet", alpha=0.5, extent=extent, interpolation="bilinear", vmin=0, vmax=vmax)
-            ax.set_title(title, fontsize=9, pad=3)
+                outline = row.outlines[c - 1] if row.outlines else None
+                if outline is not None:
+                    o = _array(outline)
+                    if o.any() and not o.all():
+                        ys = (np.arange(o.shape[0]) + 0.5) * h / o.shape[0] - 0.5
+                        xs = (np.arange(o.shape[1]) + 0.5) * w / o.shape[1] - 0.5
+                        ax.contour(xs, ys, o, levels=[0.5], colors="white", linewidths=1.2)
+                        ax.set_xlim(extent[0], extent[1])
+                        ax.set_ylim(extent[2], extent[3])
+            _fit_title(ax, title, panel - 6)
             panels.append((r, c, title))
         fig.text(LABEL_PX / 2 / width, 1 - (top + panel / 2) / height, row.label, rotation=90, ha="center",
                  va="center", fontsize=9)
@@ -96,10 +127,12 @@ def draw_attention_figure(rows: Sequence[PanelRow], path: str | os.PathLike, pan
             cb.set_ticks([0, 1], labels=["min", "max"])
             cb.set_label("each map", fontsize=8)
         else:
-            cb.set_label("attention share", fontsize=8)
+            cb.ax.yaxis.set_major_formatter(_percent)
+            cb.set_label("share of the pixel's attention", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fig.savefig(tmp, dpi=DPI, format="png")
     os.replace(tmp, path)
     return panels
+

@@ -133,7 +133,7 @@ def test_attnviz_figure_and_maps(models, tmp_path):
     assert out["panels"] == [(r, c, t) for r in (0, 1) for c, t in enumerate(["image", "cat", "wine glass"])]
     with Image.open(fig) as im:
         im.load()
-        assert im.format == "PNG" and im.size == figure_size(2, 2, 64) == (32 + 3 * 64 + 84, 2 * (24 + 64))
+        assert im.format == "PNG" and im.size == figure_size(2, 2, 64) == (32 + 3 * 64 + 100, 2 * (24 + 64))
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 10
     # the raw maps: per-token distributions that sum to 1 at each pixel; a word = the sum of its tokens
