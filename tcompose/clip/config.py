@@ -11,7 +11,7 @@ from ..models.defaults import CLIP
 
 #: What train-clip writes into OUT besides checkpoints/, logs/ and training_summary.json (--overwrite removes them).
 OUTPUTS = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-           "special_tokens_map.json", "preprocessor_config.json", "text_encoder", "tokenizer", "eval.json")
+           "special_tokens_map.json", "preprocessor_config.json", "text_encoder", "tokenizer", "eval.json", "eval.png")
 
 LR_SCHEDULERS = ("cosine", "constant")
 

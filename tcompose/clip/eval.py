@@ -71,9 +71,20 @@ def encode_images(model, batches, device) -> tuple[Tensor, Tensor]:
     return torch.cat(embs), torch.cat(labels)
 
 
+def per_category_top1(image_emb: Tensor, class_emb: Tensor, labels: Tensor, names: list[str]) -> dict[str, dict]:
+    """Zero-shot top-1 of each category's crops: ``{name: {"top1": share, "crops": count}}`` (present ones)."""
+    pred = (_normalise(image_emb) @ _normalise(class_emb).T).argmax(dim=1)
+    out = {}
+    for c in sorted(set(labels.tolist())):
+        hit = pred[labels == c] == c
+        out[names[c]] = {"top1": float(hit.float().mean()), "crops": int(hit.numel())}
+    return out
+
+
 def evaluate(model, examples, rows: list[int], class_ids: list[int], class_input_ids: Tensor, batch_size: int,
-             device, collate) -> dict:
-    """Zero-shot top-1/5 and text-to-image R@1/5 of ``model`` on ``rows`` of ``examples`` (a CropExamples)."""
+             device, collate, class_names: list[str] | None = None) -> dict:
+    """Zero-shot top-1/5 and text-to-image R@1/5 of ``model`` on ``rows`` of ``examples`` (a CropExamples);
+    with ``class_names`` (one per class id) also each category's zero-shot top-1 (``per_category``)."""
     was_training = model.training
     model.eval()
     try:
@@ -81,7 +92,9 @@ def evaluate(model, examples, rows: list[int], class_ids: list[int], class_input
         image_emb, labels = encode_images(model, batches, device)
         class_emb = encode_texts(model, class_input_ids, batch_size, device)
         position = {cid: i for i, cid in enumerate(class_ids)}
-        acc = topk_accuracy(image_emb, class_emb, torch.tensor([position[int(c)] for c in labels]))
+        targets = torch.tensor([position[int(c)] for c in labels])
+        acc = topk_accuracy(image_emb, class_emb, targets)
+        per_category = per_category_top1(image_emb, class_emb, targets, class_names) if class_names else None
         queries: dict[int, int] = {}
         for r in rows:  # distinct captions of the held-out crops, first row of each as the query
             queries.setdefault(int(examples.caption_of[r]), r)
@@ -96,7 +109,64 @@ def evaluate(model, examples, rows: list[int], class_ids: list[int], class_input
         "zero_shot_top1": acc[1], "zero_shot_top5": acc[5], "t2i_recall@1": rec[1], "t2i_recall@5": rec[5],
         "images": len(rows), "categories": n_cls, "queries": len(q_rows),
         "chance_top1": 1 / n_cls, "chance_top5": min(5, n_cls) / n_cls,
-    }
+    } | ({"per_category": per_category} if per_category is not None else {})
+
+
+MAX_GROUPS = 12
+
+
+def category_groups(crops: dict[str, int], max_groups: int = MAX_GROUPS) -> dict[str, list[str]]:
+    """Bars of the eval chart: categories (name -> held-out crops) grouped into at most ``max_groups``.
+
+    Up to ``max_groups`` categories: one bar each. More: COCO names under their supercategory (vehicle,
+    animal, ...), other names one bar each; past ``max_groups`` bars the smallest (by crops) merge into
+    ``other (N)``. Bars in order of crops, largest first."""
+    from ..data.categories import COCO_SUPERCATEGORIES
+
+    if len(crops) <= max_groups:
+        groups = {n: [n] for n in crops}
+    else:
+        sup = {n: g for g, members in COCO_SUPERCATEGORIES.items() for n in members}
+        groups = {}
+        for n in crops:
+            groups.setdefault(sup.get(n, n), []).append(n)
+    size = {g: sum(crops[n] for n in members) for g, members in groups.items()}
+    order = sorted(groups, key=lambda g: (-size[g], g))
+    if len(order) > max_groups:
+        keep, rest = order[: max_groups - 1], order[max_groups - 1:]
+        merged = [n for g in rest for n in groups[g]]
+        return {g: groups[g] for g in keep} | {f"other ({len(merged)})": merged}
+    return {g: groups[g] for g in order}
+
+
+def group_top1(per_category: dict[str, dict], groups: dict[str, list[str]]) -> dict[str, float]:
+    """Crop-weighted zero-shot top-1 of each group of :func:`category_groups`."""
+    out = {}
+    for g, members in groups.items():
+        n = sum(per_category[m]["crops"] for m in members if m in per_category)
+        hits = sum(per_category[m]["top1"] * per_category[m]["crops"] for m in members if m in per_category)
+        out[g] = hits / n if n else 0.0
+    return out
+
+
+def write_eval_chart(report: dict, path) -> bool:
+    """``eval.png``: zero-shot top-1 before and after finetuning per category group (:func:`category_groups`),
+    with chance marked. False (nothing written) when the report has no per-category results."""
+    from ..io.figures import draw_bar_chart
+
+    before, after = report.get("before") or {}, report.get("after") or {}
+    if "per_category" not in before or "per_category" not in after:
+        return False
+    crops = {n: v["crops"] for n, v in after["per_category"].items()}
+    groups = category_groups(crops)
+    labels = [f"{g} ({sum(crops[n] for n in members)})" for g, members in groups.items()]
+    draw_bar_chart(labels, {"before": list(group_top1(before["per_category"], groups).values()),
+                            "after": list(group_top1(after["per_category"], groups).values())}, path,
+                   title=f"zero-shot top-1 on held-out crops: {before['zero_shot_top1']:.1%} -> "
+                         f"{after['zero_shot_top1']:.1%} ({after['categories']} categories)",
+                   xlabel="zero-shot top-1 (held-out crops per group in brackets)", reference=after["chance_top1"],
+                   reference_label="chance")
+    return True
 
 
 def compare(before: dict | None, after: dict | None, tolerance: float = 0.0) -> dict:

@@ -25,7 +25,8 @@ decay 0.1 on weight matrices only, batch 64 per process, learnable temperature c
 OUT holds the finetuned ``CLIPModel`` (``CLIPModel.from_pretrained(OUT)``, with tokenizer and
 ``preprocessor_config.json``), ``text_encoder/`` + ``tokenizer/`` (SD's layout; ``--text-encoder OUT`` of
 train-unet / generate / multigen picks them), ``eval.json`` (held-out zero-shot and retrieval, before and
-after), ``training_summary.json``, ``checkpoints/`` and tensorboard ``logs/``.
+after; per category too), ``eval.png`` (zero-shot top-1 before and after per category group),
+``training_summary.json``, ``checkpoints/`` and tensorboard ``logs/``.
 
 Gradient accumulation averages gradients over micro-batches; the contrastive batch (the negatives) is the
 micro-batch of all processes, ``--batch-size x processes``, not enlarged by accumulation.
@@ -93,9 +94,10 @@ def _train(cfg: TrainClipConfig) -> dict:
     from ..io.batches import MicroBatches
     from ..io.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
     from ..io.datasets import write_json_atomic
+    from ..io.files import match_umask
     from ..models.clip import export_clip, load_clip, load_preprocess_config
     from .data import CropExamples, Preprocess, collate, read_crops, split_by_image, tokenize
-    from .eval import compare, evaluate, format_table
+    from .eval import compare, evaluate, format_table, write_eval_chart
     from .loss import distributed_info_nce
     from .towers import LOGIT_SCALE_MAX, enable_checkpointing, lock_towers, param_groups
 
@@ -160,7 +162,8 @@ def _train(cfg: TrainClipConfig) -> dict:
         if not heldout:
             return None
         with accelerator.autocast():
-            return evaluate(clip, examples, heldout, class_ids, class_input_ids, cfg.batch_size, device, collate)
+            return evaluate(clip, examples, heldout, class_ids, class_input_ids, cfg.batch_size, device, collate,
+                            [rows.categories[c] for c in class_ids])
 
     if before is None and main:
         before = held_out_eval()
@@ -241,6 +244,8 @@ def _train(cfg: TrainClipConfig) -> dict:
         report = compare(before, held_out_eval())
         report |= {"steps": step, "heldout_images": len({rows.image_ids[r] for r in heldout}), "model": cfg.model}
         write_json_atomic(out / "eval.json", report)
+        if write_eval_chart(report, out / "eval.png"):
+            match_umask(out / "eval.png")
         log(format_table(report))
         export_clip(clip, tokenizer, pre_cfg, out)
         steps_run = step - start_step
@@ -253,6 +258,7 @@ def _train(cfg: TrainClipConfig) -> dict:
             "config": config_dict(cfg),
         }
         write_json_atomic(out / "training_summary.json", summary)
-        log(f"wrote {out} (CLIPModel, text_encoder/, tokenizer/, eval.json, training_summary.json, checkpoints/, logs/)")
+        log(f"wrote {out} (CLIPModel, text_encoder/, tokenizer/, eval.json, eval.png, training_summary.json, "
+            "checkpoints/, logs/)")
     accelerator.end_training()
     return summary or {}

@@ -3,6 +3,7 @@
 - :data:`COCO_80`: the 80 COCO 2017 instance ("thing") categories, in the official order (ids 1..90 with
   gaps; position = the contiguous label index detectors use). TokenCompose's COCO prompt set
   (``coco_obj_comp_5_1k.json``) uses exactly these 80 names.
+- :data:`COCO_SUPERCATEGORIES`: those 80 under COCO's 12 supercategories (vehicle, animal, food, ...).
 - :data:`ADE20K_150`: the 150 classes of ADE20K SceneParsing (ADEChallengeData2016), in id order (id = position
   + 1), under the short names mmsegmentation uses (the first synonym of each class, except id 90
   "television receiver").
@@ -27,6 +28,24 @@ COCO_80: tuple[str, ...] = (
     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )
+
+#: The 12 COCO supercategories, each with its categories in COCO_80's order (the official ``supercategory``
+#: field of instances_val2017.json); train-clip's eval chart groups categories by them.
+COCO_SUPERCATEGORIES: dict[str, tuple[str, ...]] = {
+    "person": ("person",),
+    "vehicle": ("bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"),
+    "outdoor": ("traffic light", "fire hydrant", "stop sign", "parking meter", "bench"),
+    "animal": ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"),
+    "accessory": ("backpack", "umbrella", "handbag", "tie", "suitcase"),
+    "sports": ("frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+               "surfboard", "tennis racket"),
+    "kitchen": ("bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl"),
+    "food": ("banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake"),
+    "furniture": ("chair", "couch", "potted plant", "bed", "dining table", "toilet"),
+    "electronic": ("tv", "laptop", "mouse", "remote", "keyboard", "cell phone"),
+    "appliance": ("microwave", "oven", "toaster", "sink", "refrigerator"),
+    "indoor": ("book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"),
+}
 
 ADE20K_150: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",

@@ -136,3 +136,48 @@ def draw_attention_figure(rows: Sequence[PanelRow], path: str | os.PathLike, pan
     os.replace(tmp, path)
     return panels
 
+
+BAR_COLOURS = ((0.70, 0.70, 0.70), (0.12, 0.47, 0.71), (1.00, 0.50, 0.05), (0.17, 0.63, 0.17))
+
+
+def draw_bar_chart(groups: Sequence[str], series: dict[str, Sequence[float]], path: str | os.PathLike,
+                   title: str = "", xlabel: str = "", reference: float | None = None,
+                   reference_label: str = "") -> tuple[int, int]:
+    """Horizontal grouped bars of shares in [0, 1]: one row per group (top to bottom), one bar per series
+    (the first grey, as the baseline), each bar labelled with its value in percent; ``reference`` a dashed
+    line (chance). Written like :func:`draw_attention_figure`; returns the PNG's (width, height) in pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n, k = len(groups), len(series)
+    if n == 0 or k == 0:
+        raise ValueError("a bar chart needs at least one group and one series")
+    if any(len(v) != n for v in series.values()):
+        raise ValueError(f"every series needs {n} values, one per group")
+    width, height = 768, 96 + n * (14 * k + 12)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((180 / width, 56 / height, 1 - 300 / width, 1 - 92 / height))
+    bar = 14 / (14 * k + 12)
+    centres = np.arange(n)[::-1].astype(float)
+    for i, (name, values) in enumerate(series.items()):
+        ys = centres + (k - 1) / 2 * bar - i * bar
+        bars = ax.barh(ys, values, height=bar * 0.9, color=BAR_COLOURS[i % len(BAR_COLOURS)], label=name)
+        ax.bar_label(bars, labels=[f"{100 * v:.0f}%" for v in values], padding=2, fontsize=7)
+    if reference is not None:
+        ax.axvline(reference, color="black", linestyle="--", linewidth=0.8, label=reference_label or None)
+    ax.set_yticks(centres, labels=list(groups), fontsize=8)
+    ax.set_xlim(0, 1.08)
+    ax.xaxis.set_major_formatter(_percent)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
+    return width, height

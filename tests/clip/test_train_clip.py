@@ -196,6 +196,11 @@ def test_learning_raises_zero_shot_accuracy(trained, setup):
     assert before["zero_shot_top1"] < 0.45  # a random CLIP: about chance (1/6)
     assert after["zero_shot_top1"] >= 0.8 and after["t2i_recall@1"] >= 0.8, report
     assert report["verdict"] == "better" and summary["eval"]["verdict"] == "better"
+    per = after["per_category"]  # each category's top-1, weighted by its crops, is the overall top-1
+    assert set(per) == {n for n, _ in SHAPES.values()} and sum(v["crops"] for v in per.values()) == after["images"]
+    assert sum(v["top1"] * v["crops"] for v in per.values()) / after["images"] == pytest.approx(after["zero_shot_top1"])
+    with Image.open(out / "eval.png") as im:
+        assert im.format == "PNG" and im.height > 100
     assert summary["steps"] == 60 and summary["images_per_s"] > 0 and summary["parameters"]["frozen"] == 0
     # OUT is a CLIPModel folder whose text_encoder/ is exactly the finetuned text tower
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
