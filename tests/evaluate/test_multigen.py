@@ -194,7 +194,7 @@ def _config(tiny, out, models=("A", "B"), **kw):
 
 
 def _rows(out, name):
-    from tcompose.evaluate.multigen.store import read_records
+    from tcompose.evaluate.detection_store import read_records
 
     rows = read_records(out / "detections" / name)
     return {k: (r["labels"], r["scores"], r["boxes"]) for k, r in sorted(rows.items())}
@@ -213,7 +213,7 @@ def _same_rows(a: dict, b: dict) -> bool:
 @pytest.mark.slow
 def test_multigen_resume_after_kill_processes_and_score_only(tiny, tmp_path, monkeypatch):
     from tcompose.cli import main
-    from tcompose.evaluate.multigen import store as multigen_store
+    from tcompose.evaluate import detection_store as multigen_store
     from tcompose.evaluate.multigen.stage import rescore, run
 
     ref = run(_config(tiny, tmp_path / "ref"), progress=False)

@@ -184,7 +184,7 @@ def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int
     row is scored as missing."""
     from ...io.datasets import write_json_atomic
     from .scoring import score
-    from .store import read_records
+    from ..detection_store import read_records
 
     dataset = None if source.get("kind") == "custom" else source.get("dataset")
     results = {}

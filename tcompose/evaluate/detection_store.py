@@ -1,10 +1,10 @@
-"""MultiGen's per-image detections on disk, and the detection pass that writes them.
+"""Per-image detections on disk (MultiGen's and VISOR's), and the detection pass that writes them.
 
 ``OUT/detections/`` is a Parquet dataset, one folder per model, each holding part files
 ``part-r{rank}-p{first prompt id}-i{first image index}-{random}.parquet``; every part is written to a
 temporary name and renamed, so it is complete or absent. A row is one image (:data:`DETECTION_SCHEMA`):
 
-    model, prompt_id, image_index, prompt, categories (the prompt's names), labels / scores / boxes (every box
+    model, prompt_id, image_index, prompt, categories (the names looked for), labels / scores / boxes (every box
     above the storing threshold, labelled with its best query's category, boxes [x0, y0, x1, y1] in pixels),
     image (its path under OUT), width, height, missing (null, or why the image could not be read: then
     labels, scores and boxes are null)
@@ -23,13 +23,20 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .prompts import Prompt
+
+
+class Prompt(Protocol):
+    """What the detection pass needs of a prompt: its id, its text and the names to look for."""
+
+    prompt_id: int
+    text: str
+    categories: Sequence[str]
 
 DETECTION_SCHEMA = pa.schema([
     ("model", pa.string()),
