@@ -1,4 +1,4 @@
-"""Evaluation: `generate` (images from prompts), `multigen` (the MultiGen benchmark), `attnviz` (attention maps)."""
+"""Evaluation: `generate` (images from prompts), `multigen` and `visor` (benchmarks), `attnviz` (attention maps)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,51 @@ def generate(
                          batch_size=batch_size, dtype=dtype,
                          steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
                          safety_checker=safety_checker == "on", seed=seed, device=str(state.device))
+    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+
+
+@app.command()
+@_friendly
+def visor(
+    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable; same seeds for all)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, prompts.json, models/, detections/, summary.json/.md."),
+    prompts: Optional[int] = typer.Option(None, help="N of the 25,280 spatial prompts, drawn with --prompt-seed (default: all, VISOR's protocol)."),
+    prompt_seed: int = typer.Option(0, help="Seed of the --prompts draw (prompts.json lists the ids drawn)."),
+    images: int = typer.Option(4, help="Images per prompt (VISOR: 4)."),
+    seed: int = typer.Option(0, help="Base seed; image k of prompt unique_id has the same seed for every model."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: each model's own)."),
+    dtype: str = typer.Option("auto", help="Generation dtype: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
+    batch_size: int = typer.Option(4, help="Images per pipeline call."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    detector: str = typer.Option(defaults.OWLVIT, help="OWL-ViT checkpoint (hub id or folder; VISOR's own by default)."),
+    detector_revision: Optional[str] = typer.Option(None, help="Hub revision of --detector."),
+    detector_dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    detector_batch_size: int = typer.Option(16, help="Images per detector call."),
+    store_threshold: float = typer.Option(0.01, help="Boxes scoring above this are stored."),
+    threshold: Optional[float] = typer.Option(None, help="Boxes scoring above this count (default 0.1; --score-only: the run's)."),
+    score_only: Optional[Path] = typer.Option(None, help="Rescore the stored detections of this run folder; loads no model."),
+) -> None:
+    """VISOR: SR2D two-object spatial prompts -> images -> OWL-ViT -> Object Accuracy and VISOR scores. Resumable."""
+    if score_only is not None:
+        from ..evaluate.visor.stage import rescore
+
+        rescore(score_only, threshold)
+        return
+    if not model or output is None:
+        raise ValueError("pass --model NAME=ID_OR_PATH (one or more) and --output DIR, or --score-only DIR")
+    from ..evaluate.visor.stage import VisorConfig, run
+    from ._app import process_state
+
+    state = process_state()
+    cfg = VisorConfig(models=list(model), output=output, prompts=prompts, prompt_seed=prompt_seed, images=images,
+                      seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, dtype=dtype,
+                      batch_size=batch_size, height=height, width=width, detector=detector,
+                      detector_revision=detector_revision, detector_dtype=detector_dtype,
+                      detector_batch_size=detector_batch_size, store_threshold=store_threshold,
+                      threshold=0.1 if threshold is None else threshold, device=str(state.device))
     run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
 
 

@@ -1,4 +1,5 @@
-"""Open-vocabulary detection with OWLv2 (transformers), batched on the device: MultiGen's detector.
+"""Open-vocabulary detection with OWLv2 (MultiGen's detector) and OWL-ViT (VISOR's), transformers' models,
+batched on the device.
 
 Runbook::
 
@@ -21,6 +22,11 @@ with half-pixel centres and mirrored edges, clipped to the input's range; normal
 Both filters are linear, so each axis is one resampling matrix (:func:`resample_matrix`) and an image is
 two matmuls. ``tests/evaluate/test_detect.py`` checks pixels and detections against transformers.
 
+:class:`OwlVitDetector` is OWL-ViT (``google/owlvit-base-patch32``, VISOR's detector) with the same interface:
+its processor resizes the image, without padding, to the model's square input (768 px for base/32) with PIL's
+bicubic filter, which is what is done here too (on the CPU, per image, then batched to the device); its boxes
+are relative to the image's own width and height (OWLv2's to the padded square).
+
 :func:`tcompose.models.tiny_vision.write_tiny_owlv2` writes a random OWLv2 small enough for tests (64 px, 16
 boxes); ``owlv2_config("large")`` there is OWLv2-L/14's architecture (random weights, for benchmarks).
 """
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 
 from ..models.clip import CLIP_MEAN, CLIP_STD
-from ..models.defaults import OWLV2
+from ..models.defaults import OWLV2, OWLVIT
 
 DEFAULT_DETECTOR = OWLV2
 
@@ -107,6 +113,11 @@ def _to_uint8_hwc(image: Any) -> np.ndarray:
 class Owlv2Detector:
     """An ``Owlv2ForObjectDetection`` with its tokenizer, on one device, detecting named categories in batches."""
 
+    square = True  # boxes relative to the image padded to a square
+    model_type = "owlv2"
+    kind = "OWLv2"
+    default = DEFAULT_DETECTOR
+
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
         self.device = torch.device(device)
@@ -119,34 +130,44 @@ class Owlv2Detector:
         self.std = torch.tensor(std, device=self.device).view(3, 1, 1)
         self._matrices: dict[int, torch.Tensor] = {}
 
-    @staticmethod
-    def check(name: str, revision: str | None = None) -> None:
-        """Read the checkpoint's config only, so that a model that is not OWLv2 fails before any image is made."""
+    @classmethod
+    def check(cls, name: str, revision: str | None = None) -> None:
+        """Read the checkpoint's config only, so that a model of another kind fails before any image is made."""
         from ..models.loading import model_type
 
         try:
-            kind = model_type(name, revision, "OWLv2 detector")
+            kind = model_type(name, revision, f"{cls.kind} detector")
         except (OSError, ValueError) as err:
             raise ValueError(f"--detector {name}: no readable model config there ({str(err).splitlines()[0]}); pass "
-                             f"an OWLv2 checkpoint such as {DEFAULT_DETECTOR}") from None
-        if kind != "owlv2":
-            raise ValueError(f"--detector {name}: model_type {kind!r} is not an OWLv2 detector; pass an OWLv2 "
-                             f"checkpoint such as {DEFAULT_DETECTOR}")
+                             f"an {cls.kind} checkpoint such as {cls.default}") from None
+        if kind != cls.model_type:
+            raise ValueError(f"--detector {name}: model_type {kind!r} is not an {cls.kind} detector; pass an "
+                             f"{cls.kind} checkpoint such as {cls.default}")
 
     @classmethod
-    def load(cls, name: str = DEFAULT_DETECTOR, revision: str | None = None, device: str | None = None,
-             dtype: str = "auto") -> "Owlv2Detector":
+    def _model_class(cls):
+        from transformers import Owlv2ForObjectDetection
+
+        return Owlv2ForObjectDetection
+
+    use_safetensors: bool | None = True  # OWLv2's hub checkpoints have safetensors weights
+
+    @classmethod
+    def load(cls, name: str | None = None, revision: str | None = None, device: str | None = None,
+             dtype: str = "auto"):
         """Load weights and tokenizer from a hub id (``HF_HUB_OFFLINE=1`` works with a warm cache) or a local
-        folder. ``dtype``: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``fp32``, ``fp16``, ``bf16``."""
-        from transformers import AutoTokenizer, Owlv2ForObjectDetection
+        folder (default: :attr:`default`). ``dtype``: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``fp32``,
+        ``fp16``, ``bf16``."""
+        from transformers import AutoTokenizer
 
         from ..models.loading import local_path, pretrained, tf_dtype_kwargs
 
+        name = name or cls.default
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = resolve_dtype(dtype, device)
-        model = pretrained(Owlv2ForObjectDetection.from_pretrained, name, revision, "OWLv2 detector",
-                           use_safetensors=True, **tf_dtype_kwargs(torch_dtype))
-        tokenizer = pretrained(AutoTokenizer.from_pretrained, name, revision, "OWLv2 tokenizer")
+        model = pretrained(cls._model_class().from_pretrained, name, revision, f"{cls.kind} detector",
+                           use_safetensors=cls.use_safetensors, **tf_dtype_kwargs(torch_dtype))
+        tokenizer = pretrained(AutoTokenizer.from_pretrained, name, revision, f"{cls.kind} tokenizer")
         local = local_path(name)
         mean, std = CLIP_MEAN, CLIP_STD
         if local is not None and (local / "preprocessor_config.json").is_file():
@@ -211,19 +232,55 @@ class Owlv2Detector:
         pixels = self.preprocess(arrays)
         ids, mask, _ = self.encode_queries(names)
         out = self.model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
-        return postprocess(out.logits, out.pred_boxes, [a.shape[:2] for a in arrays], names, threshold)
+        return postprocess(out.logits, out.pred_boxes, [a.shape[:2] for a in arrays], names, threshold,
+                           square=self.square)
+
+
+class OwlVitDetector(Owlv2Detector):
+    """An ``OwlViTForObjectDetection`` (VISOR's detector, ``google/owlvit-base-patch32``) with the same interface:
+    the image is resized to the model's square input with PIL's bicubic filter (no padding, as
+    ``OwlViTImageProcessor``), and boxes come back in the image's own pixels."""
+
+    square = False
+    model_type = "owlvit"
+    kind = "OWL-ViT"
+    default = OWLVIT
+    use_safetensors = None  # the original checkpoints ship PyTorch weights; safetensors are used where present
+
+    @classmethod
+    def _model_class(cls):
+        from transformers import OwlViTForObjectDetection
+
+        return OwlViTForObjectDetection
+
+    def _preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        from PIL import Image
+
+        n = self.image_size
+        out = []
+        for image in images:
+            im = Image.fromarray(_to_uint8_hwc(image))
+            if im.size != (n, n):
+                im = im.resize((n, n), Image.BICUBIC)
+            x = torch.from_numpy(np.asarray(im).copy()).to(self.device).permute(2, 0, 1).float() / 255.0
+            out.append((x - self.mean) / self.std)
+        return torch.stack(out).to(self.dtype)
 
 
 def postprocess(logits: torch.Tensor, pred_boxes: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                names: Sequence[Sequence[str]], threshold: float) -> list[Detections]:
-    """``logits [B, P, Q]``, ``pred_boxes [B, P, 4]`` (cx, cy, w, h relative to the padded square) -> kept boxes
-    with category names (labels = argmax query). Same arithmetic as transformers' OWLv2 post-processing."""
+                names: Sequence[Sequence[str]], threshold: float, square: bool = True) -> list[Detections]:
+    """``logits [B, P, Q]``, ``pred_boxes [B, P, 4]`` (cx, cy, w, h relative to the padded square when
+    ``square``, as OWLv2 predicts them; else to the image's own width and height, as OWL-ViT) -> kept boxes with
+    category names (labels = argmax query). Same arithmetic as transformers' OWLv2 / OWL-ViT post-processing."""
     best = logits.float().max(dim=-1)
     scores = torch.sigmoid(best.values)
     cx, cy, w, h = pred_boxes.float().unbind(-1)
     corners = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    side = torch.tensor([max(s) for s in sizes], device=corners.device, dtype=corners.dtype)
-    corners = corners * side.view(-1, 1, 1)
+    if square:
+        scale = torch.tensor([[max(s)] * 4 for s in sizes], device=corners.device, dtype=corners.dtype)
+    else:
+        scale = torch.tensor([[s[1], s[0], s[1], s[0]] for s in sizes], device=corners.device, dtype=corners.dtype)
+    corners = corners * scale.view(-1, 1, 4)
     keep = scores > threshold
     scores, labels, corners, keep = (t.cpu() for t in (scores, best.indices, corners, keep))
     result = []

@@ -10,3 +10,4 @@ SEGMENTER = "syscv-community/sam-hq-vit-huge"  # masks: boxes -> masks (SAM-HQ; 
 CAPTION_CLIP = "openai/clip-vit-large-patch14-336"  # masks --captions clip-best (the original's choice)
 CLIP = "openai/clip-vit-large-patch14"  # train-clip (SD1.x's text encoder is this model's text tower)
 OWLV2 = "google/owlv2-large-patch14-ensemble"  # multigen's detector
+OWLVIT = "google/owlvit-base-patch32"  # visor's detector (VISOR's own)

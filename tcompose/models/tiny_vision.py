@@ -345,3 +345,71 @@ def write_tiny_owlv2(out_dir: str | Path, tokenizer_source: str | Path | None = 
            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OWL-ViT (visor's detector)
+
+#: Architectures: ``base`` is OWL-ViT B/32 (owlvit-base-patch32's shapes, 768 px, 24 x 24 boxes).
+OWLVIT_SIZES = {
+    "tiny": dict(text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+                 vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=64, patch_size=16),
+                 projection_dim=32),
+    "base": dict(text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+                 vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             image_size=768, patch_size=32),
+                 projection_dim=512),
+}
+
+
+def owlvit_config(size: str = "tiny", vocab_size: int = 49408, bos_token_id: int | None = None,
+                  eos_token_id: int | None = None):
+    """An ``OwlViTConfig`` of one of :data:`OWLVIT_SIZES` (16-token queries, as every OWL-ViT)."""
+    from transformers import OwlViTConfig
+
+    spec = OWLVIT_SIZES[size]
+    text = dict(spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
+                bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
+                eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
+                pad_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id)
+    return OwlViTConfig(text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"])
+
+
+def build_owlvit(size: str = "tiny", seed: int = 0, **config_kwargs: Any):
+    """A random ``OwlViTForObjectDetection`` of :func:`owlvit_config` ``(size)``."""
+    from transformers import OwlViTForObjectDetection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return OwlViTForObjectDetection(owlvit_config(size, **config_kwargs)).eval()
+
+
+def write_tiny_owlvit(out_dir: str | Path, tokenizer_source: str | Path | None = None, seed: int = 0,
+                      size: str = "tiny") -> Path:
+    """Write a random OWL-ViT folder that :meth:`tcompose.evaluate.detect.OwlVitDetector.load` (and
+    ``OwlViTForObjectDetection`` / ``AutoTokenizer.from_pretrained``) reads, laid out as :func:`write_tiny_owlv2`
+    with OWL-ViT's ``preprocessor_config.json`` (bicubic resize to the model's square input, no padding)."""
+    from ..data.categories import COCO_80
+    from .clip_bpe import write_clip_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer(out, bpe_path=tokenizer_source,
+                         corpus=None if tokenizer_source else [f"a photo of a {n}" for n in COCO_80])
+    cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["model_max_length"] = 16
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    model = build_owlvit(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=vocab["<|endoftext|>"])
+    with no_hf_progress_bars():
+        model.save_pretrained(out, safe_serialization=True)
+    n = model.config.vision_config.image_size
+    pre = {"image_processor_type": "OwlViTImageProcessor", "do_resize": True, "size": {"height": n, "width": n},
+           "resample": 3, "do_center_crop": True, "crop_size": {"height": n, "width": n}, "do_rescale": True,
+           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+           "image_std": list(CLIP_STD)}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return out

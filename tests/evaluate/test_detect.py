@@ -107,3 +107,56 @@ def test_load_errors_are_one_line(tmp_path):
         Owlv2Detector.load(str(tmp_path / "no-such-owl"), device="cpu")
     with pytest.raises(ValueError, match="unknown detector dtype"):
         Owlv2Detector.load(str(tmp_path), device="cpu", dtype="fp8")
+
+
+# ------------------------------------------------------------------------------------------- OWL-ViT (VISOR)
+
+
+@pytest.fixture(scope="module")
+def owlvit(tmp_path_factory):
+    from tcompose.evaluate.detect import OwlVitDetector
+    from tcompose.models.tiny_vision import write_tiny_owlvit
+
+    path = write_tiny_owlvit(tmp_path_factory.mktemp("owlvit") / "tiny-owlvit", seed=0)
+    return path, OwlVitDetector.load(str(path), device="cpu", dtype="fp32")
+
+
+def test_owlvit_detections_equal_transformers_pipeline(owlvit):
+    from transformers import AutoTokenizer, OwlViTForObjectDetection, OwlViTProcessor
+    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
+
+    path, det = owlvit
+    images = _images(4, [(64, 64), (48, 80), (100, 70)])  # not padded: wide and tall images are stretched
+    names = [["cat", "dog"], ["book", "cup"], ["person", "kite"]]
+    image_processor = OwlViTImageProcessorPil.from_pretrained(path)
+    ref_pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(det.preprocess(images), ref_pixels, atol=2e-5, rtol=0)
+    ours = det.detect(images, names, threshold=0.01)
+    processor = OwlViTProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(path))
+    model = OwlViTForObjectDetection.from_pretrained(path).eval()
+    for image, image_names, got in zip(images, names, ours):
+        inputs = processor(text=[[query_text(n) for n in image_names]], images=image, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**inputs)
+        ref = image_processor.post_process_object_detection(out, threshold=0.01,
+                                                            target_sizes=torch.tensor([image.size[::-1]]))[0]
+        assert len(got.labels) > 0
+        assert got.labels == [image_names[i] for i in ref["labels"].tolist()]
+        np.testing.assert_allclose(got.scores, ref["scores"].numpy(), atol=2e-6)
+        np.testing.assert_allclose(np.array(got.boxes), ref["boxes"].numpy(), atol=5e-3)
+
+
+def test_owlvit_boxes_scale_by_width_and_height():
+    logits = torch.tensor([[[2.0, -1.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4]]])
+    got = postprocess(logits, boxes, [(100, 50)], [["cat", "dog"]], threshold=0.5, square=False)[0]
+    np.testing.assert_allclose(got.boxes, [[20, 30, 30, 70]], atol=1e-4)  # x by 50 px, y by 100 px
+
+
+def test_each_detector_refuses_the_other_kind(owl, owlvit):
+    from tcompose.evaluate.detect import OwlVitDetector
+
+    with pytest.raises(ValueError, match="model_type 'owlv2' is not an OWL-ViT detector"):
+        OwlVitDetector.check(str(owl[0]))
+    with pytest.raises(ValueError, match="model_type 'owlvit' is not an OWLv2 detector"):
+        Owlv2Detector.check(str(owlvit[0]))

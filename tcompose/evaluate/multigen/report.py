@@ -10,21 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from ..published import PUBLISHED_TAG, multigen_rows
+
 LEVELS = ("MG1", "MG2", "MG3", "MG4", "MG5")
 
-#: The paper's numbers (means over 1,000 prompts x 10 images), by prompt set, then model.
-PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
-    "coco": {
-        "SD1.4": {"MG2": 90.72, "MG3": 50.74, "MG4": 11.68, "MG5": 0.88},
-        "TokenCompose": {"MG2": 98.08, "MG3": 76.16, "MG4": 28.81, "MG5": 3.28},
-    },
-    "ade20k": {
-        "SD1.4": {"MG2": 89.81, "MG3": 53.96, "MG4": 16.52, "MG5": 1.89},
-        "TokenCompose": {"MG2": 97.75, "MG3": 76.93, "MG4": 33.92, "MG5": 6.21},
-    },
-}
+#: The paper's numbers (means over 1,000 prompts x 10 images), by prompt set, then model (tcompose.evaluate.published).
+PUBLISHED: dict[str, dict[str, dict[str, float]]] = {d: multigen_rows(d) for d in ("coco", "ade20k")}
 PUBLISHED_NOTE = "published, not measured (paper: 1,000 prompts x 10 images)"
-PUBLISHED_TAG = "published, not measured"
 
 
 def _cell(value) -> str:
