@@ -10,7 +10,9 @@ Runbook::
     HF_HUB_OFFLINE=1 tcompose download multigen   # check a warm cache (e.g. a Docker volume): fetches nothing
 
 Models go to the Hugging Face cache (``$HF_HOME/hub``), the MultiGen prompt sets beside it
-(``$HF_HOME/tcompose/multigen``, sha256-checked), so later runs work with ``HF_HUB_OFFLINE=1``. For each model
+(``$HF_HOME/tcompose/multigen``, sha256-checked), the FID Inception weights to tcompose's cache
+(``$TCOMPOSE_CACHE/fid``, default ``~/.cache/tcompose/fid``, sha256-checked), so later runs work with
+``HF_HUB_OFFLINE=1``. For each model
 the commit actually fetched is written to ``$HF_HOME/tcompose/download-lock.json`` (repo -> revision asked,
 commit got); pass that commit as the command's ``--revision`` to pin a run to it. Only the files a
 diffusers / transformers load reads are fetched: configs, tokenizers and safetensors weights (``.bin``
@@ -29,7 +31,8 @@ from typing import Iterable
 from .models.loading import offline
 from .models.spec import parse_model_spec, parse_model_specs
 
-COMMANDS = ("masks", "train-unet", "train-clip", "generate", "multigen", "attnviz")
+COMMANDS = ("masks", "train-unet", "train-clip", "generate", "multigen", "visor", "fid", "latency", "attnviz")
+_SD_COMMANDS = ("train-unet", "generate", "multigen", "visor", "fid", "latency", "attnviz")
 
 # Files no tcompose load reads: other frameworks, original checkpoints, half-precision duplicates.
 _ALWAYS_SKIP = ["*.ckpt", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.ot", "*.tflite",
@@ -43,7 +46,8 @@ class DownloadError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """One thing to fetch: a hub model (``kind="model"``) or a MultiGen prompt set (``kind="prompts"``)."""
+    """One thing to fetch: a hub model (``kind="model"``), a MultiGen prompt set (``kind="prompts"``) or the FID
+    Inception weights (``kind="weights"``, from torch-fidelity's release, sha256-checked)."""
 
     kind: str
     name: str
@@ -77,7 +81,7 @@ def defaults() -> dict[str, str]:
     from .models import defaults as d
 
     return {"base": d.BASE_MODEL, "grounding_dino": d.GROUNDING_DINO, "segmenter": d.SEGMENTER,
-            "caption_clip": d.CAPTION_CLIP, "clip": d.CLIP, "owlv2": d.OWLV2}
+            "caption_clip": d.CAPTION_CLIP, "clip": d.CLIP, "owlv2": d.OWLV2, "owlvit": d.OWLVIT}
 
 
 def parse_revisions(values: Iterable[str]) -> dict[str, str]:
@@ -108,7 +112,7 @@ def plan(cfg: DownloadConfig) -> list[Item]:
             items.append(Item(kind, name, role, cfg.revisions.get(name, revision)))
 
     for command in commands:
-        if command in ("train-unet", "generate", "multigen", "attnviz"):
+        if command in _SD_COMMANDS:
             for spec in specs:
                 add("model", spec.model, "Stable Diffusion", spec.revision)
                 for part, role in ((spec.unet, "UNet"), (spec.text_encoder, "text encoder")):
@@ -124,6 +128,11 @@ def plan(cfg: DownloadConfig) -> list[Item]:
             add("model", cfg.owlv2 or d["owlv2"], "OWLv2")
             for ds in cfg.datasets:
                 add("prompts", ds, "MultiGen prompts")
+        if command == "visor":
+            add("model", d["owlvit"], "OWL-ViT (visor)")
+        if command == "fid":
+            add("weights", "inception-2015-12-05", "FID Inception weights")
+            add("model", d["clip"], "CLIP (fid's CLIP score)")
     return items
 
 
@@ -157,6 +166,18 @@ def fetch_prompts(item: Item) -> dict:
     return {"status": "cached" if offline() else "fetched", "commit": None, "path": str(path)}
 
 
+def fetch_weights(item: Item) -> dict:
+    """The FID Inception weights into tcompose's cache (offline: only checks that they are there)."""
+    from .evaluate.fid.inception import download_weights, weights_path
+
+    path = weights_path()
+    if offline():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not there (HF_HUB_OFFLINE=1: nothing is fetched)")
+        return {"status": "cached", "commit": None, "path": str(path)}
+    return {"status": "fetched", "commit": None, "path": str(download_weights(progress=False))}
+
+
 def lock_path() -> Path:
     from .evaluate.multigen.prompts import cache_dir
 
@@ -177,7 +198,8 @@ def run(cfg: DownloadConfig, progress: bool = True) -> dict:
             continue
         t0 = time.monotonic()
         try:
-            got = fetch_model(item) if item.kind == "model" else fetch_prompts(item)
+            fetch = {"model": fetch_model, "prompts": fetch_prompts, "weights": fetch_weights}[item.kind]
+            got = fetch(item)
         except Exception as err:  # noqa: BLE001 (every failure is reported, none stops the others)
             got = {"status": "failed", "error": _reason(err)}
         results.append(row | got | {"seconds": round(time.monotonic() - t0, 1)})

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-COMMANDS = ["masks", "crops", "train-unet", "train-clip", "generate", "multigen", "visor", "attnviz", "download",
-            "bench", "demo"]
+COMMANDS = ["masks", "crops", "train-unet", "train-clip", "generate", "multigen", "visor", "fid", "latency", "table",
+            "attnviz", "download", "bench", "demo"]
 
 
 def _help(*args: str, columns: int = 80) -> str:

@@ -24,6 +24,10 @@ def test_plan_follows_the_stages_defaults():
     multigen = plan(DownloadConfig(commands=("multigen",)))
     assert [(i.kind, i.name) for i in multigen] == [("model", d["base"]), ("model", d["owlv2"]),
                                                     ("prompts", "coco"), ("prompts", "ade20k")]
+    assert [(i.kind, i.name) for i in plan(DownloadConfig(commands=("visor",)))] == [
+        ("model", d["base"]), ("model", "google/owlvit-base-patch32")]
+    assert [(i.kind, i.name) for i in plan(DownloadConfig(commands=("fid",)))] == [
+        ("model", d["base"]), ("weights", "inception-2015-12-05"), ("model", d["clip"])]
     everything = plan(DownloadConfig())
     assert len(names(everything)) == len(set(names(everything)))  # each item once
     assert set(names(everything)) >= {d["base"], d["clip"], d["owlv2"], d["grounding_dino"], d["segmenter"]}

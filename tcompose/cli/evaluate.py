@@ -1,4 +1,4 @@
-"""Evaluation: `generate` (images from prompts), `multigen` and `visor` (benchmarks), `attnviz` (attention maps)."""
+"""Evaluation: `generate`, the benchmarks (`multigen`, `visor`, `fid`, `latency`, and `table` of them all), `attnviz`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,84 @@ def visor(
                       detector_batch_size=detector_batch_size, store_threshold=store_threshold,
                       threshold=0.1 if threshold is None else threshold, device=str(state.device))
     run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+
+
+@app.command()
+@_friendly
+def fid(
+    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable; same seeds for all)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, sets/, models/, stats/, summary.json/.md."),
+    coco: Optional[Path] = typer.Option(None, help="COCO folder with annotations/captions_val2017.json and val2017/."),
+    coco_captions: int = typer.Option(10_000, help="Captions drawn from COCO val2017 (the protocol: 10,000)."),
+    flickr30k: Optional[Path] = typer.Option(None, help="Flickr30K folder: results_20130124.token (or results.csv) and the images."),
+    flickr30k_pairs: int = typer.Option(1_000, help="Caption-image pairs drawn from Flickr30K (the protocol: 1,000)."),
+    flickr30k_split: Optional[Path] = typer.Option(None, help="Image ids to draw from, one per line (Flickr30K Entities' val.txt)."),
+    set_seed: int = typer.Option(0, help="Seed of the caption and pair draws (OUT/sets/ lists them)."),
+    seed: int = typer.Option(0, help="Base seed of the generated images."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: each model's own)."),
+    dtype: str = typer.Option("auto", help="Generation dtype: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
+    batch_size: int = typer.Option(4, help="Images per pipeline call."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    reference_size: int = typer.Option(512, help="Reference images: shorter side resized to this, centre-cropped."),
+    inception: Optional[Path] = typer.Option(None, help="Inception weights file (default: the cache of `tcompose download fid`)."),
+    clip_model: str = typer.Option(defaults.CLIP, help="CLIP of the CLIP score (hub id or folder); 'none' skips it."),
+    feature_batch_size: int = typer.Option(32, help="Images per Inception / CLIP call."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/tcompose/fid)."),
+) -> None:
+    """FID on COCO (10k captions) and Flickr30K (1k pairs), CLIP score beside. Resumable."""
+    if not model or output is None:
+        raise ValueError("pass --model NAME=ID_OR_PATH (one or more), --output DIR and --coco and/or --flickr30k")
+    from ..evaluate.fid.stage import FidConfig, run
+    from ._app import process_state
+
+    state = process_state()
+    cfg = FidConfig(models=list(model), output=output, coco=coco, coco_captions=coco_captions, flickr30k=flickr30k,
+                    flickr30k_pairs=flickr30k_pairs, flickr30k_split=flickr30k_split, set_seed=set_seed, seed=seed,
+                    steps=steps, guidance=guidance, scheduler=scheduler, dtype=dtype, batch_size=batch_size,
+                    height=height, width=width, reference_size=reference_size, inception=inception,
+                    clip_model=None if clip_model.lower() == "none" else clip_model,
+                    feature_batch_size=feature_batch_size, cache_dir=cache_dir, device=str(state.device))
+    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+
+
+@app.command()
+@_friendly
+def latency(
+    model: list[str] = typer.Option(..., help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR] (repeatable)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder: latency.json (a rerun adds or replaces models)."),
+    images: int = typer.Option(5, help="Timed images per model (batch 1)."),
+    warmup: int = typer.Option(1, help="Untimed images first (kernel selection, caches)."),
+    steps: int = typer.Option(50, help="Denoising steps (the paper: 50)."),
+    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
+    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: each model's own)."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+) -> None:
+    """Seconds per image at the paper's setting (50 steps, batch 1), with the device named: Table 1's latency."""
+    from ..evaluate.latency import LatencyConfig, run
+    from ._app import process_state
+
+    run(LatencyConfig(models=list(model), output=output, images=images, warmup=warmup, steps=steps, dtype=dtype,
+                      scheduler=scheduler, height=height, width=width, device=str(process_state().device)))
+
+
+@app.command()
+@_friendly
+def table(
+    multigen_coco: Optional[Path] = typer.Option(None, help="A multigen --dataset coco run folder."),
+    multigen_ade20k: Optional[Path] = typer.Option(None, help="A multigen --dataset ade20k run folder."),
+    visor: Optional[Path] = typer.Option(None, help="A visor run folder."),
+    fid: Optional[Path] = typer.Option(None, help="A fid run folder."),
+    latency: Optional[Path] = typer.Option(None, help="A latency folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown here, and table.json beside it."),
+) -> None:
+    """The paper's Table 1 from benchmark run folders, published rows beside; "not run" where nothing measured."""
+    from ..evaluate.table import run
+
+    run(multigen_coco, multigen_ade20k, visor, fid, latency, output)
 
 
 @app.command()

@@ -27,7 +27,7 @@ def demo(
 @app.command()
 @_friendly
 def download(
-    commands: Optional[list[str]] = typer.Argument(None, help="Commands whose models to fetch (masks, train-unet, train-clip, generate, multigen, attnviz); default all."),
+    commands: Optional[list[str]] = typer.Argument(None, help="Commands whose models to fetch (masks, train-unet, train-clip, generate, multigen, visor, fid, latency, attnviz); default all."),
     model: Optional[list[str]] = typer.Option(None, help="Base model(s) as --model takes them (NAME=ID[,unet=..,text_encoder=..] or ID); repeatable."),
     detector: Optional[str] = typer.Option(None, help="GroundingDINO for masks (default: the masks stage's)."),
     segmenter: Optional[str] = typer.Option(None, help="SAM / SAM-HQ for masks (default: the masks stage's)."),
@@ -36,7 +36,7 @@ def download(
     revision: Optional[list[str]] = typer.Option(None, help="Pin a repo: REPO_ID=REVISION (branch, tag or commit); repeatable."),
     dry_run: bool = typer.Option(False, help="Only list what would be fetched."),
 ) -> None:
-    """Fetch the models and MultiGen prompt sets of COMMANDS into the caches, for HF_HUB_OFFLINE=1 runs later."""
+    """Fetch the models, prompt sets and FID weights of COMMANDS into the caches, for HF_HUB_OFFLINE=1 runs later."""
     from ..download import DownloadConfig, parse_revisions, run
 
     cfg = DownloadConfig(commands=tuple(commands or ()), models=tuple(model or ()), detector=detector,

@@ -1,0 +1,130 @@
+"""``tcompose latency``: seconds per image of each model at the paper's setting, the latency column of Table 1.
+
+    tcompose latency --model SD14=CompVis/stable-diffusion-v1-4 --model TC=runs/tc --output latency/
+
+The TokenCompose paper's setting: 50 denoising steps, batch 1, classifier-free guidance 7.5, the model's own
+resolution and scheduler, in the precision the model runs in (``--dtype auto``: fp16 on CUDA). For each model
+the pipeline is loaded, ``--warmup`` images are drawn untimed (kernel selection, caches), then ``--images``
+images one by one, each timed from the prompt to the decoded image with the device synchronised before and
+after; the seconds per image are their mean (and standard deviation). The device is named in the result:
+latency is a property of the hardware as much as of the model (TokenCompose's UNet is SD1.4's with other
+weights, so the two should match within noise on one machine).
+
+``OUT/latency.json``: ``{"models": {NAME: {"s_per_image", "std_s", "images", "warmup", "steps", "guidance",
+"batch_size": 1, "height", "width", "dtype", "device", "device_name", "torch", "model": ...}}}``; a rerun adds
+or replaces the models it names and keeps the others.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT = "a photo of a cat, a dog, a wine glass, a bench and a kite"  # a MultiGen-style 5-object prompt
+LATENCY_JSON = "latency.json"
+
+
+@dataclass
+class LatencyConfig:
+    """Settings of ``tcompose latency``."""
+
+    models: list[str]
+    output: Path
+    images: int = 5
+    warmup: int = 1
+    steps: int = 50
+    guidance: float = 7.5
+    dtype: str = "auto"
+    scheduler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    prompt: str = PROMPT
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        self.models = list(self.models)
+
+
+def device_name(device) -> str:
+    """The accelerator's name (``NVIDIA H200``), or the CPU's."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_images(pipe, cfg: LatencyConfig, device) -> list[float]:
+    """Seconds of each timed image (after the warm-up ones), batch 1."""
+    from ..models.sampling import generate_batch, image_seed
+
+    times = []
+    for i in range(cfg.warmup + cfg.images):
+        _sync(device)
+        t0 = time.perf_counter()
+        generate_batch(pipe, [cfg.prompt], [image_seed(cfg.seed, 0, i)], cfg.steps, cfg.guidance, cfg.height,
+                       cfg.width)
+        _sync(device)
+        if i >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run(cfg: LatencyConfig, progress: bool = True) -> dict:
+    """Measure every model of ``cfg`` and merge the results into ``OUT/latency.json``."""
+    from ..io.datasets import write_json_atomic
+    from ..io.runs import output_guard
+    from ..models.spec import parse_model_specs
+    from .sampling import dtype_name, load_pipeline, resolve_device, resolve_dtype
+
+    if not cfg.models:
+        raise ValueError("no --model given: pass one or more NAME=ID_OR_PATH")
+    if cfg.images < 1 or cfg.warmup < 0 or cfg.steps < 1:
+        raise ValueError("--images and --steps must be >= 1 and --warmup >= 0")
+    specs = parse_model_specs(cfg.models)
+    device = resolve_device(cfg.device)
+    path = cfg.output / LATENCY_JSON
+    with output_guard(cfg.output):
+        results = json.loads(path.read_text())["models"] if path.is_file() else {}
+        for spec in specs:
+            import torch
+
+            pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
+                                 lora=spec.lora, lora_scale=spec.lora_scale, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                                 device=device)
+            times = time_images(pipe, cfg, device)
+            factor = pipe.vae_scale_factor
+            results[spec.name] = {
+                "s_per_image": statistics.fmean(times), "std_s": statistics.pstdev(times), "images": len(times),
+                "warmup": cfg.warmup, "steps": cfg.steps, "guidance": cfg.guidance, "batch_size": 1,
+                "height": cfg.height or pipe.unet.config.sample_size * factor,
+                "width": cfg.width or pipe.unet.config.sample_size * factor,
+                "dtype": dtype_name(resolve_dtype(cfg.dtype, device)), "scheduler": type(pipe.scheduler).__name__,
+                "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+                "model": spec.model, "unet": spec.unet, "text_encoder": spec.text_encoder, "lora": spec.lora,
+            }
+            del pipe
+            if progress:
+                from rich.console import Console
+
+                r = results[spec.name]
+                Console(stderr=True).print(f"latency {spec.name}: {r['s_per_image']:.3f} s/img (± {r['std_s']:.3f}, "
+                                           f"{r['images']} images, {r['steps']} steps, {r['dtype']}, "
+                                           f"{r['device_name']})", highlight=False)
+            cfg.output.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"stage": "latency", "models": results})
+    return {"models": results}

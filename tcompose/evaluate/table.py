@@ -1,0 +1,139 @@
+"""``tcompose table``: the TokenCompose paper's Table 1 from the output folders of the benchmark stages.
+
+    tcompose table --multigen-coco mg/coco --multigen-ade20k mg/ade20k --visor visor/full --fid fid/ \\
+        --latency latency/ --output table.md
+
+Each folder holds any number of models (by NAME); a model's row gathers its cells from every folder that
+measured it. Columns, as the paper's: Object Accuracy (VISOR's OA), MultiGen MG2 / MG3 / MG4 / MG5 on COCO
+and on ADE20K, FID on COCO and Flickr30K, latency (s/img); CLIP score (COCO) is added beside FID. A cell no
+folder gives reads "not run". The paper's published rows follow, marked "published, not measured", never
+mixed with measured ones. Below the table, each source's protocol (prompts x images, or images), so a quick
+run is never mistaken for the paper's protocol. Writes Markdown (``--output``, default printed only) and JSON
+beside it (``table.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .published import PUBLISHED_TAG, TABLE1
+
+NOT_RUN = "not run"
+COLUMNS = ("OA", "MG COCO (2/3/4/5)", "MG ADE20K (2/3/4/5)", "FID COCO", "FID Flickr30K", "CLIP score COCO",
+           "latency (s/img)")
+MG = ("MG2", "MG3", "MG4", "MG5")
+
+
+def _summary(folder: Path, what: str, name: str = "summary.json") -> dict:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {name}; pass the --output folder of a finished tcompose {what} run")
+    return json.loads(path.read_text())
+
+
+def _mg(value: dict | None) -> list[float] | None:
+    if not value:
+        return None
+    return [float(v[0]) if isinstance(v, (list, tuple)) else float(v) for v in (value.get(k) for k in MG)]
+
+
+def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = None, visor: Path | None = None,
+            fid: Path | None = None, latency: Path | None = None) -> dict:
+    """``{"models": {NAME: {column: value}}, "protocols": {source: text}}`` from the given folders."""
+    models: dict[str, dict] = {}
+    protocols: dict[str, str] = {}
+
+    def cell(name: str, column: str, value) -> None:
+        models.setdefault(name, {})[column] = value
+
+    for folder, dataset, column in ((multigen_coco, "coco", COLUMNS[1]), (multigen_ade20k, "ade20k", COLUMNS[2])):
+        if folder is None:
+            continue
+        s = _summary(folder, "multigen")
+        if s.get("dataset") != dataset:
+            raise ValueError(f"--multigen-{dataset} {folder}: that run used the {s.get('dataset') or 'custom'!r} "
+                             f"prompts, not {dataset!r}")
+        protocols[f"MultiGen {dataset}"] = f"{s['num_prompts']} prompts x {s['images_per_prompt']} images"
+        for name, r in s["models"].items():
+            cell(name, column, _mg(r))
+    if visor is not None:
+        s = _summary(visor, "visor")
+        protocols["VISOR"] = f"{s['prompts']} spatial prompts x {s['images_per_prompt']} images"
+        for name, r in s["models"].items():
+            cell(name, COLUMNS[0], r["OA"])
+    if fid is not None:
+        s = _summary(fid, "fid")
+        for name, sets in s["models"].items():
+            for key, column in (("coco", COLUMNS[3]), ("flickr30k", COLUMNS[4])):
+                if key in sets:
+                    cell(name, column, sets[key]["fid"])
+                    protocols[f"FID {key}"] = f"{sets[key]['images']} generated images vs {sets[key]['reference_images']} reference images"
+            if "coco" in sets and sets["coco"].get("clip_score") is not None:
+                cell(name, COLUMNS[5], sets["coco"]["clip_score"])
+    if latency is not None:
+        s = _summary(latency, "latency", "latency.json")
+        for name, r in s["models"].items():
+            cell(name, COLUMNS[6], r["s_per_image"])
+            protocols[f"latency {name}"] = (f"{r['steps']} steps, batch 1, {r['dtype']}, {r['height']}x{r['width']}, "
+                                            f"mean of {r['images']} images on {r['device_name']}")
+    return {"models": models, "protocols": protocols}
+
+
+def _fmt(column: str, value) -> str:
+    if value is None:
+        return NOT_RUN
+    if column.startswith("MG"):
+        return " / ".join(f"{v:.2f}" for v in value)
+    if column.startswith("latency"):
+        return f"{value:.2f}"
+    return f"{value:.2f}"
+
+
+def published_rows() -> dict[str, dict]:
+    """The paper's rows in :data:`COLUMNS` (None where it gives no number)."""
+    out = {}
+    for name, r in TABLE1.items():
+        out[name] = {COLUMNS[0]: r.get("OA"), COLUMNS[1]: _mg(r.get("MG_coco")), COLUMNS[2]: _mg(r.get("MG_ade20k")),
+                     COLUMNS[3]: r.get("FID_coco"), COLUMNS[4]: r.get("FID_flickr30k"), COLUMNS[5]: None,
+                     COLUMNS[6]: r.get("latency_s")}
+    return out
+
+
+def markdown(table: dict) -> str:
+    head = ["model", *COLUMNS, "note"]
+    lines = ["# Table 1", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS) + ["---"]) + "|"]
+    for name, cells in table["models"].items():
+        lines.append("| " + " | ".join([name, *(_fmt(c, cells.get(c)) for c in COLUMNS), "measured"]) + " |")
+    for name, cells in published_rows().items():
+        row = [f"{name} (paper)", *(("–" if cells[c] is None else _fmt(c, cells[c])) for c in COLUMNS), PUBLISHED_TAG]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "OA: VISOR's Object Accuracy (%); MG k: % of MultiGen images showing at least k of the prompt's 5 "
+              "objects; FID: lower is better; CLIP score: 100 x max(cos, 0) of image and caption (not in the paper's "
+              "table); latency: seconds per image, 50 steps, batch 1. Paper rows: 25,280 x 4 VISOR images, 1,000 x 10 "
+              "MultiGen images per set, 10k COCO / 1k Flickr30K FID images; \"–\": the paper gives no number."]
+    if table["protocols"]:
+        lines += ["", "Measured with:", ""] + [f"- {k}: {v}" for k, v in table["protocols"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(multigen_coco: Path | None = None, multigen_ade20k: Path | None = None, visor: Path | None = None,
+        fid: Path | None = None, latency: Path | None = None, output: Path | None = None) -> dict:
+    """Collect, print the Markdown table and, with ``output``, write it and ``table.json`` beside it."""
+    from ..io.datasets import write_json_atomic
+
+    if not any(p is not None for p in (multigen_coco, multigen_ade20k, visor, fid, latency)):
+        raise ValueError("pass at least one run folder: --multigen-coco, --multigen-ade20k, --visor, --fid or "
+                         "--latency")
+    table = collect(multigen_coco, multigen_ade20k, visor, fid, latency)
+    text = markdown(table)
+    result = {"columns": list(COLUMNS), **table, "published": {"note": PUBLISHED_TAG, "rows": published_rows()}}
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(output)
+        write_json_atomic(output.with_suffix(".json"), result)
+    print(text, end="")
+    return result
