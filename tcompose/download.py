@@ -69,6 +69,7 @@ class DownloadConfig:
     clip_model: str | None = None
     """CLIP for train-clip (the captions' CLIP of ``masks --captions clip-best`` is fetched as well)."""
     owlv2: str | None = None
+    owlvit: str | None = None
     revisions: dict[str, str] = field(default_factory=dict)
     """repo id -> revision (branch, tag or commit) to fetch instead of the default branch."""
     datasets: tuple[str, ...] = ("coco", "ade20k")
@@ -129,7 +130,7 @@ def plan(cfg: DownloadConfig) -> list[Item]:
             for ds in cfg.datasets:
                 add("prompts", ds, "MultiGen prompts")
         if command == "visor":
-            add("model", d["owlvit"], "OWL-ViT (visor)")
+            add("model", cfg.owlvit or d["owlvit"], "OWL-ViT (visor)")
         if command == "fid":
             add("weights", "inception-2015-12-05", "FID Inception weights")
             add("model", d["clip"], "CLIP (fid's CLIP score)")

@@ -152,7 +152,7 @@ def test_multigen_two_processes_score_as_one(gen_setup, tmp_path):
     a = json.loads((tmp_path / "one" / "summary.json").read_text())
     b = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert a["models"]["A"] == b["models"]["A"] and a["models"]["A"]["images"] == 6
-    from tcompose.evaluate.multigen.store import read_records
+    from tcompose.evaluate.detection_store import read_records
 
     da, db = read_records(tmp_path / "one" / "detections" / "A"), read_records(tmp_path / "two" / "detections" / "A")
     assert da.keys() == db.keys() and all(da[k]["labels"] == db[k]["labels"] for k in da)

@@ -71,7 +71,7 @@ def visor(
     width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
     detector: str = typer.Option(defaults.OWLVIT, help="OWL-ViT checkpoint (hub id or folder; VISOR's own by default)."),
     detector_revision: Optional[str] = typer.Option(None, help="Hub revision of --detector."),
-    detector_dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    detector_dtype: str = typer.Option("fp32", help="fp32 (as VISOR ran it), auto (fp16 on CUDA), fp16 or bf16."),
     detector_batch_size: int = typer.Option(16, help="Images per detector call."),
     store_threshold: float = typer.Option(0.01, help="Boxes scoring above this are stored."),
     threshold: Optional[float] = typer.Option(None, help="Boxes scoring above this count (default 0.1; --score-only: the run's)."),

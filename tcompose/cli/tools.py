@@ -33,6 +33,7 @@ def download(
     segmenter: Optional[str] = typer.Option(None, help="SAM / SAM-HQ for masks (default: the masks stage's)."),
     clip_model: Optional[str] = typer.Option(None, help="CLIP for train-clip (default: train-clip's)."),
     owlv2: Optional[str] = typer.Option(None, help="OWLv2 detector for multigen (default: multigen's)."),
+    owlvit: Optional[str] = typer.Option(None, help="OWL-ViT detector for visor (default: visor's)."),
     revision: Optional[list[str]] = typer.Option(None, help="Pin a repo: REPO_ID=REVISION (branch, tag or commit); repeatable."),
     dry_run: bool = typer.Option(False, help="Only list what would be fetched."),
 ) -> None:
@@ -40,7 +41,7 @@ def download(
     from ..download import DownloadConfig, parse_revisions, run
 
     cfg = DownloadConfig(commands=tuple(commands or ()), models=tuple(model or ()), detector=detector,
-                         segmenter=segmenter, clip_model=clip_model, owlv2=owlv2,
+                         segmenter=segmenter, clip_model=clip_model, owlv2=owlv2, owlvit=owlvit,
                          revisions=parse_revisions(revision or ()), dry_run=dry_run)
     run(cfg)
 

@@ -178,7 +178,8 @@ def run(cfg: MaskCropsConfig, rank: int = 0, world_size: int = 1, progress: bool
     refuse_other_settings(cfg.output, content, "crops")
     workers = cfg.workers or default_workers(world_size)
     writer = ShardedWriter(cfg.output, "crops", "crops-from-masks", content,
-                           {"masks": str(cfg.masks), "output": str(cfg.output), "world_size": world_size}, cfg.shard_size,
+                           {"masks": str(cfg.masks), "output": str(cfg.output), "world_size": world_size},
+                           cfg.shard_size,
                            rank, world_size)
     todo = writer.pending(n)
     remove_stale_tmp(writer, todo)

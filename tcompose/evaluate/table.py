@@ -51,15 +51,19 @@ def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = No
         if folder is None:
             continue
         s = _summary(folder, "multigen")
-        if s.get("dataset") != dataset:
-            raise ValueError(f"--multigen-{dataset} {folder}: that run used the {s.get('dataset') or 'custom'!r} "
-                             f"prompts, not {dataset!r}")
-        protocols[f"MultiGen {dataset}"] = f"{s['num_prompts']} prompts x {s['images_per_prompt']} images"
+        source = s.get("prompt_source") or {}
+        if s.get("dataset") != dataset or source.get("kind") != "paper":
+            what = f"{source.get('kind', 'unknown')} {s.get('dataset')!r}"
+            raise ValueError(f"--multigen-{dataset} {folder}: that run used {what} prompts, not the paper's "
+                             f"{dataset!r} set; Table 1's MultiGen columns take the paper's prompts only")
+        protocols[f"MultiGen {dataset}"] = (f"{s['num_prompts']} prompts x {s['images_per_prompt']} images, "
+                                            f"threshold {s['threshold']:g}")
         for name, r in s["models"].items():
             cell(name, column, _mg(r))
     if visor is not None:
         s = _summary(visor, "visor")
-        protocols["VISOR"] = f"{s['prompts']} spatial prompts x {s['images_per_prompt']} images"
+        protocols["VISOR"] = (f"{s['prompts']} spatial prompts x {s['images_per_prompt']} images, "
+                              f"threshold {s['threshold']:g}")
         for name, r in s["models"].items():
             cell(name, COLUMNS[0], r["OA"])
     if fid is not None:
@@ -68,7 +72,8 @@ def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = No
             for key, column in (("coco", COLUMNS[3]), ("flickr30k", COLUMNS[4])):
                 if key in sets:
                     cell(name, column, sets[key]["fid"])
-                    protocols[f"FID {key}"] = f"{sets[key]['images']} generated images vs {sets[key]['reference_images']} reference images"
+                    r = sets[key]
+                    protocols[f"FID {key}"] = f"{r['images']} generated images vs {r['reference_images']} reference images"
             if "coco" in sets and sets["coco"].get("clip_score") is not None:
                 cell(name, COLUMNS[5], sets["coco"]["clip_score"])
     if latency is not None:
@@ -85,8 +90,6 @@ def _fmt(column: str, value) -> str:
         return NOT_RUN
     if column.startswith("MG"):
         return " / ".join(f"{v:.2f}" for v in value)
-    if column.startswith("latency"):
-        return f"{value:.2f}"
     return f"{value:.2f}"
 
 
@@ -102,7 +105,8 @@ def published_rows() -> dict[str, dict]:
 
 def markdown(table: dict) -> str:
     head = ["model", *COLUMNS, "note"]
-    lines = ["# Table 1", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS) + ["---"]) + "|"]
+    rule = "|" + "|".join(["---"] + ["---:"] * len(COLUMNS) + ["---"]) + "|"
+    lines = ["# Table 1", "", "| " + " | ".join(head) + " |", rule]
     for name, cells in table["models"].items():
         lines.append("| " + " | ".join([name, *(_fmt(c, cells.get(c)) for c in COLUMNS), "measured"]) + " |")
     for name, cells in published_rows().items():

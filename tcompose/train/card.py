@@ -63,7 +63,8 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
         load = f"pipe = {pipeline}.from_pretrained(\"OUT\")  # this folder"
     before, after = summary.get("grounding_before"), summary.get("grounding_after")
     chance = (after or before or {}).get("chance")
-    groups = ", ".join(f"{g} ({n} map{'s' if n != 1 else ''})" for g, n in (summary.get("supervised_groups") or {}).items())
+    supervised = summary.get("supervised_groups") or {}
+    groups = ", ".join(f"{g} ({n} map{'s' if n != 1 else ''})" for g, n in supervised.items())
     d = summary.get("data", {})
     recipe = [
         ("base model", f"`{cfg.model}`" + (f" @ `{cfg.revision}`" if cfg.revision else "")),

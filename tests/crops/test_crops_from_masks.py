@@ -139,7 +139,8 @@ def test_resume_rewrites_only_what_is_missing(handmade, tmp_path):
 def test_cli_from_masks_and_its_bad_inputs(handmade, tmp_path, capsys):
     masks_dir, _, _ = handmade
     out = tmp_path / "crops"
-    assert main(["crops", "--from-masks", str(masks_dir), "--output", str(out), "--min-area", "20", "--workers", "1"]) == 0
+    args = ["crops", "--from-masks", str(masks_dir), "--output", str(out), "--min-area", "20", "--workers", "1"]
+    assert main(args) == 0
     assert len(list(iter_rows(out))) == 2
     assert "2 crops from 4 rows" in capsys.readouterr().err
     for argv, message in ((["crops", str(tmp_path), "--from-masks", str(masks_dir)], "not both"),

@@ -213,7 +213,7 @@ def _same_rows(a: dict, b: dict) -> bool:
 @pytest.mark.slow
 def test_multigen_resume_after_kill_processes_and_score_only(tiny, tmp_path, monkeypatch):
     from tcompose.cli import main
-    from tcompose.evaluate import detection_store as multigen_store
+    from tcompose.evaluate import detection_store
     from tcompose.evaluate.multigen.stage import rescore, run
 
     ref = run(_config(tiny, tmp_path / "ref"), progress=False)
@@ -230,7 +230,7 @@ def test_multigen_resume_after_kill_processes_and_score_only(tiny, tmp_path, mon
     assert (tmp_path / "ref" / "grid_A.png").is_file() and "(paper)" in (tmp_path / "ref" / "summary.md").read_text()
 
     # killed after the first detections part: the rerun keeps it and writes only the rest
-    real_write = multigen_store.write_part
+    real_write = detection_store.write_part
     calls = []
 
     def write_then_die(folder, rows, rank):
@@ -239,7 +239,7 @@ def test_multigen_resume_after_kill_processes_and_score_only(tiny, tmp_path, mon
         calls.append(len(rows))
         return real_write(folder, rows, rank)
 
-    monkeypatch.setattr(multigen_store, "write_part", write_then_die)
+    monkeypatch.setattr(detection_store, "write_part", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(_config(tiny, tmp_path / "out", models=("A",)), progress=False)
     assert len(list((tmp_path / "out" / "detections" / "A").glob("part-*.parquet"))) == 1
@@ -249,7 +249,7 @@ def test_multigen_resume_after_kill_processes_and_score_only(tiny, tmp_path, mon
         written.append(len(rows))
         return real_write(folder, rows, rank)
 
-    monkeypatch.setattr(multigen_store, "write_part", write_and_count)
+    monkeypatch.setattr(detection_store, "write_part", write_and_count)
     again = run(_config(tiny, tmp_path / "out", models=("A",)), progress=False)
     assert sum(written) == 4 and again["generation"]["A"]["generated"] == 0  # images were kept too
     assert _same_rows(_rows(tmp_path / "out", "A"), expected) and again["models"]["A"] == ref["models"]["A"]

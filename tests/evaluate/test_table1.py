@@ -91,7 +91,7 @@ def _models(tiny):
 
 @pytest.mark.slow
 def test_fid_run_against_a_recomputation_and_resume(tiny, tmp_path):
-    from tcompose.evaluate.fid.frechet import RunningStats, frechet_distance
+    from tcompose.evaluate.fid.frechet import frechet_distance
     from tcompose.evaluate.fid.inception import TinyFeatureNet
     from tcompose.evaluate.fid.stage import FidConfig, generated_pixels, reference_pixels, run
     from tcompose.evaluate.fid.clip_score import ClipScorer
@@ -107,7 +107,8 @@ def test_fid_run_against_a_recomputation_and_resume(tiny, tmp_path):
     assert summary["models"]["A"] == summary["models"]["B"]  # same model, same seeds
     # the FID is the Frechet distance of the features, recomputed here image by image
     sets = json.loads((tmp_path / "fid" / "sets" / "coco.json").read_text())
-    ref = np.concatenate([net.features(_nchw(reference_pixels(tiny["coco"] / r, 32))).numpy() for r in sets["reference"]])
+    ref = np.concatenate([net.features(_nchw(reference_pixels(tiny["coco"] / r, 32))).numpy()
+                          for r in sets["reference"]])
     gen_paths = sorted((tmp_path / "fid" / "models" / "A" / "coco" / "images").glob("*.png"))
     gen = np.concatenate([net.features(_nchw(generated_pixels(p))).numpy() for p in gen_paths])
     want = frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
@@ -121,6 +122,8 @@ def test_fid_run_against_a_recomputation_and_resume(tiny, tmp_path):
 
     again = run(cfg, progress=False, net=net)  # nothing is generated again, the statistics are reused
     assert again["models"] == summary["models"]
+    only_a = run(FidConfig(**{**cfg.__dict__, "models": _models(tiny)[:1]}), progress=False, net=net)
+    assert only_a["models"] == summary["models"]  # B, scored by an earlier run into this folder, stays
     gen_run = json.loads((tmp_path / "fid" / "models" / "A" / "coco" / "run.json").read_text())["summary"]
     assert gen_run["generated"] == 0
     with pytest.raises(ValueError, match="other caption sets"):
@@ -131,6 +134,23 @@ def _nchw(pixels):
     import torch
 
     return torch.from_numpy(np.array(pixels))[None].permute(0, 3, 1, 2).contiguous()
+
+
+def test_table_takes_only_the_papers_multigen_prompts(tmp_path):
+    from tcompose.evaluate.table import collect
+
+    summary = {"dataset": "coco", "prompt_source": {"kind": "sampled", "dataset": "coco"}, "num_prompts": 1000,
+               "images_per_prompt": 10, "threshold": 0.1,
+               "models": {"A": {"MG1": [90.0, 1.0], "MG2": [50.0, 1.0], "MG3": [20.0, 1.0], "MG4": [5.0, 1.0],
+                                "MG5": [1.0, 0.5]}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="sampled 'coco' prompts, not the paper's 'coco' set"):
+        collect(multigen_coco=tmp_path)
+    summary["prompt_source"]["kind"] = "paper"
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    got = collect(multigen_coco=tmp_path)
+    assert got["models"]["A"][COLUMNS[1]] == [50.0, 20.0, 5.0, 1.0]  # MG2..MG5, the means
+    assert got["protocols"]["MultiGen coco"] == "1000 prompts x 10 images, threshold 0.1"
 
 
 def test_fid_refuses_bad_input_before_any_image(tiny, tmp_path, capsys, monkeypatch):
@@ -173,7 +193,7 @@ def test_table1_from_every_benchmark_folder(tiny, tmp_path, capsys):
     assert lat["s_per_image"] > 0 and lat["images"] == 2 and lat["steps"] == 2 and lat["device_name"].startswith("CPU")
 
     assert main(["table", "--multigen-ade20k", str(tmp_path / "mg")]) == 2  # a COCO run given as ADE20K
-    assert "not 'ade20k'" in capsys.readouterr().err
+    assert "not the paper's 'ade20k' set" in capsys.readouterr().err
     out = tmp_path / "table.md"
     assert main(["table", "--multigen-coco", str(tmp_path / "mg"), "--visor", str(tmp_path / "visor"),
                  "--fid", str(tmp_path / "fid"),

@@ -89,10 +89,11 @@ def test_scores_by_hand():
         _rec(31_600, 0, [("person", 0.9, left)]),  # a single-object prompt: not scored
     ]
     got = score(records, threshold=0.1)
-    # 8 images; both: 0/0, 0/1, 0/2, 2/0 = 4; right: 0/0, 0/2, 2/0 = 3; prompt 0 has 2 right, prompt 2 has 1
-    assert got["images"] == 8 and got["prompts"] == 2 and got["missing"] == 1
-    assert got["OA"] == pytest.approx(50.0) and got["VISOR_cond"] == pytest.approx(75.0)
-    assert got["VISOR_uncond"] == pytest.approx(37.5)
+    # 7 images (the missing one is left out); both: 0/0, 0/1, 0/2, 2/0 = 4; right: 0/0, 0/2, 2/0 = 3;
+    # prompt 0 has 2 right images, prompt 2 has 1
+    assert got["images"] == 7 and got["prompts"] == 2 and got["missing"] == 1
+    assert got["OA"] == pytest.approx(400 / 7) and got["VISOR_cond"] == pytest.approx(75.0)
+    assert got["VISOR_uncond"] == pytest.approx(300 / 7)
     assert (got["VISOR_1"], got["VISOR_2"], got["VISOR_3"], got["VISOR_4"]) == (100.0, 50.0, 0.0, 0.0)
     assert judge(records[2], "person", "bicycle", "to the left of", 0.1) == (True, True)
     none = score([_rec(0, 0, [("person", 0.9, left)])])
@@ -216,6 +217,11 @@ def test_visor_run_resume_and_score_only(tiny, tmp_path, monkeypatch):
     assert main(["visor", "--score-only", str(out), "--threshold", "0.2"]) == 0
     with pytest.raises(ValueError, match="other settings"):
         run(_config(tiny, out, steps=3), progress=False)
+    with pytest.raises(ValueError, match="other prompt source"):  # another --images: refused, not mixed
+        run(_config(tiny, out, images=3), progress=False)
+    # a model added to the folder later: the summary keeps the earlier ones
+    more = run(_config(tiny, out, models=("C",)), progress=False)
+    assert set(more["models"]) == {"A", "B", "C"} and more["models"]["C"] == summary["models"]["A"]
 
 
 def test_visor_refuses_bad_input_before_any_image(tiny, tmp_path, capsys):

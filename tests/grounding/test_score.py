@@ -25,7 +25,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     scenes = make_scenes(root / "scenes", n_images=6, size=64, seed=1)
     make_masks(MasksConfig(coco_dir=scenes, output=root / "masks", split="train2017", captions="all"), progress=False)
-    caps = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
+    captions = json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]
+    caps = [a["caption"] for a in captions]
     c = load_components(str(write_tiny_pipeline(root / "base", corpus=caps, seed=0)))
     prep = prepare_rows(root / "masks", c.tokenizer)
     latent = RES // (2 ** (len(c.vae.config.block_out_channels) - 1))

@@ -213,7 +213,8 @@ def _run(cfg: MultigenConfig, rank: int, world_size: int, progress: bool, finali
     commits = {s.name: hub_commit(s.model, s.revision) for s in specs}
     commits["detector"] = hub_commit(cfg.detector, cfg.detector_revision)
     write_json_atomic(run_path, {**json.loads(run_path.read_text()), "hub_commits": commits, "timing": timing})
-    return summarize(cfg.output, [s.name for s in specs], prompts, cfg.images, cfg.threshold, source,
+    names = list(json.loads(run_path.read_text())["models"])  # earlier runs' models into this folder too
+    return summarize(cfg.output, names, prompts, cfg.images, cfg.threshold, source,
                      grid=cfg.grid, progress=progress, extra={"timing": timing, "generation": generation})
 
 

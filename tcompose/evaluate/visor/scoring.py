@@ -11,8 +11,9 @@ boxes scoring above ``threshold``:
 ``OA`` (Object Accuracy, the TokenCompose paper's column) = 100 x share of images with both objects;
 ``VISOR_cond`` = 100 x (images right and with both) / (images with both); ``VISOR_uncond`` = OA x VISOR_cond /
 100 (the share of all images right and with both); ``VISOR_k`` = 100 x share of prompts with at least k such
-images (of 4 per prompt in VISOR's protocol). An image that could not be generated or read counts as one with
-nothing detected. ``VISOR_cond`` is ``None`` when no image has both objects (visor.py would divide by zero).
+images (of 4 per prompt in VISOR's protocol). An image that could not be generated or read (``labels`` null) is
+left out and counted as ``missing``, as MultiGen's score does. ``VISOR_cond`` is ``None`` when no image has both
+objects (visor.py would divide by zero).
 """
 
 from __future__ import annotations
@@ -71,14 +72,16 @@ def score(records: Iterable[dict], threshold: float = 0.1) -> dict:
         if key in seen:
             raise ValueError(f"image {key[1]} of prompt {uid} appears twice")
         seen.add(key)
-        missing += r.get("labels") is None
+        if r.get("labels") is None:
+            missing += 1
+            continue
         both, right = judge(r, p["obj_1_attributes"][0], p["obj_2_attributes"][0], p["rel_type"], threshold)
         images += 1
         both_count += both
         right_count += right
         per_prompt[uid] = per_prompt.get(uid, 0) + right
     if images == 0:
-        raise ValueError("no image of a two-object spatial prompt to score")
+        raise ValueError(f"no image of a two-object spatial prompt to score ({missing} missing)")
     oa = 100 * both_count / images
     cond = 100 * right_count / both_count if both_count else None
     out = {"OA": oa, "VISOR_cond": cond, "VISOR_uncond": 100 * right_count / images}

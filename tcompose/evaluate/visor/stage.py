@@ -79,7 +79,8 @@ class VisorConfig:
     safety_checker: bool = False
     detector: str = OWLVIT
     detector_revision: str | None = None
-    detector_dtype: str = "auto"
+    detector_dtype: str = "fp32"
+    """fp32 as VISOR ran OWL-ViT (B/32 is cheap; fp16 can flip boxes that score near the threshold)."""
     detector_batch_size: int = 16
     store_threshold: float = 0.01
     threshold: float = 0.1
@@ -128,7 +129,7 @@ def _run_record(cfg: VisorConfig, specs, prompts: list[VisorPrompt]) -> dict:
     detection = {"detector": cfg.detector, "revision": cfg.detector_revision, "queries": "a photo of a {name}",
                  "dtype": dtype_name(det_dtype(cfg.detector_dtype, device)), "store_threshold": cfg.store_threshold}
     source = {"set": "SR2D spatial", "prompts": len(prompts), "drawn": cfg.prompts is not None,
-              "prompt_seed": cfg.prompt_seed if cfg.prompts is not None else None}
+              "prompt_seed": cfg.prompt_seed if cfg.prompts is not None else None, "images_per_prompt": cfg.images}
     return {"stage": "visor", "prompt_source": source, "detection": detection, "models": models}
 
 
@@ -194,8 +195,8 @@ def _run(cfg: VisorConfig, rank: int, world_size: int, progress: bool, finalize_
     commits = {s.name: hub_commit(s.model, s.revision) for s in specs}
     commits["detector"] = hub_commit(cfg.detector, cfg.detector_revision)
     write_json_atomic(run_path, {**json.loads(run_path.read_text()), "hub_commits": commits, "timing": timing})
-    return summarize(cfg.output, [s.name for s in specs], prompts, cfg.images, cfg.threshold, progress,
-                     extra={"timing": timing})
+    names = list(json.loads(run_path.read_text())["models"])  # earlier runs' models into this folder too
+    return summarize(cfg.output, names, prompts, cfg.images, cfg.threshold, progress, extra={"timing": timing})
 
 
 def summarize(output: Path, names: list[str], prompts: list[VisorPrompt], images: int, threshold: float,
