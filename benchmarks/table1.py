@@ -82,11 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
         queries = [["cat", "dog"]] * len(images)
         results += rows("owlvit", lambda x: det.detect(list(x), queries[:len(x)], 0.1), images, batch_sizes, device,
                         args.rounds)
-        del det
         net = (TinyFeatureNet(seed=0) if args.quick else FidInceptionV3()).to(device).eval()
         nchw = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         results += rows("inception", lambda x: net.features(x), nchw, batch_sizes, device, args.rounds)
-        del net
         clip_dir = write_tiny_clip(Path(tmp) / "clip", bpe, size="tiny" if args.quick else "vit-l")
         scorer = ClipScorer.load(str(clip_dir), device=device)
         captions = ["a photo of a cat and a dog"] * len(images)
