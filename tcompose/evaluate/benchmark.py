@@ -1,5 +1,10 @@
-"""What the detection benchmarks (multigen, visor) share: run.json checks, the work split, waiting for other
-processes, progress, timing rates and the hub commit a model resolved to.
+"""What the detection benchmarks (multigen, visor) share: the settings check, run.json, the work split, the
+generate-then-detect pass of every model, waiting for other processes, progress, timing rates and the hub commit a
+model resolved to; and the summary files every evaluation stage (fid too) writes.
+
+Both stages' configs carry the same field names for what this module reads (``output``, ``images``, the
+``detector*`` and threshold fields, ``part_size`` and the sampling fields of
+:data:`tcompose.evaluate.generate.SAMPLING_FIELDS`); their prompts have ``prompt_id``, ``text`` and ``to_dict()``.
 
 A benchmark run generates images with :mod:`tcompose.evaluate.generate`, detects objects in them
 (:mod:`tcompose.evaluate.detection_store`) and scores on rank 0. The j-th (prompt, image) of the run goes to
@@ -12,9 +17,114 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 P = TypeVar("P")
+RUN_JSON, PROMPTS_JSON = "run.json", "prompts.json"
+
+
+def check_settings(cfg, rank: int, world_size: int) -> None:
+    """The checks every detection benchmark makes of its config before any work."""
+    if not cfg.models:
+        raise ValueError("no --model given: pass one or more NAME=ID_OR_PATH")
+    for key in ("images", "detector_batch_size", "part_size", "batch_size", "steps"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.store_threshold <= cfg.threshold < 1:
+        raise ValueError(f"need 0 <= --store-threshold ({cfg.store_threshold}) <= --threshold ({cfg.threshold}) < 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+
+
+def generate_config(cfg, spec, prompts: Sequence):
+    """The GenerateConfig of one model of the run: ``cfg.images`` images of each prompt under models/NAME."""
+    from .generate import model_config
+
+    return model_config(spec, cfg.output / "models" / spec.name, [p.text for p in prompts],
+                        [p.prompt_id for p in prompts], cfg.images, cfg)
+
+
+def run_record(stage: str, cfg, specs, prompt_source: dict) -> dict:
+    """run.json's content: what decides the images (each model's settings), the detections and the scores."""
+    from .detect import resolve_dtype as det_dtype
+    from .generate import settings_of
+    from .sampling import dtype_name, resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    dtype = dtype_name(resolve_dtype(cfg.dtype, device))
+    models = {s.name: settings_of(generate_config(cfg, s, []), dtype) for s in specs}
+    detection = {"detector": cfg.detector, "revision": cfg.detector_revision, "queries": "a photo of a {name}",
+                 "dtype": dtype_name(det_dtype(cfg.detector_dtype, device)), "store_threshold": cfg.store_threshold}
+    return {"stage": stage, "prompt_source": prompt_source, "detection": detection, "models": models}
+
+
+def start_run(cfg, record: dict, prompts: Sequence, rank: int, world_size: int) -> Path:
+    """Check ``record`` against the folder's run.json (every process) and write it with prompts.json (rank 0)."""
+    from ..io.datasets import library_versions, write_json_atomic
+
+    run_path = cfg.output / RUN_JSON
+    merged = merge_run_json(run_path, record)
+    if rank == 0:
+        cfg.output.mkdir(parents=True, exist_ok=True)
+        merged.update(num_prompts=len(prompts), images_per_prompt=cfg.images, threshold=cfg.threshold,
+                      world_size=world_size, versions=library_versions())
+        write_json_atomic(run_path, merged)
+        write_json_atomic(cfg.output / PROMPTS_JSON, [p.to_dict() for p in prompts])
+    return run_path
+
+
+def generate_and_detect(cfg, specs, prompts: Sequence, detector_cls, rank: int, world_size: int, progress: bool,
+                        timeout_s: float) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Every model generates its images (tcompose.evaluate.generate), then this process detects its share of them
+    with ``detector_cls.load(...)`` (loaded once, only if some image lacks detections). Returns the timings and
+    each model's generate summary."""
+    from .detection_store import detect_images, stored_keys
+    from .generate import image_filename
+    from .generate import run as generate_run
+    from .sampling import resolve_device
+
+    timing: dict[str, Any] = {"generation_s": 0.0, "detection_s": 0.0, "detector_load_s": 0.0, "detected": 0}
+    generation = {}
+    for spec in specs:
+        summary = generate_run(generate_config(cfg, spec, prompts), rank, world_size, progress, timeout_s)
+        generation[spec.name] = summary
+        timing["generation_s"] += summary.get("generation_seconds") or 0.0
+    share = my_share(prompts, cfg.images, rank, world_size)
+    detector = None
+    for spec in specs:
+        folder = cfg.output / "detections" / spec.name
+        done = stored_keys(folder)
+        todo = [(p, k) for p, k in share if (p.prompt_id, k) not in done]
+        if not todo:
+            continue
+        image_dir = cfg.output / "models" / spec.name / "images"
+        wait_for_files([image_dir / image_filename(p.prompt_id, k) for p, k in todo], timeout_s)
+        if detector is None:
+            t0 = time.perf_counter()
+            detector = detector_cls.load(cfg.detector, cfg.detector_revision, str(resolve_device(cfg.device)),
+                                         cfg.detector_dtype)
+            timing["detector_load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with CountBar(progress and rank == 0, f"detect {spec.name}", len(todo)) as advance:
+            timing["detected"] += detect_images(detector, spec.name, cfg.output, image_dir, image_filename, todo,
+                                                folder, cfg.store_threshold, cfg.detector_batch_size, cfg.part_size,
+                                                rank, advance)
+        timing["detection_s"] += time.perf_counter() - t0
+    return detection_rates(timing), generation
+
+
+def finish_run(cfg, specs, prompts: Sequence, run_path: Path, timing: dict, timeout_s: float) -> list[str]:
+    """Rank 0, before scoring: wait for every process's detections, record the hub commits and timings in
+    run.json; returns the names of every model in the folder (earlier runs' models into it too)."""
+    from ..io.datasets import write_json_atomic
+
+    keys = {(p.prompt_id, k) for p in prompts for k in range(cfg.images)}
+    for spec in specs:
+        wait_for_detections(cfg.output / "detections" / spec.name, keys, timeout_s)
+    commits = {s.name: hub_commit(s.model, s.revision) for s in specs}
+    commits["detector"] = hub_commit(cfg.detector, cfg.detector_revision)
+    write_json_atomic(run_path, {**json.loads(run_path.read_text()), "hub_commits": commits, "timing": timing})
+    return list(json.loads(run_path.read_text())["models"])
 
 
 def merge_run_json(path: Path, record: dict, fixed: Sequence[str] = ("prompt_source", "detection")) -> dict:
@@ -32,6 +142,37 @@ def merge_run_json(path: Path, record: dict, fixed: Sequence[str] = ("prompt_sou
             raise ValueError(f"{path}: model {name!r} was generated with other settings ({old['models'][name]}); "
                              "give it another NAME= or use a new --output")
     return {**old, **record, "models": {**old.get("models", {}), **record["models"]}}
+
+
+def read_run(output: Path, stage: str, threshold: float | None) -> tuple[dict, float, list[dict]]:
+    """``--score-only``: a finished run's run.json, the threshold to score at (default: the run's; never below the
+    stored detections') and its prompts.json, checked to be a ``stage`` run."""
+    run_path, prompts_path = Path(output) / RUN_JSON, Path(output) / PROMPTS_JSON
+    if not run_path.is_file() or not prompts_path.is_file():
+        raise ValueError(f"{output}: no {RUN_JSON} / {PROMPTS_JSON}; --score-only takes the --output folder of a "
+                         f"tcompose {stage} run")
+    meta = json.loads(run_path.read_text())
+    if meta.get("stage") != stage:
+        raise ValueError(f"{output} holds a {meta.get('stage')!r} run, not a tcompose {stage} one")
+    thr = meta["threshold"] if threshold is None else threshold
+    stored = meta["detection"]["store_threshold"]
+    if not stored <= thr < 1:
+        raise ValueError(f"--threshold {thr} is below the stored detections' threshold {stored} (or >= 1): "
+                         "boxes under it were not kept")
+    return meta, thr, json.loads(prompts_path.read_text())
+
+
+def write_summary(output: Path, summary: dict, markdown: str, progress: bool, suffix: str = "") -> None:
+    """``summary{suffix}.json`` and ``summary{suffix}.md`` of a scored run (any evaluation stage); the table is
+    printed to stderr when ``progress``."""
+    from ..io.datasets import write_json_atomic, write_text_atomic
+
+    write_json_atomic(Path(output) / f"summary{suffix}.json", summary)
+    write_text_atomic(Path(output) / f"summary{suffix}.md", markdown)
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(markdown, highlight=False, markup=False)
 
 
 def my_share(prompts: Sequence[P], images: int, rank: int, world_size: int) -> list[tuple[P, int]]:

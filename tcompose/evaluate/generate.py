@@ -102,6 +102,21 @@ class GenerateConfig:
         self.prompt_ids = [int(i) for i in self.prompt_ids]
 
 
+SAMPLING_FIELDS = ("batch_size", "dtype", "steps", "guidance", "scheduler", "height", "width", "safety_checker", "seed",
+                   "device")
+"""The fields of GenerateConfig that a benchmark (multigen, visor, fid) passes through under the same names."""
+
+
+def model_config(spec, output: Path, prompts: list[str], prompt_ids: list[int], images_per_prompt: int,
+                 sampling) -> GenerateConfig:
+    """The GenerateConfig of one ``--model`` spec (:class:`tcompose.models.spec.ModelSpec`) in a benchmark: its
+    prompts and folder, and ``sampling``'s :data:`SAMPLING_FIELDS` (any config with those attributes)."""
+    return GenerateConfig(
+        model=spec.model, output=output, prompts=prompts, prompt_ids=prompt_ids, images_per_prompt=images_per_prompt,
+        unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision, lora=spec.lora,
+        lora_scale=spec.lora_scale, name=spec.name, **{k: getattr(sampling, k) for k in SAMPLING_FIELDS})
+
+
 def image_filename(prompt_id: int, image_index: int) -> str:
     """``"00012_03.png"`` for prompt 12, image 3."""
     return f"{int(prompt_id):05d}_{int(image_index):02d}.png"

@@ -124,7 +124,7 @@ def markdown(table: dict) -> str:
 def run(multigen_coco: Path | None = None, multigen_ade20k: Path | None = None, visor: Path | None = None,
         fid: Path | None = None, latency: Path | None = None, output: Path | None = None) -> dict:
     """Collect, print the Markdown table and, with ``output``, write it and ``table.json`` beside it."""
-    from ..io.datasets import write_json_atomic
+    from ..io.datasets import write_json_atomic, write_text_atomic
 
     if not any(p is not None for p in (multigen_coco, multigen_ade20k, visor, fid, latency)):
         raise ValueError("pass at least one run folder: --multigen-coco, --multigen-ade20k, --visor, --fid or "
@@ -135,9 +135,7 @@ def run(multigen_coco: Path | None = None, multigen_ade20k: Path | None = None, 
     if output is not None:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(output)
+        write_text_atomic(output, text)
         write_json_atomic(output.with_suffix(".json"), result)
     print(text, end="")
     return result

@@ -215,6 +215,10 @@ def test_visor_run_resume_and_score_only(tiny, tmp_path, monkeypatch):
     assert higher["threshold"] == 0.5 and (out / "summary_threshold-0.5.json").is_file()
     assert higher["models"]["A"]["OA"] <= a["OA"]
     assert main(["visor", "--score-only", str(out), "--threshold", "0.2"]) == 0
+    from tcompose.evaluate.multigen.stage import rescore as multigen_rescore
+
+    with pytest.raises(ValueError, match="holds a 'visor' run, not a tcompose multigen one"):
+        multigen_rescore(out, progress=False)  # the other benchmark's --score-only reads no foreign folder
     with pytest.raises(ValueError, match="other settings"):
         run(_config(tiny, out, steps=3), progress=False)
     with pytest.raises(ValueError, match="other prompt source"):  # another --images: refused, not mixed

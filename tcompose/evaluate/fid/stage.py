@@ -51,7 +51,7 @@ from ...models.defaults import CLIP
 from ..published import PUBLISHED_TAG, TABLE1
 from .sets import DEFAULT_SIZES, Pair, coco_pairs, flickr30k_pairs, write_set
 
-RUN_JSON, SUMMARY = "run.json", "summary"
+RUN_JSON = "run.json"
 STATS_VERSION = 1
 
 
@@ -122,14 +122,10 @@ def _sets(cfg: FidConfig) -> dict[str, tuple[Path, list[Pair], list[str], dict]]
 
 
 def _gen_config(cfg: FidConfig, spec, set_name: str, pairs: Sequence[Pair]):
-    from ..generate import GenerateConfig
+    from ..generate import model_config
 
-    return GenerateConfig(
-        model=spec.model, output=cfg.output / "models" / spec.name / set_name, prompts=[p.caption for p in pairs],
-        prompt_ids=[p.prompt_id for p in pairs], images_per_prompt=1, unet=spec.unet, text_encoder=spec.text_encoder,
-        revision=spec.revision, lora=spec.lora, lora_scale=spec.lora_scale, name=spec.name,
-        batch_size=cfg.batch_size, dtype=cfg.dtype, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
-        height=cfg.height, width=cfg.width, safety_checker=cfg.safety_checker, seed=cfg.seed, device=cfg.device)
+    return model_config(spec, cfg.output / "models" / spec.name / set_name, [p.caption for p in pairs],
+                        [p.prompt_id for p in pairs], 1, cfg)
 
 
 def file_sha256(path: Path) -> str:
@@ -233,7 +229,7 @@ def _weights_file(cfg: FidConfig) -> Path:
 def _run(cfg: FidConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float, net) -> dict:
     from ...io.datasets import library_versions, write_json_atomic
     from ...models.spec import parse_model_specs
-    from ..benchmark import merge_run_json
+    from ..benchmark import merge_run_json, write_summary
     from ..generate import settings_of
     from ..generate import run as generate_run
     from ..sampling import dtype_name, resolve_device, resolve_dtype
@@ -310,15 +306,7 @@ def _run(cfg: FidConfig, rank: int, world_size: int, progress: bool, finalize_ti
                              "rows": {n: {"coco": r["FID_coco"], "flickr30k": r["FID_flickr30k"]}
                                       for n, r in TABLE1.items() if r.get("FID_coco") is not None}},
                "seconds_scoring": round(time.perf_counter() - t0, 3), "generation": generation}
-    write_json_atomic(cfg.output / f"{SUMMARY}.json", summary)
-    md = cfg.output / f"{SUMMARY}.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown(summary), encoding="utf-8")
-    tmp.replace(md)
-    if progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(md.read_text(encoding="utf-8"), highlight=False, markup=False)
+    write_summary(cfg.output, summary, markdown(summary), progress)
     return summary
 
 

@@ -174,9 +174,9 @@ def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int
     """Score every model's stored detections over ``prompts`` x ``images``; write ``summary{suffix}.json`` and
     ``.md`` (and ``grid_NAME.png`` when ``grid``); print the table when ``progress``. An image without a stored
     row is scored as missing."""
-    from ...io.datasets import write_json_atomic
-    from .scoring import score
+    from ..benchmark import write_summary
     from ..detection_store import read_records
+    from .scoring import score
 
     dataset = None if source.get("kind") == "custom" else source.get("dataset")
     results = {}
@@ -200,13 +200,9 @@ def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int
     summary = {"title": title, "dataset": source.get("dataset"), "prompt_source": source, "threshold": threshold,
                "num_prompts": len(prompts), "images_per_prompt": images, "models": results,
                "published": {"note": PUBLISHED_NOTE, "rows": PUBLISHED.get(dataset or "", {})}, **(extra or {})}
-    write_json_atomic(output / f"summary{suffix}.json", summary)
-    md = output / f"summary{suffix}.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown(results, dataset, title), encoding="utf-8")
-    tmp.replace(md)
+    write_summary(output, summary, markdown(results, dataset, title), False, suffix)
     if progress:
-        print_table(results, dataset, title)
+        print_table(results, dataset, title)  # a rich table rather than the Markdown
     return summary
 
 

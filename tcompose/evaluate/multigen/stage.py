@@ -36,27 +36,13 @@ Rank 0 waits for every detection, then scores. Scores do not depend on the proce
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ...io.runs import output_guard
-from ..benchmark import (
-    CountBar,
-    detection_rates,
-    hub_commit,
-    merge_run_json,
-    my_share,
-    wait_for_detections,
-    wait_for_files,
-)
+from ..benchmark import check_settings, finish_run, generate_and_detect, read_run, run_record, start_run
 from ..detect import DEFAULT_DETECTOR, Owlv2Detector
 from .prompts import Prompt, resolve_prompts
-
-RUN_JSON, PROMPTS_JSON, SUMMARY = "run.json", "prompts.json", "summary"
-
 
 @dataclass
 class MultigenConfig:
@@ -106,46 +92,6 @@ class MultigenConfig:
         self.models = list(self.models)
 
 
-def _check(cfg: MultigenConfig, rank: int, world_size: int) -> None:
-    if not cfg.models:
-        raise ValueError("no --model given: pass one or more NAME=ID_OR_PATH")
-    for key in ("images", "detector_batch_size", "part_size", "batch_size", "steps"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    if not 0 <= cfg.store_threshold <= cfg.threshold < 1:
-        raise ValueError(f"need 0 <= --store-threshold ({cfg.store_threshold}) <= --threshold ({cfg.threshold}) < 1")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-
-
-def _gen_config(cfg: MultigenConfig, spec, prompts: list[Prompt]):
-    from ..generate import GenerateConfig
-
-    return GenerateConfig(
-        model=spec.model, output=cfg.output / "models" / spec.name, prompts=[p.text for p in prompts],
-        prompt_ids=[p.prompt_id for p in prompts], images_per_prompt=cfg.images, unet=spec.unet,
-        text_encoder=spec.text_encoder, revision=spec.revision, lora=spec.lora, lora_scale=spec.lora_scale,
-        name=spec.name, batch_size=cfg.batch_size,
-        dtype=cfg.dtype, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler, height=cfg.height,
-        width=cfg.width, safety_checker=cfg.safety_checker, seed=cfg.seed, device=cfg.device)
-
-
-def _run_record(cfg: MultigenConfig, specs, prompts, source: dict) -> dict:
-    """run.json's content: what decides the images, the detections and the scores."""
-    from ..detect import resolve_dtype as det_dtype
-    from ..generate import settings_of
-    from ..sampling import dtype_name, resolve_device, resolve_dtype
-
-    device = resolve_device(cfg.device)
-    models = {}
-    for spec in specs:
-        gcfg = _gen_config(cfg, spec, prompts[:1])
-        models[spec.name] = settings_of(gcfg, dtype_name(resolve_dtype(cfg.dtype, device)))
-    detection = {"detector": cfg.detector, "revision": cfg.detector_revision, "queries": "a photo of a {name}",
-                 "dtype": dtype_name(det_dtype(cfg.detector_dtype, device)), "store_threshold": cfg.store_threshold}
-    return {"stage": "multigen", "prompt_source": source, "detection": detection, "models": models}
-
-
 def run(cfg: MultigenConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
         finalize_timeout_s: float = 86400.0) -> dict:
     """Generate, detect and (rank 0) score; returns the summary (rank 0) or this process's timings (others)."""
@@ -154,66 +100,19 @@ def run(cfg: MultigenConfig, rank: int = 0, world_size: int = 1, progress: bool 
 
 
 def _run(cfg: MultigenConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
-    from ...io.datasets import library_versions, write_json_atomic
     from ...models.spec import parse_model_specs
-    from ..generate import image_filename
-    from ..generate import run as generate_run
-    from ..detection_store import detect_images, stored_keys
+    from .report import summarize
 
-    _check(cfg, rank, world_size)
+    check_settings(cfg, rank, world_size)
     specs = parse_model_specs(cfg.models)
     prompts, source = resolve_prompts(cfg.dataset, cfg.prompt_file, cfg.prompts, cfg.sample_seed, cfg.custom_prompts)
     Owlv2Detector.check(cfg.detector, cfg.detector_revision)  # a wrong --detector fails before any image is made
-    record = _run_record(cfg, specs, prompts, source)
-    run_path = cfg.output / RUN_JSON
-    merged = merge_run_json(run_path, record)
-    if rank == 0:
-        cfg.output.mkdir(parents=True, exist_ok=True)
-        merged.update(num_prompts=len(prompts), images_per_prompt=cfg.images, threshold=cfg.threshold,
-                      world_size=world_size, versions=library_versions())
-        write_json_atomic(run_path, merged)
-        write_json_atomic(cfg.output / PROMPTS_JSON, [p.to_dict() for p in prompts])
-    timing: dict[str, Any] = {"generation_s": 0.0, "detection_s": 0.0, "detector_load_s": 0.0, "detected": 0}
-    generation = {}
-    for spec in specs:
-        summary = generate_run(_gen_config(cfg, spec, prompts), rank, world_size, progress, finalize_timeout_s)
-        generation[spec.name] = summary
-        timing["generation_s"] += summary.get("generation_seconds") or 0.0
-    share = my_share(prompts, cfg.images, rank, world_size)
-    detector = None
-    for spec in specs:
-        folder = cfg.output / "detections" / spec.name
-        done = stored_keys(folder)
-        todo = [(p, k) for p, k in share if (p.prompt_id, k) not in done]
-        if not todo:
-            continue
-        image_dir = cfg.output / "models" / spec.name / "images"
-        wait_for_files([image_dir / image_filename(p.prompt_id, k) for p, k in todo], finalize_timeout_s)
-        if detector is None:
-            from ..sampling import resolve_device
-
-            t0 = time.perf_counter()
-            detector = Owlv2Detector.load(cfg.detector, cfg.detector_revision, str(resolve_device(cfg.device)),
-                                          cfg.detector_dtype)
-            timing["detector_load_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with CountBar(progress and rank == 0, f"detect {spec.name}", len(todo)) as advance:
-            timing["detected"] += detect_images(detector, spec.name, cfg.output, image_dir, image_filename, todo,
-                                                folder, cfg.store_threshold, cfg.detector_batch_size, cfg.part_size,
-                                                rank, advance)
-        timing["detection_s"] += time.perf_counter() - t0
-    timing = detection_rates(timing)
+    run_path = start_run(cfg, run_record("multigen", cfg, specs, source), prompts, rank, world_size)
+    timing, generation = generate_and_detect(cfg, specs, prompts, Owlv2Detector, rank, world_size, progress,
+                                             finalize_timeout_s)
     if rank != 0:
         return {"rank": rank, "world_size": world_size, "timing": timing}
-    keys = {(p.prompt_id, k) for p in prompts for k in range(cfg.images)}
-    for spec in specs:
-        wait_for_detections(cfg.output / "detections" / spec.name, keys, finalize_timeout_s)
-    from .report import summarize
-
-    commits = {s.name: hub_commit(s.model, s.revision) for s in specs}
-    commits["detector"] = hub_commit(cfg.detector, cfg.detector_revision)
-    write_json_atomic(run_path, {**json.loads(run_path.read_text()), "hub_commits": commits, "timing": timing})
-    names = list(json.loads(run_path.read_text())["models"])  # earlier runs' models into this folder too
+    names = finish_run(cfg, specs, prompts, run_path, timing, finalize_timeout_s)
     return summarize(cfg.output, names, prompts, cfg.images, cfg.threshold, source,
                      grid=cfg.grid, progress=progress, extra={"timing": timing, "generation": generation})
 
@@ -223,17 +122,8 @@ def rescore(output: Path, threshold: float | None = None, progress: bool = True)
     ``threshold`` (default: the run's). Loads no model; images without a stored row count as missing."""
     from .report import summarize
 
-    output = Path(output)
-    run_path = output / RUN_JSON
-    if not run_path.is_file() or not (output / PROMPTS_JSON).is_file():
-        raise ValueError(f"{output}: no {RUN_JSON} / {PROMPTS_JSON}; --score-only takes the --output folder of a "
-                         "tcompose multigen run")
-    meta = json.loads(run_path.read_text())
-    thr = meta["threshold"] if threshold is None else threshold
-    stored = meta["detection"]["store_threshold"]
-    if not stored <= thr < 1:
-        raise ValueError(f"--threshold {thr} is below the stored detections' threshold {stored} (or >= 1): "
-                         "boxes under it were not kept")
-    prompts = [Prompt.from_dict(d) for d in json.loads((output / PROMPTS_JSON).read_text())]
-    return summarize(output, list(meta["models"]), prompts, meta["images_per_prompt"], thr, meta["prompt_source"],
-                     grid=0, progress=progress, suffix="" if thr == meta["threshold"] else f"_threshold-{thr:g}")
+    meta, thr, prompt_dicts = read_run(output, "multigen", threshold)
+    prompts = [Prompt.from_dict(d) for d in prompt_dicts]
+    return summarize(Path(output), list(meta["models"]), prompts, meta["images_per_prompt"], thr,
+                     meta["prompt_source"], grid=0, progress=progress,
+                     suffix="" if thr == meta["threshold"] else f"_threshold-{thr:g}")

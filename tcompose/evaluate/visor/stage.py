@@ -31,29 +31,24 @@ Output folder::
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ...io.runs import output_guard
 from ...models.defaults import OWLVIT
 from ..benchmark import (
-    CountBar,
-    detection_rates,
-    hub_commit,
-    merge_run_json,
-    my_share,
-    wait_for_detections,
-    wait_for_files,
+    check_settings,
+    finish_run,
+    generate_and_detect,
+    read_run,
+    run_record,
+    start_run,
+    write_summary,
 )
 from ..detect import OwlVitDetector
 from ..published import PUBLISHED_TAG, VISOR_TABLE
 from .prompts import N_SPATIAL, VisorPrompt, spatial_prompts
 from .scoring import LEVELS, score
-
-RUN_JSON, PROMPTS_JSON, SUMMARY = "run.json", "prompts.json", "summary"
 
 
 @dataclass
@@ -93,44 +88,14 @@ class VisorConfig:
 
 
 def _check(cfg: VisorConfig, rank: int, world_size: int) -> None:
-    if not cfg.models:
-        raise ValueError("no --model given: pass one or more NAME=ID_OR_PATH")
-    for key in ("images", "detector_batch_size", "part_size", "batch_size", "steps"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    check_settings(cfg, rank, world_size)
     if cfg.prompts is not None and not 1 <= cfg.prompts <= N_SPATIAL:
         raise ValueError(f"--prompts must be between 1 and {N_SPATIAL} (the spatial prompts), got {cfg.prompts}")
-    if not 0 <= cfg.store_threshold <= cfg.threshold < 1:
-        raise ValueError(f"need 0 <= --store-threshold ({cfg.store_threshold}) <= --threshold ({cfg.threshold}) < 1")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
 
 
-def _gen_config(cfg: VisorConfig, spec, prompts: list[VisorPrompt]):
-    from ..generate import GenerateConfig
-
-    return GenerateConfig(
-        model=spec.model, output=cfg.output / "models" / spec.name, prompts=[p.text for p in prompts],
-        prompt_ids=[p.prompt_id for p in prompts], images_per_prompt=cfg.images, unet=spec.unet,
-        text_encoder=spec.text_encoder, revision=spec.revision, lora=spec.lora, lora_scale=spec.lora_scale,
-        name=spec.name, batch_size=cfg.batch_size, dtype=cfg.dtype, steps=cfg.steps, guidance=cfg.guidance,
-        scheduler=cfg.scheduler, height=cfg.height, width=cfg.width, safety_checker=cfg.safety_checker,
-        seed=cfg.seed, device=cfg.device)
-
-
-def _run_record(cfg: VisorConfig, specs, prompts: list[VisorPrompt]) -> dict:
-    from ..detect import resolve_dtype as det_dtype
-    from ..generate import settings_of
-    from ..sampling import dtype_name, resolve_device, resolve_dtype
-
-    device = resolve_device(cfg.device)
-    models = {s.name: settings_of(_gen_config(cfg, s, prompts[:1]), dtype_name(resolve_dtype(cfg.dtype, device)))
-              for s in specs}
-    detection = {"detector": cfg.detector, "revision": cfg.detector_revision, "queries": "a photo of a {name}",
-                 "dtype": dtype_name(det_dtype(cfg.detector_dtype, device)), "store_threshold": cfg.store_threshold}
-    source = {"set": "SR2D spatial", "prompts": len(prompts), "drawn": cfg.prompts is not None,
-              "prompt_seed": cfg.prompt_seed if cfg.prompts is not None else None, "images_per_prompt": cfg.images}
-    return {"stage": "visor", "prompt_source": source, "detection": detection, "models": models}
+def _prompt_source(cfg: VisorConfig, prompts: list[VisorPrompt]) -> dict:
+    return {"set": "SR2D spatial", "prompts": len(prompts), "drawn": cfg.prompts is not None,
+            "prompt_seed": cfg.prompt_seed if cfg.prompts is not None else None, "images_per_prompt": cfg.images}
 
 
 def run(cfg: VisorConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
@@ -141,68 +106,25 @@ def run(cfg: VisorConfig, rank: int = 0, world_size: int = 1, progress: bool = T
 
 
 def _run(cfg: VisorConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
-    from ...io.datasets import library_versions, write_json_atomic
     from ...models.spec import parse_model_specs
-    from ..detection_store import detect_images, stored_keys
-    from ..generate import image_filename
-    from ..generate import run as generate_run
-    from ..sampling import resolve_device
 
     _check(cfg, rank, world_size)
     specs = parse_model_specs(cfg.models)
     prompts = spatial_prompts(cfg.prompts, cfg.prompt_seed)
     OwlVitDetector.check(cfg.detector, cfg.detector_revision)  # a wrong --detector fails before any image is made
-    record = _run_record(cfg, specs, prompts)
-    run_path = cfg.output / RUN_JSON
-    merged = merge_run_json(run_path, record)
-    if rank == 0:
-        cfg.output.mkdir(parents=True, exist_ok=True)
-        merged.update(num_prompts=len(prompts), images_per_prompt=cfg.images, threshold=cfg.threshold,
-                      world_size=world_size, versions=library_versions())
-        write_json_atomic(run_path, merged)
-        write_json_atomic(cfg.output / PROMPTS_JSON, [p.to_dict() for p in prompts])
-    timing: dict[str, Any] = {"generation_s": 0.0, "detection_s": 0.0, "detector_load_s": 0.0, "detected": 0}
-    for spec in specs:
-        summary = generate_run(_gen_config(cfg, spec, prompts), rank, world_size, progress, finalize_timeout_s)
-        timing["generation_s"] += summary.get("generation_seconds") or 0.0
-    share = my_share(prompts, cfg.images, rank, world_size)
-    detector = None
-    for spec in specs:
-        folder = cfg.output / "detections" / spec.name
-        done = stored_keys(folder)
-        todo = [(p, k) for p, k in share if (p.prompt_id, k) not in done]
-        if not todo:
-            continue
-        image_dir = cfg.output / "models" / spec.name / "images"
-        wait_for_files([image_dir / image_filename(p.prompt_id, k) for p, k in todo], finalize_timeout_s)
-        if detector is None:
-            t0 = time.perf_counter()
-            detector = OwlVitDetector.load(cfg.detector, cfg.detector_revision, str(resolve_device(cfg.device)),
-                                           cfg.detector_dtype)
-            timing["detector_load_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with CountBar(progress and rank == 0, f"detect {spec.name}", len(todo)) as advance:
-            timing["detected"] += detect_images(detector, spec.name, cfg.output, image_dir, image_filename, todo,
-                                                folder, cfg.store_threshold, cfg.detector_batch_size, cfg.part_size,
-                                                rank, advance)
-        timing["detection_s"] += time.perf_counter() - t0
-    timing = detection_rates(timing)
+    run_path = start_run(cfg, run_record("visor", cfg, specs, _prompt_source(cfg, prompts)), prompts, rank,
+                         world_size)
+    timing, _ = generate_and_detect(cfg, specs, prompts, OwlVitDetector, rank, world_size, progress,
+                                    finalize_timeout_s)
     if rank != 0:
         return {"rank": rank, "world_size": world_size, "timing": timing}
-    keys = {(p.prompt_id, k) for p in prompts for k in range(cfg.images)}
-    for spec in specs:
-        wait_for_detections(cfg.output / "detections" / spec.name, keys, finalize_timeout_s)
-    commits = {s.name: hub_commit(s.model, s.revision) for s in specs}
-    commits["detector"] = hub_commit(cfg.detector, cfg.detector_revision)
-    write_json_atomic(run_path, {**json.loads(run_path.read_text()), "hub_commits": commits, "timing": timing})
-    names = list(json.loads(run_path.read_text())["models"])  # earlier runs' models into this folder too
+    names = finish_run(cfg, specs, prompts, run_path, timing, finalize_timeout_s)
     return summarize(cfg.output, names, prompts, cfg.images, cfg.threshold, progress, extra={"timing": timing})
 
 
 def summarize(output: Path, names: list[str], prompts: list[VisorPrompt], images: int, threshold: float,
               progress: bool = True, extra: dict | None = None, suffix: str = "") -> dict:
     """Score every model's stored detections; write ``summary{suffix}.json`` and ``.md``; print the table."""
-    from ...io.datasets import write_json_atomic
     from ..detection_store import read_records
 
     results = {}
@@ -219,15 +141,7 @@ def summarize(output: Path, names: list[str], prompts: list[VisorPrompt], images
     summary = {"models": results, "threshold": threshold, "prompts": len(prompts), "images_per_prompt": images,
                "published": {"note": f"{PUBLISHED_TAG} (VISOR paper: 25,280 prompts x 4 images)",
                              "rows": VISOR_TABLE}, **(extra or {})}
-    write_json_atomic(output / f"summary{suffix}.json", summary)
-    md = output / f"summary{suffix}.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown(results, len(prompts), images), encoding="utf-8")
-    tmp.replace(md)
-    if progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(md.read_text(encoding="utf-8"), highlight=False, markup=False)
+    write_summary(output, summary, markdown(results, len(prompts), images), progress, suffix)
     return summary
 
 
@@ -254,19 +168,7 @@ def markdown(results: dict[str, dict], n_prompts: int, images: int) -> str:
 def rescore(output: Path, threshold: float | None = None, progress: bool = True) -> dict:
     """``--score-only``: score the stored detections of ``output`` again at ``threshold`` (default: the run's).
     Loads no model; images without a stored row count as missing."""
-    output = Path(output)
-    run_path = output / RUN_JSON
-    if not run_path.is_file() or not (output / PROMPTS_JSON).is_file():
-        raise ValueError(f"{output}: no {RUN_JSON} / {PROMPTS_JSON}; --score-only takes the --output folder of a "
-                         "tcompose visor run")
-    meta = json.loads(run_path.read_text())
-    if meta.get("stage") != "visor":
-        raise ValueError(f"{output} holds a {meta.get('stage')!r} run, not a tcompose visor one")
-    thr = meta["threshold"] if threshold is None else threshold
-    stored = meta["detection"]["store_threshold"]
-    if not stored <= thr < 1:
-        raise ValueError(f"--threshold {thr} is below the stored detections' threshold {stored} (or >= 1): "
-                         "boxes under it were not kept")
-    prompts = [VisorPrompt.from_dict(d) for d in json.loads((output / PROMPTS_JSON).read_text())]
-    return summarize(output, list(meta["models"]), prompts, meta["images_per_prompt"], thr, progress,
+    meta, thr, prompt_dicts = read_run(output, "visor", threshold)
+    prompts = [VisorPrompt.from_dict(d) for d in prompt_dicts]
+    return summarize(Path(output), list(meta["models"]), prompts, meta["images_per_prompt"], thr, progress,
                      suffix="" if thr == meta["threshold"] else f"_threshold-{thr:g}")
