@@ -39,7 +39,6 @@ from ..io.datasets import (
     load_manifest,
 )
 from ..io.stages import (
-    progress_bar,
     refuse_empty,
     refuse_other_settings,
     remove_stale_tmp,
@@ -52,7 +51,7 @@ from .stage import (
     check_options,
     default_workers,
     encode_crop,
-    parallel_results,
+    write_shards,
 )
 
 STATS_KEYS = (
@@ -183,27 +182,9 @@ def run(cfg: MaskCropsConfig, rank: int = 0, world_size: int = 1, progress: bool
                            rank, world_size)
     todo = writer.pending(n)
     remove_stale_tmp(writer, todo)
-    written = dict.fromkeys(STATS_KEYS, 0)
-    if todo:
-        results = parallel_results([pos for shard in todo for pos in shard.items],
-                                   partial(row_crops, folder=str(cfg.masks), cfg=cfg), workers)
-        try:
-            with progress_bar(progress and rank == 0) as bar:
-                task = bar.add_task("crops (from masks)", total=sum(len(s.items) for s in todo))
-                for shard in todo:
-                    stats, skipped, rows = dict.fromkeys(STATS_KEYS, 0), [], []
-                    for _ in shard.items:
-                        r, s, k = next(results)
-                        rows += r
-                        skipped += k
-                        for key, v in s.items():
-                            stats[key] += v
-                        bar.advance(task)
-                    writer.write_shard(shard, rows, stats, skipped)
-                    for key, v in stats.items():
-                        written[key] += v
-        finally:
-            results.close()
+    written = write_shards(writer, todo, [pos for shard in todo for pos in shard.items],
+                           partial(row_crops, folder=str(cfg.masks), cfg=cfg), workers, "crops (from masks)",
+                           progress and rank == 0, STATS_KEYS)
     if rank != 0:
         return {"rank": rank, "world_size": world_size, "shards_written": len(todo), "stats": written}
     if world_size > 1:

@@ -313,6 +313,34 @@ def parallel_results(tasks: list[dict], work, workers: int) -> Iterator[tuple]:
                 future.cancel()
 
 
+def write_shards(writer: ShardedWriter, todo: list, tasks: list, work, workers: int, label: str, progress: bool,
+                 stats_keys: tuple[str, ...] = STATS_KEYS) -> dict:
+    """Run ``work`` over ``tasks`` (one per item of the ``todo`` shards, in order; ``work`` returns rows, stats,
+    skipped) and write each shard as soon as its items are done; returns the stats summed over the shards."""
+    written = dict.fromkeys(stats_keys, 0)
+    if not todo:
+        return written
+    results = parallel_results(tasks, work, workers)
+    try:
+        with progress_bar(progress) as bar:
+            task = bar.add_task(label, total=len(tasks))
+            for shard in todo:
+                stats, skipped, rows = dict.fromkeys(stats_keys, 0), [], []
+                for _ in shard.items:
+                    r, s, k = next(results)
+                    rows += r
+                    skipped += k
+                    for key, v in s.items():
+                        stats[key] += v
+                    bar.advance(task)
+                writer.write_shard(shard, rows, stats, skipped)
+                for key, v in stats.items():
+                    written[key] += v
+    finally:
+        results.close()  # stops the worker pool, also when a write fails or the run is interrupted
+    return written
+
+
 def run(
     cfg: CropsConfig, rank: int = 0, world_size: int = 1, progress: bool = True, finalize_timeout_s: float = 86400.0
 ) -> dict:
@@ -338,30 +366,11 @@ def run(
     writer = ShardedWriter(cfg.output, "crops", "crops", content, run_config, cfg.shard_size, rank, world_size)
     todo = writer.pending(len(ids))
     remove_stale_tmp(writer, todo)
-    written = dict.fromkeys(STATS_KEYS, 0)
     t_work = time.monotonic()
-    if todo:
-        images = [coco[ids[pos]] for shard in todo for pos in shard.items]
-        tasks = [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height,
-                  "path": str(coco.image_path(im)), "annotations": list(im.annotations)} for im in images]
-        results = parallel_results(tasks, work, workers)
-        try:
-            with progress_bar(progress and rank == 0) as bar:
-                task = bar.add_task("crops", total=len(tasks))
-                for shard in todo:
-                    stats, skipped, rows = dict.fromkeys(STATS_KEYS, 0), [], []
-                    for _ in shard.items:
-                        r, s, k = next(results)
-                        rows += r
-                        skipped += k
-                        for key, v in s.items():
-                            stats[key] += v
-                        bar.advance(task)
-                    writer.write_shard(shard, rows, stats, skipped)
-                    for key, v in stats.items():
-                        written[key] += v
-        finally:
-            results.close()  # stops the worker pool, also when a write fails or the run is interrupted
+    images = [coco[ids[pos]] for shard in todo for pos in shard.items]
+    tasks = [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height,
+              "path": str(coco.image_path(im)), "annotations": list(im.annotations)} for im in images]
+    written = write_shards(writer, todo, tasks, work, workers, "crops", progress and rank == 0)
     work_s = time.monotonic() - t_work
     if rank != 0:
         return {"rank": rank, "world_size": world_size, "shards_written": len(todo), "stats": written}

@@ -280,6 +280,31 @@ def write_tiny_clip(out_dir: str | Path, tokenizer_source: str | Path | None = N
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What OWLv2 and OWL-ViT share: a CLIP text tower with 16-token queries, and its tokenizer
+
+
+def _owl_text_config(spec: dict, vocab_size: int, bos_token_id: int | None, eos_token_id: int | None) -> dict:
+    """The text config of an OWL model of ``spec`` (16 positions; ids default to the vocabulary's last two)."""
+    eos = vocab_size - 1 if eos_token_id is None else eos_token_id
+    return dict(spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
+                bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id, eos_token_id=eos,
+                pad_token_id=eos)
+
+
+def _write_owl_tokenizer(out: Path, tokenizer_source: str | Path | None, queries: list[str]) -> dict[str, int]:
+    """A 16-token CLIP tokenizer in ``out`` (the real BPE from ``tokenizer_source``, else one trained on the
+    detector's ``queries``); returns its vocabulary."""
+    from .clip_bpe import write_clip_tokenizer
+
+    write_clip_tokenizer(out, bpe_path=tokenizer_source, corpus=None if tokenizer_source else queries)
+    cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["model_max_length"] = 16
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
+    return json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # OWLv2 (multigen's detector)
 
 #: Architectures: ``large`` is OWLv2-L/14 (owlv2-large-patch14-ensemble's shapes, 1008 px, 72 x 72 boxes).
@@ -301,10 +326,7 @@ def owlv2_config(size: str = "tiny", vocab_size: int = 49408, bos_token_id: int 
     from transformers import Owlv2Config
 
     spec = OWLV2_SIZES[size]
-    text = dict(spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
-                bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
-                eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
-                pad_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id)
+    text = _owl_text_config(spec, vocab_size, bos_token_id, eos_token_id)
     return Owlv2Config(text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"])
 
 
@@ -324,17 +346,11 @@ def write_tiny_owlv2(out_dir: str | Path, tokenizer_source: str | Path | None = 
     ``tokenizer_source`` = ``bpe_simple_vocab_16e6.txt.gz``, else a small one trained on category names), and
     ``preprocessor_config.json``."""
     from ..data.categories import ADE20K_150, COCO_80
-    from .clip_bpe import write_clip_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = [f"a photo of a {n}" for n in COCO_80 + ADE20K_150]  # the detector's queries (evaluate.detect)
-    write_clip_tokenizer(out, bpe_path=tokenizer_source, corpus=None if tokenizer_source else corpus)
-    cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text())
-    tok_cfg["model_max_length"] = 16
-    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
-    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    # the detector's queries (evaluate.detect)
+    vocab = _write_owl_tokenizer(out, tokenizer_source, [f"a photo of a {n}" for n in COCO_80 + ADE20K_150])
     model = build_owlv2(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
                         eos_token_id=vocab["<|endoftext|>"])
     with no_hf_progress_bars():
@@ -369,10 +385,7 @@ def owlvit_config(size: str = "tiny", vocab_size: int = 49408, bos_token_id: int
     from transformers import OwlViTConfig
 
     spec = OWLVIT_SIZES[size]
-    text = dict(spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
-                bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
-                eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
-                pad_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id)
+    text = _owl_text_config(spec, vocab_size, bos_token_id, eos_token_id)
     return OwlViTConfig(text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"])
 
 
@@ -391,17 +404,10 @@ def write_tiny_owlvit(out_dir: str | Path, tokenizer_source: str | Path | None =
     ``OwlViTForObjectDetection`` / ``AutoTokenizer.from_pretrained``) reads, laid out as :func:`write_tiny_owlv2`
     with OWL-ViT's ``preprocessor_config.json`` (bicubic resize to the model's square input, no padding)."""
     from ..data.categories import COCO_80
-    from .clip_bpe import write_clip_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_clip_tokenizer(out, bpe_path=tokenizer_source,
-                         corpus=None if tokenizer_source else [f"a photo of a {n}" for n in COCO_80])
-    cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text())
-    tok_cfg["model_max_length"] = 16
-    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
-    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    vocab = _write_owl_tokenizer(out, tokenizer_source, [f"a photo of a {n}" for n in COCO_80])
     model = build_owlvit(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
                          eos_token_id=vocab["<|endoftext|>"])
     with no_hf_progress_bars():
