@@ -24,6 +24,21 @@ def _images(seed: int, shapes) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
 
 
+def assert_equals_transformers(ours: list[Detections], images, names, processor, image_processor, model) -> None:
+    """Our detections (threshold 0.01) equal transformers' processor + model + post-processing, image by image."""
+    for image, image_names, got in zip(images, names, ours):
+        inputs = processor(text=[[query_text(n) for n in image_names]], images=image, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**inputs)
+        ref = image_processor.post_process_object_detection(out, threshold=0.01,
+                                                            target_sizes=torch.tensor([image.size[::-1]]))[0]
+        assert len(got.labels) > 0
+        assert got.labels == [image_names[i] for i in ref["labels"].tolist()]
+        np.testing.assert_allclose(got.scores, ref["scores"].numpy(), atol=2e-6)
+        np.testing.assert_allclose(np.array(got.boxes), ref["boxes"].numpy(), atol=5e-3)  # pixels
+        assert all(s > 0.01 for s in got.scores)
+
+
 @pytest.mark.parametrize("n_in,n_out", [(50, 96), (300, 128), (512, 1008), (97, 64)])
 def test_resample_matrix_is_scipys_filter_then_zoom(n_in, n_out):
     x = np.random.default_rng(n_in).random((n_in, n_in))
@@ -60,17 +75,7 @@ def test_detections_equal_transformers_pipeline(owl):
     image_processor = Owlv2ImageProcessorPil(size={"height": 64, "width": 64})
     processor = Owlv2Processor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(path))
     model = Owlv2ForObjectDetection.from_pretrained(path).eval()
-    for image, image_names, got in zip(images, names, ours):
-        inputs = processor(text=[[query_text(n) for n in image_names]], images=image, return_tensors="pt")
-        with torch.no_grad():
-            out = model(**inputs)
-        ref = image_processor.post_process_object_detection(out, threshold=0.01,
-                                                            target_sizes=torch.tensor([image.size[::-1]]))[0]
-        assert len(got.labels) > 0
-        assert got.labels == [image_names[i] for i in ref["labels"].tolist()]
-        np.testing.assert_allclose(got.scores, ref["scores"].numpy(), atol=2e-6)
-        np.testing.assert_allclose(np.array(got.boxes), ref["boxes"].numpy(), atol=5e-3)  # pixels
-        assert all(s > 0.01 for s in got.scores)
+    assert_equals_transformers(ours, images, names, processor, image_processor, model)
     assert set(ours[2].labels) == {"person"}  # one query: every box is labelled with it
 
 
@@ -134,16 +139,7 @@ def test_owlvit_detections_equal_transformers_pipeline(owlvit):
     ours = det.detect(images, names, threshold=0.01)
     processor = OwlViTProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(path))
     model = OwlViTForObjectDetection.from_pretrained(path).eval()
-    for image, image_names, got in zip(images, names, ours):
-        inputs = processor(text=[[query_text(n) for n in image_names]], images=image, return_tensors="pt")
-        with torch.no_grad():
-            out = model(**inputs)
-        ref = image_processor.post_process_object_detection(out, threshold=0.01,
-                                                            target_sizes=torch.tensor([image.size[::-1]]))[0]
-        assert len(got.labels) > 0
-        assert got.labels == [image_names[i] for i in ref["labels"].tolist()]
-        np.testing.assert_allclose(got.scores, ref["scores"].numpy(), atol=2e-6)
-        np.testing.assert_allclose(np.array(got.boxes), ref["boxes"].numpy(), atol=5e-3)
+    assert_equals_transformers(ours, images, names, processor, image_processor, model)
 
 
 def test_owlvit_boxes_scale_by_width_and_height():

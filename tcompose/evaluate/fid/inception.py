@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...io.datasets import file_sha256
+
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth")
 WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]
@@ -348,14 +350,6 @@ def weights_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / WEIGHTS_FILE
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fix_hint() -> str:
     return (f"run `tcompose download fid` once with network (it fetches {WEIGHTS_URL}), or download that file "
             "yourself and pass its path")
@@ -372,7 +366,7 @@ def download_weights(cache_dir: str | os.PathLike | None = None, progress: bool 
 
     path = weights_path(cache_dir)
     if path.is_file():
-        if _sha256(path).startswith(WEIGHTS_SHA256_PREFIX):
+        if file_sha256(path).startswith(WEIGHTS_SHA256_PREFIX):
             return path
         if offline():
             raise ValueError(f"{path}: the cached FID Inception weights have the wrong sha256 (expected a digest "

@@ -46,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ...io.datasets import file_sha256
 from ...io.runs import output_guard
 from ...models.defaults import CLIP
 from ..published import PUBLISHED_TAG, TABLE1
@@ -126,14 +127,6 @@ def _gen_config(cfg: FidConfig, spec, set_name: str, pairs: Sequence[Pair]):
 
     return model_config(spec, cfg.output / "models" / spec.name / set_name, [p.caption for p in pairs],
                         [p.prompt_id for p in pairs], 1, cfg)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ images

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...data.categories import MULTIGEN_CATEGORIES
+from ...io.datasets import file_sha256
 from ...models.loading import offline
 
 REPO = "mlpc-ucsd/TokenCompose"
@@ -107,14 +108,6 @@ def cache_dir() -> Path:
     return Path(hf_home).expanduser() / "tcompose" / "multigen"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _how_to_get(ps: PromptSet) -> str:
     return (f"run `tcompose download` once with network, or download {ps.url} yourself and pass it as "
             f"--prompt-file")
@@ -131,7 +124,7 @@ def fetch_prompt_set(dataset: str, cache: str | os.PathLike | None = None, base_
     folder = Path(cache) if cache is not None else cache_dir()
     path = folder / ps.filename
     if path.is_file():
-        if sha256_file(path) == ps.sha256:
+        if file_sha256(path) == ps.sha256:
             return path
         if offline():
             raise PromptSetError(f"{path}: cached copy has the wrong sha256 (expected {ps.sha256}); delete it and "
@@ -161,7 +154,7 @@ def read_prompt_file(path: str | os.PathLike, sha256: str | None = None) -> list
     if not path.is_file():
         raise PromptSetError(f"{path}: prompt file not found")
     if sha256 is not None:
-        got = sha256_file(path)
+        got = file_sha256(path)
         if got != sha256:
             other = [ps.dataset for ps in PROMPT_SETS.values() if ps.sha256 == got]
             if other:
@@ -235,7 +228,7 @@ def resolve_prompts(dataset: str = "coco", prompt_file: str | os.PathLike | None
         kind = "paper"
     if limit is not None and limit > len(prompts):
         raise PromptSetError(f"--prompts {limit}: {path.name} holds only {len(prompts)} prompts")
-    source = {"kind": kind, "dataset": dataset, "file": path.name, "sha256": sha256_file(path)}
+    source = {"kind": kind, "dataset": dataset, "file": path.name, "sha256": file_sha256(path)}
     if kind == "paper":
         source.update({"repository": REPO, "commit": COMMIT})
     return (prompts[:limit] if limit is not None else prompts), source
