@@ -33,7 +33,7 @@ from train_step import PeakMemory, _cpu_model  # same folder: benchmarks/
 
 from tcompose.clip.loss import distributed_info_nce
 from tcompose.clip.towers import LOGIT_SCALE_MAX, enable_checkpointing, param_groups
-from tcompose.models.tiny_vision import CLIP_SIZES, build_clip
+from tcompose.testing.tiny_vision import CLIP_SIZES, build_clip
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = 0

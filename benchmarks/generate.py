@@ -18,7 +18,7 @@ stderr::
     .venv/bin/python benchmarks/generate.py --device cpu --size tiny --dtype fp32 --batch-sizes 1,4
     python benchmarks/generate.py --device cuda --size sd14 --dtype fp16 --batch-sizes 1,8,16
 
-Sizes: ``tiny`` / ``medium`` (tcompose.models.tiny_sd UNets, tiny VAE, 64 px) and ``sd14`` (SD1.4's UNet, VAE
+Sizes: ``tiny`` / ``medium`` (tcompose.testing.tiny_sd UNets, tiny VAE, 64 px) and ``sd14`` (SD1.4's UNet, VAE
 and CLIP ViT-L/14 text encoder shapes, random weights, 512 px).
 """
 
@@ -40,7 +40,7 @@ from tcompose.evaluate.generate import GenerateConfig, write_images
 from tcompose.models.sampling import image_seed
 from tcompose.evaluate.sampling import DTYPES
 from tcompose.models.clip_bpe import write_clip_tokenizer
-from tcompose.models.tiny_sd import count_parameters
+from tcompose.testing.tiny_sd import count_parameters
 
 PROMPTS = [
     "a cat and a wine glass", "a red ball on a wooden table", "two dogs next to a blue car",

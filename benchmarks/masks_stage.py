@@ -4,7 +4,7 @@ It runs the real stage, :func:`tcompose.masks.run` (loader workers, GroundingDIN
 encoding, Parquet shards), on generated COCO-format images (random coloured rectangles, captions naming
 3 to 5 objects) with random-initialised models saved to a temporary folder:
 
-- default: the tiny test models of :mod:`tcompose.models.tiny_vision` (CPU-sized; the figure measures the plumbing);
+- default: the tiny test models of :mod:`tcompose.testing.tiny_vision` (CPU-sized; the figure measures the plumbing);
 - ``--real-size``: GroundingDINO-T (Swin-T + BERT-base, 900 queries) and SAM-HQ ViT-H (``--segmenter-kind
   sam``: SAM ViT-H) at their real input sizes (800 px shortest edge, 1024 px), built from configs, nothing
   downloaded.
@@ -74,7 +74,7 @@ def make_images(root: Path, n: int, width: int, height: int, seed: int = 0) -> P
 
 
 def write_models(root: Path, real: bool, hq: bool, dtype: torch.dtype) -> tuple[Path, Path]:
-    from tcompose.models import tiny_vision as tv
+    from tcompose.testing import tiny_vision as tv
 
     if not real:
         return tv.write_tiny_grounding_dino(root / "gd", words=OBJECTS), tv.write_tiny_sam(root / "sam", hq=hq)

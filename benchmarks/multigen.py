@@ -38,8 +38,8 @@ from tcompose.evaluate.detect import Owlv2Detector
 from tcompose.evaluate.multigen.prompts import sample_prompts
 from tcompose.evaluate.multigen.stage import MultigenConfig, run
 from tcompose.models.clip_bpe import find_clip_bpe, write_clip_tokenizer
-from tcompose.models.tiny_sd import write_tiny_pipeline
-from tcompose.models.tiny_vision import build_owlv2, write_tiny_owlv2
+from tcompose.testing.tiny_sd import write_tiny_pipeline
+from tcompose.testing.tiny_vision import build_owlv2, write_tiny_owlv2
 
 
 def write_models(root: Path, real: bool) -> tuple[Path, Path]:
@@ -49,7 +49,7 @@ def write_models(root: Path, real: bool) -> tuple[Path, Path]:
     if not real:
         sd = write_tiny_pipeline(root / "sd", tokenizer_source=bpe, corpus=corpus)
         return sd, write_tiny_owlv2(root / "owl", bpe)
-    from tcompose.models.tiny_sd import SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_vae
+    from tcompose.testing.tiny_sd import SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_vae
 
     sd = write_tiny_pipeline(root / "sd", tokenizer_source=bpe, corpus=corpus, size="sd14")
     vocab = json.loads((sd / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tcompose.bench.train import AMP_DTYPES, LAYERS, TC, PeakMemory, bench_unet, cpu_model, device_name
-from tcompose.models.tiny_sd import UNET_SIZES
+from tcompose.testing.tiny_sd import UNET_SIZES
 
 _cpu_model = cpu_model
 

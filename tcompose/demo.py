@@ -48,7 +48,7 @@ def run(cfg: DemoConfig) -> dict:
     from .io.datasets import write_json_atomic
     from .masks.config import MasksConfig
     from .masks.stage import run as make_masks
-    from .models.tiny_sd import write_tiny_pipeline
+    from .testing.tiny_sd import write_tiny_pipeline
     from .train.config import TrainUnetConfig
     from .train.loop import run as train
 

@@ -1,8 +1,10 @@
 """The package's layout keeps its floors: one subpackage per area, imports only point down, no import cycle.
 
-Floors, from the ground up (README, "Layout"): grounding, models, io, data; the stages masks, crops, train,
-clip; evaluate; bench, demo, download; the CLI. Every import counts, also one inside a function or under
-``TYPE_CHECKING``: a cycle broken by a late import is still a cycle of the design.
+Floors, from the ground up (docs/design.md, "Layout"): grounding, models, io, data, testing; the stages masks,
+crops, train, clip; evaluate; bench, demo, download; the CLI. Every import counts, also one inside a function or
+under ``TYPE_CHECKING``: a cycle broken by a late import is still a cycle of the design. Cycles are looked for
+twice: between modules, and between subpackages (data -> models -> data is a cycle even when no single module
+closes it). ``tcompose.testing`` (random models) is imported only by the bench, the demo and the tests.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tcompose"
 FLOORS = {
-    "grounding": 0, "models": 0, "io": 0, "data": 0,
+    "grounding": 0, "models": 0, "io": 0, "data": 0, "testing": 0,
     "masks": 1, "crops": 1, "train": 1, "clip": 1,
     "evaluate": 2,
     "bench": 3, "demo": 3, "download": 3,
     "cli": 4, "__main__": 5,
 }
 STAGES = {"masks", "crops", "train", "clip"}
+TESTING_USERS = {"testing", "bench", "demo"}  # the areas that may import tcompose.testing
 LOOSE_AT_MOST = 4  # modules directly in tcompose/ beside __init__.py and __main__.py
 
 
@@ -87,7 +90,7 @@ def test_imports_only_point_down():
     assert not upward, "imports that run upward or between stages:\n" + "\n".join(sorted(upward))
 
 
-def test_no_import_cycle():
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1: on the stack, 2: done
     stack: list[str] = []
@@ -95,7 +98,7 @@ def test_no_import_cycle():
     def visit(m: str) -> None:
         state[m] = 1
         stack.append(m)
-        for d in sorted(GRAPH[m]):
+        for d in sorted(graph[m]):
             if state.get(d) == 1:
                 cycles.append(stack[stack.index(d):] + [d])
             elif d not in state:
@@ -103,10 +106,40 @@ def test_no_import_cycle():
         stack.pop()
         state[m] = 2
 
-    for m in sorted(GRAPH):
+    for m in sorted(graph):
         if m not in state:
             visit(m)
+    return cycles
+
+
+def _area_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Subpackage -> the subpackages its modules import (top-level modules are areas of their own)."""
+    areas: dict[str, set[str]] = {}
+    for name, deps in graph.items():
+        here = _area(name)
+        if here is None:
+            continue
+        areas.setdefault(here, set()).update(a for a in map(_area, deps) if a is not None and a != here)
+    for deps in list(areas.values()):
+        for a in deps:
+            areas.setdefault(a, set())
+    return areas
+
+
+def test_no_import_cycle():
+    cycles = _cycles(GRAPH)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_no_cycle_between_subpackages():
+    cycles = _cycles(_area_graph(GRAPH))
+    assert not cycles, "subpackage cycles:\n" + "\n".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_only_the_bench_and_the_demo_import_the_testing_package():
+    users = sorted(f"{name} -> {dep}" for name, deps in GRAPH.items() for dep in deps
+                   if _area(dep) == "testing" and _area(name) not in TESTING_USERS)
+    assert not users, "the product imports test scaffolding:\n" + "\n".join(users)
 
 
 @pytest.mark.parametrize("package", sorted(m for m, p in MODULES.items() if p.name == "__init__.py"))
@@ -121,6 +154,14 @@ def test_the_cli_imports_no_heavy_library():
             "if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing tcompose.cli loads {out}"
+
+
+def test_the_area_walk_sees_a_package_cycle_no_module_closes():
+    """a.x -> b.y and b.z -> a.w: no module cycle, but a cycle of the subpackages a and b."""
+    graph = {"tcompose.a.x": {"tcompose.b.y"}, "tcompose.b.y": set(), "tcompose.b.z": {"tcompose.a.w"},
+             "tcompose.a.w": set()}
+    assert not _cycles(graph)
+    assert _cycles(_area_graph(graph)) == [["a", "b", "a"]]
 
 
 def test_the_checker_sees_a_cycle_and_an_upward_import():

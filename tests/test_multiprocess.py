@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tcompose.data.synthetic import make_scenes
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
-from tcompose.models.tiny_sd import write_tiny_pipeline
+from tcompose.testing.tiny_sd import write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.loop import run as train
 
@@ -97,7 +97,7 @@ def test_train_unet_two_processes_equal_one_process_with_doubled_batch(train_set
 def gen_setup(tmp_path_factory):
     from tcompose.data.categories import COCO_80
     from tcompose.evaluate.multigen.prompts import sample_prompts
-    from tcompose.models.tiny_vision import write_tiny_owlv2
+    from tcompose.testing.tiny_vision import write_tiny_owlv2
 
     root = tmp_path_factory.mktemp("mpgen")
     corpus = [p.text for p in sample_prompts(COCO_80, 20, seed=0)]

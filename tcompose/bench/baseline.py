@@ -151,13 +151,13 @@ def baseline_losses(unet, latents, emb, batch, noise_scheduler, layers, lambda_t
 def bench_baseline(size: str, latent_size: int | None = None, warmup: int = 2, steps: int = 3, rounds: int = 3,
                    device: torch.device | None = None, mem=None, flops: bool = False) -> dict:
     """Seconds per step, images/s and peak memory of the original's step (fp32, batch 1, grounding losses on)
-    on a UNet of ``size`` (tcompose.models.tiny_sd.UNET_SIZES); ``flops``: add ``flops_per_step``. On CUDA it runs with
+    on a UNet of ``size`` (tcompose.testing.tiny_sd.UNET_SIZES); ``flops``: add ``flops_per_step``. On CUDA it runs with
     torch's default precision settings (no TF32 matmuls; cuDNN convolutions may use TF32), as the original
     did, whatever the rest of the bench uses."""
     import gc
     import statistics
 
-    from ..models.tiny_sd import UNET_SIZES, build_tiny_unet
+    from ..testing.tiny_sd import UNET_SIZES, build_tiny_unet
     from .train import SEED, TC, PeakMemory, TrainStep, alternate, count_flops
 
     device = device or torch.device("cpu")

@@ -4,7 +4,7 @@ Random-initialised models built from configs (nothing is downloaded), run throug
 paths, timed after a warm-up (CUDA synchronised), median over ``rounds``:
 
 - generation: :func:`tcompose.evaluate.sampling.generate_batch` on a ``StableDiffusionPipeline`` (``sd14``: SD1.4's
-  UNet, VAE and CLIP ViT-L/14 text encoder shapes; ``tiny``: tcompose.models.tiny_sd), guidance 7.5, images/s
+  UNet, VAE and CLIP ViT-L/14 text encoder shapes; ``tiny``: tcompose.testing.tiny_sd), guidance 7.5, images/s
   per batch size; and the UNet alone, one denoising step at 2 x batch (classifier-free guidance), steps/s;
 - detection: :meth:`tcompose.evaluate.detect.Owlv2Detector.detect` (``large``: OWLv2-L/14 at 1008 px; ``tiny``) on
   generated-size images, 5 category queries each;
@@ -52,7 +52,7 @@ def build_sd_pipeline(size: str, device: torch.device, dtype: torch.dtype, token
     """A random StableDiffusionPipeline: ``sd14`` (SD1.4 shapes, 512 px) or ``tiny`` (64 px), PNDM, no checker."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from ..models.tiny_sd import SD_SCHEDULER, SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_unet, build_tiny_vae
+    from ..testing.tiny_sd import SD_SCHEDULER, SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_unet, build_tiny_vae
 
     unet = build_tiny_unet(0, size=size)
     vae = build_tiny_vae(1, **(SD_VAE if size == "sd14" else {}))
@@ -108,7 +108,7 @@ def bench_detect(size: str, tokenizer, batch_size: int, image_side: int, warmup:
     """Images/s of OWLv2 (``large`` or ``tiny``) on ``batch_size`` random images with 5 queries each."""
     from ..data.categories import COCO_80
     from ..evaluate.detect import Owlv2Detector
-    from ..models.tiny_vision import build_owlv2
+    from ..testing.tiny_vision import build_owlv2
 
     vocab = tokenizer.get_vocab()
     model = build_owlv2(size, 0, vocab_size=len(vocab), bos_token_id=tokenizer.bos_token_id,
@@ -129,7 +129,7 @@ def bench_detect(size: str, tokenizer, batch_size: int, image_side: int, warmup:
 def _masks_models(size: str, folder: Path, device: torch.device, dtype: torch.dtype, batch_size: int):
     from ..masks.grounding_dino import Detector
     from ..masks.segment import Segmenter
-    from ..models import tiny_vision as tv
+    from ..testing import tiny_vision as tv
     from ..models.loading import quiet_transformers
 
     if size == "tiny":

@@ -31,7 +31,7 @@ def model_parameters(family: str) -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..models.tiny_sd import SD_TEXT, SD_VAE, SDXL_TEXT_2, UNET_SIZES
+    from ..testing.tiny_sd import SD_TEXT, SD_VAE, SDXL_TEXT_2, UNET_SIZES
 
     vae_cfg = dict(in_channels=3, out_channels=3, latent_channels=4, **SD_VAE)
     with torch.device("meta"):
@@ -45,7 +45,7 @@ def model_parameters(family: str) -> dict[str, int]:
 def training_memory(family: str, lora_rank: int | None = None, precision: str = "bf16") -> dict[str, Any]:
     """Bytes of weights, gradients and optimizer state of one configuration (see the module docstring)."""
     from ..models.lora import lora_parameter_count
-    from ..models.tiny_sd import UNET_SIZES
+    from ..testing.tiny_sd import UNET_SIZES
 
     half = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     counts = model_parameters(family)

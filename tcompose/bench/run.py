@@ -161,7 +161,7 @@ def estimate_step_tflop(size: str, batch_size: int, latent: int) -> float:
     from diffusers import UNet2DConditionModel
 
     from ..grounding.objective import tokencompose_losses
-    from ..models.tiny_sd import tiny_unet_config
+    from ..testing.tiny_sd import tiny_unet_config
     from .train import LAYERS, PLAIN, count_flops, make_batch, make_scheduler
 
     meta = torch.device("meta")

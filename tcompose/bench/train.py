@@ -45,7 +45,7 @@ import torch
 from ..grounding.losses import pad_words
 from ..grounding.objective import tokencompose_losses
 from ..models.compile import compile_regions, uncompile_regions
-from ..models.tiny_sd import UNET_SIZES, build_tiny_unet, count_parameters
+from ..testing.tiny_sd import UNET_SIZES, build_tiny_unet, count_parameters
 
 PLAIN = dict(lambda_token=0.0, gamma_pixel=0.0)
 TC = dict(lambda_token=1e-3, gamma_pixel=5e-5)
@@ -311,7 +311,7 @@ def bench_vae_encode(size: str, batch_size: int, latent_size: int, dtype: str = 
     """Seconds of the VAE encode that train-unet runs every micro-step unless ``--cache-latents``: SD1.x's VAE
     (``size`` sd14) or the tiny one, cast to the training dtype as train-unet casts the frozen VAE, on
     ``batch_size`` random images that encode to ``latent_size`` latents, sampling ``mean + std * eps``."""
-    from ..models.tiny_sd import SD_VAE, build_tiny_vae
+    from ..testing.tiny_sd import SD_VAE, build_tiny_vae
 
     device = device or torch.device("cpu")
     vae = build_tiny_vae(SEED, **(SD_VAE if size == "sd14" else {})).to(device, AMP_DTYPES[dtype] or torch.float32)
@@ -335,7 +335,7 @@ def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype
                checkpointing=(False,), warmup: int = 2, steps: int = 3, rounds: int = 8,
                device: torch.device | None = None, mem: PeakMemory | None = None, flops: bool = False,
                compile: bool = False, channels_last=(False,), lora_rank: int | None = None) -> list[dict]:
-    """Plain vs tc training steps of a UNet of ``size`` (tcompose.models.tiny_sd.UNET_SIZES), one result per
+    """Plain vs tc training steps of a UNet of ``size`` (tcompose.testing.tiny_sd.UNET_SIZES), one result per
     memory format (``channels_last``: UNet weights and latents in ``torch.channels_last``, as train-unet's
     ``--channels-last``) and checkpointing mode. ``flops``: add ``flops_per_step_tc`` / ``_plain`` (see the
     module docstring). ``compile``: :func:`compile_regions`; if compiling fails (no compiler), runs eager and

@@ -5,7 +5,7 @@ tower Stable Diffusion 1.x loads as its text encoder.
     export_clip(model, tokenizer, preprocess_config, OUT)            # OUT/, OUT/text_encoder, OUT/tokenizer
 
 ViT-L/14's text tower (768 wide, 77 positions) is Stable Diffusion 1.x's text encoder. Random CLIP models
-(tiny, ViT-B/16, ViT-L/14) are built by :mod:`tcompose.models.tiny_vision`.
+(tiny, ViT-B/16, ViT-L/14) are built by :mod:`tcompose.testing.tiny_vision`.
 """
 
 from __future__ import annotations

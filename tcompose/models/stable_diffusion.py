@@ -8,7 +8,7 @@
 writes). ``noise_scheduler`` is the training scheduler, ``DDPMScheduler`` read from ``scheduler/`` (as
 diffusers' ``train_text_to_image.py`` does). ``text_encoder`` swaps in another CLIP text model (see
 :func:`load_text_encoder`); its width must match the UNet's ``cross_attention_dim``. Tiny random pipelines
-for tests and the demo are written by :mod:`tcompose.models.tiny_sd`.
+for tests and the demo are written by :mod:`tcompose.testing.tiny_sd`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 from tcompose.bench.baseline import baseline_losses, keep_all_attention
 from tcompose.bench.train import LAYERS, TC, count_flops, make_batch, make_scheduler
 from tcompose.grounding.objective import tokencompose_losses
-from tcompose.models.tiny_sd import build_tiny_unet
+from tcompose.testing.tiny_sd import build_tiny_unet
 
 
 def _positive(value) -> bool:
@@ -159,7 +159,7 @@ def test_training_memory_counts_the_real_models_from_their_configs():
     the bytes per parameter of full finetuning (16) and of a LoRA run (the base at 2, the adapters at 16)."""
     from tcompose.bench.memory import memory_table, model_parameters, training_memory
     from tcompose.models.lora import lora_parameter_count
-    from tcompose.models.tiny_sd import UNET_SIZES
+    from tcompose.testing.tiny_sd import UNET_SIZES
 
     assert model_parameters("sd14") == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
     assert model_parameters("sdxl")["unet"] == 2_567_463_684

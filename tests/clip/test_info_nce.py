@@ -45,7 +45,7 @@ def test_info_nce_equals_float64_loops(scale):
 
 
 def test_info_nce_equals_transformers_clip_loss():
-    from tcompose.models.tiny_vision import build_clip
+    from tcompose.testing.tiny_vision import build_clip
 
     model = build_clip("tiny", seed=1, vocab_size=200).eval()
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_train_clip_two_processes_equal_one_process_with_doubled_batch(tmp_path)
 
     from tcompose.clip.config import TrainClipConfig
     from tcompose.clip.loop import run
-    from tcompose.models.tiny_vision import write_tiny_clip
+    from tcompose.testing.tiny_vision import write_tiny_clip
 
     crops = write_crops(tmp_path / "crops", n_images=40)
     base = write_tiny_clip(tmp_path / "clip", corpus=[f"a photo of a {n}" for n, _ in SHAPES.values()])

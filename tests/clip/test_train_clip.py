@@ -23,7 +23,7 @@ from tcompose.clip.loop import lr_factor, run, total_steps
 from tcompose.clip.towers import lock_towers, no_decay, param_groups
 from tcompose.io.datasets import ShardedWriter, image_struct
 from tcompose.models.clip import preprocess_config
-from tcompose.models.tiny_vision import build_clip, write_tiny_clip
+from tcompose.testing.tiny_vision import build_clip, write_tiny_clip
 
 SHAPES = {1: ("ball", (215, 35, 35)), 2: ("box", (35, 70, 215)), 3: ("cup", (40, 165, 60)),
           4: ("kite", (240, 215, 40)), 5: ("ring", (145, 55, 190)), 6: ("bar", (250, 250, 250))}
@@ -291,7 +291,7 @@ def test_finetuned_text_encoder_is_used_by_train_unet_and_generation(trained, tm
     from tcompose.masks.config import MasksConfig
     from tcompose.masks.stage import run as make_masks
     from tcompose.models.stable_diffusion import TextEncoderMismatchError, load_components
-    from tcompose.models.tiny_sd import write_tiny_pipeline
+    from tcompose.testing.tiny_sd import write_tiny_pipeline
     from tcompose.train.config import TrainUnetConfig
     from tcompose.train.loop import run as train_unet
 

@@ -14,7 +14,7 @@ from tcompose.clip.loop import run as train_clip
 from tcompose.crops.from_masks import MaskCropsConfig, mask_bbox, phrase_id, run
 from tcompose.crops.geometry import CLIP_MEAN_RGB, crop_box, cut
 from tcompose.io.datasets import MANIFEST, ShardedWriter, encode_mask, image_struct, iter_rows, shard_files
-from tcompose.models.tiny_vision import write_tiny_clip
+from tcompose.testing.tiny_vision import write_tiny_clip
 
 GREY = np.array(CLIP_MEAN_RGB, dtype=float)
 

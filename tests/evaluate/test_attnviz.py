@@ -13,7 +13,7 @@ from tcompose.evaluate.generate import GenerateConfig
 from tcompose.evaluate.generate import run as generate
 from tcompose.grounding.attention_maps import MapAccumulator, combine_groups, group_hw, normalize, parse_steps, word_maps
 from tcompose.models.spec import ModelSpec, parse_model_spec, parse_model_specs
-from tcompose.models.tiny_sd import write_tiny_pipeline
+from tcompose.testing.tiny_sd import write_tiny_pipeline
 
 PROMPT = "A cat and a wine glass"
 SIZE = 32

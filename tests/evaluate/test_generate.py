@@ -22,7 +22,7 @@ from tcompose.cli import main
 from tcompose.evaluate.generate import GenerateConfig, image_filename, read_prompts, run
 from tcompose.evaluate.sampling import load_pipeline
 from tcompose.models.sampling import generate_batch, image_seed, initial_latents
-from tcompose.models.tiny_sd import write_tiny_pipeline
+from tcompose.testing.tiny_sd import write_tiny_pipeline
 
 PROMPTS = ["a cat and a wine glass", "a red ball on a table", "two dogs near a car"]
 STEPS = 3
@@ -236,7 +236,7 @@ def test_safety_checker_on_records_nsfw(models, tmp_path):
 
 
 def test_a_unet_folder_that_is_no_unet_is_one_line_and_leaves_no_folder(models, tmp_path, capsys):
-    from tcompose.models.tiny_vision import write_tiny_owlv2
+    from tcompose.testing.tiny_vision import write_tiny_owlv2
 
     owl = write_tiny_owlv2(tmp_path / "owl")  # a folder with a config.json that is not a UNet's
     capsys.readouterr()

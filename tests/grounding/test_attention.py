@@ -7,7 +7,7 @@ import torch
 
 from tcompose.grounding.attention import average_maps, capture_cross_attention, cross_attention_modules
 from tcompose.grounding.losses import grounding_losses, pad_words
-from tcompose.models.tiny_sd import build_tiny_unet
+from tcompose.testing.tiny_sd import build_tiny_unet
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from tcompose.grounding.score import grounding_score, word_attention
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
 from tcompose.models.stable_diffusion import load_components
-from tcompose.models.tiny_sd import write_tiny_pipeline
+from tcompose.testing.tiny_sd import write_tiny_pipeline
 from tcompose.train.examples import TrainingExamples, collate, prepare_rows
 
 RES = 32

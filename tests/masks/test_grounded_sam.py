@@ -19,7 +19,7 @@ from tcompose.masks.grounding_dino import assign_phrases, boxes_to_pixels, build
 from tcompose.masks.segment import scale_boxes, union_by_label
 from tcompose.masks.sources import SOURCES
 from tcompose.masks.stage import STATS_KEYS, run
-from tcompose.models.tiny_vision import bert_tokenizer
+from tcompose.testing.tiny_vision import bert_tokenizer
 
 # --------------------------------------------------------------------------------------------------------------
 # Phrase mapping on hand-made outputs
@@ -121,7 +121,7 @@ def test_boxes_masks_and_caption_choice_helpers():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tcompose.models.tiny_vision import write_tiny_clip, write_tiny_grounding_dino, write_tiny_sam
+    from tcompose.testing.tiny_vision import write_tiny_clip, write_tiny_grounding_dino, write_tiny_sam
 
     root = tmp_path_factory.mktemp("models")
     scenes = make_scenes(root / "coco", n_images=7, size=48, seed=3, corrupt=1)
@@ -418,7 +418,7 @@ def test_train_unet_reads_a_grounded_sam_dataset(tiny, reference_run, tmp_path):
     """The stages compose: grounded-sam rows (empty categories, null masks for phrases without a box) train."""
     import json
 
-    from tcompose.models.tiny_sd import write_tiny_pipeline
+    from tcompose.testing.tiny_sd import write_tiny_pipeline
     from tcompose.train.config import TrainUnetConfig
     from tcompose.train.loop import run as train
 

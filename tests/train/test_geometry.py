@@ -132,7 +132,7 @@ def test_training_examples_use_the_reference_geometry(tmp_path):
     """A row of a masks dataset becomes exactly the reference's pixels and mask."""
     from tcompose.io.datasets import ShardedWriter, encode_mask, image_struct
     from tcompose.models.stable_diffusion import load_components
-    from tcompose.models.tiny_sd import write_tiny_pipeline
+    from tcompose.testing.tiny_sd import write_tiny_pipeline
     from tcompose.train.examples import TrainingExamples, prepare_rows
 
     w, h, r = 120, 80, 48

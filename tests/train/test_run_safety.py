@@ -19,7 +19,7 @@ from tcompose.data.synthetic import make_scenes
 from tcompose.io.runs import NonFiniteLossError
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
-from tcompose.models.tiny_sd import write_tiny_pipeline
+from tcompose.testing.tiny_sd import write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.loop import run as train
 

@@ -17,7 +17,7 @@ from tcompose.masks.stage import run as make_masks
 from tcompose.models.lora import DEFAULT_TARGETS, add_lora, lora_parameter_count
 from tcompose.models.spec import parse_model_spec
 from tcompose.models.stable_diffusion import load_components
-from tcompose.models.tiny_sd import build_tiny_unet, write_tiny_pipeline
+from tcompose.testing.tiny_sd import build_tiny_unet, write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, prepare_rows
 from tcompose.train.loop import run as train
@@ -138,7 +138,7 @@ def test_lora_trains_only_its_adapters_and_the_grounding_losses_reach_them():
     masks[..., :32, :32] = 1
     batch = {"noise": torch.randn(1, 4, 32, 32, generator=g), "timesteps": torch.tensor([500]), "masks": masks,
              "word_index": torch.tensor([[[2]]]), "word_valid": torch.tensor([[[True]]])}
-    from tcompose.models.tiny_sd import SD_SCHEDULER
+    from tcompose.testing.tiny_sd import SD_SCHEDULER
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one", "steps_offset")})

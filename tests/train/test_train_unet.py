@@ -20,7 +20,7 @@ from tcompose.io.datasets import ShardedWriter, encode_mask, image_struct
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
 from tcompose.models.stable_diffusion import load_components
-from tcompose.models.tiny_sd import build_tiny_text_encoder, write_tiny_pipeline
+from tcompose.testing.tiny_sd import build_tiny_text_encoder, write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, collate, prepare_rows
 from tcompose.train.loop import run as train

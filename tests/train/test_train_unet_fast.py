@@ -20,7 +20,7 @@ from tcompose.grounding.objective import encode_batch, tokencompose_losses
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
 from tcompose.models.stable_diffusion import load_components
-from tcompose.models.tiny_sd import build_tiny_unet, write_tiny_pipeline
+from tcompose.testing.tiny_sd import build_tiny_unet, write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, collate, prepare_rows
 from tcompose.train.geometry import load_pixels

@@ -15,7 +15,7 @@ from tcompose.grounding.objective import denoising_loss, min_snr_weights, snr
 from tcompose.io.figures import figure_size
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
-from tcompose.models.tiny_sd import write_tiny_pipeline
+from tcompose.testing.tiny_sd import write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.loop import run as train
 

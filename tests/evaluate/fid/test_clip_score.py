@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tcompose.evaluate.fid.clip_score import ClipScorer
-from tcompose.models.tiny_vision import write_tiny_clip
+from tcompose.testing.tiny_vision import write_tiny_clip
 
 CAPTIONS = ["a red cat on a sofa", "two dogs in the park", "a photo of a kite", "a blue cup and a book",
             "an orange car next to a tree", "a man riding a horse on the beach"]

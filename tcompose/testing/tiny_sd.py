@@ -21,8 +21,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .clip_bpe import write_clip_tokenizer
-from .loading import no_hf_progress_bars
+from ..models.clip_bpe import write_clip_tokenizer
+from ..models.loading import no_hf_progress_bars
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 

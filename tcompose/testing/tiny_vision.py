@@ -31,8 +31,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .clip import CLIP_MEAN, CLIP_STD, preprocess_config
-from .loading import no_hf_progress_bars
+from ..models.clip import CLIP_MEAN, CLIP_STD, preprocess_config
+from ..models.loading import no_hf_progress_bars
 from .tiny_sd import write_tokenizer
 
 # BERT's (bert-base-uncased) ids that GroundingDINO's text masking relies on.
@@ -252,7 +252,7 @@ def write_tiny_clip(out_dir: str | Path, tokenizer_source: str | Path | None = N
                     corpus: Iterable[str] | None = None) -> Path:
     """Write a random CLIPModel folder (weights, tokenizer, ``preprocessor_config.json``) atomically.
 
-    ``tokenizer_source`` as in :func:`tcompose.models.tiny_sd.write_tiny_pipeline`: None -> a small BPE learnt from
+    ``tokenizer_source`` as in :func:`tcompose.testing.tiny_sd.write_tiny_pipeline`: None -> a small BPE learnt from
     ``corpus``; CLIP's ``bpe_simple_vocab_16e6.txt.gz`` -> the real vocabulary; a tokenizer folder -> copied.
     """
     out = Path(out_dir)
@@ -294,7 +294,7 @@ def _owl_text_config(spec: dict, vocab_size: int, bos_token_id: int | None, eos_
 def _write_owl_tokenizer(out: Path, tokenizer_source: str | Path | None, queries: list[str]) -> dict[str, int]:
     """A 16-token CLIP tokenizer in ``out`` (the real BPE from ``tokenizer_source``, else one trained on the
     detector's ``queries``); returns its vocabulary."""
-    from .clip_bpe import write_clip_tokenizer
+    from ..models.clip_bpe import write_clip_tokenizer
 
     write_clip_tokenizer(out, bpe_path=tokenizer_source, corpus=None if tokenizer_source else queries)
     cfg_path = out / "tokenizer_config.json"

@@ -1,0 +1,9 @@
+"""Random models for tests, the offline demo and the bench: not the product's loading (that is tcompose.models).
+
+- :mod:`.tiny_sd`: random Stable Diffusion pipelines (SD1.x layout, SDXL layout) written with ``save_pretrained``,
+  tiny for tests and the demo, with the real-size shapes (``UNET_SIZES``, ``SD_VAE``, ``SD_TEXT``) the bench uses;
+- :mod:`.tiny_vision`: random GroundingDINO, SAM / SAM-HQ, CLIP, OWLv2 and OWL-ViT folders.
+
+Only the bench, the demo and the tests import this package; a stage never does (tests/test_layout.py).
+Import the modules directly: ``from tcompose.testing.tiny_sd import write_tiny_pipeline``.
+"""
