@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 
 from tcompose.evaluate.generate import GenerateConfig, write_images
+from tcompose.evaluate.settings import GenerationSettings
 from tcompose.models.sampling import image_seed
 from tcompose.evaluate.sampling import DTYPES
-from tcompose.models.clip_bpe import write_clip_tokenizer
+from tcompose.data.clip_bpe import write_clip_tokenizer
 from tcompose.testing.tiny_sd import count_parameters
 
 PROMPTS = [
@@ -66,8 +67,9 @@ def sync(device: torch.device) -> None:
 
 def bench_batch(pipe, b: int, args, device: torch.device, out: Path) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
-    cfg = GenerateConfig(model="bench", output=out, prompts=prompts, batch_size=b, steps=args.steps,
-                         guidance=args.guidance, device=str(device))
+    cfg = GenerateConfig(model="bench", output=out, prompts=prompts,
+                         settings=GenerationSettings(batch_size=b, steps=args.steps, guidance=args.guidance,
+                                                     device=str(device)))
     counter = iter(range(10**9))
 
     def ours() -> None:

@@ -37,7 +37,8 @@ from tcompose.data.categories import COCO_80
 from tcompose.evaluate.detect import Owlv2Detector
 from tcompose.evaluate.multigen.prompts import sample_prompts
 from tcompose.evaluate.multigen.stage import MultigenConfig, run
-from tcompose.models.clip_bpe import find_clip_bpe, write_clip_tokenizer
+from tcompose.evaluate.settings import GenerationSettings
+from tcompose.data.clip_bpe import find_clip_bpe, write_clip_tokenizer
 from tcompose.testing.tiny_sd import write_tiny_pipeline
 from tcompose.testing.tiny_vision import build_owlv2, write_tiny_owlv2
 
@@ -154,10 +155,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     try:
         sd, owl = write_models(tmp, args.real_size)
+        settings = GenerationSettings(steps=args.steps, height=args.size, width=args.size, dtype=args.dtype,
+                                      batch_size=args.batch_size, device=args.device)
         cfg = MultigenConfig(models=[f"bench={sd}"], output=tmp / "run", sample_seed=0, prompts=args.prompts,
-                             images=args.images, steps=args.steps, height=args.size, width=args.size, dtype=args.dtype,
-                             batch_size=args.batch_size, detector=str(owl), detector_dtype=args.detector_dtype,
-                             detector_batch_size=args.detector_batch_size, device=args.device, grid=0)
+                             images=args.images, settings=settings, detector=str(owl),
+                             detector_dtype=args.detector_dtype, detector_batch_size=args.detector_batch_size, grid=0)
         summary = run(cfg, progress=False)
         det = Owlv2Detector.load(str(owl), device=args.device, dtype=args.detector_dtype)
         detector = bench_detector(det, args.size, args.detector_batch_sizes, args.rounds, args.device)

@@ -30,7 +30,7 @@ import torch
 from tcompose.evaluate.detect import OwlVitDetector
 from tcompose.evaluate.fid.clip_score import ClipScorer
 from tcompose.evaluate.fid.inception import FidInceptionV3, TinyFeatureNet
-from tcompose.models.clip_bpe import find_clip_bpe
+from tcompose.data.clip_bpe import find_clip_bpe
 from tcompose.testing.tiny_vision import write_tiny_clip, write_tiny_owlvit
 
 

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 class _NoTorchvisionNotice(_logging.Filter):
     """transformers announces, once per image processor, that it falls back to the PIL backend because torchvision
-    is missing. tcompose never installs torchvision, by design (see DESIGN.md), so exactly that notice is noise."""
+    is missing. tcompose never installs torchvision, by design (docs/design.md), so exactly that notice is noise."""
 
     def filter(self, record: _logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 
 @dataclass
 class DemoConfig:
@@ -119,12 +121,12 @@ def attention_figure(path: Path, runs: dict[str, Path], masks_dir: Path, cfg: De
     from .grounding.score import word_attention
     from .io.datasets import RowReader
     from .io.figures import PanelRow, draw_attention_figure
-    from .models.stable_diffusion import load_components
+    from .models.families import load_components
     from .train.examples import TrainingExamples, collate, prepare_rows, split_heldout
 
     loaded = {label: load_components(str(folder)) for label, folder in runs.items()}
     first = next(iter(loaded.values()))
-    prep = prepare_rows(masks_dir, first.tokenizer)
+    prep = prepare_rows(masks_dir, first)
     _, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed)
     rows, seen = [], set()
     for r in heldout:  # one caption per scene
@@ -134,7 +136,7 @@ def attention_figure(path: Path, runs: dict[str, Path], masks_dir: Path, cfg: De
         if len(rows) == cfg.figure_scenes:
             break
     if not rows:
-        raise ValueError(f"{masks_dir} has no held-out scene with a supervised noun to draw")
+        raise UserError(f"{masks_dir} has no held-out scene with a supervised noun to draw")
     latent = cfg.resolution // 2 ** (len(first.vae.config.block_out_channels) - 1)
     examples = TrainingExamples(prep, cfg.resolution, (first.unet.config.in_channels, latent, latent),
                                 first.noise_scheduler.config.num_train_timesteps, cfg.seed)
@@ -144,8 +146,7 @@ def attention_figure(path: Path, runs: dict[str, Path], masks_dir: Path, cfg: De
     for label, c in loaded.items():
         layers = tuple(summaries[label]["supervised_groups"])
         timesteps = tuple(summaries[label]["config"]["eval_timesteps"])
-        maps[label] = word_attention(c.unet, c.vae, c.text_encoder, c.noise_scheduler, batch, layers, timesteps,
-                                     seed=cfg.seed)
+        maps[label] = word_attention(c, batch, layers, timesteps, seed=cfg.seed)
     text = RowReader(masks_dir, ["caption", "phrases"])
     panels = []
     for i, r in enumerate(rows):

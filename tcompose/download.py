@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .errors import MissingPathError, UserError
 from .models.loading import offline
 from .models.spec import parse_model_spec, parse_model_specs
 
@@ -40,7 +41,7 @@ _ALWAYS_SKIP = ["*.ckpt", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.onnx", "*.onn
 _WEIGHTS = ("*.bin", "*.safetensors")
 
 
-class DownloadError(ValueError):
+class DownloadError(UserError):
     """Some items could not be fetched; the message lists them and why."""
 
 
@@ -91,7 +92,7 @@ def parse_revisions(values: Iterable[str]) -> dict[str, str]:
     for value in values:
         repo, sep, rev = value.partition("=")
         if not sep or not repo.strip() or not rev.strip():
-            raise ValueError(f"--revision {value!r}: expected REPO_ID=REVISION, e.g. CompVis/stable-diffusion-v1-4=main")
+            raise UserError(f"--revision {value!r}: expected REPO_ID=REVISION, e.g. CompVis/stable-diffusion-v1-4=main")
         out[repo.strip()] = rev.strip()
     return out
 
@@ -101,7 +102,7 @@ def plan(cfg: DownloadConfig) -> list[Item]:
     commands = cfg.commands or COMMANDS
     unknown = [c for c in commands if c not in COMMANDS]
     if unknown:
-        raise ValueError(f"unknown command(s) {', '.join(unknown)}: choose from {', '.join(COMMANDS)}")
+        raise UserError(f"unknown command(s) {', '.join(unknown)}: choose from {', '.join(COMMANDS)}")
     d = defaults()
     specs = parse_model_specs(cfg.models) if cfg.models else [parse_model_spec(d["base"])]
     items: list[Item] = []
@@ -174,7 +175,7 @@ def fetch_weights(item: Item) -> dict:
     path = weights_path()
     if offline():
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is not there (HF_HUB_OFFLINE=1: nothing is fetched)")
+            raise MissingPathError(f"{path} is not there (HF_HUB_OFFLINE=1: nothing is fetched)")
         return {"status": "cached", "commit": None, "path": str(path)}
     return {"status": "fetched", "commit": None, "path": str(download_weights(progress=False))}
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline settings, the real test data under TCOMPOSE_TEST_DATA, small thread counts."""
+"""Shared fixtures: offline settings, the real test data under TCOMPOSE_TEST_DATA, small thread counts, a kill
+after the first shard (helpers.py holds the scaffolding several modules share)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,11 @@ def coco_mini(test_data: Path) -> Path:
     if not path.is_dir():
         pytest.fail(f"{path} is missing from the test data")
     return path
+
+
+@pytest.fixture
+def shard_writes(monkeypatch):
+    """A kill after the first shard, and a record of the shards written: see :class:`helpers.ShardWrites`."""
+    from helpers import ShardWrites
+
+    return ShardWrites(monkeypatch)

@@ -1,21 +1,41 @@
-"""The offline demo end to end at a small size: both runs, the report, and the picture it ends with."""
+"""The offline demo end to end at a small size: both runs, the report, the picture it ends with, and what the demo
+is for: the run with the grounding losses puts clearly more of each noun's attention inside its object than the
+run without them, which stays at chance."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tcompose.demo import DemoConfig, run
 from tcompose.io.figures import figure_size
 
 
+# The held-out grounding score after 40 steps at this size (seed 0): off 0.126, on 0.249, chance 0.126; seeds 1 and 2
+# give gains of 0.081 and 0.092 (at 20 steps the gain is 0.063, at 30 0.100). The full demo: 0.133 off, 0.262 on.
+STEPS = 40
+MIN_GAIN = 0.05  # on - off, in share of attention: about 40% of the smallest gain seen above
+NEAR_CHANCE = 0.03  # a random model trained without the losses stays this close to chance
+
+
 def test_demo_writes_the_report_and_attention_png(tmp_path):
     out = tmp_path / "demo"
-    report = run(DemoConfig(output=out, images=24, steps=4, batch_size=4, figure_scenes=2, progress=False))
+    report = run(DemoConfig(output=out, images=24, steps=STEPS, batch_size=4, figure_scenes=2, progress=False))
     assert set(report["runs"]) == {"losses-off", "losses-on"}
-    assert json.loads((out / "demo_report.json").read_text())["figure"] == str(out / "attention.png")
+    written = json.loads((out / "demo_report.json").read_text())
+    assert written["figure"] == str(out / "attention.png")
+
+    # the losses work: the losses-on run beats the losses-off run by a margin, and chance; off stays at chance
+    off, on = written["runs"]["losses-off"], written["runs"]["losses-on"]
+    assert off["chance"] == on["chance"] and 0 < on["chance"] < 0.5  # the same held-out scenes, objects not the frame
+    assert off["before"] == on["before"]  # the same seed: the same model before training
+    assert on["after"] - off["after"] >= MIN_GAIN, (off, on)
+    assert on["after"] - on["chance"] >= MIN_GAIN, (off, on)
+    assert abs(off["after"] - off["chance"]) <= NEAR_CHANCE, (off, on)
+    assert written["gain"] == report["gain"] == pytest.approx(on["after"] - off["after"])
     with Image.open(out / "attention.png") as im:
         width, height = im.size
         pixels = np.asarray(im.convert("RGB"))

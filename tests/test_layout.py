@@ -1,6 +1,6 @@
 """The package's layout keeps its floors: one subpackage per area, imports only point down, no import cycle.
 
-Floors, from the ground up (docs/design.md, "Layout"): grounding, models, io, data, testing; the stages masks,
+Floors, from the ground up (docs/design.md, "Layout"): errors, grounding, models, io, data, testing; the stages masks,
 crops, train, clip; evaluate; bench, demo, download; the CLI. Every import counts, also one inside a function or
 under ``TYPE_CHECKING``: a cycle broken by a late import is still a cycle of the design. Cycles are looked for
 twice: between modules, and between subpackages (data -> models -> data is a cycle even when no single module
@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tcompose"
 FLOORS = {
-    "grounding": 0, "models": 0, "io": 0, "data": 0, "testing": 0,
+    "errors": 0, "grounding": 0, "models": 0, "io": 0, "data": 0, "testing": 0,
     "masks": 1, "crops": 1, "train": 1, "clip": 1,
     "evaluate": 2,
     "bench": 3, "demo": 3, "download": 3,
@@ -142,6 +142,32 @@ def test_only_the_bench_and_the_demo_import_the_testing_package():
     assert not users, "the product imports test scaffolding:\n" + "\n".join(users)
 
 
+#: Names that decide which model family is at hand; they belong in tcompose/models/families/ (and the random
+#: builders of tcompose/testing/), nowhere else: stages call the family interface instead.
+FAMILY_TESTS = {"is_sdxl", "addition_embed_type", "text_time", "StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+FAMILY_HOMES = ("tcompose.models.families", "tcompose.testing")
+
+
+def _family_tests(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name) and node.id in FAMILY_TESTS:
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute) and node.attr in FAMILY_TESTS:
+            found.add(node.attr)
+        elif isinstance(node, ast.alias) and node.name in FAMILY_TESTS:
+            found.add(node.name)
+        elif isinstance(node, ast.Constant) and node.value in FAMILY_TESTS:
+            found.add(node.value)
+    return found
+
+
+def test_only_the_family_modules_tell_families_apart():
+    offenders = sorted(f"{name}: {', '.join(sorted(found))}" for name, path in MODULES.items()
+                       if not name.startswith(FAMILY_HOMES) and (found := _family_tests(path)))
+    assert not offenders, "family tests outside tcompose/models/families:\n" + "\n".join(offenders)
+
+
 @pytest.mark.parametrize("package", sorted(m for m, p in MODULES.items() if p.name == "__init__.py"))
 def test_each_package_says_what_lives_there(package):
     doc = ast.get_docstring(ast.parse(MODULES[package].read_text()))
@@ -162,6 +188,12 @@ def test_the_area_walk_sees_a_package_cycle_no_module_closes():
              "tcompose.a.w": set()}
     assert not _cycles(graph)
     assert _cycles(_area_graph(graph)) == [["a", "b", "a"]]
+
+
+def test_the_family_check_sees_a_family_test(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(unet):\n    return unet.config.get('addition_embed_type') == 'text_time'\n")
+    assert _family_tests(probe) == {"addition_embed_type", "text_time"}
 
 
 def test_the_checker_sees_a_cycle_and_an_upward_import():

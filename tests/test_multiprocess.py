@@ -17,12 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tcompose.data.synthetic import make_scenes
-from tcompose.masks.config import MasksConfig
-from tcompose.masks.stage import run as make_masks
 from tcompose.testing.tiny_sd import write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.loop import run as train
+
+from helpers import make_training_setup
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +47,7 @@ def accelerate_launch(args: list[str], n: int = 2, timeout: int = 300) -> subpro
 
 @pytest.fixture(scope="module")
 def train_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mp")
-    scenes = make_scenes(root / "scenes", n_images=16, size=64, seed=1)
-    make_masks(MasksConfig(coco_dir=scenes, output=root / "masks", split="train2017"), progress=False)
-    captions = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
-    return {"masks": root / "masks", "base": write_tiny_pipeline(root / "base", corpus=captions, seed=0)}
+    return make_training_setup(tmp_path_factory.mktemp("mp"), n_images=16, seed=1, captions="first")
 
 
 def test_train_unet_two_processes_equal_one_process_with_doubled_batch(train_setup, tmp_path):

@@ -128,7 +128,8 @@ def baseline_losses(unet, latents, emb, batch, noise_scheduler, layers, lambda_t
     else:
         target = noise
     with keep_all_attention(getattr(unet, "module", unet)) as kept:
-        pred = unet(noisy, timesteps, encoder_hidden_states=emb).sample
+        cond = emb if isinstance(emb, dict) else {"encoder_hidden_states": emb}
+        pred = unet(noisy, timesteps, **cond).sample
         ldm = F.mse_loss(pred.float(), target.float())
         groups = cross_groups(kept, layers)
         index, valid = batch["word_index"], batch["word_valid"]
@@ -152,8 +153,10 @@ def bench_baseline(size: str, latent_size: int | None = None, warmup: int = 2, s
                    device: torch.device | None = None, mem=None, flops: bool = False) -> dict:
     """Seconds per step, images/s and peak memory of the original's step (fp32, batch 1, grounding losses on)
     on a UNet of ``size`` (tcompose.testing.tiny_sd.UNET_SIZES); ``flops``: add ``flops_per_step``. On CUDA it runs with
-    torch's default precision settings (no TF32 matmuls; cuDNN convolutions may use TF32), as the original
-    did, whatever the rest of the bench uses."""
+    torch's default precision settings, as the original did, whatever ``--tf32/--no-tf32`` sets for the rest of
+    the bench: TF32 matmuls off (``torch.backends.cuda.matmul.allow_tf32 = False``), cuDNN convolutions allowed
+    TF32 (``torch.backends.cudnn.allow_tf32 = True``); the settings before are restored after. The row records
+    them under ``tf32`` (None on CPU, where TF32 does not apply)."""
     import gc
     import statistics
 
@@ -168,7 +171,8 @@ def bench_baseline(size: str, latent_size: int | None = None, warmup: int = 2, s
     step = TrainStep(unet, 1, latent, "fp32", device, losses_fn=baseline_losses)
     last: dict = {}
     row: dict = {"size": size, "batch_size": 1, "latent_size": latent, "dtype": "fp32",
-                 "attention": "explicit (AttnProcessor) in every layer, every map kept"}
+                 "attention": "explicit (AttnProcessor) in every layer, every map kept",
+                 "tf32": {"matmul": False, "cudnn": True} if device.type == "cuda" else None}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
     try:

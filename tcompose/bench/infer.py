@@ -3,7 +3,7 @@
 Random-initialised models built from configs (nothing is downloaded), run through the package's own code
 paths, timed after a warm-up (CUDA synchronised), median over ``rounds``:
 
-- generation: :func:`tcompose.evaluate.sampling.generate_batch` on a ``StableDiffusionPipeline`` (``sd14``: SD1.4's
+- generation: :func:`tcompose.models.sampling.generate_batch` on a ``StableDiffusionPipeline`` (``sd14``: SD1.4's
   UNet, VAE and CLIP ViT-L/14 text encoder shapes; ``tiny``: tcompose.testing.tiny_sd), guidance 7.5, images/s
   per batch size; and the UNet alone, one denoising step at 2 x batch (classifier-free guidance), steps/s;
 - detection: :meth:`tcompose.evaluate.detect.Owlv2Detector.detect` (``large``: OWLv2-L/14 at 1008 px; ``tiny``) on
@@ -41,7 +41,7 @@ def clip_tokenizer(folder: Path, real_vocab: bool):
 
     from ..data.categories import COCO_80
     from ..evaluate.detect import query_text
-    from ..models.clip_bpe import find_clip_bpe, write_clip_tokenizer
+    from ..data.clip_bpe import find_clip_bpe, write_clip_tokenizer
 
     bpe = find_clip_bpe() if real_vocab else None
     corpus = PROMPTS + [query_text(n) for n in COCO_80]
@@ -50,8 +50,9 @@ def clip_tokenizer(folder: Path, real_vocab: bool):
 
 def build_sd_pipeline(size: str, device: torch.device, dtype: torch.dtype, tokenizer):
     """A random StableDiffusionPipeline: ``sd14`` (SD1.4 shapes, 512 px) or ``tiny`` (64 px), PNDM, no checker."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
 
+    from ..models.families import Components, family_of
     from ..testing.tiny_sd import SD_SCHEDULER, SD_TEXT, SD_VAE, build_tiny_text_encoder, build_tiny_unet, build_tiny_vae
 
     unet = build_tiny_unet(0, size=size)
@@ -60,9 +61,9 @@ def build_sd_pipeline(size: str, device: torch.device, dtype: torch.dtype, token
         len(tokenizer), 2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
         **(SD_TEXT if size == "sd14" else {"hidden_size": unet.config.cross_attention_dim}))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_config(SD_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    comps = Components(family_of(unet), unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                       noise_scheduler=None)
+    pipe = comps.pipeline(PNDMScheduler.from_config(SD_SCHEDULER))  # the family's pipeline, no safety checker
     pipe.to(device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)

@@ -91,6 +91,9 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     m = report["matmul"]
     rows.append(("machine", f"{m['dtype']} matmul n={m['n']}", f"{m['tflops']:.3f}", "TFLOP/s"))
+    # TF32 applies on CUDA only: every section but the baseline follows --tf32/--no-tf32
+    tf32 = "" if report["machine"].get("device") != "cuda" else \
+        f" TF32 {'on' if report.get('settings', {}).get('tf32') else 'off'}"
     for section, r in ((key, r) for key in ("train", "sdxl") for r in report.get(key, [])):
         if not _ok(r):
             rows.append((section, f"batch {r.get('batch_size')}", "error", r.get("error", "")))
@@ -98,7 +101,7 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str]]:
         setting = f"{r['size']} B{r['batch_size']} {r['latent_size'] * 8}px {r['dtype']} ckpt " \
                   f"{'on' if r['gradient_checkpointing'] else 'off'}{' compiled' if r['compiled'] else ''}" \
                   f"{' channels_last' if r.get('channels_last') else ''}" \
-                  f"{' LoRA r' + str(r['lora_rank']) if r.get('lora_rank') else ' full'}"
+                  f"{' LoRA r' + str(r['lora_rank']) if r.get('lora_rank') else ' full'}{tf32}"
         rows += [(section, setting, f"{r['images_per_s']:.3f}", "images/s (losses on)"),
                  (section, setting, f"{r['images_per_s_plain']:.3f}", "images/s (lambda=gamma=0)"),
                  (section, setting, f"{r['overhead_ratio'] - 1:+.1%}", "losses' overhead"),
@@ -110,7 +113,8 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str]]:
     base = report.get("baseline")
     if base is not None:
         if _ok(base):
-            setting = f"{base['size']} B1 fp32, explicit attention, all maps kept"
+            setting = f"{base['size']} B1 fp32, explicit attention, all maps kept" + \
+                (", torch's default TF32 (matmuls off, cuDNN convolutions on)" if base.get("tf32") else "")
             rows += [("baseline", setting, f"{base['images_per_s']:.3f}", "images/s"),
                      ("baseline", setting, f"{base.get('mfu', float('nan')):.1%}", "MFU"),
                      ("baseline", setting, f"{base['peak_mem_mb']:.0f}", "MiB peak")]

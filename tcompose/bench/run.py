@@ -42,6 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+from ..models.precision import TF32_DEFAULT, set_tf32
+
 SECTIONS = ("train", "sdxl", "baseline", "generate", "detect", "masks")
 CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 FULL = dict(unet="sd14", owlv2="large", masks="real", resolution=512, train_batch_sizes=(8,), batch_sizes=(1, 8, 16),
@@ -68,7 +71,8 @@ class BenchConfig:
     #   None: on for CUDA real-size runs, off on CPU and with quick (minutes of compiling, slower tiny steps)
     channels_last: str | None = None  # off | on | both: UNet and latents in torch.channels_last (train section);
     #   None: both on CUDA real-size runs (to measure whether train-unet's --channels-last pays), off otherwise
-    tf32: bool = False  # TF32 matmuls on CUDA for the train and inference sections (train-unet leaves them off)
+    tf32: bool = TF32_DEFAULT  # --tf32/--no-tf32 (tcompose.models.precision): TF32 matmuls and cuDNN convolutions
+    #   on CUDA in every section but the baseline; the same setting and default as train-unet and train-clip
     rounds: int | None = None  # timed rounds (FULL: 5; variants alternate, order flips every round)
     steps: int | None = None  # timed training steps per variant per round (FULL: 2)
     warmup: int | None = None  # untimed calls per variant (FULL: 2)
@@ -81,13 +85,13 @@ class BenchConfig:
         """Check the options and fill :attr:`settings` with every effective value."""
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown or not self.sections:
-            raise ValueError(f"--sections: unknown {unknown or 'empty'}; choose from {', '.join(SECTIONS)}")
+            raise UserError(f"--sections: unknown {unknown or 'empty'}; choose from {', '.join(SECTIONS)}")
         if self.gradient_checkpointing not in CHECKPOINTING:
-            raise ValueError(f"--gradient-checkpointing must be off, on or both, got {self.gradient_checkpointing!r}")
+            raise UserError(f"--gradient-checkpointing must be off, on or both, got {self.gradient_checkpointing!r}")
         if self.channels_last not in (None, *CHECKPOINTING):
-            raise ValueError(f"channels_last must be off, on or both, got {self.channels_last!r}")
+            raise UserError(f"channels_last must be off, on or both, got {self.channels_last!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+            raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         base = dict(QUICK if self.quick else FULL)
         for key in ("batch_sizes", "train_batch_sizes", "resolution", "rounds", "steps", "warmup", "gen_steps",
                     "infer_batch_size"):
@@ -96,11 +100,11 @@ class BenchConfig:
         ints = [*base["batch_sizes"], *base["train_batch_sizes"], base["resolution"], base["rounds"], base["steps"],
                 base["gen_steps"], base["infer_batch_size"]]
         if not base["batch_sizes"] or not base["train_batch_sizes"] or min(ints) < 1 or base["warmup"] < 0:
-            raise ValueError("--batch-sizes, --train-batch-size, --resolution, --rounds and the step counts must be "
-                             ">= 1 (--warmup >= 0)")
+            raise UserError("--batch-sizes, --train-batch-size, --resolution, --rounds and the step counts must be "
+                            ">= 1 (--warmup >= 0)")
         if base["resolution"] % 64:
-            raise ValueError(f"--resolution must be a multiple of 64 (the UNet downsamples latents 3x), "
-                             f"got {base['resolution']}")
+            raise UserError(f"--resolution must be a multiple of 64 (the UNet downsamples latents 3x), "
+                            f"got {base['resolution']}")
         self.settings = base
         return self
 
@@ -215,9 +219,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but CUDA is not available here; pass --device cpu")
-    if device.type == "cuda":  # the baseline always runs with torch's defaults (see bench_baseline)
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        raise UserError("--device cuda, but CUDA is not available here; pass --device cpu")
+    set_tf32(cfg.tf32, device)  # the baseline always runs with torch's defaults (see bench_baseline)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     compile_unet = cfg.compile if cfg.compile is not None else (device.type == "cuda" and not cfg.quick)
     channels_last = cfg.channels_last or ("both" if device.type == "cuda" and not cfg.quick else "off")
@@ -231,6 +234,11 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                           "compile": compile_unet, "channels_last": channels_last}
     if dtype_note:
         report["notes"].append(dtype_note)
+    if device.type == "cuda":
+        report["notes"].append(
+            f"TF32 (--tf32/--no-tf32) {'on' if cfg.tf32 else 'off'} for matmuls and cuDNN convolutions in every "
+            "section but the baseline, which runs with torch's defaults (TF32 matmuls off, cuDNN convolutions on), "
+            "as the original did")
     mem = PeakMemory(device)
     report["memory_note"] = mem.note
     say(f"[bold]tcompose bench[/] on {report['machine']['device_name']} ({device}), {dtype}, "

@@ -61,20 +61,20 @@ SEED = 0
 def make_batch(batch_size: int, latent_size: int, cross_dim: int, device: torch.device, seed: int = SEED,
                unet_config=None) -> tuple:
     """Random latents, the UNet's conditioning, noise, timesteps, words and rectangle masks at pixel size 8 *
-    latent. The conditioning is text embeddings; for an SDXL UNet (``unet_config``) it is the conditioning dict
-    with a pooled embedding and time ids too."""
+    latent. The conditioning is text embeddings, or with ``unet_config`` the model family's conditioning dict of
+    random values (SDXL's has a pooled embedding and time ids too)."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     b, s = batch_size, latent_size
     r = 8 * s  # masks arrive at pixel resolution; the objective resizes them to each attention map's side
     latents = torch.randn(b, 4, s, s, generator=g)
-    emb = torch.randn(b, TEXT_LEN, cross_dim, generator=g)
-    config = getattr(unet_config, "config", unet_config)
-    if config is not None and config.get("addition_embed_type") == "text_time":
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        time_ids = torch.tensor([[8.0 * s, 8.0 * s, 0.0, 0.0, 8.0 * s, 8.0 * s]]).repeat(b, 1)
-        emb = {"encoder_hidden_states": emb.to(device), "added_cond_kwargs": {
-            "text_embeds": torch.randn(b, pooled, generator=g).to(device), "time_ids": time_ids.to(device)}}
+    if unet_config is None:
+        emb = torch.randn(b, TEXT_LEN, cross_dim, generator=g)
+    else:  # the model family's conditioning (SDXL's adds a pooled embedding and time ids)
+        from ..models.families import family_of
+
+        config = dict(getattr(unet_config, "config", unet_config))
+        emb = family_of(config).example_conditioning(config, b, s, TEXT_LEN, g)
     noise = torch.randn(b, 4, s, s, generator=g)
     timesteps = torch.randint(0, 1000, (b,), generator=g)
     words = []
@@ -95,7 +95,12 @@ def make_batch(batch_size: int, latent_size: int, cross_dim: int, device: torch.
             masks[i, j, y : y + h, x : x + w] = 1.0
     batch = {"noise": noise, "timesteps": timesteps, "masks": masks, "word_index": index, "word_valid": valid}
     batch = {k: v.to(device) for k, v in batch.items()}
-    return latents.to(device), (emb if isinstance(emb, dict) else emb.to(device)), batch
+    return latents.to(device), _to(emb, device), batch
+
+
+def _to(x, device: torch.device):
+    """A tensor, or a (nested) dict of them, on ``device``."""
+    return {k: _to(v, device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
 def make_scheduler():

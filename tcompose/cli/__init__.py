@@ -4,7 +4,9 @@ Heavy libraries (torch, diffusers, transformers) are imported inside the command
 answers at once. Every command runs the same under `accelerate launch -m tcompose <command> ...`.
 
 Commands live by area: ``data`` (masks, crops), ``train`` (train-unet, train-clip), ``evaluate`` (generate,
-multigen, attnviz), ``tools`` (demo). Importing a module registers its commands on :data:`app`.
+multigen, visor, fid, latency, table, attnviz), ``tools`` (demo). Importing a module registers its commands on
+:data:`app`. ``option_groups``: options several commands share, declared once (the generation options of every
+generating command, the detection options of multigen and visor).
 """
 
 from __future__ import annotations

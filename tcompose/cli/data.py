@@ -7,8 +7,21 @@ from typing import Optional
 
 import typer
 
+from ..errors import UserError
 from ..models import defaults
-from ._app import _friendly, _split, app
+from ._app import _friendly, _split, app, process_state, run_sharded
+
+
+def _from_other_source(coco_dir: Optional[Path], other: Optional[Path], flag: str, coco_what: str) -> bool:
+    """Whether the rows come from ``other`` (``flag``) instead of COCO_DIR (``coco_what``); exactly one of the two
+    is needed."""
+    if other is None:
+        if coco_dir is None:
+            raise UserError(f"missing COCO_DIR ({coco_what}), or {flag}")
+        return False
+    if coco_dir is not None:
+        raise UserError(f"pass either COCO_DIR or {flag}, not both")
+    return True
 
 
 @app.command()
@@ -40,26 +53,20 @@ def masks(
     seg_root: Optional[Path] = typer.Option(None, help="--from-tokencompose: folder holding seg/<id>/mask_*.png (or coco_gsam_seg itself)."),
 ) -> None:
     """Caption nouns -> per-noun segmentation masks: the training data of train-unet. Resumable; multi-GPU with accelerate launch."""
-    from ._app import process_state
-
-    state = process_state()
-    if from_tokencompose is not None:
-        if coco_dir is not None:
-            raise ValueError("pass either COCO_DIR or --from-tokencompose METADATA_JSONL, not both")
+    if _from_other_source(coco_dir, from_tokencompose, "--from-tokencompose METADATA_JSONL", "a COCO-format folder"):
         from ..masks.import_tokencompose import ImportConfig
         from ..masks.import_tokencompose import run as run_import
 
         cfg = ImportConfig(metadata=from_tokencompose, output=output, images=images, seg_root=seg_root, limit=limit,
                            shard_size=shard_size)
-        run_import(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+        run_sharded(run_import, cfg)
         return
-    if coco_dir is None:
-        raise ValueError("missing COCO_DIR (a COCO-format folder), or --from-tokencompose METADATA_JSONL")
     if images is not None or seg_root is not None:
-        raise ValueError("--images and --seg-root go with --from-tokencompose")
+        raise UserError("--images and --seg-root go with --from-tokencompose")
     from ..masks.config import MasksConfig
     from ..masks.stage import run
 
+    state = process_state()
     cfg = MasksConfig(
         coco_dir=coco_dir, output=output, split=split, source=source, captions=captions, image_ids=image_ids,
         limit=limit, shard_size=shard_size, include_crowd=include_crowd, detector=detector,
@@ -67,7 +74,7 @@ def masks(
         box_threshold=box_threshold, text_threshold=text_threshold, nouns=nouns, clip_model=clip_model,
         clip_revision=clip_revision, batch_size=batch_size, dtype=dtype, workers=workers, device=str(state.device),
     )
-    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+    run_sharded(run, cfg, state)
 
 
 @app.command()
@@ -90,28 +97,22 @@ def crops(
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: one per CPU core); rows do not depend on it."),
 ) -> None:
     """Object crops labelled "a photo of a {category}": from COCO instances, or --from-masks a masks dataset's masked phrases. The data of train-clip; resumable."""
-    from ._app import process_state
-
-    state = process_state()
-    if from_masks is not None:
-        if coco_dir is not None:
-            raise ValueError("pass either COCO_DIR or --from-masks MASKS_DIR, not both")
+    if _from_other_source(coco_dir, from_masks, "--from-masks MASKS_DIR",
+                          "a COCO-format folder with instance annotations"):
         if include_crowd or categories or split != "train2017":
-            raise ValueError("--split, --categories and --include-crowd choose COCO annotations; they do not apply "
-                             "to --from-masks")
+            raise UserError("--split, --categories and --include-crowd choose COCO annotations; they do not apply "
+                            "to --from-masks")
         from ..crops.from_masks import MaskCropsConfig
         from ..crops.from_masks import run as run_from_masks
 
         cfg = MaskCropsConfig(masks=from_masks, output=output, min_area=min_area, margin=margin, square=square,
                               size=size, template=template, masked=masked, limit=limit, shard_size=shard_size,
                               workers=workers)
-        run_from_masks(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+        run_sharded(run_from_masks, cfg)
         return
-    if coco_dir is None:
-        raise ValueError("missing COCO_DIR (a COCO-format folder with instance annotations), or --from-masks MASKS_DIR")
     from ..crops.stage import CropsConfig, run
 
     cfg = CropsConfig(coco_dir=coco_dir, output=output, split=split, min_area=min_area, margin=margin, square=square,
                       size=size, template=template, masked=masked, include_crowd=include_crowd,
                       categories=_split(categories), limit=limit, shard_size=shard_size, workers=workers)
-    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+    run_sharded(run, cfg)

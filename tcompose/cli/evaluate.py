@@ -1,4 +1,8 @@
-"""Evaluation: `generate`, the benchmarks (`multigen`, `visor`, `fid`, `latency`, and `table` of them all), `attnviz`."""
+"""Evaluation: `generate`, the benchmarks (`multigen`, `visor`, `fid`, `latency`, and `table` of them all), `attnviz`.
+
+Every generating command takes the generation options (``--steps``, ``--guidance``, ...) as one ``settings``
+argument, and multigen and visor their detection options as one ``detection`` argument
+(:mod:`tcompose.cli.option_groups`)."""
 
 from __future__ import annotations
 
@@ -7,12 +11,16 @@ from typing import Optional
 
 import typer
 
+from ..errors import UserError
+from ..evaluate.settings import GenerationSettings
 from ..models import defaults
 from ._app import _friendly, _split, app
+from .option_groups import FROM_OPTIONS, detection_options, generation_options
 
 
 @app.command()
 @_friendly
+@generation_options("generate", seed="Base seed; image k of prompt p uses a seed derived from (seed, p, k).")
 def generate(
     model: str = typer.Option(..., help="Hub id or local diffusers folder (a train-unet OUT is one)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder: images/*.png, generations.parquet, run.json."),
@@ -25,81 +33,66 @@ def generate(
     lora: Optional[str] = typer.Option(None, help="LoRA adapters (a train-unet --lora-rank OUT) merged into --model's UNet."),
     lora_scale: float = typer.Option(1.0, help="Weight of the --lora adapters."),
     name: Optional[str] = typer.Option(None, help="Model label stored in the table (default: --model)."),
-    batch_size: int = typer.Option(4, help="Images per pipeline call."),
-    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: the model's own)."),
-    height: Optional[int] = typer.Option(None, help="Image height (default: the model's, 512 for SD1.x)."),
-    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
-    safety_checker: str = typer.Option("off", help="on or off (recorded either way; off: a black image would be a MultiGen miss)."),
-    seed: int = typer.Option(0, help="Base seed; image k of prompt p uses a seed derived from (seed, p, k)."),
+    settings: GenerationSettings = FROM_OPTIONS,
 ) -> None:
     """Images from prompts: seeded per image (batch size and process count do not change them), resumable."""
     from ..evaluate.generate import GenerateConfig, read_prompts, run
-    from ._app import process_state
+    from ._app import process_state, run_sharded
 
-    if safety_checker not in ("on", "off"):
-        raise ValueError(f"--safety-checker {safety_checker!r}: use on or off")
     texts = list(prompt or []) + (read_prompts(prompts) if prompts is not None else [])
     if not texts:
-        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+        raise UserError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
     state = process_state()
     cfg = GenerateConfig(model=model, output=output, prompts=texts, images_per_prompt=images_per_prompt, unet=unet,
                          text_encoder=text_encoder, revision=revision, lora=lora, lora_scale=lora_scale, name=name,
-                         batch_size=batch_size, dtype=dtype,
-                         steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
-                         safety_checker=safety_checker == "on", seed=seed, device=str(state.device))
-    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+                         settings=settings.replace(device=str(state.device)))
+    run_sharded(run, cfg, state)
 
 
 @app.command()
 @_friendly
+@generation_options("visor", seed="Base seed; image k of prompt unique_id has the same seed for every model.")
+@detection_options(detector=(defaults.OWLVIT, "OWL-ViT checkpoint (hub id or folder; VISOR's own by default)."),
+                   detector_dtype=("fp32", "fp32 (as VISOR ran it), auto (fp16 on CUDA), fp16 or bf16."),
+                   detector_batch_size=16)
 def visor(
     model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable; same seeds for all)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, prompts.json, models/, detections/, summary.json/.md."),
     prompts: Optional[int] = typer.Option(None, help="N of the 25,280 spatial prompts, drawn with --prompt-seed (default: all, VISOR's protocol)."),
     prompt_seed: int = typer.Option(0, help="Seed of the --prompts draw (prompts.json lists the ids drawn)."),
     images: int = typer.Option(4, help="Images per prompt (VISOR: 4)."),
-    seed: int = typer.Option(0, help="Base seed; image k of prompt unique_id has the same seed for every model."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: each model's own)."),
-    dtype: str = typer.Option("auto", help="Generation dtype: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
-    batch_size: int = typer.Option(4, help="Images per pipeline call."),
-    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
-    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
-    detector: str = typer.Option(defaults.OWLVIT, help="OWL-ViT checkpoint (hub id or folder; VISOR's own by default)."),
-    detector_revision: Optional[str] = typer.Option(None, help="Hub revision of --detector."),
-    detector_dtype: str = typer.Option("fp32", help="fp32 (as VISOR ran it), auto (fp16 on CUDA), fp16 or bf16."),
-    detector_batch_size: int = typer.Option(16, help="Images per detector call."),
-    store_threshold: float = typer.Option(0.01, help="Boxes scoring above this are stored."),
-    threshold: Optional[float] = typer.Option(None, help="Boxes scoring above this count (default 0.1; --score-only: the run's)."),
+    settings: GenerationSettings = FROM_OPTIONS,
+    detection: dict = FROM_OPTIONS,
     score_only: Optional[Path] = typer.Option(None, help="Rescore the stored detections of this run folder; loads no model."),
 ) -> None:
     """VISOR: SR2D two-object spatial prompts -> images -> OWL-ViT -> Object Accuracy and VISOR scores. Resumable."""
-    if score_only is not None:
-        from ..evaluate.visor.stage import rescore
+    from ..evaluate.visor import stage
 
-        rescore(score_only, threshold)
+    _detection_benchmark(stage, stage.VisorConfig, model, output, score_only, settings, detection, prompts=prompts,
+                         prompt_seed=prompt_seed, images=images)
+
+
+def _detection_benchmark(stage, config_cls, model: Optional[list[str]], output: Optional[Path],
+                         score_only: Optional[Path], settings: GenerationSettings, detection: dict, **fields) -> None:
+    """multigen and visor: ``stage.rescore`` the ``--score-only`` folder (loads no model), or ``stage.run`` a
+    ``config_cls`` of the options on every process (the threshold 0.1 unless given)."""
+    threshold = detection.pop("threshold")
+    if score_only is not None:
+        stage.rescore(score_only, threshold)
         return
     if not model or output is None:
-        raise ValueError("pass --model NAME=ID_OR_PATH (one or more) and --output DIR, or --score-only DIR")
-    from ..evaluate.visor.stage import VisorConfig, run
-    from ._app import process_state
+        raise UserError("pass --model NAME=ID_OR_PATH (one or more) and --output DIR, or --score-only DIR")
+    from ._app import process_state, run_sharded
 
     state = process_state()
-    cfg = VisorConfig(models=list(model), output=output, prompts=prompts, prompt_seed=prompt_seed, images=images,
-                      seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, dtype=dtype,
-                      batch_size=batch_size, height=height, width=width, detector=detector,
-                      detector_revision=detector_revision, detector_dtype=detector_dtype,
-                      detector_batch_size=detector_batch_size, store_threshold=store_threshold,
-                      threshold=0.1 if threshold is None else threshold, device=str(state.device))
-    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+    cfg = config_cls(models=list(model), output=output, settings=settings.replace(device=str(state.device)),
+                     threshold=0.1 if threshold is None else threshold, **detection, **fields)
+    run_sharded(stage.run, cfg, state)
 
 
 @app.command()
 @_friendly
+@generation_options("fid", seed="Base seed of the generated images.")
 def fid(
     model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable; same seeds for all)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, sets/, models/, stats/, summary.json/.md."),
@@ -109,14 +102,7 @@ def fid(
     flickr30k_pairs: int = typer.Option(1_000, help="Caption-image pairs drawn from Flickr30K (the protocol: 1,000)."),
     flickr30k_split: Optional[Path] = typer.Option(None, help="Image ids to draw from, one per line (Flickr30K Entities' val.txt)."),
     set_seed: int = typer.Option(0, help="Seed of the caption and pair draws (OUT/sets/ lists them)."),
-    seed: int = typer.Option(0, help="Base seed of the generated images."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: each model's own)."),
-    dtype: str = typer.Option("auto", help="Generation dtype: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
-    batch_size: int = typer.Option(4, help="Images per pipeline call."),
-    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
-    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    settings: GenerationSettings = FROM_OPTIONS,
     reference_size: int = typer.Option(512, help="Reference images: shorter side resized to this, centre-cropped."),
     inception: Optional[Path] = typer.Option(None, help="Inception weights file (default: the cache of `tcompose download fid`)."),
     clip_model: str = typer.Option(defaults.CLIP, help="CLIP of the CLIP score (hub id or folder); 'none' skips it."),
@@ -125,39 +111,36 @@ def fid(
 ) -> None:
     """FID on COCO (10k captions) and Flickr30K (1k pairs), CLIP score beside. Resumable."""
     if not model or output is None:
-        raise ValueError("pass --model NAME=ID_OR_PATH (one or more), --output DIR and --coco and/or --flickr30k")
+        raise UserError("pass --model NAME=ID_OR_PATH (one or more), --output DIR and --coco and/or --flickr30k")
     from ..evaluate.fid.stage import FidConfig, run
-    from ._app import process_state
+    from ._app import process_state, run_sharded
 
     state = process_state()
     cfg = FidConfig(models=list(model), output=output, coco=coco, coco_captions=coco_captions, flickr30k=flickr30k,
-                    flickr30k_pairs=flickr30k_pairs, flickr30k_split=flickr30k_split, set_seed=set_seed, seed=seed,
-                    steps=steps, guidance=guidance, scheduler=scheduler, dtype=dtype, batch_size=batch_size,
-                    height=height, width=width, reference_size=reference_size, inception=inception,
-                    clip_model=None if clip_model.lower() == "none" else clip_model,
-                    feature_batch_size=feature_batch_size, cache_dir=cache_dir, device=str(state.device))
-    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+                    flickr30k_pairs=flickr30k_pairs, flickr30k_split=flickr30k_split, set_seed=set_seed,
+                    settings=settings.replace(device=str(state.device)), reference_size=reference_size,
+                    inception=inception, clip_model=None if clip_model.lower() == "none" else clip_model,
+                    feature_batch_size=feature_batch_size, cache_dir=cache_dir)
+    run_sharded(run, cfg, state)
 
 
 @app.command()
 @_friendly
+@generation_options("latency", steps="Denoising steps (the paper: 50).",
+                    seed="Seed of the timed images (image i: the seed of prompt 0, image i).")
 def latency(
     model: list[str] = typer.Option(..., help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR] (repeatable)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder: latency.json (a rerun adds or replaces models)."),
     images: int = typer.Option(5, help="Timed images per model (batch 1)."),
     warmup: int = typer.Option(1, help="Untimed images first (kernel selection, caches)."),
-    steps: int = typer.Option(50, help="Denoising steps (the paper: 50)."),
-    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
-    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: each model's own)."),
-    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
-    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    settings: GenerationSettings = FROM_OPTIONS,
 ) -> None:
     """Seconds per image at the paper's setting (50 steps, batch 1), with the device named: Table 1's latency."""
     from ..evaluate.latency import LatencyConfig, run
     from ._app import process_state
 
-    run(LatencyConfig(models=list(model), output=output, images=images, warmup=warmup, steps=steps, dtype=dtype,
-                      scheduler=scheduler, height=height, width=width, device=str(process_state().device)))
+    run(LatencyConfig(models=list(model), output=output, images=images, warmup=warmup,
+                      settings=settings.replace(device=str(process_state().device))))
 
 
 @app.command()
@@ -178,6 +161,7 @@ def table(
 
 @app.command()
 @_friendly
+@generation_options("attnviz", seed="Seed (the image of `tcompose generate` prompt 0, image 0).")
 def attnviz(
     output: Path = typer.Option(..., "--output", "-o", help="Figure PNG; the raw maps go beside it as .safetensors."),
     prompt: Optional[str] = typer.Option(None, help="The prompt (required unless --from-maps)."),
@@ -185,13 +169,7 @@ def attnviz(
     words: Optional[str] = typer.Option(None, help="Comma-separated words/phrases of the prompt (default: its noun phrases)."),
     layers: str = typer.Option("mid,up", help="Captured cross-attention: blocks (down, mid, up) or groups (up_16, ...)."),
     timesteps: str = typer.Option("all", help="Denoising step indices to average: all, or e.g. 0-24 or 0,10,20-."),
-    seed: int = typer.Option(0, help="Seed (the image of `tcompose generate` prompt 0, image 0)."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: the model's own)."),
-    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
-    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
-    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
+    settings: GenerationSettings = FROM_OPTIONS,
     panel: int = typer.Option(256, help="Panel side in pixels."),
     scale: str = typer.Option("per-map", help="per-map: each heat map to its own range; shared: one scale for the figure (compares models)."),
     from_maps: Optional[Path] = typer.Option(None, help="Redraw from a saved .safetensors instead of generating."),
@@ -203,18 +181,20 @@ def attnviz(
         draw_figure(load_maps(from_maps), output, panel, scale)
         return
     if not prompt or not model:
-        raise ValueError("pass --prompt and at least one --model NAME=ID_OR_PATH (or --from-maps FILE)")
+        raise UserError("pass --prompt and at least one --model NAME=ID_OR_PATH (or --from-maps FILE)")
     from ..models.spec import parse_model_specs
 
     cfg = AttnvizConfig(prompt=prompt, models=parse_model_specs(model), output=output,
                         words=list(_split(words)) if words else None, layers=_split(layers), timesteps=timesteps,
-                        seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
-                        dtype=dtype, panel=panel, scale=scale)
+                        settings=settings, panel=panel, scale=scale)
     run(cfg)
 
 
 @app.command()
 @_friendly
+@generation_options("multigen", seed="Base seed; image k of prompt p has the same seed for every model.")
+@detection_options(detector=(defaults.OWLV2, "OWLv2 checkpoint (hub id or folder)."), detector_dtype="auto",
+                   detector_batch_size=8)
 def multigen(
     model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable; same seeds for all)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, models/, detections/, summary.json/.md, grid_NAME.png."),
@@ -224,43 +204,14 @@ def multigen(
     prompts: Optional[int] = typer.Option(None, help="Only the first N prompts (quick protocol: --prompts 50 --images 5)."),
     sample_seed: Optional[int] = typer.Option(None, help="Draw N new 5-category prompts from the dataset's categories with this seed."),
     images: int = typer.Option(10, help="Images per prompt (the paper: 10)."),
-    seed: int = typer.Option(0, help="Base seed; image k of prompt p has the same seed for every model."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, euler or dpm++ (default: each model's own)."),
-    dtype: str = typer.Option("auto", help="Generation dtype: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
-    batch_size: int = typer.Option(4, help="Images per pipeline call."),
-    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
-    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
-    safety_checker: str = typer.Option("off", help="on or off (recorded; off: a blacked-out image would count as a miss)."),
-    detector: str = typer.Option(defaults.OWLV2, help="OWLv2 checkpoint (hub id or folder)."),
-    detector_revision: Optional[str] = typer.Option(None, help="Hub revision of --detector."),
-    detector_dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
-    detector_batch_size: int = typer.Option(8, help="Images per detector call."),
-    store_threshold: float = typer.Option(0.01, help="Boxes scoring above this are stored."),
-    threshold: Optional[float] = typer.Option(None, help="Boxes scoring above this count (default 0.1; --score-only: the run's)."),
+    settings: GenerationSettings = FROM_OPTIONS,
+    detection: dict = FROM_OPTIONS,
     grid: int = typer.Option(4, help="Prompts shown in grid_NAME.png (0: none)."),
     score_only: Optional[Path] = typer.Option(None, help="Rescore the stored detections of this run folder (e.g. at another --threshold); loads no model."),
 ) -> None:
     """MultiGen: 5-category prompts -> images of each model -> OWLv2 -> MG1..MG5 beside the paper's rows. Resumable."""
-    if score_only is not None:
-        from ..evaluate.multigen.stage import rescore
+    from ..evaluate.multigen import stage
 
-        rescore(score_only, threshold)
-        return
-    if not model or output is None:
-        raise ValueError("pass --model NAME=ID_OR_PATH (one or more) and --output DIR, or --score-only DIR")
-    if safety_checker not in ("on", "off"):
-        raise ValueError(f"--safety-checker {safety_checker!r}: use on or off")
-    from ..evaluate.multigen.stage import MultigenConfig, run
-    from ._app import process_state
-
-    state = process_state()
-    cfg = MultigenConfig(models=list(model), output=output, dataset=dataset, prompt_file=prompt_file,
-                         custom_prompts=custom_prompts, prompts=prompts, sample_seed=sample_seed, images=images,
-                         seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, dtype=dtype,
-                         batch_size=batch_size, height=height, width=width, safety_checker=safety_checker == "on",
-                         detector=detector, detector_revision=detector_revision, detector_dtype=detector_dtype,
-                         detector_batch_size=detector_batch_size, store_threshold=store_threshold,
-                         threshold=0.1 if threshold is None else threshold, grid=grid, device=str(state.device))
-    run(cfg, rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+    _detection_benchmark(stage, stage.MultigenConfig, model, output, score_only, settings, detection, dataset=dataset,
+                         prompt_file=prompt_file, custom_prompts=custom_prompts, prompts=prompts,
+                         sample_seed=sample_seed, images=images, grid=grid)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._app import _friendly, _split, app
+from ._app import _friendly, _ints, _split, app, tf32_option
 
 
 @app.command()
@@ -57,7 +57,7 @@ def bench(
     gradient_checkpointing: str = typer.Option("both", help="Training step with gradient checkpointing: off, on or both."),
     resolution: Optional[int] = typer.Option(None, help="Image side in pixels; latents are 1/8 of it (default 512; quick 128)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet's ResNet and feed-forward blocks in the train section (default: on for CUDA, off on CPU and with --quick; eager, with a note, where compiling is unavailable)."),
-    tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 matmuls on CUDA (train-unet leaves them off; the baseline always runs without)."),
+    tf32: bool = tf32_option(),  # every section but the baseline, which runs with torch's defaults as the original did
     channels_last: Optional[str] = typer.Option(None, help="off, on or both: UNet and latents in torch.channels_last in the train section (default: both on CUDA at real size, off on CPU and with --quick)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON report to PATH, or to stdout with '-'."),
     rounds: Optional[int] = typer.Option(None, help="Timed rounds per measurement (default 5; quick 2)."),
@@ -73,12 +73,7 @@ def bench(
     from ..bench.run import BenchConfig, run, write_json
 
     def ints(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
-        if value is None:
-            return None
-        try:
-            return tuple(int(v) for v in _split(value))
-        except ValueError:
-            raise ValueError(f"{name} takes comma-separated integers, got {value!r}") from None
+        return None if value is None else _ints(value, name)
 
     cfg = BenchConfig(sections=_split(sections), quick=quick, device=device, dtype=dtype,
                       batch_sizes=ints(batch_sizes, "--batch-sizes"),

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..models import defaults
-from ._app import ARGV, _friendly, _split, app
+from ._app import ARGV, _friendly, _ints, _split, app, tf32_option
 
 
 def _command() -> str:
@@ -66,6 +66,7 @@ def train_unet(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet's ResNet blocks and feed-forwards (attention stays eager); compiling costs minutes at the start."),
     num_workers: int = typer.Option(4, help="Data loader worker processes."),
     log_every: int = typer.Option(10, help="Log losses every N steps."),
+    tf32: bool = tf32_option(),
 ) -> None:
     """TokenCompose finetuning: L_LDM + lambda * L_token + gamma * L_pixel on the UNet's cross-attention."""
     from ..train.config import TrainUnetConfig
@@ -80,11 +81,11 @@ def train_unet(
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed, use_ema=use_ema,
         ema_decay=ema_decay, checkpoint_every=checkpoint_every, checkpoints_limit=checkpoints_limit, resume=resume,
         overwrite=overwrite, eval_fraction=eval_fraction, eval_max_examples=eval_max_examples,
-        eval_timesteps=tuple(int(t) for t in _split(eval_timesteps)), random_flip=random_flip, snr_gamma=snr_gamma,
+        eval_timesteps=_ints(eval_timesteps, "--eval-timesteps"), random_flip=random_flip, snr_gamma=snr_gamma,
         validation_prompts=tuple(validation_prompt or ()), validation_every=validation_every,
         validation_steps=validation_steps, command=_command(),
         cache_latents=cache_latents, channels_last=channels_last, compile=compile,
-        num_workers=num_workers, log_every=log_every,
+        num_workers=num_workers, log_every=log_every, allow_tf32=tf32,
     )
     run(cfg)
 
@@ -121,6 +122,7 @@ def train_clip(
     eval_max_examples: int = typer.Option(5000, help="At most this many held-out crops."),
     num_workers: int = typer.Option(4, help="Data loader worker processes."),
     log_every: int = typer.Option(10, help="Log the loss every N steps."),
+    tf32: bool = tf32_option(),
 ) -> None:
     """Contrastive (InfoNCE) finetuning of CLIP on object crops; its text tower then serves as SD's text encoder."""
     from ..clip.config import TrainClipConfig
@@ -134,6 +136,6 @@ def train_clip(
         unlocked_text_layers=unlocked_text_layers, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
         checkpoints_limit=checkpoints_limit, resume=resume, overwrite=overwrite, eval_fraction=eval_fraction,
-        eval_max_examples=eval_max_examples, num_workers=num_workers, log_every=log_every,
+        eval_max_examples=eval_max_examples, num_workers=num_workers, log_every=log_every, allow_tf32=tf32,
     )
     run(cfg)

@@ -6,8 +6,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import UserError
 from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
 from ..models.defaults import CLIP
+from ..models.precision import TF32_DEFAULT
 
 #: What train-clip writes into OUT besides checkpoints/, logs/ and training_summary.json (--overwrite removes them).
 OUTPUTS = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -52,7 +54,7 @@ class TrainClipConfig:
     eval_max_examples: int = 5000  # held-out crops at most
     num_workers: int = 4
     log_every: int = 10
-    allow_tf32: bool = True
+    allow_tf32: bool = TF32_DEFAULT  # --tf32/--no-tf32: TF32 matmuls and convolutions on CUDA (models.precision)
     progress: bool = True
 
     def validate(self) -> None:
@@ -61,34 +63,34 @@ class TrainClipConfig:
                          "--max-grad-norm": self.max_grad_norm, "--eval-fraction": self.eval_fraction,
                          "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_epsilon": self.adam_epsilon})
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+            raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+            raise UserError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+            raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.max_steps is None and not self.epochs > 0:
-            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+            raise UserError(f"--epochs must be > 0, got {self.epochs}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("--lr must be > 0, --warmup-steps and --weight-decay >= 0")
+            raise UserError("--lr must be > 0, --warmup-steps and --weight-decay >= 0")
         if self.unlocked_text_layers and not self.lock_text:
-            raise ValueError("--unlocked-text-layers only applies with --lock-text")
+            raise UserError("--unlocked-text-layers only applies with --lock-text")
         if self.max_grad_norm < 0 or self.log_every < 1 or self.checkpoint_every < 0:
-            raise ValueError("--max-grad-norm and --checkpoint-every must be >= 0, --log-every >= 1")
+            raise UserError("--max-grad-norm and --checkpoint-every must be >= 0, --log-every >= 1")
         if self.checkpoints_limit is not None and self.checkpoints_limit < 1:
-            raise ValueError(f"--checkpoints-limit must be >= 1, got {self.checkpoints_limit}")
+            raise UserError(f"--checkpoints-limit must be >= 1, got {self.checkpoints_limit}")
         if self.resume is not None and self.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
-                             "--overwrite deletes it and starts again")
+            raise UserError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
+                            "--overwrite deletes it and starts again")
 
     def check_contrastive_batch(self, world_size: int) -> None:
         """InfoNCE needs negatives: at least 2 pairs in the contrastive batch (--batch-size x processes)."""
         if self.batch_size * world_size < 2:
-            raise ValueError(f"--batch-size {self.batch_size} x {world_size} process(es) = a contrastive batch of "
-                             f"{self.batch_size * world_size}: InfoNCE has no negatives then and its loss is 0; "
-                             "use --batch-size 2 or more (CLIP's recipe: 64 per process)")
+            raise UserError(f"--batch-size {self.batch_size} x {world_size} process(es) = a contrastive batch of "
+                            f"{self.batch_size * world_size}: InfoNCE has no negatives then and its loss is 0; "
+                            "use --batch-size 2 or more (CLIP's recipe: 64 per process)")
 
 
 def config_dict(cfg: TrainClipConfig) -> dict:

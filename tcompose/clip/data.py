@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..io.datasets import DatasetError, RowReader, check_columns, load_manifest
 
 
@@ -77,7 +78,7 @@ def split_by_image(image_ids: list[int], fraction: float, seed: int, max_heldout
     """Train and held-out row indices: a seeded ``fraction`` of the images (at least one, never all) is held out
     with all of its crops; ``max_heldout`` caps the held-out rows (whole images, in the seeded order)."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"--eval-fraction must be in [0, 1), got {fraction}")
+        raise UserError(f"--eval-fraction must be in [0, 1), got {fraction}")
     ids = sorted(set(image_ids))
     n_eval = min(math.ceil(fraction * len(ids)), len(ids) - 1) if fraction > 0 else 0
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -35,25 +35,14 @@ micro-batch of all processes, ``--batch-size x processes``, not enlarged by accu
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from ..io.runs import (
-    FiniteGuard,
-    Interrupted,
-    NonFiniteLossError,
-    check_resume,
-    interrupted_note,
-    kept_checkpoint_note,
-    output_guard,
-    peak_memory_mb,
-    prepare_run_folder,
-    training_progress,
-)
+from ..io.runs import (FiniteGuard, Interrupted, output_guard, peak_memory_mb, prepare_run_folder, resume_point,
+                       trainer_accelerator, training_progress)
 from .config import OUTPUTS, TrainClipConfig, config_dict, resume_settings
 
 __all__ = ["TrainClipConfig", "lr_factor", "run", "total_steps"]
@@ -86,13 +75,12 @@ def run(cfg: TrainClipConfig) -> dict:
 
 
 def _train(cfg: TrainClipConfig) -> dict:
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate import PartialState
     from torch.utils.data import DataLoader
     from transformers.utils import logging as transformers_logging
 
     from ..io.batches import MicroBatches
-    from ..io.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+    from ..io.checkpoints import save_checkpoint
     from ..io.datasets import write_json_atomic
     from ..io.files import match_umask
     from ..models.clip import export_clip, load_clip, load_preprocess_config
@@ -115,20 +103,13 @@ def _train(cfg: TrainClipConfig) -> dict:
     max_steps = total_steps(cfg, len(train_rows), world)
     ckpt_root = out / "checkpoints"
     settings = resume_settings(cfg, world, max_steps)
-    resume_path = resolve_resume(cfg.resume, ckpt_root)
-    if resume_path is not None:
-        saved = json.loads((resume_path / "state.json").read_text()).get("extra", {})
-        check_resume(saved.get("settings"), settings, resume_path)
+    start = resume_point(cfg.resume, ckpt_root, settings)
 
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    accelerator = trainer_accelerator(out, cfg.grad_accum, cfg.mixed_precision)
     device, log = accelerator.device, accelerator.print
-    if cfg.allow_tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    from ..models.precision import set_tf32
+
+    set_tf32(cfg.allow_tf32, device)  # --tf32/--no-tf32, on by default; on and off alike (CUDA only)
     torch.manual_seed(cfg.seed)
 
     clip, tokenizer = load_clip(cfg.model, revision=cfg.revision)
@@ -150,13 +131,8 @@ def _train(cfg: TrainClipConfig) -> dict:
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer = accelerator.prepare(clip, optimizer)  # the sampler shards the data itself (MicroBatches)
 
-    step, before = 0, None
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, clip, optimizer, lr_scheduler, None, accelerator.scaler)
-        step, before = state["step"], state["extra"].get("eval_before")
-        log(f"resumed from {resume_path} at step {step}")
-    elif cfg.resume == "latest":
-        log(f"no checkpoint under {ckpt_root}: starting from step 0")
+    step, extra = start.load(log, clip, optimizer, lr_scheduler, None, accelerator.scaler)
+    before = extra.get("eval_before")
 
     def held_out_eval() -> dict | None:
         if not heldout:
@@ -178,13 +154,7 @@ def _train(cfg: TrainClipConfig) -> dict:
     guard = FiniteGuard(("loss",), device)
 
     def check_finite() -> None:  # a sync: at logging steps, before every checkpoint and at the end
-        try:
-            guard.check(accelerator.gather)
-        except NonFiniteLossError as err:
-            raise NonFiniteLossError(
-                f"{err}: training stopped and no model was written; {kept_checkpoint_note(ckpt_root)}. Lower --lr, "
-                "check the data, then continue from it with --resume latest"
-            ) from None
+        guard.check_training(accelerator.gather, ckpt_root, written="model", lower="--lr")
 
     def save(at: int) -> None:
         save_checkpoint(ckpt_root, at, clip, optimizer, lr_scheduler, None, accelerator.scaler, cfg.checkpoints_limit,
@@ -234,7 +204,7 @@ def _train(cfg: TrainClipConfig) -> dict:
                     break
         check_finite()
     except KeyboardInterrupt:
-        raise Interrupted(interrupted_note(ckpt_root, step), "--resume latest") from None
+        raise Interrupted.in_training(ckpt_root, step) from None
     train_s = time.perf_counter() - t0
     accelerator.wait_for_everyone()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+
 LOGIT_SCALE_MAX = 4.605170185988092  # ln(100): CLIP clamps the learnt temperature at 1/100
 
 
@@ -18,9 +20,9 @@ def lock_towers(model, lock_vision: bool = False, lock_text: bool = False, unloc
     layer norm and the text projection. ``learn_temperature`` False freezes ``logit_scale``. Returns counts."""
     layers = model.text_model.encoder.layers
     if unlocked_text_layers and not lock_text:
-        raise ValueError("--unlocked-text-layers only applies with --lock-text")
+        raise UserError("--unlocked-text-layers only applies with --lock-text")
     if not 0 <= unlocked_text_layers <= len(layers):
-        raise ValueError(f"--unlocked-text-layers must be in [0, {len(layers)}] (the text tower's layers), got {unlocked_text_layers}")
+        raise UserError(f"--unlocked-text-layers must be in [0, {len(layers)}] (the text tower's layers), got {unlocked_text_layers}")
     model.requires_grad_(True)
     if lock_vision:
         model.vision_model.requires_grad_(False)
@@ -36,7 +38,7 @@ def lock_towers(model, lock_vision: bool = False, lock_text: bool = False, unloc
     model.logit_scale.requires_grad_(learn_temperature)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
-        raise ValueError("nothing left to train: every tower is locked and the temperature is fixed")
+        raise UserError("nothing left to train: every tower is locked and the temperature is fixed")
     return {"trainable": trainable, "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
 
 

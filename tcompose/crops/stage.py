@@ -44,6 +44,7 @@ from typing import Iterator
 import numpy as np
 
 from ..data.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
+from ..errors import UserError
 from ..io.datasets import DatasetError, ShardedWriter, image_struct
 from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
 from .geometry import CLIP_MEAN_RGB, check_bbox, crop_box, cut, inside_fraction, output_size
@@ -137,7 +138,7 @@ def check_options(cfg) -> None:
         (cfg.workers is not None and cfg.workers < 1, f"--workers must be >= 1 (or left out), got {cfg.workers}"),
     ):
         if bad:
-            raise ValueError(message)
+            raise UserError(message)
 
 
 def _wanted(cfg: CropsConfig, coco: CocoDataset) -> frozenset:
@@ -146,7 +147,7 @@ def _wanted(cfg: CropsConfig, coco: CocoDataset) -> frozenset:
     unknown = [c for c in cfg.categories if c not in known]
     if unknown:
         names = ", ".join(sorted(known)[:12]) + (", ..." if len(known) > 12 else "")
-        raise ValueError(f"--categories {', '.join(unknown)}: not in {cfg.coco_dir} {cfg.split} (it has {names})")
+        raise UserError(f"--categories {', '.join(unknown)}: not in {cfg.coco_dir} {cfg.split} (it has {names})")
     return frozenset(i for i, n in coco.categories.items() if not cfg.categories or n in cfg.categories)
 
 

@@ -5,7 +5,9 @@ caption vocabulary (words -> COCO categories), noun phrases, and caption text ->
 - :mod:`.synthetic`: ``make_scenes``, COCO-format scenes of coloured objects with captions and masks;
 - :mod:`.categories`: COCO's 80 and ADE20K's 150 class names, MultiGen's category sets;
 - :mod:`.vocab`: ``match_categories`` (resources/coco_synonyms.json);
-- :mod:`.nouns`: ``noun_phrases`` (resources/nouns.txt); :mod:`.text`: ``phrase_token_positions``.
+- :mod:`.nouns`: ``noun_phrases`` (resources/nouns.txt); :mod:`.text`: ``phrase_token_positions``;
+- :mod:`.clip_bpe`: CLIP-format BPE vocabularies on disk (the real one from its merge list, or a small one
+  learnt from captions and resources/common_words.txt).
 """
 
 from .categories import ADE20K_150, COCO_80

@@ -23,8 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import UserError
 
-class CocoError(ValueError):
+
+class CocoError(UserError):
     """A COCO folder or file that cannot be read; the message names the path and the fix."""
 
 

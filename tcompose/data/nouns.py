@@ -49,6 +49,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from ..errors import UserError
 from .vocab import _forms, _words, normalize_name, pluralize
 
 __all__ = ["METHODS", "NounVocabulary", "default_nouns", "load_nouns", "noun_phrases"]
@@ -83,11 +84,11 @@ def _parse(text: str, source: str = "nouns.txt") -> dict[str, list[str]]:
             continue
         if line.startswith("["):
             if not line.endswith("]"):
-                raise ValueError(f"{source}:{n}: a section header is written [name], got {line!r}")
+                raise UserError(f"{source}:{n}: a section header is written [name], got {line!r}")
             current = sections.setdefault(line[1:-1].strip().lower(), [])
             continue
         if current is None:
-            raise ValueError(f"{source}:{n}: an entry before the first [section] header: {line!r}")
+            raise UserError(f"{source}:{n}: an entry before the first [section] header: {line!r}")
         current += [entry.strip() for entry in _COMMA.split(line) if entry.strip()]
     return sections
 
@@ -96,7 +97,7 @@ def _entry_forms(raw: str) -> tuple[str, list[str]]:
     """``"die (dice)"`` -> (``"die"``, [``"die"``, ``"dice"``]); without parentheses: the word and its plural."""
     m = re.fullmatch(r"([^(]+?)\s*(?:\(([^)]*)\))?", raw.strip())
     if not m:
-        raise ValueError(f"bad vocabulary entry {raw!r}: write 'word' or 'word (irregular plural)'")
+        raise UserError(f"bad vocabulary entry {raw!r}: write 'word' or 'word (irregular plural)'")
     singular = normalize_name(m.group(1))
     extra = [normalize_name(f) for f in re.split(r"[|/;]", m.group(2) or "") if f.strip()]
     return singular, [*_forms(singular), *[f for f in extra if f != singular]]
@@ -290,7 +291,7 @@ def noun_phrases(caption: str, method: str = "vocab", vocab: NounVocabulary | No
         return (vocab or default_nouns()).phrases(caption)
     if method == "spacy":
         return _spacy_phrases(caption, vocab or default_nouns())
-    raise ValueError(f"unknown noun-phrase method {method!r}: use one of {', '.join(METHODS)}")
+    raise UserError(f"unknown noun-phrase method {method!r}: use one of {', '.join(METHODS)}")
 
 
 @lru_cache(maxsize=1)
@@ -298,14 +299,14 @@ def _spacy_pipeline(model: str = SPACY_MODEL):
     try:
         import spacy
     except ImportError as e:
-        raise ValueError(
+        raise UserError(
             f"noun phrases by spaCy need spaCy and its English model: pip install spacy && python -m spacy "
             f"download {model} (or use the built-in vocabulary: method 'vocab', --nouns vocab)"
         ) from e
     try:
         return spacy.load(model, exclude=["ner"])
     except OSError as e:
-        raise ValueError(
+        raise UserError(
             f"spaCy is installed but its model {model!r} is not: python -m spacy download {model} "
             f"(or use the built-in vocabulary: method 'vocab', --nouns vocab)"
         ) from e

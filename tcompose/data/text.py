@@ -28,7 +28,7 @@ from typing import Any, Collection, Iterable, Sequence
 
 import torch
 
-from ..models.clip_bpe import symbols_to_text
+from .clip_bpe import symbols_to_text
 from .nouns import noun_phrases
 
 __all__ = ["noun_phrases", "phrase_token_positions", "phrases_token_positions", "tokenize_captions", "word_positions"]

@@ -18,7 +18,7 @@ for prompt 0, image 0 with that seed), generated while :func:`tcompose.grounding
 records the ``--layers``; :mod:`tcompose.grounding.attention_maps` aggregates the conditional maps over the
 ``--timesteps`` (step indices, default all), layers and heads into per-token maps ``[77, S, S]`` (S: the
 largest map side, 64 for SD at 512 px) that sum to 1 over tokens at each pixel; a word's map is the sum over
-its token positions (:func:`tcompose.data.text.phrases_token_positions`). Words: ``--words``, or the prompt's
+its token positions (the model family's ``phrase_positions``). Words: ``--words``, or the prompt's
 noun phrases (:func:`tcompose.data.text.noun_phrases`).
 
 Outputs: the figure (rows = models, columns = the image and one overlay per word, each map min-max
@@ -40,12 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import MissingPathError, UserError
 from ..grounding.attention_maps import accumulate_attention, parse_steps, word_maps
 from ..io.figures import SCALES, PanelRow, draw_attention_figure
 from ..io.figures import figure_size as _figure_size
 from ..io.files import match_umask
 from ..io.runs import output_guard
 from ..models.spec import ModelSpec, parse_model_spec
+from .settings import GenerationSettings
 
 __all__ = ["AttnvizConfig", "Row", "AttnvizResult", "run", "maps_path", "save_maps", "load_maps",
            "draw_figure", "figure_size", "default_words"]
@@ -68,14 +70,9 @@ class AttnvizConfig:
     """Captured cross-attention: blocks or groups. Default: the layers TokenCompose supervises."""
     timesteps: str | None = None
     """Denoising step indices (``0-24``, ``10,20,30-``; 0 = the first, noisiest); None = all."""
-    seed: int = 0
-    steps: int = 50
-    guidance: float = 7.5
-    scheduler: str | None = None
-    height: int | None = None
-    width: int | None = None
-    dtype: str = "auto"
-    device: str | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    """Seed, steps, guidance, scheduler, size, dtype, device; ``batch_size`` and ``safety_checker`` are not used
+    (one image per model, always without the checker)."""
     panel: int = 256
     """Side of each panel in pixels."""
     scale: str = "per-map"
@@ -114,7 +111,7 @@ def default_words(prompt: str) -> list[str]:
         from ..data.nouns import noun_phrases
     words = noun_phrases(prompt)
     if not words:
-        raise ValueError(f"no noun phrases found in the prompt {prompt!r}; pass --words")
+        raise UserError(f"no noun phrases found in the prompt {prompt!r}; pass --words")
     return list(words)
 
 
@@ -128,27 +125,29 @@ def figure_size(n_rows: int, n_words: int, panel: int = 256) -> tuple[int, int]:
 
 
 def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) -> Row:
-    from ..data.text import phrases_token_positions
+    from ..models.families import family_of_pipeline
     from ..models.sampling import generate_batch, image_seed
     from .sampling import load_pipeline
 
+    s = cfg.settings
     pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
-                         lora=spec.lora, lora_scale=spec.lora_scale,
-                         dtype=cfg.dtype, scheduler=cfg.scheduler, device=cfg.device)
+                         lora=spec.lora, lora_scale=spec.lora_scale, dtype=s.dtype, scheduler=s.scheduler,
+                         device=s.device)
+    family = family_of_pipeline(pipe)  # the pipeline holds the parts the family reads (tokenizer, denoiser)
     positions = {}
-    for w, pos in zip(words, phrases_token_positions(pipe.tokenizer, cfg.prompt, words)):
+    for w, pos in zip(words, family.phrase_positions(pipe, cfg.prompt, words)):
         if pos is None:
-            raise ValueError(f"--words: {w!r} does not occur as whole words in the prompt {cfg.prompt!r} apart from "
+            raise UserError(f"--words: {w!r} does not occur as whole words in the prompt {cfg.prompt!r} apart from "
                              f"where longer --words take its tokens, or lies past the "
                              f"{pipe.tokenizer.model_max_length}-token limit")
         positions[w] = pos
-    pipe.scheduler.set_timesteps(cfg.steps)
+    pipe.scheduler.set_timesteps(s.steps)
     n_calls = len(pipe.scheduler.timesteps)  # UNet evaluations of the denoising loop
     selected = set(parse_steps(cfg.timesteps, n_calls))
-    with accumulate_attention(pipe.unet, cfg.layers, cfg.guidance > 1, selected,
-                              lambda i: progress(i, n_calls)) as acc:
-        images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(cfg.seed, 0, 0)], cfg.steps, cfg.guidance,
-                                   cfg.height, cfg.width)
+    with accumulate_attention(pipe.unet, cfg.layers, s.guidance > 1, selected,
+                              lambda i: progress(i, n_calls), capture=family.objective.capture) as acc:
+        images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(s.seed, 0, 0)], s.steps, s.guidance, s.height,
+                                   s.width)
     tokens = acc.token_maps()[0].float().cpu()
     row = Row(spec.name, images[0], tokens, word_maps(tokens, positions), positions)
     del pipe
@@ -184,16 +183,16 @@ def load_maps(path: str | os.PathLike) -> AttnvizResult:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--from-maps {path}: no such file; pass the .safetensors written beside a figure")
+        raise MissingPathError(f"--from-maps {path}: no such file; pass the .safetensors written beside a figure")
     try:
         f = safe_open(str(path), framework="pt")
     except Exception as err:  # noqa: BLE001  (safetensors raises its own error type for a file it cannot read)
-        raise ValueError(f"--from-maps {path}: not a safetensors file ({err}); pass the .safetensors file that "
+        raise UserError(f"--from-maps {path}: not a safetensors file ({err}); pass the .safetensors file that "
                          "tcompose attnviz wrote beside its figure") from None
     with f:
         raw = (f.metadata() or {}).get(_META_KEY)
         if raw is None:
-            raise ValueError(f"{path}: no attnviz metadata; pass a .safetensors file written by tcompose attnviz")
+            raise UserError(f"{path}: no attnviz metadata; pass a .safetensors file written by tcompose attnviz")
         meta = json.loads(raw)
         rows = []
         for name in meta["models"]:
@@ -216,13 +215,14 @@ def run(cfg: AttnvizConfig, progress: bool = True) -> dict:
     """Generate each model's image with capture on, save the maps and draw the figure; returns a summary.
     Every input and output is checked before the first model loads."""
     if not cfg.models:
-        raise ValueError("no --model given; pass --model NAME=ID_OR_PATH once per row of the figure")
+        raise UserError("no --model given; pass --model NAME=ID_OR_PATH once per row of the figure")
     if len({m.name for m in cfg.models}) != len(cfg.models):
-        raise ValueError("two --model values share a name; give each a NAME= prefix of its own")
+        raise UserError("two --model values share a name; give each a NAME= prefix of its own")
     if cfg.output.suffix.lower() != ".png":
-        raise ValueError(f"--output {cfg.output}: the figure is a PNG; use a name ending in .png")
+        raise UserError(f"--output {cfg.output}: the figure is a PNG; use a name ending in .png")
     if cfg.scale not in SCALES:
-        raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {cfg.scale!r}")
+        raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {cfg.scale!r}")
+    cfg.settings.validate()
     words = list(dict.fromkeys(cfg.words)) if cfg.words else default_words(cfg.prompt)
     _check_outputs(cfg.output)
     for spec in cfg.models:  # every model's --layers before any image is generated
@@ -236,21 +236,24 @@ def _check_outputs(figure: Path) -> None:
     """The figure and the maps beside it can be written (checked before any model is loaded)."""
     for path in (figure, maps_path(figure)):
         if path.is_dir():
-            raise ValueError(f"--output {figure}: {path} is a folder; pass a file name ending in .png")
+            raise UserError(f"--output {figure}: {path} is a folder; pass a file name ending in .png")
     existing = next((p for p in [figure.parent, *figure.parent.parents] if p.exists()), None)
     if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-        raise ValueError(f"--output {figure}: cannot create files under {existing}")
+        raise UserError(f"--output {figure}: cannot create files under {existing}")
 
 
 def _check_layers(spec: ModelSpec, cfg: AttnvizConfig) -> None:
     """``--layers`` resolved against the model's UNet at the figure's size, from its config alone."""
-    from ..grounding.attention import attention_groups, resolve_layers
+    from ..grounding.attention import resolve_layers
+    from ..models.families import family_of
     from .sampling import model_facts
 
-    facts = model_facts(spec.model, spec.unet, spec.revision, cfg.scheduler)
+    s = cfg.settings
+    facts = model_facts(spec.model, spec.unet, spec.revision, s.scheduler)
     f = facts["vae_factor"]
-    h, w = (cfg.height or facts["size"]) // f, (cfg.width or facts["size"]) // f
-    resolve_layers(cfg.layers, attention_groups(facts["unet_config"], (h, w)),
+    h, w = (s.height or facts["size"]) // f, (s.width or facts["size"]) // f
+    config = facts["unet_config"]
+    resolve_layers(cfg.layers, family_of(config).attention_groups(config, (h, w)),
                    f" ({spec.name}, at {h}x{w} latents)")
 
 
@@ -265,8 +268,9 @@ def _run(cfg: AttnvizConfig, words: list[str], progress: bool) -> dict:
             task = bar.add_task(spec.name, total=None)
             rows.append(_model_row(spec, cfg, words, lambda i, n, t=task: bar.update(t, completed=i, total=n)))
     h, w = rows[0].image.shape[:2]
-    meta = {"seed": cfg.seed, "layers": list(cfg.layers), "timesteps": cfg.timesteps or "all", "steps": cfg.steps,
-            "guidance": cfg.guidance, "scheduler": cfg.scheduler, "height": h, "width": w, "dtype": cfg.dtype,
+    s = cfg.settings
+    meta = {"seed": s.seed, "layers": list(cfg.layers), "timesteps": cfg.timesteps or "all", "steps": s.steps,
+            "guidance": s.guidance, "scheduler": s.scheduler, "height": h, "width": w, "dtype": s.dtype,
             "model_specs": [vars(m) for m in cfg.models]}
     result = AttnvizResult(cfg.prompt, words, rows, meta)
     maps = save_maps(result, maps_path(cfg.output))

@@ -1,10 +1,12 @@
-"""What the detection benchmarks (multigen, visor) share: the settings check, run.json, the work split, the
-generate-then-detect pass of every model, waiting for other processes, progress, timing rates and the hub commit a
-model resolved to; and the summary files every evaluation stage (fid too) writes.
+"""What the detection benchmarks (multigen, visor) share: their config's common fields (:class:`DetectionConfig`),
+the settings check, run.json, the work split, the run up to scoring (:func:`run_models`: the generate-then-detect
+pass of every model, waiting for other processes), progress, timing rates and the hub commit a model resolved to;
+and what every benchmark (fid too) shares: the model check, each model's settings in run.json
+(:func:`model_settings`) and the summary files.
 
-Both stages' configs carry the same field names for what this module reads (``output``, ``images``, the
-``detector*`` and threshold fields, ``part_size`` and the sampling fields of
-:data:`tcompose.evaluate.generate.SAMPLING_FIELDS`); their prompts have ``prompt_id``, ``text`` and ``to_dict()``.
+Both stages' configs extend :class:`DetectionConfig` (the generation settings in it as one
+:class:`tcompose.evaluate.settings.GenerationSettings`); their prompts have ``prompt_id``, ``text`` and
+``to_dict()``.
 
 A benchmark run generates images with :mod:`tcompose.evaluate.generate`, detects objects in them
 (:mod:`tcompose.evaluate.detection_store`) and scores on rank 0. The j-th (prompt, image) of the run goes to
@@ -16,49 +18,124 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+
+from ..errors import UserError
+from ..models.defaults import OWLV2
+from .settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from ..models.spec import ModelSpec
+    from .generate import GenerateConfig
 
 P = TypeVar("P")
 RUN_JSON, PROMPTS_JSON = "run.json", "prompts.json"
 
 
-def check_settings(cfg, rank: int, world_size: int) -> None:
-    """The checks every detection benchmark makes of its config before any work."""
-    if not cfg.models:
-        raise ValueError("no --model given: pass one or more NAME=ID_OR_PATH")
-    for key in ("images", "detector_batch_size", "part_size", "batch_size", "steps"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    if not 0 <= cfg.store_threshold <= cfg.threshold < 1:
-        raise ValueError(f"need 0 <= --store-threshold ({cfg.store_threshold}) <= --threshold ({cfg.threshold}) < 1")
+@dataclass
+class DetectionConfig:
+    """What a detection benchmark's config holds besides its prompt choice: MultigenConfig and VisorConfig extend
+    it (with their own defaults where the benchmarks differ; these are MultiGen's detector's)."""
+
+    models: list[str]
+    """``NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,revision=REV]`` (tcompose.models.spec), one or more."""
+    output: Path
+    images: int = 1
+    """Images per prompt."""
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    """How every model generates (the same seeds for all); its device runs the detector too."""
+    detector: str = OWLV2
+    detector_revision: str | None = None
+    detector_dtype: str = "auto"
+    """auto = fp16 on CUDA, fp32 elsewhere; or fp32, fp16, bf16."""
+    detector_batch_size: int = 8
+    store_threshold: float = 0.01
+    """Boxes above this are stored (so other thresholds can be scored later)."""
+    threshold: float = 0.1
+    """Boxes above this count (0.1: MultiGen's and VISOR's)."""
+    part_size: int = 200
+    """Images per detections part file: the unit of resuming the detection pass."""
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        self.models = list(self.models)
+
+
+def check_models(models: Sequence[str], rank: int, world_size: int) -> None:
+    """What every benchmark (fid too) checks first: some ``--model``, and a rank within the world size."""
+    if not models:
+        raise UserError("no --model given: pass one or more NAME=ID_OR_PATH")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
 
 
-def generate_config(cfg, spec, prompts: Sequence):
+def check_settings(cfg: DetectionConfig, rank: int, world_size: int) -> list[ModelSpec]:
+    """The checks every detection benchmark makes of its config before any work; returns the parsed models."""
+    from ..models.spec import parse_model_specs
+
+    check_models(cfg.models, rank, world_size)
+    for key in ("images", "detector_batch_size", "part_size"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    cfg.settings.validate()
+    if not 0 <= cfg.store_threshold <= cfg.threshold < 1:
+        raise UserError(f"need 0 <= --store-threshold ({cfg.store_threshold}) <= --threshold ({cfg.threshold}) < 1")
+    return parse_model_specs(cfg.models)
+
+
+def generate_config(cfg: DetectionConfig, spec: ModelSpec, prompts: Sequence) -> GenerateConfig:
     """The GenerateConfig of one model of the run: ``cfg.images`` images of each prompt under models/NAME."""
     from .generate import model_config
 
     return model_config(spec, cfg.output / "models" / spec.name, [p.text for p in prompts],
-                        [p.prompt_id for p in prompts], cfg.images, cfg)
+                        [p.prompt_id for p in prompts], cfg.images, cfg.settings)
 
 
-def run_record(stage: str, cfg, specs, prompt_source: dict) -> dict:
-    """run.json's content: what decides the images (each model's settings), the detections and the scores."""
-    from .detect import resolve_dtype as det_dtype
+def model_settings(settings: GenerationSettings, specs: Sequence[ModelSpec],
+                   config_of: Callable[[ModelSpec], GenerateConfig]) -> dict[str, dict]:
+    """run.json's ``models``: each model's :func:`tcompose.evaluate.generate.settings_of` (what decides its
+    images), ``config_of(spec)`` its GenerateConfig, at ``settings``' dtype on its device."""
     from .generate import settings_of
     from .sampling import dtype_name, resolve_device, resolve_dtype
 
-    device = resolve_device(cfg.device)
-    dtype = dtype_name(resolve_dtype(cfg.dtype, device))
-    models = {s.name: settings_of(generate_config(cfg, s, []), dtype) for s in specs}
+    dtype = dtype_name(resolve_dtype(settings.dtype, resolve_device(settings.device)))
+    return {s.name: settings_of(config_of(s), dtype) for s in specs}
+
+
+def run_record(stage: str, cfg: DetectionConfig, specs: Sequence[ModelSpec], prompt_source: dict) -> dict:
+    """run.json's content: what decides the images (each model's settings), the detections and the scores."""
+    from .detect import resolve_dtype as det_dtype
+    from .sampling import dtype_name, resolve_device
+
+    models = model_settings(cfg.settings, specs, lambda s: generate_config(cfg, s, []))
     detection = {"detector": cfg.detector, "revision": cfg.detector_revision, "queries": "a photo of a {name}",
-                 "dtype": dtype_name(det_dtype(cfg.detector_dtype, device)), "store_threshold": cfg.store_threshold}
+                 "dtype": dtype_name(det_dtype(cfg.detector_dtype, resolve_device(cfg.settings.device))),
+                 "store_threshold": cfg.store_threshold}
     return {"stage": stage, "prompt_source": prompt_source, "detection": detection, "models": models}
 
 
-def start_run(cfg, record: dict, prompts: Sequence, rank: int, world_size: int) -> Path:
+def run_models(stage: str, cfg: DetectionConfig, specs: Sequence[ModelSpec], prompts: Sequence, source: dict,
+               detector_cls, rank: int, world_size: int, progress: bool, timeout_s: float
+               ) -> tuple[list[str] | None, dict[str, Any], dict[str, dict]]:
+    """A detection benchmark's run up to scoring: the detector checked, run.json checked and written, every
+    model's images generated and this process's share detected; on rank 0, every process's detections waited
+    for. Returns the names of the models to score (every model in the folder; None on other ranks), the timings
+    and each model's generate summary. An output folder the run created and left empty is removed on failure."""
+    from ..io.runs import output_guard
+
+    with output_guard(cfg.output):
+        detector_cls.check(cfg.detector, cfg.detector_revision)  # a wrong --detector fails before any image
+        run_path = start_run(cfg, run_record(stage, cfg, specs, source), prompts, rank, world_size)
+        timing, generation = generate_and_detect(cfg, specs, prompts, detector_cls, rank, world_size, progress,
+                                                 timeout_s)
+        if rank != 0:
+            return None, timing, generation
+        return finish_run(cfg, specs, prompts, run_path, timing, timeout_s), timing, generation
+
+
+def start_run(cfg: DetectionConfig, record: dict, prompts: Sequence, rank: int, world_size: int) -> Path:
     """Check ``record`` against the folder's run.json (every process) and write it with prompts.json (rank 0)."""
     from ..io.datasets import library_versions, write_json_atomic
 
@@ -73,8 +150,8 @@ def start_run(cfg, record: dict, prompts: Sequence, rank: int, world_size: int) 
     return run_path
 
 
-def generate_and_detect(cfg, specs, prompts: Sequence, detector_cls, rank: int, world_size: int, progress: bool,
-                        timeout_s: float) -> tuple[dict[str, Any], dict[str, dict]]:
+def generate_and_detect(cfg: DetectionConfig, specs: Sequence[ModelSpec], prompts: Sequence, detector_cls, rank: int,
+                        world_size: int, progress: bool, timeout_s: float) -> tuple[dict[str, Any], dict[str, dict]]:
     """Every model generates its images (tcompose.evaluate.generate), then this process detects its share of them
     with ``detector_cls.load(...)`` (loaded once, only if some image lacks detections). Returns the timings and
     each model's generate summary."""
@@ -101,8 +178,8 @@ def generate_and_detect(cfg, specs, prompts: Sequence, detector_cls, rank: int, 
         wait_for_files([image_dir / image_filename(p.prompt_id, k) for p, k in todo], timeout_s)
         if detector is None:
             t0 = time.perf_counter()
-            detector = detector_cls.load(cfg.detector, cfg.detector_revision, str(resolve_device(cfg.device)),
-                                         cfg.detector_dtype)
+            detector = detector_cls.load(cfg.detector, cfg.detector_revision,
+                                         str(resolve_device(cfg.settings.device)), cfg.detector_dtype)
             timing["detector_load_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with CountBar(progress and rank == 0, f"detect {spec.name}", len(todo)) as advance:
@@ -113,7 +190,8 @@ def generate_and_detect(cfg, specs, prompts: Sequence, detector_cls, rank: int, 
     return detection_rates(timing), generation
 
 
-def finish_run(cfg, specs, prompts: Sequence, run_path: Path, timing: dict, timeout_s: float) -> list[str]:
+def finish_run(cfg: DetectionConfig, specs: Sequence[ModelSpec], prompts: Sequence, run_path: Path, timing: dict,
+               timeout_s: float) -> list[str]:
     """Rank 0, before scoring: wait for every process's detections, record the hub commits and timings in
     run.json; returns the names of every model in the folder (earlier runs' models into it too)."""
     from ..io.datasets import write_json_atomic
@@ -135,11 +213,11 @@ def merge_run_json(path: Path, record: dict, fixed: Sequence[str] = ("prompt_sou
     old = json.loads(path.read_text())
     for key in fixed:
         if old.get(key) != record[key]:
-            raise ValueError(f"{path}: this folder was run with other {key.replace('_', ' ')} ({old.get(key)}); "
+            raise UserError(f"{path}: this folder was run with other {key.replace('_', ' ')} ({old.get(key)}); "
                              "use a new --output, or the same settings")
     for name, settings in record["models"].items():
         if name in old.get("models", {}) and old["models"][name] != settings:
-            raise ValueError(f"{path}: model {name!r} was generated with other settings ({old['models'][name]}); "
+            raise UserError(f"{path}: model {name!r} was generated with other settings ({old['models'][name]}); "
                              "give it another NAME= or use a new --output")
     return {**old, **record, "models": {**old.get("models", {}), **record["models"]}}
 
@@ -149,15 +227,15 @@ def read_run(output: Path, stage: str, threshold: float | None) -> tuple[dict, f
     stored detections') and its prompts.json, checked to be a ``stage`` run."""
     run_path, prompts_path = Path(output) / RUN_JSON, Path(output) / PROMPTS_JSON
     if not run_path.is_file() or not prompts_path.is_file():
-        raise ValueError(f"{output}: no {RUN_JSON} / {PROMPTS_JSON}; --score-only takes the --output folder of a "
+        raise UserError(f"{output}: no {RUN_JSON} / {PROMPTS_JSON}; --score-only takes the --output folder of a "
                          f"tcompose {stage} run")
     meta = json.loads(run_path.read_text())
     if meta.get("stage") != stage:
-        raise ValueError(f"{output} holds a {meta.get('stage')!r} run, not a tcompose {stage} one")
+        raise UserError(f"{output} holds a {meta.get('stage')!r} run, not a tcompose {stage} one")
     thr = meta["threshold"] if threshold is None else threshold
     stored = meta["detection"]["store_threshold"]
     if not stored <= thr < 1:
-        raise ValueError(f"--threshold {thr} is below the stored detections' threshold {stored} (or >= 1): "
+        raise UserError(f"--threshold {thr} is below the stored detections' threshold {stored} (or >= 1): "
                          "boxes under it were not kept")
     return meta, thr, json.loads(prompts_path.read_text())
 
@@ -180,12 +258,20 @@ def my_share(prompts: Sequence[P], images: int, rank: int, world_size: int) -> l
     return [(p, k) for p in prompts for k in range(images)][rank::world_size]
 
 
+def image_rows(stored: dict, prompts: Sequence[P], images: int) -> Iterator[tuple[P, int, dict | None]]:
+    """Each (prompt, image index, its row of ``stored`` detections or None) of a run, prompt by prompt: what a
+    benchmark scores (``stored``: :func:`tcompose.evaluate.detection_store.read_records` of one model)."""
+    for p in prompts:
+        for k in range(images):
+            yield p, k, stored.get((p.prompt_id, k))
+
+
 def wait_for_files(paths: list[Path], timeout_s: float) -> None:
     """Wait until every path exists (images other processes generate)."""
     deadline = time.monotonic() + timeout_s
     while missing := [p for p in paths if not p.exists()]:
         if time.monotonic() > deadline:
-            raise ValueError(f"{len(missing)} images (e.g. {missing[0]}) did not appear within {timeout_s:g} s; "
+            raise UserError(f"{len(missing)} images (e.g. {missing[0]}) did not appear within {timeout_s:g} s; "
                              "run the same command again to finish them")
         time.sleep(1.0)
 
@@ -197,7 +283,7 @@ def wait_for_detections(folder: Path, keys: set, timeout_s: float, poll_s: float
     deadline = time.monotonic() + timeout_s
     while missing := keys - stored_keys(folder):
         if time.monotonic() > deadline:
-            raise ValueError(f"{folder}: detections of {len(missing)} images (e.g. prompt {min(missing)[0]}) did not "
+            raise UserError(f"{folder}: detections of {len(missing)} images (e.g. prompt {min(missing)[0]}) did not "
                              f"appear within {timeout_s:g} s; run the same command again to finish them")
         time.sleep(poll_s)
 

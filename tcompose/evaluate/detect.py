@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..models.clip import CLIP_MEAN, CLIP_STD
 from ..models.defaults import OWLV2, OWLVIT
 
@@ -138,11 +139,11 @@ class Owlv2Detector:
         try:
             kind = model_type(name, revision, f"{cls.kind} detector")
         except (OSError, ValueError) as err:
-            raise ValueError(f"--detector {name}: no readable model config there ({str(err).splitlines()[0]}); pass "
-                             f"an {cls.kind} checkpoint such as {cls.default}") from None
+            raise UserError(f"--detector {name}: no readable model config there ({str(err).splitlines()[0]}); pass "
+                            f"an {cls.kind} checkpoint such as {cls.default}") from None
         if kind != cls.model_type:
-            raise ValueError(f"--detector {name}: model_type {kind!r} is not an {cls.kind} detector; pass an "
-                             f"{cls.kind} checkpoint such as {cls.default}")
+            raise UserError(f"--detector {name}: model_type {kind!r} is not an {cls.kind} detector; pass an "
+                            f"{cls.kind} checkpoint such as {cls.default}")
 
     @classmethod
     def _model_class(cls):
@@ -300,7 +301,7 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     if dtype not in table:
-        raise ValueError(f"unknown detector dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
+        raise UserError(f"unknown detector dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
     return table[dtype]
 
 

@@ -36,15 +36,18 @@ import json
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import MissingPathError, UserError
 from ..io.runs import model_id, output_guard
 from ..models.sampling import image_seed
+from ..models.spec import ModelSpec
 from .sampling import load_pipeline  # noqa: F401  (part of this module's interface)
+from .settings import GenerationSettings
 
 __all__ = ["GenerateConfig", "image_seed", "image_filename", "read_prompts", "load_pipeline", "run",
            "write_images", "settings_of", "TABLE", "RUN_JSON"]
@@ -77,22 +80,8 @@ class GenerateConfig:
     lora_scale: float = 1.0
     name: str | None = None
     """The model's label in the table (default: ``model``)."""
-    batch_size: int = 4
-    dtype: str = "auto"
-    """auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32."""
-    steps: int = 50
-    guidance: float = 7.5
-    scheduler: str | None = None
-    """None = the model's own; pndm, ddim, euler or dpm++."""
-    height: int | None = None
-    width: int | None = None
-    """None: the UNet's sample_size x 8 (512 for SD1.x)."""
-    safety_checker: bool = False
-    """Off by default: a blacked-out image reads as "no object drawn" to MultiGen's detector, so the checker
-    would turn its NSFW false positives into composition misses; the state is recorded either way."""
-    seed: int = 0
-    device: str | None = None
-    """None: accelerate's device for this process."""
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    """Steps, guidance, scheduler, size, dtype, batch size, safety checker, seed, device."""
 
     def __post_init__(self):
         self.output = Path(self.output)
@@ -102,19 +91,13 @@ class GenerateConfig:
         self.prompt_ids = [int(i) for i in self.prompt_ids]
 
 
-SAMPLING_FIELDS = ("batch_size", "dtype", "steps", "guidance", "scheduler", "height", "width", "safety_checker", "seed",
-                   "device")
-"""The fields of GenerateConfig that a benchmark (multigen, visor, fid) passes through under the same names."""
-
-
-def model_config(spec, output: Path, prompts: list[str], prompt_ids: list[int], images_per_prompt: int,
-                 sampling) -> GenerateConfig:
-    """The GenerateConfig of one ``--model`` spec (:class:`tcompose.models.spec.ModelSpec`) in a benchmark: its
-    prompts and folder, and ``sampling``'s :data:`SAMPLING_FIELDS` (any config with those attributes)."""
+def model_config(spec: ModelSpec, output: Path, prompts: list[str], prompt_ids: list[int], images_per_prompt: int,
+                 settings: GenerationSettings) -> GenerateConfig:
+    """The GenerateConfig of one ``--model`` spec in a benchmark: its prompts and folder, and the run's settings."""
     return GenerateConfig(
         model=spec.model, output=output, prompts=prompts, prompt_ids=prompt_ids, images_per_prompt=images_per_prompt,
         unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision, lora=spec.lora,
-        lora_scale=spec.lora_scale, name=spec.name, **{k: getattr(sampling, k) for k in SAMPLING_FIELDS})
+        lora_scale=spec.lora_scale, name=spec.name, settings=settings)
 
 
 def image_filename(prompt_id: int, image_index: int) -> str:
@@ -126,40 +109,36 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts of a text file (one per line; blank and ``#`` lines ignored) or a ``.json`` list of strings."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path}: file not found")
+        raise MissingPathError(f"--prompts {path}: file not found")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of prompt strings") from None
+            raise UserError(f"{path}: not valid JSON ({e}); expected a list of prompt strings") from None
         if not isinstance(data, list) or not all(isinstance(p, str) and p.strip() for p in data):
-            raise ValueError(f"{path}: expected a JSON list of non-empty prompt strings")
+            raise UserError(f"{path}: expected a JSON list of non-empty prompt strings")
         prompts = [p.strip() for p in data]
     else:
         prompts = [line.strip() for line in text.splitlines()]
         prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
-        raise ValueError(f"{path}: no prompts in it")
+        raise UserError(f"{path}: no prompts in it")
     return prompts
 
 
 def _check(cfg: GenerateConfig, rank: int, world_size: int) -> None:
     if not cfg.prompts:
-        raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
+        raise UserError("no prompts: pass --prompt TEXT or --prompts FILE")
     if any(not p.strip() for p in cfg.prompts):
-        raise ValueError("an empty prompt was given; every prompt needs text")
+        raise UserError("an empty prompt was given; every prompt needs text")
     if len(cfg.prompt_ids) != len(cfg.prompts):
         raise ValueError(f"{len(cfg.prompt_ids)} prompt ids for {len(cfg.prompts)} prompts")
     if len(set(cfg.prompt_ids)) != len(cfg.prompt_ids) or min(cfg.prompt_ids) < 0:
         raise ValueError("prompt ids must be distinct and >= 0 (they name the image files)")
-    for key in ("images_per_prompt", "batch_size", "steps"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("height", "width"):
-        v = getattr(cfg, key)
-        if v is not None and (v < 8 or v % 8):
-            raise ValueError(f"--{key} must be a positive multiple of 8, got {v}")
+    if cfg.images_per_prompt < 1:
+        raise UserError(f"--images-per-prompt must be >= 1, got {cfg.images_per_prompt}")
+    cfg.settings.validate()
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
 
@@ -168,13 +147,14 @@ def settings_of(cfg: GenerateConfig, dtype: str) -> dict[str, Any]:
     """What decides the images (their fingerprint), resolved from configs without loading weights."""
     from .sampling import model_facts
 
-    facts = model_facts(cfg.model, cfg.unet, cfg.revision, cfg.scheduler)
+    s = cfg.settings
+    facts = model_facts(cfg.model, cfg.unet, cfg.revision, s.scheduler)
     return {
         "model": model_id(cfg.model), "unet": model_id(cfg.unet), "text_encoder": model_id(cfg.text_encoder),
         **({"lora": model_id(cfg.lora), "lora_scale": cfg.lora_scale} if cfg.lora else {}),
-        "revision": cfg.revision, "scheduler": facts["scheduler"], "steps": cfg.steps, "guidance": cfg.guidance,
-        "height": cfg.height or facts["size"], "width": cfg.width or facts["size"], "dtype": dtype,
-        "safety_checker": cfg.safety_checker, "seed": cfg.seed,
+        "revision": cfg.revision, "scheduler": facts["scheduler"], "steps": s.steps, "guidance": s.guidance,
+        "height": s.height or facts["size"], "width": s.width or facts["size"], "dtype": dtype,
+        "safety_checker": s.safety_checker, "seed": s.seed,
     }
 
 
@@ -198,10 +178,10 @@ def _png_meta(path: Path) -> dict | None:
 
 def _check_existing(path: Path, meta: dict | None, prompt: str, seed: int, fingerprint: str) -> dict:
     if meta is None:
-        raise ValueError(f"{path}: exists but was not written by tcompose generate (no readable metadata); "
+        raise UserError(f"{path}: exists but was not written by tcompose generate (no readable metadata); "
                          "delete it or write to a new --output")
     if meta.get("fingerprint") != fingerprint or meta.get("prompt") != prompt or meta.get("seed") != seed:
-        raise ValueError(f"{path}: generated with other settings or another prompt ({meta.get('prompt')!r}); "
+        raise UserError(f"{path}: generated with other settings or another prompt ({meta.get('prompt')!r}); "
                          f"write to a new --output or delete {path.parent}")
     return meta
 
@@ -228,23 +208,24 @@ def _bar(enabled: bool, total: int):
 def write_images(pipe, cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]], images: Path,
                  fingerprint: str = "", label: str = "", progress: bool = False, embeddings=None) -> float:
     """Generate and write the PNGs of ``jobs`` ``(prompt_id, image_index, prompt, seed)`` with a loaded
-    pipeline, ``cfg.batch_size`` at a time; returns the seconds taken. The hot loop of :func:`run` (and of
+    pipeline, ``cfg.settings.batch_size`` at a time; returns the seconds taken. The hot loop of :func:`run` (and of
     ``benchmarks/generate.py``)."""
     import torch
 
     from ..models.sampling import PromptEmbeddings, generate_batch
 
+    s = cfg.settings
     embeddings = embeddings or PromptEmbeddings(pipe)
     bar, task = _bar(progress, len(jobs))
     pending: list[Future] = []
     t0 = time.perf_counter()
     # PNG encoding (zlib releases the GIL) overlaps the next batch; at most two batches wait to be written.
     with bar, ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode():
-        for start in range(0, len(jobs), cfg.batch_size):
-            batch = jobs[start : start + cfg.batch_size]
-            arrays, nsfw = generate_batch(pipe, [j[2] for j in batch], [j[3] for j in batch], cfg.steps,
-                                          cfg.guidance, cfg.height, cfg.width, embeddings)
-            while len(pending) > 2 * cfg.batch_size:
+        for start in range(0, len(jobs), s.batch_size):
+            batch = jobs[start : start + s.batch_size]
+            arrays, nsfw = generate_batch(pipe, [j[2] for j in batch], [j[3] for j in batch], s.steps, s.guidance,
+                                          s.height, s.width, embeddings)
+            while len(pending) > 2 * s.batch_size:
                 pending.pop(0).result()
             for i, (pid, k, prompt, seed) in enumerate(batch):
                 meta = {"prompt_id": pid, "image_index": k, "seed": seed, "prompt": prompt, "model": label,
@@ -262,7 +243,7 @@ def _wait_for(paths: list[Path], timeout_s: float, poll_s: float = 1.0) -> None:
     while missing:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ValueError(f"{len(missing)} images (e.g. {missing[0]}) did not appear within {timeout_s:g} s; "
+            raise UserError(f"{len(missing)} images (e.g. {missing[0]}) did not appear within {timeout_s:g} s; "
                              "run the same command again to finish them")
         time.sleep(min(poll_s, left))
         missing = [p for p in missing if not p.exists()]
@@ -311,16 +292,24 @@ def run(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, progress: bool 
         return _run(cfg, rank, world_size, progress, finalize_timeout_s)
 
 
+def _run_config(cfg: GenerateConfig) -> dict[str, Any]:
+    """run.json's ``config``: the config's fields but the prompts, the settings' fields flat in it."""
+    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+              if k not in ("prompts", "prompt_ids", "settings")}
+    return {**fields, **cfg.settings.as_dict()}
+
+
 def _run(cfg: GenerateConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
     from ..io.datasets import library_versions, write_json_atomic
     from .sampling import dtype_name, resolve_device, resolve_dtype
 
     t0 = time.monotonic()
-    device = resolve_device(cfg.device)
-    settings = settings_of(cfg, dtype_name(resolve_dtype(cfg.dtype, device)))
+    s = cfg.settings
+    device = resolve_device(s.device)
+    settings = settings_of(cfg, dtype_name(resolve_dtype(s.dtype, device)))
     fingerprint = _fingerprint(settings)
     label = cfg.name or cfg.model
-    jobs = [(pid, k, prompt, image_seed(cfg.seed, pid, k))
+    jobs = [(pid, k, prompt, image_seed(s.seed, pid, k))
             for pid, prompt in zip(cfg.prompt_ids, cfg.prompts) for k in range(cfg.images_per_prompt)]
     mine = jobs[rank::world_size]
     images = cfg.output / IMAGES
@@ -335,9 +324,8 @@ def _run(cfg: GenerateConfig, rank: int, world_size: int, progress: bool, finali
     gen_s = 0.0
     if todo:
         pipe = load_pipeline(cfg.model, unet=cfg.unet, text_encoder=cfg.text_encoder, revision=cfg.revision,
-                             lora=cfg.lora, lora_scale=cfg.lora_scale,
-                             dtype=cfg.dtype, scheduler=cfg.scheduler, safety_checker=cfg.safety_checker,
-                             device=cfg.device)
+                             lora=cfg.lora, lora_scale=cfg.lora_scale, dtype=s.dtype, scheduler=s.scheduler,
+                             safety_checker=s.safety_checker, device=s.device)
         gen_s = write_images(pipe, cfg, todo, images, fingerprint, label, progress and rank == 0)
         del pipe
     summary: dict[str, Any] = {
@@ -350,8 +338,7 @@ def _run(cfg: GenerateConfig, rank: int, world_size: int, progress: bool, finali
     _wait_for([images / image_filename(j[0], j[1]) for j in jobs], finalize_timeout_s)
     table = _write_table(cfg, jobs, settings, fingerprint, label)
     summary.update(table=str(table), total_images=len(jobs), seconds=round(time.monotonic() - t0, 3))
-    run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                  if k not in ("prompts", "prompt_ids")}
+    run_config = _run_config(cfg)
     write_json_atomic(cfg.output / RUN_JSON, {
         "stage": "generate", "settings": settings, "fingerprint": fingerprint, "model_label": label,
         "prompts": len(cfg.prompts), "config": run_config, "versions": library_versions(), "summary": summary,

@@ -21,8 +21,11 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import UserError
+from .settings import GenerationSettings
 
 PROMPT = "a photo of a cat, a dog, a wine glass, a bench and a kite"  # a MultiGen-style 5-object prompt
 LATENCY_JSON = "latency.json"
@@ -36,15 +39,10 @@ class LatencyConfig:
     output: Path
     images: int = 5
     warmup: int = 1
-    steps: int = 50
-    guidance: float = 7.5
-    dtype: str = "auto"
-    scheduler: str | None = None
-    height: int | None = None
-    width: int | None = None
+    settings: GenerationSettings = field(default_factory=lambda: GenerationSettings.for_stage("latency"))
+    """Steps, guidance, scheduler, size, dtype, seed, device; ``batch_size`` must stay 1 (images are timed one by
+    one) and ``safety_checker`` is not used (the pipeline is timed without it)."""
     prompt: str = PROMPT
-    seed: int = 0
-    device: str | None = None
 
     def __post_init__(self):
         self.output = Path(self.output)
@@ -72,12 +70,12 @@ def time_images(pipe, cfg: LatencyConfig, device) -> list[float]:
     """Seconds of each timed image (after the warm-up ones), batch 1."""
     from ..models.sampling import generate_batch, image_seed
 
+    s = cfg.settings
     times = []
     for i in range(cfg.warmup + cfg.images):
         _sync(device)
         t0 = time.perf_counter()
-        generate_batch(pipe, [cfg.prompt], [image_seed(cfg.seed, 0, i)], cfg.steps, cfg.guidance, cfg.height,
-                       cfg.width)
+        generate_batch(pipe, [cfg.prompt], [image_seed(s.seed, 0, i)], s.steps, s.guidance, s.height, s.width)
         _sync(device)
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
@@ -92,11 +90,15 @@ def run(cfg: LatencyConfig, progress: bool = True) -> dict:
     from .sampling import dtype_name, load_pipeline, resolve_device, resolve_dtype
 
     if not cfg.models:
-        raise ValueError("no --model given: pass one or more NAME=ID_OR_PATH")
-    if cfg.images < 1 or cfg.warmup < 0 or cfg.steps < 1:
-        raise ValueError("--images and --steps must be >= 1 and --warmup >= 0")
+        raise UserError("no --model given: pass one or more NAME=ID_OR_PATH")
+    s = cfg.settings
+    if cfg.images < 1 or cfg.warmup < 0:
+        raise UserError("--images must be >= 1 and --warmup >= 0")
+    s.validate()
+    if s.batch_size != 1:
+        raise UserError(f"latency times one image at a time: batch_size must be 1, got {s.batch_size}")
     specs = parse_model_specs(cfg.models)
-    device = resolve_device(cfg.device)
+    device = resolve_device(s.device)
     path = cfg.output / LATENCY_JSON
     with output_guard(cfg.output):
         results = json.loads(path.read_text())["models"] if path.is_file() else {}
@@ -104,16 +106,16 @@ def run(cfg: LatencyConfig, progress: bool = True) -> dict:
             import torch
 
             pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
-                                 lora=spec.lora, lora_scale=spec.lora_scale, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                                 lora=spec.lora, lora_scale=spec.lora_scale, dtype=s.dtype, scheduler=s.scheduler,
                                  device=device)
             times = time_images(pipe, cfg, device)
             factor = pipe.vae_scale_factor
             results[spec.name] = {
                 "s_per_image": statistics.fmean(times), "std_s": statistics.pstdev(times), "images": len(times),
-                "warmup": cfg.warmup, "steps": cfg.steps, "guidance": cfg.guidance, "batch_size": 1,
-                "height": cfg.height or pipe.unet.config.sample_size * factor,
-                "width": cfg.width or pipe.unet.config.sample_size * factor,
-                "dtype": dtype_name(resolve_dtype(cfg.dtype, device)), "scheduler": type(pipe.scheduler).__name__,
+                "warmup": cfg.warmup, "steps": s.steps, "guidance": s.guidance, "batch_size": s.batch_size,
+                "height": s.height or pipe.unet.config.sample_size * factor,
+                "width": s.width or pipe.unet.config.sample_size * factor,
+                "dtype": dtype_name(resolve_dtype(s.dtype, device)), "scheduler": type(pipe.scheduler).__name__,
                 "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
                 "model": spec.model, "unet": spec.unet, "text_encoder": spec.text_encoder, "lora": spec.lora,
             }

@@ -3,8 +3,8 @@
     pipe = load_pipeline("runs/tc", dtype="fp16", scheduler="ddim", device="cuda")
     images, nsfw = generate_batch(pipe, ["a cat and a wine glass"] * 2, seeds=[11, 12])   # tcompose.models.sampling
 
-The pipeline is diffusers' ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` built from
-:func:`tcompose.models.load_components` (same loading rules, offline hints and text-encoder checks as
+The pipeline is the model family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``)
+built from :func:`tcompose.models.families.load_components` (same loading rules, offline hints and text-encoder checks as
 training), optionally with a swapped UNet, text encoder or merged LoRA adapters, with the model's own
 inference scheduler (``scheduler/scheduler_config.json``) unless ``scheduler`` names another: ``pndm``,
 ``ddim``, ``euler`` (Euler discrete, no churn) or ``dpm++`` (DPM-Solver++ multistep). All four are
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..models.sampling import SCHEDULERS, inference_scheduler
 
 __all__ = ["DTYPES", "resolve_device", "resolve_dtype", "dtype_name", "model_facts", "load_pipeline"]
@@ -42,7 +43,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use auto, fp16, bf16 or fp32")
+        raise UserError(f"--dtype {dtype!r}: use auto, fp16, bf16 or fp32")
     return DTYPES[dtype]
 
 
@@ -87,7 +88,7 @@ def model_facts(model: str | os.PathLike, unet: str | None = None, revision: str
     model, _, revision, _ = resolve_lora_model(model, None, revision)
 
     if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValueError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)} (or leave it out for "
+        raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)} (or leave it out for "
                          "the model's own)")
     local = local_path(model)
     if local is not None:
@@ -118,8 +119,8 @@ def _facts(model, unet, hub: dict, scheduler: str | None) -> dict[str, Any]:
             "unet_config": dict(unet_cfg)}
 
 
-def _force_zeros(model: str, revision: str | None) -> bool:
-    """SDXL's ``force_zeros_for_empty_prompt`` from the model's ``model_index.json`` (True, as diffusers', if absent)."""
+def _model_index(model: str, revision: str | None) -> dict:
+    """The model's ``model_index.json`` ({} when it has none): the pipeline settings saved with it."""
     import json
 
     from ..models.loading import local_path
@@ -127,14 +128,12 @@ def _force_zeros(model: str, revision: str | None) -> bool:
     local = local_path(model)
     try:
         if local is not None:
-            index = json.loads((local / "model_index.json").read_text())
-        else:
-            from diffusers import DiffusionPipeline
+            return json.loads((local / "model_index.json").read_text())
+        from diffusers import DiffusionPipeline
 
-            index = DiffusionPipeline.load_config(str(model), revision=revision)
+        return dict(DiffusionPipeline.load_config(str(model), revision=revision))
     except (OSError, ValueError):
-        return True
-    return bool(index.get("force_zeros_for_empty_prompt", True))
+        return {}
 
 
 def _safety_parts(model: str, revision: str | None, dtype: torch.dtype):
@@ -145,7 +144,7 @@ def _safety_parts(model: str, revision: str | None, dtype: torch.dtype):
 
     local = local_path(model)
     if local is not None and not ((local / "safety_checker").is_dir() and (local / "feature_extractor").is_dir()):
-        raise ValueError(f"{local} has no safety_checker/ and feature_extractor/: pass --safety-checker off, or a "
+        raise UserError(f"{local} has no safety_checker/ and feature_extractor/: pass --safety-checker off, or a "
                          "model that has them (CompVis/stable-diffusion-v1-4)")
     hub = {} if local is not None else {"revision": revision}
     kw = {"torch_dtype": dtype} if dtype != torch.float32 else {}
@@ -158,7 +157,7 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
                   revision: str | None = None, dtype: str | torch.dtype = "auto", scheduler: str | None = None,
                   safety_checker: bool = False, device: str | torch.device | None = None, lora: str | None = None,
                   lora_scale: float = 1.0):
-    """A ready ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (progress bar off) on ``device``.
+    """A ready pipeline of the model's family (progress bar off) on ``device``.
 
     ``unet``: a UNet folder, or a pipeline folder with ``unet/`` (a train-unet OUT), replacing the model's.
     ``text_encoder``: see :func:`tcompose.models.load_text_encoder`. ``lora``: a train-unet --lora-rank OUT
@@ -166,43 +165,29 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
     its base model with those adapters. ``scheduler``: None = the model's own. ``safety_checker``: load the
     model's ``safety_checker/`` (SD1.x; ValueError when it has none).
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-
+    from ..models.families import load_components
     from ..models.loading import no_hf_progress_bars
     from ..models.lora import apply_lora, resolve_lora_model
-    from ..models.stable_diffusion import check_text_encoder, load_components
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model, lora, revision, vae = resolve_lora_model(model, lora, revision)
     with no_hf_progress_bars():
         comps = load_components(model, revision=revision, text_encoder=text_encoder, dtype=dtype, vae=vae)
-    unet_model = comps.unet
+    family = comps.family
+    if safety_checker and not family.has_safety_checker:
+        raise UserError(f"--safety-checker on: {family.label} pipelines have no safety checker; use --safety-checker off")
     if unet is not None:
         folder, sub = _unet_source(unet)
-        kw = {"torch_dtype": dtype} if dtype != torch.float32 else {}
-        unet_model = UNet2DConditionModel.from_pretrained(folder, subfolder=sub, use_safetensors=True, **kw)
-        if unet_model.config.in_channels != comps.unet.config.in_channels:
-            raise ValueError(f"--unet {unet}: {unet_model.config.in_channels} input channels, but {model}'s VAE "
-                             f"latents have {comps.unet.config.in_channels}; pass a UNet of the same family")
-        check_text_encoder(comps.text_encoder, unet_model, comps.tokenizer, comps.text_encoder_2)
-        comps.unet = None  # the base UNet is not kept
-    if comps.is_sdxl:
-        if safety_checker:
-            raise ValueError("--safety-checker on: SDXL pipelines have no safety checker; use --safety-checker off")
-        pipe = StableDiffusionXLPipeline(
-            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
-            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=unet_model,
-            scheduler=inference_scheduler(str(model), revision, scheduler), force_zeros_for_empty_prompt=_force_zeros(model, revision),
-            add_watermarker=False,
-        )
-    else:
-        checker, extractor = _safety_parts(str(model), revision, dtype) if safety_checker else (None, None)
-        pipe = StableDiffusionPipeline(
-            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet_model,
-            scheduler=inference_scheduler(str(model), revision, scheduler), safety_checker=checker,
-            feature_extractor=extractor, requires_safety_checker=safety_checker,
-        )
+        base_channels = comps.unet.config.in_channels
+        comps.unet = family.load_denoiser(folder, sub, dtype)  # the base UNet is not kept
+        if comps.unet.config.in_channels != base_channels:
+            raise UserError(f"--unet {unet}: {comps.unet.config.in_channels} input channels, but {model}'s VAE "
+                             f"latents have {base_channels}; pass a UNet of the same family")
+        family.check_components(comps)
+    checker, extractor = _safety_parts(str(model), revision, dtype) if safety_checker else (None, None)
+    pipe = family.pipeline(comps, inference_scheduler(str(model), revision, scheduler), checker, extractor,
+                           family.pipeline_options(_model_index(model, revision)))
     if lora is not None:
         apply_lora(pipe, lora, lora_scale)
     pipe.to(device)

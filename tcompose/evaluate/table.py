@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserError
 from .published import PUBLISHED_TAG, TABLE1
 
 NOT_RUN = "not run"
@@ -28,7 +29,7 @@ MG = ("MG2", "MG3", "MG4", "MG5")
 def _summary(folder: Path, what: str, name: str = "summary.json") -> dict:
     path = Path(folder) / name
     if not path.is_file():
-        raise ValueError(f"{folder}: no {name}; pass the --output folder of a finished tcompose {what} run")
+        raise UserError(f"{folder}: no {name}; pass the --output folder of a finished tcompose {what} run")
     return json.loads(path.read_text())
 
 
@@ -54,8 +55,8 @@ def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = No
         source = s.get("prompt_source") or {}
         if s.get("dataset") != dataset or source.get("kind") != "paper":
             what = f"{source.get('kind', 'unknown')} {s.get('dataset')!r}"
-            raise ValueError(f"--multigen-{dataset} {folder}: that run used {what} prompts, not the paper's "
-                             f"{dataset!r} set; Table 1's MultiGen columns take the paper's prompts only")
+            raise UserError(f"--multigen-{dataset} {folder}: that run used {what} prompts, not the paper's "
+                            f"{dataset!r} set; Table 1's MultiGen columns take the paper's prompts only")
         protocols[f"MultiGen {dataset}"] = (f"{s['num_prompts']} prompts x {s['images_per_prompt']} images, "
                                             f"threshold {s['threshold']:g}")
         for name, r in s["models"].items():
@@ -127,8 +128,8 @@ def run(multigen_coco: Path | None = None, multigen_ade20k: Path | None = None, 
     from ..io.datasets import write_json_atomic, write_text_atomic
 
     if not any(p is not None for p in (multigen_coco, multigen_ade20k, visor, fid, latency)):
-        raise ValueError("pass at least one run folder: --multigen-coco, --multigen-ade20k, --visor, --fid or "
-                         "--latency")
+        raise UserError("pass at least one run folder: --multigen-coco, --multigen-ade20k, --visor, --fid or "
+                        "--latency")
     table = collect(multigen_coco, multigen_ade20k, visor, fid, latency)
     text = markdown(table)
     result = {"columns": list(COLUMNS), **table, "published": {"note": PUBLISHED_TAG, "rows": published_rows()}}

@@ -28,6 +28,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..errors import UserError
+
 BLOCKS = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
 
 
@@ -61,7 +63,7 @@ def parse_layers(layers: Iterable[str]) -> tuple[set[str], set[str]]:
         elif name.split("_")[0] in BLOCKS.values() and "_" in name:
             groups.add(name)
         else:
-            raise ValueError(f"unknown layer selection {name!r}: use down, mid, up or a group like up_16")
+            raise UserError(f"unknown layer selection {name!r}: use down, mid, up or a group like up_16")
     return blocks, groups
 
 
@@ -155,7 +157,7 @@ def capture_cross_attention(unet, layers: Iterable[str] = ("mid", "up")) -> Iter
         originals.append((module, original))
         module.set_processor(CapturingCrossAttnProcessor(store, block, only, original))
     if not originals:
-        raise ValueError(f"no cross-attention layer of this UNet matches layers={tuple(layers)}")
+        raise UserError(f"no cross-attention layer of this UNet matches layers={tuple(layers)}")
 
     def pre_hook(_module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
@@ -197,29 +199,21 @@ def average_maps(store: AttentionStore) -> dict[str, torch.Tensor]:
 
 
 
-def _meta_inputs(config, latent_hw: tuple[int, int]) -> tuple[tuple, dict]:
-    """Zero inputs of one UNet forward on the meta device (SDXL's micro-conditioning included)."""
-    h, w = latent_hw
-    meta = torch.device("meta")
-    cross = config.cross_attention_dim
-    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    args = (torch.zeros(1, config.in_channels, h, w, device=meta), torch.zeros(1, device=meta))
-    kwargs = {"encoder_hidden_states": torch.zeros(1, 77, cross, device=meta)}
-    if config.get("addition_embed_type") == "text_time":
-        n_time = 6 * config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.zeros(1, config.projection_class_embeddings_input_dim - n_time, device=meta),
-            "time_ids": torch.zeros(1, 6, device=meta),
-        }
-    return args, kwargs
+def _on_meta(x):
+    """A tensor, or a (nested) dict of them, as zeros of the same shapes on the meta device."""
+    if isinstance(x, dict):
+        return {k: _on_meta(v) for k, v in x.items()}
+    return torch.zeros(x.shape, dtype=x.dtype, device="meta")
 
 
-def attention_groups(unet_or_config, latent_hw: tuple[int, int]) -> dict[str, int]:
+def attention_groups(unet_or_config, latent_hw: tuple[int, int], conditioning: dict | None = None) -> dict[str, int]:
     """The cross-attention groups of a UNet at a latent size, with their number of maps: ``{"mid_8": 1, ...}``.
 
     A shapes-only forward pass: the UNet is rebuilt from its config on the meta device (no memory, no weights,
     well under a second even for SDXL), and hooks read each cross-attention layer's input size. Group names are
-    those :func:`capture_cross_attention` gives, in forward order.
+    those :func:`capture_cross_attention` gives, in forward order. ``conditioning``: the UNet's keyword arguments
+    of one example (only their shapes count; the model family's ``example_conditioning``), by default 77 text
+    embeddings of the UNet's ``cross_attention_dim``.
     """
     from diffusers import UNet2DConditionModel
 
@@ -240,9 +234,14 @@ def attention_groups(unet_or_config, latent_hw: tuple[int, int]) -> dict[str, in
     handles = [m.register_forward_pre_hook(pre_hook(block), with_kwargs=True)
                for _, block, m in cross_attention_modules(meta_unet)]
     try:
-        args, kwargs = _meta_inputs(meta_unet.config, latent_hw)
+        config = meta_unet.config
+        cross = config.cross_attention_dim
+        cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+        h, w = latent_hw
+        kwargs = _on_meta(conditioning if conditioning is not None
+                          else {"encoder_hidden_states": torch.zeros(1, 77, cross)})
         with torch.no_grad():
-            meta_unet(*args, **kwargs)
+            meta_unet(torch.zeros(1, config.in_channels, h, w, device="meta"), torch.zeros(1, device="meta"), **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -262,6 +261,6 @@ def resolve_layers(layers: Iterable[str], groups: dict[str, int], where: str = "
                or (n in names and n not in groups)]
     if unknown or not groups:
         have = describe_groups(groups) or "none"
-        raise ValueError(f"--layers {','.join(unknown or layers)}: this UNet has no such cross-attention "
-                         f"{'group' if len(unknown) == 1 else 'groups'}{where}; its groups are {have}")
+        raise UserError(f"--layers {','.join(unknown or layers)}: this UNet has no such cross-attention "
+                        f"{'group' if len(unknown) == 1 else 'groups'}{where}; its groups are {have}")
     return {g: n for g, n in groups.items() if g in names or g.split("_")[0] in blocks}

@@ -24,6 +24,7 @@ from typing import Callable, Collection, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .attention import capture_cross_attention
 
 __all__ = ["group_hw", "conditional_half", "MapAccumulator", "accumulate_attention", "combine_groups", "word_maps",
@@ -87,19 +88,21 @@ class MapAccumulator:
     def token_maps(self) -> torch.Tensor:
         """``[B, T, S, S']``: :func:`combine_groups` of :meth:`group_means`, layer-weighted."""
         if not self.sums:
-            raise ValueError("no attention maps were recorded: check --layers and --timesteps")
+            raise UserError("no attention maps were recorded: check --layers and --timesteps")
         return combine_groups(self.group_means(), self.layers)
 
 
 @contextmanager
 def accumulate_attention(unet, layers: Sequence[str], guidance: bool, selected: Collection[int] | None = None,
-                         on_call: Callable[[int], None] | None = None) -> Iterator[MapAccumulator]:
-    """Inside the block, every UNet evaluation ``i`` (0 = the first) whose index is in ``selected`` (None: all)
+                         on_call: Callable[[int], None] | None = None,
+                         capture: Callable = capture_cross_attention) -> Iterator[MapAccumulator]:
+    """Inside the block, every denoiser evaluation ``i`` (0 = the first) whose index is in ``selected`` (None: all)
     adds its captured ``layers`` maps to the yielded :class:`MapAccumulator`; ``on_call(i + 1)`` follows each
-    evaluation (a progress bar). The UNet's own processors are back on exit."""
+    evaluation (a progress bar). ``capture(denoiser, layers)``: the model family's capture (its objective's;
+    the UNets' by default). The denoiser's own processors are back on exit."""
     acc = MapAccumulator(guidance=guidance)
     calls = [0]
-    with capture_cross_attention(unet, layers) as store:
+    with capture(unet, layers) as store:
 
         def after_unet(_module, _args, _output):  # runs after the capture's own hook: store.maps is this call's
             if selected is None or calls[0] in selected:
@@ -160,12 +163,12 @@ def parse_steps(text: str | None, n_steps: int) -> list[int]:
     for part in (p.strip() for p in text.split(",")):
         m = re.fullmatch(r"(\d+)(?:(-)(\d*))?", part)
         if m is None:
-            raise ValueError(f"--timesteps {text!r}: {part!r} is not an index or a range like 0-9 or 25-")
+            raise UserError(f"--timesteps {text!r}: {part!r} is not an index or a range like 0-9 or 25-")
         a = int(m.group(1))
         b = (int(m.group(3)) if m.group(3) else n_steps - 1) if m.group(2) else a
         if b < a:
-            raise ValueError(f"--timesteps {text!r}: empty range {part!r}")
+            raise UserError(f"--timesteps {text!r}: empty range {part!r}")
         chosen.update(range(a, min(b, n_steps - 1) + 1))
     if not chosen:
-        raise ValueError(f"--timesteps {text!r} selects none of the {n_steps} denoising steps (0..{n_steps - 1})")
+        raise UserError(f"--timesteps {text!r} selects none of the {n_steps} denoising steps (0..{n_steps - 1})")
     return sorted(chosen)

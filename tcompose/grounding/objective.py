@@ -2,9 +2,9 @@
 
 Pure of I/O and of the training loop, so the loop, the benchmarks and the tests run the same code.
 
-The UNet's conditioning is a dict of its keyword arguments (:func:`encode_text`): ``encoder_hidden_states``
-for SD1.x / SD2.x; for SDXL also ``added_cond_kwargs`` (the second encoder's pooled ``text_embeds`` and the
-six ``time_ids`` of each example's micro-conditioning: original size, crop corner, target size).
+The denoiser's conditioning is a dict of its keyword arguments, which the model family's ``encode_text``
+builds (:mod:`tcompose.models.families`); how the denoiser is trained (noisy input, target, weights) and how its
+attention is captured is the family's ``objective`` (:class:`UNetObjective` for the UNets).
 
 ``snr_gamma`` (Min-SNR weighting, Hang et al. 2023, as diffusers' ``train_text_to_image.py`` applies it)
 weighs each example's denoising loss by ``min(SNR(t), gamma) / SNR(t)`` for an epsilon target and
@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import capture_cross_attention
+from ..errors import UserError
+from .attention import attention_groups, capture_cross_attention
 from .losses import MAP_REDUCTIONS, grounding_losses, reduce_over_words, resize_mask
 
 
@@ -37,7 +38,7 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
         return clipped / s
     if kind == "v_prediction":
         return clipped / (s + 1.0)
-    raise ValueError(f"--snr-gamma needs an epsilon or v_prediction model, this one predicts {kind!r}")
+    raise UserError(f"--snr-gamma needs an epsilon or v_prediction model, this one predicts {kind!r}")
 
 
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,39 +53,71 @@ def _as_cond(cond) -> dict:
     return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
 
 
+class UNetObjective:
+    """What the TokenCompose objective needs to know of a DDPM-trained UNet (SD1.x, SD2.x, SDXL): the noisy input
+    and target of a training step (epsilon or v, as the scheduler says), the Min-SNR weights, how to run the
+    denoiser, and how to capture its text-to-image attention (:func:`capture_cross_attention`, groups named
+    ``{block}_{side}``). A model family (:mod:`tcompose.models.families`) names the objective of its denoiser;
+    a family with another denoiser or training process (flow matching) brings its own with the same methods."""
+
+    def training_inputs(self, noise_scheduler, latents, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noisy latents, target)`` of a DDPM training step."""
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            return noisy, noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, noise
+
+    def loss_weights(self, noise_scheduler, timesteps, snr_gamma: float | None) -> torch.Tensor | None:
+        return min_snr_weights(noise_scheduler, timesteps, snr_gamma) if snr_gamma is not None else None
+
+    def predict(self, denoiser, noisy, timesteps, cond: dict) -> torch.Tensor:
+        return denoiser(noisy, timesteps, **cond).sample
+
+    def capture(self, denoiser, layers):
+        """A context manager recording the ``layers`` maps of every forward pass (see :mod:`.attention`)."""
+        return capture_cross_attention(_unwrap(denoiser), layers)
+
+    def attention_groups(self, denoiser_config, latent_hw: tuple[int, int], conditioning: dict | None = None) -> dict[str, int]:
+        """The capturable groups (name -> layer count) at ``latent_hw``, from the config alone (``conditioning``:
+        one example's denoiser keyword arguments, for their shapes)."""
+        return attention_groups(denoiser_config, latent_hw, conditioning)
+
+
+#: The objective of every UNet family; the default of the functions below.
+UNET = UNetObjective()
+
+
 def tokencompose_losses(unet, latents, cond, batch, noise_scheduler, layers, lambda_token, gamma_pixel, backward=None,
-                        map_reduction: str = "sum", snr_gamma: float | None = None) -> dict:
+                        map_reduction: str = "sum", snr_gamma: float | None = None, objective=UNET) -> dict:
     """One forward pass: the denoising loss and, when their weights are non-zero, the grounding losses.
 
-    ``latents`` are clean VAE latents; ``cond`` the UNet's conditioning (:func:`encode_text`; a tensor is taken
-    as ``encoder_hidden_states``); ``batch`` holds ``noise``, ``timesteps``, ``masks [B, W, R, R]``,
-    ``word_index`` and ``word_valid`` (see :mod:`tcompose.train.examples`). Token and pixel losses are summed
-    over the supervised layer groups and averaged over examples, like the denoising loss; within a group the
-    token loss sums its maps (``map_reduction="sum"``, the reference's) or averages them (``"mean"``).
+    ``latents`` are clean VAE latents; ``cond`` the denoiser's conditioning (a dict of its keyword arguments, as
+    the model family's ``encode_text`` gives it; a tensor is taken as ``encoder_hidden_states``); ``batch`` holds
+    ``noise``, ``timesteps``, ``masks [B, W, R, R]``, ``word_index`` and ``word_valid`` (see
+    :mod:`tcompose.train.examples`). ``objective`` says how the denoiser is trained and captured
+    (:class:`UNetObjective` for the UNets). Token and pixel losses are summed over the supervised layer groups
+    and averaged over examples, like the denoising loss; within a group the token loss sums its maps
+    (``map_reduction="sum"``, the reference's) or averages them (``"mean"``).
     ``backward(total)`` is called inside the capture (needed under gradient checkpointing).
     """
     if map_reduction not in MAP_REDUCTIONS:
-        raise ValueError(f"--map-reduction must be one of {', '.join(MAP_REDUCTIONS)}, got {map_reduction!r}")
+        raise UserError(f"--map-reduction must be one of {', '.join(MAP_REDUCTIONS)}, got {map_reduction!r}")
     cond = _as_cond(cond)
-    noise, timesteps = batch["noise"], batch["timesteps"]
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma) if snr_gamma is not None else None
+    timesteps = batch["timesteps"]
+    noisy, target = objective.training_inputs(noise_scheduler, latents, batch["noise"], timesteps)
+    weights = objective.loss_weights(noise_scheduler, timesteps, snr_gamma)
     grounded = lambda_token > 0 or gamma_pixel > 0
     zero = latents.new_zeros((), dtype=torch.float32)
     if not grounded:
-        pred = unet(noisy, timesteps, **cond).sample
+        pred = objective.predict(unet, noisy, timesteps, cond)
         ldm = denoising_loss(pred, target, weights)
         out = {"ldm": ldm, "token": zero, "pixel": zero, "total": ldm}
         if backward is not None:
             backward(ldm)
         return out
 
-    with capture_cross_attention(_unwrap(unet), layers) as store:
-        pred = unet(noisy, timesteps, **cond).sample
+    with objective.capture(unet, layers) as store:
+        pred = objective.predict(unet, noisy, timesteps, cond)
         ldm = denoising_loss(pred, target, weights)
         token, pixel = zero, zero
         index, valid = batch["word_index"], batch["word_valid"]
@@ -104,40 +137,3 @@ def tokencompose_losses(unet, latents, cond, batch, noise_scheduler, layers, lam
 
 def _unwrap(model):
     return getattr(model, "module", model)
-
-
-def encode_text(text_encoder, input_ids, text_encoder_2=None, input_ids_2=None, time_ids=None) -> dict:
-    """The UNet's text conditioning, without gradients.
-
-    SD1.x / SD2.x: ``{"encoder_hidden_states": text_encoder(ids)[0]}``. SDXL (``text_encoder_2`` given): both
-    encoders' penultimate hidden states concatenated on the feature axis, and ``added_cond_kwargs`` with the
-    second encoder's pooled projection (``text_embeds``) and ``time_ids [B, 6]``, as diffusers' SDXL pipeline
-    and training script build them.
-    """
-    with torch.no_grad():
-        if text_encoder_2 is None:
-            return {"encoder_hidden_states": text_encoder(input_ids)[0]}
-        first = text_encoder(input_ids, output_hidden_states=True)
-        second = text_encoder_2(input_ids_2, output_hidden_states=True)
-        emb = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        pooled = second.text_embeds
-        return {"encoder_hidden_states": emb,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}}
-
-
-def encode_batch(vae, text_encoder, batch, text_encoder_2=None):
-    """Frozen parts, no gradients: latents ``mean + std * eps`` (eps from the batch) and the UNet's conditioning.
-
-    The VAE's ``mean`` and ``std`` come from ``batch["latent_moments"]`` ``[B, 2, C, h, w]`` when the batch
-    carries them (``--cache-latents``, :mod:`tcompose.train.latent_cache`), else from encoding ``pixel_values``
-    in the VAE's own dtype. Returns ``(latents float32, cond)`` with ``cond`` as :func:`encode_text` gives it.
-    """
-    with torch.no_grad():
-        if "latent_moments" in batch:
-            mean, std = batch["latent_moments"].unbind(1)
-        else:
-            dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
-            mean, std = dist.mean, dist.std
-        latents = (mean + std * batch["latent_eps"].to(mean.dtype)) * vae.config.scaling_factor
-    cond = encode_text(text_encoder, batch["input_ids"], text_encoder_2, batch.get("input_ids_2"), batch.get("time_ids"))
-    return latents.float(), cond

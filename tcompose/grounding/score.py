@@ -15,30 +15,20 @@ from __future__ import annotations
 
 import torch
 
-from .attention import capture_cross_attention
 from .attention_maps import MapAccumulator
 from .losses import attention_in_mask, resize_mask
-from .objective import encode_text
 
 DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
-def _encode(batch: dict, vae, text_encoder, text_encoder_2, device) -> tuple[torch.Tensor, dict]:
-    """Clean latents (the VAE posterior's mean) and the UNet's conditioning of a collated batch."""
-    px = batch["pixel_values"].to(device, vae.dtype)
-    latents = vae.encode(px).latent_dist.mean * vae.config.scaling_factor
-    on = {k: batch[k].to(device) for k in ("input_ids", "input_ids_2", "time_ids") if k in batch}
-    return latents, encode_text(text_encoder, on["input_ids"], text_encoder_2, on.get("input_ids_2"), on.get("time_ids"))
-
-
-def _batch_shares(unet, vae, text_encoder, noise_scheduler, batch, layers, timesteps, g: torch.Generator,
-                  text_encoder_2=None, acc: MapAccumulator | None = None) -> dict:
+def _batch_shares(model, batch, layers, timesteps, g: torch.Generator, acc: MapAccumulator | None = None) -> dict:
     """One batch at every timestep (fresh noise from ``g`` each): per word ``[B, W]`` its share inside its mask
     and the mask's area (both averaged over layers, every layer weighing the same, and timesteps), per group the
     shares; each evaluation's maps are also added to ``acc`` when given."""
+    unet, noise_scheduler, objective = model.denoiser, model.noise_scheduler, model.objective
     device = next(unet.parameters()).device
     valid = batch["word_valid"].to(device)
-    latents, cond = _encode(batch, vae, text_encoder, text_encoder_2, device)
+    latents, cond = model.encode_batch({k: v.to(device) for k, v in batch.items()}, sample=False)
     index = batch["word_index"].to(device)
     masks_full = batch["masks"].to(device)
     sums = torch.zeros(valid.shape[:2], device=device)
@@ -48,9 +38,9 @@ def _batch_shares(unet, vae, text_encoder, noise_scheduler, batch, layers, times
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
         ts = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-        noisy = noise_scheduler.add_noise(latents, noise, ts)
-        with capture_cross_attention(unet, layers) as store:
-            unet(noisy.to(unet.dtype), ts, **cond)
+        noisy, _ = objective.training_inputs(noise_scheduler, latents, noise, ts)
+        with objective.capture(unet, layers) as store:
+            objective.predict(unet, noisy.to(unet.dtype), ts, cond)
         if acc is not None:
             acc.add(store.maps)
         for group, maps in store.maps.items():
@@ -66,13 +56,14 @@ def _batch_shares(unet, vae, text_encoder, noise_scheduler, batch, layers, times
 
 
 @torch.no_grad()
-def grounding_score(unet, vae, text_encoder, noise_scheduler, batches, layers, timesteps=DEFAULT_TIMESTEPS,
-                    seed: int = 0, text_encoder_2=None) -> dict:
+def grounding_score(model, batches, layers, timesteps=DEFAULT_TIMESTEPS, seed: int = 0) -> dict:
     """Mean attention-in-mask share over ``batches`` (collated held-out examples) and ``timesteps``.
 
-    ``text_encoder_2``: SDXL's second encoder (the batches then carry ``input_ids_2`` and ``time_ids``).
-    Returns ``{"score", "chance", "per_group": {group: score}, "words", "examples", "timesteps"}``.
+    ``model``: the loaded components of a model family (:class:`tcompose.models.families.Components`): its
+    ``denoiser``, ``noise_scheduler`` and ``objective``, and ``encode_batch(batch, sample=False)`` (clean latents,
+    the VAE posterior's mean, and the text conditioning). Returns ``{"score", "chance", "per_group": {group: score}, "words", "examples", "timesteps"}``.
     """
+    unet = model.denoiser
     was_training = unet.training
     unet.eval()
     total = chance_total = 0.0
@@ -83,7 +74,7 @@ def grounding_score(unet, vae, text_encoder, noise_scheduler, batches, layers, t
         for batch in batches:
             if not batch["word_valid"].any():
                 continue
-            r = _batch_shares(unet, vae, text_encoder, noise_scheduler, batch, layers, timesteps, g, text_encoder_2)
+            r = _batch_shares(model, batch, layers, timesteps, g)
             word_valid = r["valid"]
             total += float(r["share"][word_valid].sum())
             chance_total += float(r["chance"][word_valid].sum())
@@ -108,21 +99,21 @@ def grounding_score(unet, vae, text_encoder, noise_scheduler, batches, layers, t
 
 
 @torch.no_grad()
-def word_attention(unet, vae, text_encoder, noise_scheduler, batch, layers, timesteps=DEFAULT_TIMESTEPS,
-                   seed: int = 0, text_encoder_2=None) -> dict:
-    """Each word's attention on one collated batch, with the share the grounding score gives it.
+def word_attention(model, batch, layers, timesteps=DEFAULT_TIMESTEPS, seed: int = 0) -> dict:
+    """Each word's attention on one collated batch, with the share the grounding score gives it (``model`` as for
+    :func:`grounding_score`).
 
     Returns ``maps [B, W, S, S]`` (the sum of the word's token maps, averaged over ``timesteps``, layers and
     heads, upsampled to the largest group's side S: each pixel's share of attention that goes to the word),
     ``share [B, W]`` and ``chance [B, W]`` (as :func:`grounding_score` computes them, the same noise for the
     same ``seed``) and ``valid [B, W]``. Padding words have zero maps and are not valid.
     """
+    unet = model.denoiser
     was_training = unet.training
     unet.eval()
     acc = MapAccumulator(guidance=False)
     try:
-        r = _batch_shares(unet, vae, text_encoder, noise_scheduler, batch, layers, timesteps,
-                          torch.Generator().manual_seed(seed), text_encoder_2, acc)
+        r = _batch_shares(model, batch, layers, timesteps, torch.Generator().manual_seed(seed), acc)
     finally:
         unet.train(was_training)
     tokens = acc.token_maps()  # [B, T, S, S]

@@ -7,8 +7,10 @@ trainers' checkpoints and data order, and what every sharded stage does around i
   for the other processes' shards;
 - :mod:`.checkpoints`: training state as safetensors + JSON (no pickle), ``--resume latest``;
 - :mod:`.batches`: ``MicroBatches``, the resumable, process-sharded data order of both trainers;
-- :mod:`.runs`: what both trainers do around their loop (run folders, resume checks, non-finite losses, Ctrl-C);
-- :mod:`.files`: written files get the umask's permissions (safetensors writes 0600).
+- :mod:`.runs`: what both trainers do around their loop (run folders, resume checks and restoring, their
+  Accelerator, non-finite losses, Ctrl-C);
+- :mod:`.files`: written files get the umask's permissions (safetensors writes 0600); folders are written under a
+  temporary name and renamed into place.
 """
 
 from .batches import MicroBatches

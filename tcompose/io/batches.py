@@ -7,9 +7,14 @@ number of processes (as long as the global micro-batch stays the same).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from ..errors import UserError
 
+
+@dataclass(eq=False, repr=False)  # compared and shown as an object: rows may be a million ids
 class MicroBatches:
     """Batch sampler: this process's ``(row, example number)`` keys for each micro-step from ``start`` on.
 
@@ -17,21 +22,24 @@ class MicroBatches:
     of an epoch is dropped); process ``rank`` takes its ``per_process`` slice of it.
     """
 
-    def __init__(self, rows: list[int], per_process: int, world_size: int, rank: int, seed: int, start: int = 0, stop: int | None = None):
-        self.rows = rows
-        self.per_process = per_process
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-        self.start = start
-        self.stop = stop
-        self.global_batch = per_process * world_size
-        if len(rows) < self.global_batch:
-            raise ValueError(
-                f"{len(rows)} training examples cannot fill one batch of {self.global_batch} "
+    rows: list[int]
+    per_process: int
+    world_size: int
+    rank: int
+    seed: int
+    start: int = 0
+    stop: int | None = None
+    global_batch: int = field(init=False)  # per_process x world_size
+    per_epoch: int = field(init=False)  # global batches per epoch
+
+    def __post_init__(self) -> None:
+        self.global_batch = self.per_process * self.world_size
+        if len(self.rows) < self.global_batch:
+            raise UserError(
+                f"{len(self.rows)} training examples cannot fill one batch of {self.global_batch} "
                 f"(--batch-size x processes); lower --batch-size or add data"
             )
-        self.per_epoch = len(rows) // self.global_batch
+        self.per_epoch = len(self.rows) // self.global_batch
 
     def keys(self, micro_step: int) -> list[tuple[int, int]]:
         epoch, j = divmod(micro_step, self.per_epoch)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import MissingPathError, UserError
 from .files import match_umask
 
 PREFIX = "step-"
@@ -110,7 +111,7 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "state.json").exists():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json); use 'latest' or a {root}/{PREFIX}NNNNNN folder")
+        raise MissingPathError(f"--resume {resume}: not a checkpoint folder (no state.json); use 'latest' or a {root}/{PREFIX}NNNNNN folder")
     return path
 
 
@@ -121,7 +122,7 @@ def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema=None, scaler
     if state.get("only_trainable"):  # the frozen weights are the base model's own
         missing = [k for k in missing if k in _trainable_names(model)]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tensors = load_file(path / "optimizer.safetensors")
     opt_state: dict = {}
     for key, value in tensors.items():
@@ -131,7 +132,7 @@ def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema=None, scaler
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         if "ema" not in state:
-            raise ValueError(f"{path} has no EMA weights: resume without --use-ema, or start a new run")
+            raise UserError(f"{path} has no EMA weights: resume without --use-ema, or start a new run")
         shadow = load_file(path / "ema.safetensors")
         ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
     if scaler is not None and "scaler" in state:

@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import UserError
+
 MANIFEST = "manifest.json"
 # "train-" (not "part-"): datasets' default file patterns then pick the shards as the train split and leave
 # manifest.json out; with any other name load_dataset("parquet", data_dir=DIR) also reads manifest.json and fails.
@@ -99,7 +101,7 @@ _HF_FEATURES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset folder that cannot be read or written as asked; the message names the fix."""
 
 

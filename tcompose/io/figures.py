@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 DPI = 128  # a power of two: pixel sizes survive the inches round trip exactly
 LABEL_PX = 32  # left band holding each row's label
 TITLE_PX = 24  # band above each panel holding its title
@@ -77,7 +79,7 @@ def draw_attention_figure(rows: Sequence[PanelRow], path: str | os.PathLike, pan
     from matplotlib.figure import Figure
 
     if scale not in SCALES:
-        raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
     n_maps = max((len(r.maps) for r in rows), default=0)
     width, height = figure_size(len(rows), n_maps, panel)
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)

@@ -4,11 +4,16 @@
   ``--resume`` the run is refused with the two ways on (``--resume latest`` or ``--overwrite``); ``--overwrite``
   first removes the old run's checkpoints, logs, outputs and summary.
 - :func:`check_resume`: a checkpoint records every setting that changes what is trained (and a fingerprint of
-  the data); a resume with other settings is refused, listing the differences.
+  the data); a resume with other settings is refused, listing the differences. :func:`resume_point` finds the
+  checkpoint ``--resume`` names and checks it; its :meth:`ResumePoint.load` restores it (or says the run starts
+  at step 0).
+- :func:`trainer_accelerator`: the Accelerator both trainers train under (tensorboard logs in the run folder).
 - :class:`FiniteGuard`: records, on the device and without a host sync per step, the first step at which a
   loss term became NaN or inf; :meth:`FiniteGuard.check` (at logging and before every checkpoint) stops the
-  run with :class:`NonFiniteLossError`, so no checkpoint and no model is written from diverged weights.
-- :class:`Interrupted`: Ctrl-C during training, carrying one line for the CLI: what was kept and how to resume.
+  run with :class:`NonFiniteLossError`, so no checkpoint and no model is written from diverged weights
+  (:meth:`FiniteGuard.check_training` adds which checkpoint is kept and how to go on).
+- :class:`Interrupted`: Ctrl-C during training, carrying one line for the CLI: what was kept and how to resume
+  (:meth:`Interrupted.in_training`).
 - :func:`output_guard`: an output folder that a failed stage created and left empty is removed again.
 """
 
@@ -20,16 +25,18 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from .checkpoints import PREFIX, list_checkpoints
+from ..errors import UserError
+from .checkpoints import PREFIX, list_checkpoints, load_checkpoint, resolve_resume
 from .datasets import MANIFEST
 
 RUN_FILES = ("checkpoints", "logs", "training_summary.json")  # what every trainer writes into its folder
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(UserError):
     """A loss term became NaN or inf during training; the run stopped before writing anything from it."""
 
 
@@ -40,12 +47,18 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(note)
         self.note, self.resume_flag = note, resume_flag
 
+    @classmethod
+    def in_training(cls, ckpt_root: Path, step: int) -> Interrupted:
+        """Ctrl-C in a trainer's loop at ``step``: which checkpoint under ``ckpt_root`` was kept, and
+        ``--resume latest`` to continue from it."""
+        return cls(interrupted_note(ckpt_root, step), "--resume latest")
+
 
 def finite_or_raise(values: dict[str, float | None]) -> None:
     """ValueError naming the first option whose value is NaN or infinite (``{"--lr": 5e-6, ...}``)."""
     for flag, value in values.items():
         if value is not None and not math.isfinite(value):
-            raise ValueError(f"{flag} {value}: not a finite number")
+            raise UserError(f"{flag} {value}: not a finite number")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,11 +84,11 @@ def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, outputs: 
     (the main process) deletes.
     """
     if resume is not None and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
-                         "--overwrite deletes it and starts again")
+        raise UserError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
+                        "--overwrite deletes it and starts again")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {out} is a file; pass a folder for the run")
+        raise UserError(f"--output {out} is a file; pass a folder for the run")
     if resume is not None:
         return
     found = run_markers(out, outputs) if out.is_dir() else []
@@ -84,7 +97,7 @@ def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, outputs: 
     if not overwrite:
         steps = [p.name for p in list_checkpoints(out / "checkpoints")]
         last = f", last checkpoint {steps[-1]}" if steps else ""
-        raise ValueError(
+        raise UserError(
             f"{out} already holds a {command} run ({', '.join(found)}{last}): continue it with --resume latest, "
             f"start it again with --overwrite (deletes that run's checkpoints, logs and outputs), or pick a new --output"
         )
@@ -142,12 +155,44 @@ def check_resume(saved: dict | None, now: dict, path: Path, may_differ: Iterable
         return
     diffs = settings_differences(saved, now, ignore=may_differ)
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"{path} was trained with other settings, so this run would not continue the same run: "
             f"{'; '.join(diffs)}. "
             "Resume with the checkpoint's settings (processes may change if --batch-size x processes stays equal), "
             "or train into a new --output"
         )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: the checkpoint ``path`` that ``--resume`` (``resume``) names under ``ckpt_root``, or
+    None for step 0."""
+
+    path: Path | None
+    resume: str | None
+    ckpt_root: Path
+
+    def load(self, log: Callable[[str], object], model, optimizer, lr_scheduler, ema=None, scaler=None) -> tuple[int, dict]:
+        """Restore the checkpoint into the training state and say so with ``log``: (its step, the ``extra`` it
+        recorded); (0, {}) when the run starts afresh."""
+        if self.path is None:
+            if self.resume == "latest":
+                log(f"no checkpoint under {self.ckpt_root}: starting from step 0")
+            return 0, {}
+        state = load_checkpoint(self.path, model, optimizer, lr_scheduler, ema, scaler)
+        log(f"resumed from {self.path} at step {state['step']}")
+        return state["step"], state["extra"]
+
+
+def resume_point(resume: str | None, ckpt_root: Path, settings: dict, may_differ: Iterable[str] = ()) -> ResumePoint:
+    """The checkpoint ``--resume`` names (``latest``: the newest under ``ckpt_root``), refused by
+    :func:`check_resume` when it was trained with other ``settings``. Every process calls it before any weights
+    are loaded, so all refuse alike."""
+    path = resolve_resume(resume, ckpt_root)
+    if path is not None:
+        saved = json.loads((path / "state.json").read_text()).get("extra", {})
+        check_resume(saved.get("settings"), settings, path, may_differ)
+    return ResumePoint(path, resume, ckpt_root)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,6 +231,18 @@ class FiniteGuard:
             step = min(s for s, _ in bad)
             terms = ", ".join(t for s, t in bad if s == step)
             raise NonFiniteLossError(f"the loss became non-finite at step {step} ({terms} is NaN or inf){context}")
+
+    def check_training(self, gather, ckpt_root: Path, written: str, lower: str) -> None:
+        """:meth:`check` in a trainer's loop (a sync: at logging steps, before every checkpoint and at the end);
+        the error says that no ``written`` (model, pipeline) was written, which checkpoint under ``ckpt_root`` is
+        kept, and to lower ``lower`` (options) before continuing from it."""
+        try:
+            self.check(gather)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                f"{err}: training stopped and no {written} was written; {kept_checkpoint_note(ckpt_root)}. Lower "
+                f"{lower}, check the data, then continue from it with --resume latest"
+            ) from None
 
 
 def kept_checkpoint_note(ckpt_root: Path) -> str:
@@ -226,7 +283,23 @@ def output_guard(*paths: str | os.PathLike) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What a trainer reports
+# What a trainer trains under, and what it reports
+
+
+def trainer_accelerator(out: Path, grad_accum: int, mixed_precision: str):
+    """The Accelerator of both trainers: on the CPU where there is no CUDA, ``grad_accum`` micro-steps per
+    optimizer step, ``mixed_precision`` (no, fp16, bf16), tensorboard logs under ``out/logs``."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=grad_accum,
+        mixed_precision=mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
 
 
 def peak_memory_mb(device) -> float:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..models.defaults import CAPTION_CLIP
 
 CAPTION_MODES = ("first", "all", "clip-best")
@@ -22,7 +23,7 @@ DEFAULT_CLIP = CAPTION_CLIP
 
 def check_mode(mode: str) -> None:
     if mode not in CAPTION_MODES:
-        raise ValueError(f"--captions must be one of {', '.join(CAPTION_MODES)}, got {mode!r}")
+        raise UserError(f"--captions must be one of {', '.join(CAPTION_MODES)}, got {mode!r}")
 
 
 def static_choice(mode: str, n_captions: int) -> list[int] | None:
@@ -63,7 +64,7 @@ class ClipScorer:
 
         kind = model_type(name, revision, "CLIP model")
         if kind != "clip":
-            raise ValueError(f"--clip-model {name}: model_type {kind!r} is not a CLIP model (e.g. {DEFAULT_CLIP})")
+            raise UserError(f"--clip-model {name}: model_type {kind!r} is not a CLIP model (e.g. {DEFAULT_CLIP})")
         model = pretrained(CLIPModel.from_pretrained, name, revision, "CLIP model", dtype=dtype).to(device)
         tokenizer = pretrained(AutoTokenizer.from_pretrained, name, revision, "CLIP model")
         image_processor = pretrained(AutoImageProcessor.from_pretrained, name, revision, "CLIP model", backend="pil")

@@ -27,6 +27,7 @@ import torch
 
 from ..data.coco import CocoDataset
 from ..data.nouns import METHODS, default_nouns, noun_phrases
+from ..errors import UserError
 from .config import MasksConfig, model_dtype
 from .grounding_dino import Detector
 from .grounding_dino import preprocess as detector_inputs
@@ -120,7 +121,7 @@ def build(cfg: MasksConfig, coco: CocoDataset, device: Any) -> tuple[GroundedSam
     before the loader's worker processes fork, so they share it. ``coco`` is not needed (only the captions,
     which the loader passes with each image)."""
     if cfg.nouns not in METHODS:
-        raise ValueError(f"--nouns must be one of {', '.join(METHODS)}, got {cfg.nouns!r}")
+        raise UserError(f"--nouns must be one of {', '.join(METHODS)}, got {cfg.nouns!r}")
     default_nouns()
     noun_phrases("a dog on a table", method=cfg.nouns)  # spaCy missing: fail now, with its install hint
     dtype, _ = model_dtype(cfg)

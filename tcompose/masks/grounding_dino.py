@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..models.defaults import GROUNDING_DINO
 
 DEFAULT_DETECTOR = GROUNDING_DINO
@@ -167,8 +168,8 @@ class Detector:
 
         kind = model_type(name, revision, "detector")
         if kind != "grounding-dino":
-            raise ValueError(f"--detector {name}: model_type {kind!r} is not a GroundingDINO checkpoint "
-                             f"(expected 'grounding-dino', e.g. {DEFAULT_DETECTOR})")
+            raise UserError(f"--detector {name}: model_type {kind!r} is not a GroundingDINO checkpoint "
+                            f"(expected 'grounding-dino', e.g. {DEFAULT_DETECTOR})")
         model = pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, name, revision, "detector",
                            dtype=dtype).to(device)
         tokenizer = pretrained(AutoTokenizer.from_pretrained, name, revision, "detector")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingPathError, NotAFolderError, UserError
 from ..io.datasets import DatasetError, ShardedWriter, encode_mask, image_struct
 from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
 
@@ -119,7 +120,7 @@ def _read_lines(path: Path) -> list[str]:
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot be read ({e.strerror or e}); pass the original metadata.jsonl") from None
+        raise MissingPathError(f"{path}: cannot be read ({e.strerror or e}); pass the original metadata.jsonl") from None
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is it a metadata.jsonl?") from None
     lines = text.split("\n")
@@ -136,12 +137,12 @@ def content_config(cfg: ImportConfig, lines: list[str]) -> dict:
 
 def _check(cfg: ImportConfig) -> None:
     if cfg.limit is not None and cfg.limit < 1:
-        raise ValueError(f"--limit must be >= 1 (or left out for all lines), got {cfg.limit}")
+        raise UserError(f"--limit must be >= 1 (or left out for all lines), got {cfg.limit}")
     if cfg.shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+        raise UserError(f"--shard-size must be >= 1, got {cfg.shard_size}")
     for name, folder in (("--images", cfg.images), ("--seg-root", cfg.seg_root)):
         if not folder.is_dir():
-            raise NotADirectoryError(f"{name} {folder} is not a folder: pass the folder of the original data")
+            raise NotAFolderError(f"{name} {folder} is not a folder: pass the folder of the original data")
 
 
 def line_row(text: str, number: int, cfg: ImportConfig, stats: dict, skipped: list) -> dict | None:

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..data.coco import CocoDataset, CocoImage, ImageReadError
+from ..errors import UserError
 from ..io.datasets import Shard
 
 
@@ -68,7 +69,7 @@ def read_image_ids(path: str | Path) -> list[int]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the --image-ids file ({e})") from None
+        raise UserError(f"{path}: cannot read the --image-ids file ({e})") from None
     ids = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -77,9 +78,9 @@ def read_image_ids(path: str | Path) -> list[int]:
         try:
             ids.append(int(line))
         except ValueError:
-            raise ValueError(f"{path}:{n}: {line!r} is not an image id (one integer per line)") from None
+            raise UserError(f"{path}:{n}: {line!r} is not an image id (one integer per line)") from None
     if not ids:
-        raise ValueError(f"{path}: no image ids in the --image-ids file (one integer per line)")
+        raise UserError(f"{path}: no image ids in the --image-ids file (one integer per line)")
     return ids
 
 
@@ -91,8 +92,8 @@ def select_ids(coco: CocoDataset, image_ids: str | Path | None, limit: int | Non
         wanted = set(read_image_ids(image_ids))
         unknown = sorted(wanted - set(ids))
         if unknown:
-            raise ValueError(f"{image_ids}: {len(unknown)} image id(s) are not in {coco.root} split {coco.split} "
-                             f"(e.g. {', '.join(map(str, unknown[:5]))}); fix the file or pass the right --split")
+            raise UserError(f"{image_ids}: {len(unknown)} image id(s) are not in {coco.root} split {coco.split} "
+                            f"(e.g. {', '.join(map(str, unknown[:5]))}); fix the file or pass the right --split")
         ids = [i for i in ids if i in wanted]
         digest = f"{len(ids)}:" + hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
     return (ids[:limit] if limit is not None else ids), digest

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..models.defaults import SEGMENTER
 
 DEFAULT_SEGMENTER = SEGMENTER
@@ -67,8 +68,8 @@ class Segmenter:
 
         kind = model_type(name, revision, "segmenter")
         if kind not in SEGMENTER_TYPES:
-            raise ValueError(f"--segmenter {name}: model_type {kind!r} is neither SAM-HQ nor SAM (expected one of "
-                             f"{', '.join(SEGMENTER_TYPES)}, e.g. {DEFAULT_SEGMENTER} or facebook/sam-vit-huge)")
+            raise UserError(f"--segmenter {name}: model_type {kind!r} is neither SAM-HQ nor SAM (expected one of "
+                            f"{', '.join(SEGMENTER_TYPES)}, e.g. {DEFAULT_SEGMENTER} or facebook/sam-vit-huge)")
         cls_ = SamHQModel if kind == "sam_hq" else SamModel
         model = pretrained(cls_.from_pretrained, name, revision, "segmenter", dtype=dtype).to(device)
         image_processor = pretrained(AutoImageProcessor.from_pretrained, name, revision, "segmenter", backend="pil")

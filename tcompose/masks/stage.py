@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.coco import CocoDataset
+from ..errors import UserError
 from ..io.datasets import DatasetError, ShardedWriter
 from ..io.runs import output_guard
 from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
@@ -90,20 +91,20 @@ def content_config(cfg: MasksConfig, ids_digest: str | None = None) -> dict:
 
 def _check(cfg: MasksConfig) -> None:
     if cfg.source not in SOURCES:
-        raise ValueError(f"unknown --source {cfg.source!r}: choose one of {', '.join(SOURCES)}")
+        raise UserError(f"unknown --source {cfg.source!r}: choose one of {', '.join(SOURCES)}")
     check_mode(cfg.captions)
     if cfg.limit is not None and cfg.limit < 1:
-        raise ValueError(f"--limit must be >= 1 (or left out for all images), got {cfg.limit}")
+        raise UserError(f"--limit must be >= 1 (or left out for all images), got {cfg.limit}")
     for name in ("shard_size", "batch_size"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+        raise UserError(f"--workers must be >= 0, got {cfg.workers}")
     for name in ("box_threshold", "text_threshold"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
 
 
 def _check_rank(rank: int, world_size: int) -> None:

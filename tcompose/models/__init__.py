@@ -3,11 +3,12 @@
 built by :mod:`tcompose.testing`, not here.
 
 - :mod:`.loading`: what every loader shares (``local_path``, ``offline``, hub hints, quiet loading, ``--dtype``);
-- :mod:`.stable_diffusion`: ``load_components`` (UNet, VAE, text encoder(s), tokenizer(s), DDPM scheduler;
-  SD1.x, SD2.x and SDXL), ``load_text_encoder`` and ``check_text_encoder`` for the ``--text-encoder`` swap;
+- :mod:`.families`: one module per model family (``sd``: SD1.x / SD2.x, ``sdxl``) behind one interface
+  (``ModelFamily``), and ``load_components``: a model's parts bound to its family;
+- :mod:`.components`: loaders the families share: ``load_text_encoder`` and ``check_text_encoder`` for the
+  ``--text-encoder`` swap, ``load_vae``, ``model_configs``;
 - :mod:`.lora`: LoRA adapters (peft) on the UNet's attention projections, in diffusers' LoRA format;
 - :mod:`.clip`: ``load_clip``, ``export_clip`` (a CLIPModel folder whose text tower SD loads);
-- :mod:`.clip_bpe`: CLIP-format BPE vocabularies (the real one from a file, or a small one trained here);
 - :mod:`.spec`: ``--model NAME=ID[,unet=..]``; :mod:`.compile`: regional ``torch.compile``;
   :mod:`.defaults`: the default hub id of every stage.
 
@@ -22,11 +23,10 @@ from typing import Any
 
 _EXPORTS = {
     "loading": ("ModelFolderError", "DTYPES", "local_path", "offline", "pretrained", "torch_dtype"),
-    "stable_diffusion": ("SDComponents", "TextEncoderMismatchError", "check_text_encoder", "is_sdxl",
-                         "load_components", "load_text_encoder", "load_vae", "model_configs"),
+    "families": ("Components", "ModelFamily", "family_named", "family_of", "family_of_pipeline", "load_components"),
+    "components": ("TextEncoderMismatchError", "check_text_encoder", "load_text_encoder", "load_vae", "model_configs"),
     "lora": ("add_lora", "apply_lora", "lora_parameter_count", "read_lora_meta", "save_lora"),
     "clip": ("export_clip", "load_clip"),
-    "clip_bpe": ("find_clip_bpe", "write_clip_tokenizer"),
     "spec": ("ModelSpec", "parse_model_spec", "parse_model_specs"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from ..io.files import match_umask
+from ..io.files import atomic_folder, match_umask
 from .loading import ModelFolderError, hub_hint, local_path
 
 #: CLIP's image normalisation (every OpenAI CLIP and OWL model uses it).
@@ -102,22 +101,11 @@ def export_clip(model, tokenizer, preprocess: dict, out: str | Path) -> Path:
     """Write ``OUT/`` (CLIPModel, tokenizer, ``preprocessor_config.json``), ``OUT/text_encoder`` (CLIPTextModel)
     and ``OUT/tokenizer``; each entry is written beside OUT first and renamed into place."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".export.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, merge=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
         save_tokenizer(tokenizer, tmp / "tokenizer")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocess, indent=2) + "\n")
         text_tower(model).save_pretrained(tmp / "text_encoder", safe_serialization=True)
         match_umask(tmp)  # safetensors writes its files 0600
-        for entry in sorted(tmp.iterdir()):
-            dest = out / entry.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -1,6 +1,6 @@
 """The default models of every stage, in one place (no imports: the CLI reads them for its --help).
 
-The paper's choices (DESIGN.md, "Models and defaults"); each is a hub id, and every option that takes one
+The paper's choices (docs/design.md, "Models and defaults"); each is a hub id, and every option that takes one
 also takes a local folder.
 """
 

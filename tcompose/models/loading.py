@@ -22,11 +22,13 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
+from ..errors import UnavailableError, UserError, system_error
+
 T = TypeVar("T")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError):
     """A model path that is not a usable folder (missing, or without the expected subfolders/files)."""
 
 
@@ -70,22 +72,43 @@ def offline(local_files_only: bool | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def hub_hint(model_id: str, local_files_only: bool | None) -> Iterator[None]:
-    """Re-raise a hub loading error unchanged, with a one-line hint attached."""
+def _hub_errors(local_files_only: bool | None, offline_hint: str, online_hint: str,
+                convert: Callable[[Exception, str, str], None]) -> Iterator[None]:
+    """A hub loading error (``OSError``, ``ValueError``; not a :class:`UserError`, which says what to fix already)
+    goes to ``convert(err, hint, first line of err)``, the hint for offline mode or for the network; unless
+    ``convert`` raises another error, ``err`` is re-raised."""
     try:
         yield
     except (OSError, ValueError) as err:
-        if isinstance(err, ModelFolderError):
+        if isinstance(err, UserError):  # ModelFolderError & co: already says what to fix
             raise
-        if offline(local_files_only):
-            hint = (f"hint: {model_id!r} is not in the local Hugging Face cache and offline mode (HF_HUB_OFFLINE=1 / "
-                    f"local_files_only) forbids downloading it: fetch it once with network (`tcompose download "
-                    f"{model_id}`), point HF_HOME at a warm cache, or pass a local diffusers folder.")
-        else:
-            hint = (f"hint: could not load {model_id!r} from the Hugging Face Hub: check the id and --revision and "
-                    "the network, or pass a local diffusers folder.")
-        err.add_note(hint)
+        hint = offline_hint if offline(local_files_only) else online_hint
+        convert(err, hint, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         raise
+
+
+def _attach_hint(err: Exception, hint: str, first: str) -> None:
+    err.add_note(hint)
+    if isinstance(err, OSError) and not system_error(err):  # the hub's "no such id / not cached"
+        user = UnavailableError(f"{first} ({hint})")
+        user.add_note(hint)
+        raise user from err
+
+
+@contextlib.contextmanager
+def hub_hint(model_id: str, local_files_only: bool | None) -> Iterator[None]:
+    """A hub loading error with a one-line hint attached; the hub's own ``OSError`` (no such id, not cached
+    offline) is re-raised as :class:`~tcompose.errors.UnavailableError` (the user's to fix), others unchanged."""
+    with _hub_errors(
+        local_files_only,
+        offline_hint=(f"hint: {model_id!r} is not in the local Hugging Face cache and offline mode (HF_HUB_OFFLINE=1 / "
+                      f"local_files_only) forbids downloading it: fetch it once with network (`tcompose download "
+                      f"{model_id}`), point HF_HOME at a warm cache, or pass a local diffusers folder."),
+        online_hint=(f"hint: could not load {model_id!r} from the Hugging Face Hub: check the id and --revision and "
+                     "the network, or pass a local diffusers folder."),
+        convert=_attach_hint,
+    ):
+        yield
 
 
 @contextlib.contextmanager
@@ -117,23 +140,25 @@ def no_hf_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _one_line(err: Exception, hint: str, first: str) -> None:
+    if isinstance(err, OSError) and system_error(err):  # a full disk, an I/O error: the system's
+        return
+    raise (UnavailableError if isinstance(err, OSError) else UserError)(f"{hint} ({first})") from err
+
+
 @contextlib.contextmanager
 def _hint(name: str, what: str) -> Iterator[None]:
     """A hub loading error becomes one line: what failed, and how to get the model (offline or not)."""
-    try:
+    with _hub_errors(
+        None,
+        offline_hint=(f"the {what} {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                      f"downloading it: fetch it once with network (`huggingface-cli download {name}`), point HF_HOME "
+                      "at a warm cache, or pass a local folder written by save_pretrained"),
+        online_hint=(f"could not load the {what} {name!r} from the Hugging Face Hub: check the id, the revision "
+                     "and the network, or pass a local folder written by save_pretrained"),
+        convert=_one_line,
+    ):
         yield
-    except (OSError, ValueError) as err:
-        if isinstance(err, ModelFolderError):
-            raise
-        if offline(None):
-            hint = (f"the {what} {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                    f"downloading it: fetch it once with network (`huggingface-cli download {name}`), point HF_HOME "
-                    "at a warm cache, or pass a local folder written by save_pretrained")
-        else:
-            hint = (f"could not load the {what} {name!r} from the Hugging Face Hub: check the id, the revision "
-                    "and the network, or pass a local folder written by save_pretrained")
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise (OSError if isinstance(err, OSError) else ValueError)(f"{hint} ({first})") from err
 
 
 @contextlib.contextmanager
@@ -178,7 +203,7 @@ def model_type(name: str, revision: str | None = None, what: str = "model") -> s
 def torch_dtype(name: str, device: torch.device | str) -> tuple[torch.dtype, str | None]:
     """(dtype, note): ``--dtype`` as a torch dtype on ``device``; fp16 on CPU becomes fp32 with a note."""
     if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "fp16" and torch.device(device).type == "cpu":
         return torch.float32, "--dtype fp16 on CPU: running in fp32 instead (no fast half-precision CPU kernels)"
     return DTYPES[name], None

@@ -2,7 +2,7 @@
 generation (``--model NAME=BASE,lora=DIR[,lora_scale=S]``).
 
     names = add_lora(unet, rank=64, alpha=64, targets=DEFAULT_TARGETS)      # base frozen, adapters float32
-    save_lora(out, unet, base_model="stabilityai/stable-diffusion-xl-base-1.0", sdxl=True, rank=64, ...)
+    save_lora(out, unet, {"base_model": "stabilityai/stable-diffusion-xl-base-1.0", "rank": 64, ...}, pipeline_class)
     pipe.load_lora_weights(out)                                              # diffusers loads it as any LoRA
 
 The adapters wrap the UNet's attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` by default,
@@ -24,6 +24,8 @@ from typing import Any, Iterable
 
 import torch
 
+from ..errors import MissingPathError, UserError
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS = "pytorch_lora_weights.safetensors"
 META = "tcompose_lora.json"
@@ -39,11 +41,11 @@ def add_lora(unet, rank: int, alpha: float | None = None, targets: Iterable[str]
 
     targets = tuple(targets)
     if rank < 1:
-        raise ValueError(f"--lora-rank must be >= 1, got {rank}")
+        raise UserError(f"--lora-rank must be >= 1, got {rank}")
     modules = [n for n, _ in unet.named_modules()]
     missing = [t for t in targets if not any(n.endswith("." + t) for n in modules)]
     if missing or not targets:
-        raise ValueError(f"--lora-targets {','.join(missing or targets)}: no such module in this UNet (its attention "
+        raise UserError(f"--lora-targets {','.join(missing or targets)}: no such module in this UNet (its attention "
                          f"projections are {', '.join(DEFAULT_TARGETS)})")
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
@@ -91,15 +93,13 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 
-def save_lora(out: str | os.PathLike, unet, meta: dict[str, Any], sdxl: bool) -> Path:
-    """Write ``OUT/pytorch_lora_weights.safetensors`` (diffusers' format) and ``OUT/tcompose_lora.json``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+def save_lora(out: str | os.PathLike, unet, meta: dict[str, Any], pipeline) -> Path:
+    """Write ``OUT/pytorch_lora_weights.safetensors`` (diffusers' format, through ``pipeline``: the model family's
+    pipeline class) and ``OUT/tcompose_lora.json``."""
     from ..io.files import match_umask
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     # the adapter's config (its alpha above all) goes into the file's metadata, as diffusers' trainers write it:
     # without it, load_lora_weights would take alpha = rank
     config = unet.peft_config[ADAPTER].to_dict()
@@ -122,7 +122,7 @@ def apply_lora(pipe, folder: str | os.PathLike, scale: float = 1.0) -> None:
     """Load the adapters of ``folder`` into ``pipe``'s UNet and merge them at ``scale`` (plain weights after)."""
     folder = Path(folder).expanduser()
     if not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"lora={folder}: no {WEIGHTS} there; pass the --output of a train-unet --lora-rank run "
+        raise MissingPathError(f"lora={folder}: no {WEIGHTS} there; pass the --output of a train-unet --lora-rank run "
                                 "(or any folder holding diffusers LoRA weights under that name)")
     from diffusers.utils import logging as diffusers_logging
 

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 __all__ = ["SCHEDULERS", "image_seed", "inference_scheduler", "initial_latents", "PromptEmbeddings", "generate_batch"]
 
 
@@ -44,37 +46,29 @@ def initial_latents(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dty
 class PromptEmbeddings:
     """Text embeddings per prompt, cached: the prompts of a batch not seen yet are encoded in one call.
 
-    SDXL pipelines also give each prompt a pooled embedding; its empty prompt is all zeros when the model says
-    ``force_zeros_for_empty_prompt`` (SDXL base does), as the pipeline's own call would make it.
+    What a prompt's embeddings are, and the unconditional ones for guidance, is the model family's
+    (:mod:`tcompose.models.families`): SD's ``prompt_embeds``; SDXL's also a pooled embedding, its empty prompt
+    all zeros when the model says ``force_zeros_for_empty_prompt`` (SDXL base does), as the pipeline's own call
+    would make it.
     """
 
     def __init__(self, pipe, max_cached: int = 512):
+        from .families import family_of_pipeline
+
         self.pipe = pipe
         self.max_cached = max_cached
-        self.sdxl = hasattr(pipe, "text_encoder_2")
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.family = family_of_pipeline(pipe)
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def _encode(self, prompts: list[str]) -> None:
         if len(self._cache) + len(prompts) > self.max_cached:
             self._cache.clear()
         with torch.inference_mode():
-            if self.sdxl:
-                emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe._execution_device,
-                                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
-                self._cache.update(zip(prompts, zip(emb.unbind(0), pooled.unbind(0))))
-            else:
-                emb, _ = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, False)
-                self._cache.update(zip(prompts, ((e, None) for e in emb.unbind(0))))
-
-    def _empty(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        emb, pooled = self._cache[""]
-        if self.sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", True):
-            return torch.zeros_like(emb), torch.zeros_like(pooled)
-        return emb, pooled
+            self._cache.update(zip(prompts, self.family.encode_prompts(self.pipe, prompts)))
 
     def __call__(self, prompts: Sequence[str], guidance: bool) -> dict[str, torch.Tensor]:
-        """The pipeline's embedding arguments: ``prompt_embeds [B, 77, D]``, with guidance the empty prompt's as
-        ``negative_prompt_embeds``; SDXL also ``pooled_prompt_embeds`` (and the negative one)."""
+        """The pipeline's embedding arguments: ``prompt_embeds [B, 77, D]`` (and the family's others, such as
+        SDXL's ``pooled_prompt_embeds``); with guidance the empty prompt's as ``negative_prompt_embeds`` (...)."""
         wanted = list(prompts) + ([""] if guidance else [])
         new = list(dict.fromkeys(p for p in wanted if p not in self._cache))
         if new:
@@ -82,15 +76,10 @@ class PromptEmbeddings:
         if any(p not in self._cache for p in wanted):  # the cache was cleared in between: encode all at once
             self._cache.clear()
             self._encode(list(dict.fromkeys(wanted)))
-        cond = torch.stack([self._cache[p][0] for p in prompts])
-        out = {"prompt_embeds": cond}
-        if self.sdxl:
-            out["pooled_prompt_embeds"] = torch.stack([self._cache[p][1] for p in prompts])
+        out = {key: torch.stack([self._cache[p][key] for p in prompts]) for key in self._cache[prompts[0]]}
         if guidance:
-            emb, pooled = self._empty()
-            out["negative_prompt_embeds"] = emb.expand_as(cond)
-            if self.sdxl:
-                out["negative_pooled_prompt_embeds"] = pooled.expand_as(out["pooled_prompt_embeds"])
+            negative = self.family.negative_embeddings(self.pipe, self._cache[""])
+            out.update({key: value.expand_as(out[key.replace("negative_", "", 1)]) for key, value in negative.items()})
         return out
 
 
@@ -105,7 +94,7 @@ def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
     height = height or pipe.unet.config.sample_size * factor
     width = width or pipe.unet.config.sample_size * factor
     if height % 8 or width % 8:
-        raise ValueError(f"--height/--width must be multiples of 8, got {height}x{width}")
+        raise UserError(f"--height/--width must be multiples of 8, got {height}x{width}")
     device = pipe._execution_device
     shape = (pipe.unet.config.in_channels, height // factor, width // factor)
     latents, gens = initial_latents(seeds, shape, pipe.unet.dtype, device)
@@ -138,10 +127,10 @@ def inference_scheduler(model: str, revision: str | None = None, name: str | Non
     if name is None:
         cls = getattr(diffusers, config.get("_class_name", ""), None)
         if cls is None:
-            raise ValueError(f"{model}: unknown scheduler class {config.get('_class_name')!r} in scheduler/; "
+            raise UserError(f"{model}: unknown scheduler class {config.get('_class_name')!r} in scheduler/; "
                              f"pass --scheduler {'|'.join(SCHEDULERS)}")
         return cls.from_config(config)
     if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+        raise UserError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
     cls_name, extra = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(config, **extra)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Iterable
 
+from ..errors import UserError
+
 __all__ = ["ModelSpec", "parse_model_spec", "parse_model_specs"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -58,8 +60,8 @@ def parse_model_spec(spec: str) -> ModelSpec:
         if _NAME.match(left.strip()):
             name, head = left.strip(), right.strip()
     if not head:
-        raise ValueError(f"--model {spec!r}: no model after the name; write NAME=ID_OR_PATH, e.g. "
-                         "SD=CompVis/stable-diffusion-v1-4")
+        raise UserError(f"--model {spec!r}: no model after the name; write NAME=ID_OR_PATH, e.g. "
+                        "SD=CompVis/stable-diffusion-v1-4")
     extra: dict[str, str] = {}
     for option in options:
         option = option.strip()
@@ -68,23 +70,23 @@ def parse_model_spec(spec: str) -> ModelSpec:
         key, sep, value = option.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or key not in _KEYS:
-            raise ValueError(f"--model {spec!r}: unknown option {option!r}; options are unet=PATH, "
-                             "text_encoder=PATH, lora=DIR, lora_scale=S, revision=REV")
+            raise UserError(f"--model {spec!r}: unknown option {option!r}; options are unet=PATH, "
+                            "text_encoder=PATH, lora=DIR, lora_scale=S, revision=REV")
         field = _KEYS[key]
         if not value:
-            raise ValueError(f"--model {spec!r}: option {key} has no value")
+            raise UserError(f"--model {spec!r}: option {key} has no value")
         if field in extra:
-            raise ValueError(f"--model {spec!r}: option {key} given twice")
+            raise UserError(f"--model {spec!r}: option {key} given twice")
         extra[field] = value
     if "lora_scale" in extra:
         try:
             scale = float(extra["lora_scale"])
         except ValueError:
-            raise ValueError(f"--model {spec!r}: lora_scale={extra['lora_scale']!r} is not a number") from None
+            raise UserError(f"--model {spec!r}: lora_scale={extra['lora_scale']!r} is not a number") from None
         if not math.isfinite(scale):
-            raise ValueError(f"--model {spec!r}: lora_scale must be a finite number")
+            raise UserError(f"--model {spec!r}: lora_scale must be a finite number")
         if "lora" not in extra:
-            raise ValueError(f"--model {spec!r}: lora_scale goes with lora=DIR")
+            raise UserError(f"--model {spec!r}: lora_scale goes with lora=DIR")
         extra["lora_scale"] = scale
     return ModelSpec(name=name or _default_name(head), model=head, **extra)
 
@@ -95,6 +97,6 @@ def parse_model_specs(specs: Iterable[str]) -> list[ModelSpec]:
     seen: set[str] = set()
     for s in out:
         if s.name in seen:
-            raise ValueError(f"two --model values are named {s.name!r}; give each a NAME= prefix of its own")
+            raise UserError(f"two --model values are named {s.name!r}; give each a NAME= prefix of its own")
         seen.add(s.name)
     return out

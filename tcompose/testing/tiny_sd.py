@@ -14,14 +14,14 @@ down_32 (1 layer), down_16 (1), mid_16 (1), up_16 (2), up_32 (2); HW = 1024 or 2
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from ..models.clip_bpe import write_clip_tokenizer
+from ..data.clip_bpe import write_clip_tokenizer
+from ..io.files import atomic_folder
 from ..models.loading import no_hf_progress_bars
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -67,6 +67,7 @@ _SDXL_UNET: dict[str, Any] = dict(
 )
 UNET_SIZES: dict[str, dict[str, Any]] = {"tiny": _TINY_UNET, "medium": _MEDIUM_UNET, "sd14": _SD14_UNET,
                                          "tiny-sdxl": _TINY_SDXL_UNET, "sdxl": _SDXL_UNET}
+SDXL_SIZES = ("tiny-sdxl", "sdxl")  # the sizes with SDXL's layout: two text encoders
 # SD1.4's scheduler_config.json (PNDM for inference; DDPMScheduler.from_pretrained reads the same file,
 # clip_sample False included, which PNDM itself ignores).
 SD_SCHEDULER = dict(
@@ -183,7 +184,7 @@ def write_tokenizer(out: Path, source: str | Path | None, corpus: Iterable[str] 
     if not (src / "vocab.json").is_file() or not (src / "merges.txt").is_file():
         raise FileNotFoundError(f"{source}: expected CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer folder "
                                 "with vocab.json and merges.txt")
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     for name in _TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
@@ -212,18 +213,14 @@ def write_tiny_pipeline(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True or another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_folder(out) as tmp:
         write_tokenizer(tmp / "tokenizer", tokenizer_source, corpus)
         vocab = json.loads((tmp / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
         bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
         unet = build_tiny_unet(seed, size=size, **(unet_kwargs or {}))
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         build_tiny_vae(seed + 1).save_pretrained(tmp / "vae", safe_serialization=True)
-        sdxl = unet.config.get("addition_embed_type") == "text_time"
+        sdxl = size in SDXL_SIZES
         width = unet.config.cross_attention_dim // 2 if sdxl else unet.config.cross_attention_dim
         text = build_tiny_text_encoder(len(vocab), seed + 2, hidden_size=width, bos_token_id=bos, eos_token_id=eos,
                                        pad_token_id=eos)
@@ -256,9 +253,4 @@ def write_tiny_pipeline(
             index = {"_class_name": "StableDiffusionPipeline", **common, "requires_safety_checker": False,
                      "safety_checker": [None, None]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

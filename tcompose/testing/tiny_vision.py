@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from ..io.files import atomic_folder
 from ..models.clip import CLIP_MEAN, CLIP_STD, preprocess_config
 from ..models.loading import no_hf_progress_bars
 from .tiny_sd import write_tokenizer
@@ -154,20 +154,9 @@ def build_sam(size: str = "tiny", hq: bool = True, seed: int = 0):
 
 
 def _atomic_dir(out_dir: str | os.PathLike, write) -> Path:
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        with no_hf_progress_bars():
-            write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    with atomic_folder(out_dir) as tmp, no_hf_progress_bars():
+        write(tmp)
+    return Path(out_dir)
 
 
 def write_tiny_grounding_dino(out_dir: str | os.PathLike, words: Iterable[str] = (), seed: int = 0,
@@ -258,10 +247,7 @@ def write_tiny_clip(out_dir: str | Path, tokenizer_source: str | Path | None = N
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pick another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         write_tokenizer(tmp, tokenizer_source, corpus)
         vocab = json.loads((tmp / "vocab.json").read_text(encoding="utf-8"))
         model = build_clip(size, seed, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
@@ -270,11 +256,6 @@ def write_tiny_clip(out_dir: str | Path, tokenizer_source: str | Path | None = N
             model.save_pretrained(tmp, safe_serialization=True)
         cfg = preprocess_config(model.config.vision_config.image_size)
         (tmp / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -294,7 +275,7 @@ def _owl_text_config(spec: dict, vocab_size: int, bos_token_id: int | None, eos_
 def _write_owl_tokenizer(out: Path, tokenizer_source: str | Path | None, queries: list[str]) -> dict[str, int]:
     """A 16-token CLIP tokenizer in ``out`` (the real BPE from ``tokenizer_source``, else one trained on the
     detector's ``queries``); returns its vocabulary."""
-    from ..models.clip_bpe import write_clip_tokenizer
+    from ..data.clip_bpe import write_clip_tokenizer
 
     write_clip_tokenizer(out, bpe_path=tokenizer_source, corpus=None if tokenizer_source else queries)
     cfg_path = out / "tokenizer_config.json"

@@ -48,15 +48,17 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
     """The card: YAML front matter and Markdown body."""
     from huggingface_hub import ModelCardData
 
-    sdxl = summary.get("family") == "sdxl"
+    from ..models.families import family_named
+
+    family = family_named(summary.get("family") or "sd")
     lora = summary.get("lora")
-    tags = ["tcompose", "tokencompose", "stable-diffusion-xl" if sdxl else "stable-diffusion", "text-to-image",
+    tags = ["tcompose", "tokencompose", *family.card_tags, "text-to-image",
             "diffusers", "diffusers-training"] + (["lora"] if lora else [])
     data = ModelCardData(base_model=str(cfg.model), license=license or "other", library_name="diffusers",
                          pipeline_tag="text-to-image", tags=tags)
     if not license:
         data.license_name = "the base model's licence"
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    pipeline = family.pipeline_class_name
     if lora:
         load = (f"pipe = {pipeline}.from_pretrained(\"{cfg.model}\")\npipe.load_lora_weights(\"OUT\")  # this folder")
     else:

@@ -6,10 +6,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
 from ..grounding.attention import parse_layers
 from ..grounding.losses import MAP_REDUCTIONS
 from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
 from ..models.defaults import BASE_MODEL
+from ..models.precision import TF32_DEFAULT
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 #: Schedules whose learning rate does not depend on --max-steps: a resume may extend such a run.
@@ -73,7 +75,7 @@ class TrainUnetConfig:
     compile: bool = False  # torch.compile the UNet's ResNet blocks and feed-forwards (tcompose.models.compile)
     num_workers: int = 4
     log_every: int = 10
-    allow_tf32: bool = True
+    allow_tf32: bool = TF32_DEFAULT  # --tf32/--no-tf32: TF32 matmuls and convolutions on CUDA (models.precision)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -85,45 +87,45 @@ class TrainUnetConfig:
                          "--ema-decay": self.ema_decay, "--eval-fraction": self.eval_fraction,
                          "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_epsilon": self.adam_epsilon})
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+            raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+            raise UserError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.lambda_token < 0 or self.gamma_pixel < 0:
-            raise ValueError("--lambda and --gamma must be >= 0")
+            raise UserError("--lambda and --gamma must be >= 0")
         if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+            raise UserError(f"--lr must be > 0, got {self.lr}")
         if self.max_grad_norm < 0 or self.adam_weight_decay < 0 or self.lr_warmup_steps < 0:
-            raise ValueError("--max-grad-norm, --adam-weight-decay and --lr-warmup-steps must be >= 0")
+            raise UserError("--max-grad-norm, --adam-weight-decay and --lr-warmup-steps must be >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1], got {self.ema_decay}")
+            raise UserError(f"--ema-decay must be in [0, 1], got {self.ema_decay}")
         if self.checkpoint_every < 0 or (self.checkpoints_limit is not None and self.checkpoints_limit < 1):
-            raise ValueError("--checkpoint-every must be >= 0 and --checkpoints-limit >= 1")
+            raise UserError("--checkpoint-every must be >= 0 and --checkpoints-limit >= 1")
         if self.resume is not None and self.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
-                             "--overwrite deletes it and starts again")
+            raise UserError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
+                            "--overwrite deletes it and starts again")
         if self.map_reduction not in MAP_REDUCTIONS:
-            raise ValueError(f"--map-reduction must be one of {', '.join(MAP_REDUCTIONS)}, got {self.map_reduction!r}")
+            raise UserError(f"--map-reduction must be one of {', '.join(MAP_REDUCTIONS)}, got {self.map_reduction!r}")
         if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
+            raise UserError(f"--lora-rank must be >= 1, got {self.lora_rank}")
         if self.lora_rank is None and (self.fuse or self.lora_alpha is not None):
-            raise ValueError("--lora-alpha and --fuse go with --lora-rank")
+            raise UserError("--lora-alpha and --fuse go with --lora-rank")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+            raise UserError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if not self.lora_targets:
-            raise ValueError("--lora-targets names no module")
+            raise UserError("--lora-targets names no module")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise ValueError(f"--snr-gamma must be > 0 (or left out), got {self.snr_gamma}")
+            raise UserError(f"--snr-gamma must be > 0 (or left out), got {self.snr_gamma}")
         if self.validation_every < 0 or self.validation_steps < 1:
-            raise ValueError("--validation-every must be >= 0 and --validation-steps >= 1")
+            raise UserError("--validation-every must be >= 0 and --validation-steps >= 1")
         if self.validation_every and not self.validation_prompts:
-            raise ValueError("--validation-every needs at least one --validation-prompt")
+            raise UserError("--validation-every needs at least one --validation-prompt")
         if any(not p.strip() for p in self.validation_prompts):
-            raise ValueError("--validation-prompt: an empty prompt")
+            raise UserError("--validation-prompt: an empty prompt")
         parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
 
 

@@ -1,4 +1,7 @@
-"""A masks dataset as UNet training examples: pixels, token ids, per-word masks and token positions.
+"""A masks dataset as training examples: pixels, token ids, per-word masks and token positions.
+
+What the text side is (the tokenizers, which positions a phrase supervises) is the model family's: the
+functions here take a model's :class:`tcompose.models.families.Components` as ``text``.
 
 Randomness is a pure function of (seed, global example number): the order of the examples in epoch ``e``
 is a permutation drawn from ``seed + e``, and each example's diffusion noise, timestep and VAE sample come
@@ -17,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from ..data.text import phrases_token_positions, tokenize_captions
+from ..errors import UserError
 from ..io.datasets import RowReader, check_columns, decode_mask, load_manifest
 from .geometry import load_mask, load_pixels, resize_crop
 
@@ -27,8 +30,7 @@ class PreparedRows:
     """A masks dataset with each supervised word's token positions resolved; images stay on disk."""
 
     reader: RowReader  # image and masks of a row, read when an example is built
-    input_ids: torch.Tensor  # [N, 77]
-    input_ids_2: torch.Tensor | None  # [N, 77]: SDXL's second tokenizer (the same BPE, padded with "!")
+    token_ids: dict[str, torch.Tensor]  # batch key -> [N, L]: "input_ids" (SDXL: also "input_ids_2")
     words: list[list[list[int]]]  # per row, per supervised word: token positions
     mask_slots: list[list[int]]  # per row, per supervised word: its index in the row's masks
     image_ids: list[int]
@@ -40,11 +42,12 @@ class PreparedRows:
         return len(self.image_ids)
 
 
-def prepare_rows(data_dir: str | Path, tokenizer, tokenizer_2=None) -> PreparedRows:
+def prepare_rows(data_dir: str | Path, text) -> PreparedRows:
     """Read a masks dataset's captions and phrases and resolve each phrase to caption token positions.
 
-    ``tokenizer_2`` (SDXL): the captions are tokenized by it too; the phrase positions found with ``tokenizer``
-    serve both encoders, which is checked here (a ValueError if the two disagree on any caption's tokens).
+    ``text``: the model's components; ``text.tokenize(captions)`` gives every text encoder's ids and
+    ``text.phrase_positions(caption, phrases)`` the positions each phrase supervises (SDXL checks there that
+    one set of positions serves both of its tokenizers).
 
     Phrases without a mask, or whose words cannot be found among the caption's 77 tokens (e.g. truncated),
     are left out of the supervision and counted; the row still trains the denoising loss. Reads shard by
@@ -58,7 +61,7 @@ def prepare_rows(data_dir: str | Path, tokenizer, tokenizer_2=None) -> PreparedR
             stats["rows"] += 1
             ws, ss = [], []
             # every phrase of the row claims its tokens (longest first), so "dog" never lands inside "hot dog"
-            located = phrases_token_positions(tokenizer, r["caption"], r["phrases"])
+            located = text.phrase_positions(r["caption"], r["phrases"])
             for slot, (phrase, mask, pos) in enumerate(zip(r["phrases"], r["masks"], located)):
                 stats["phrases"] += 1
                 if mask is None or mask.get("bytes") is None:
@@ -75,15 +78,9 @@ def prepare_rows(data_dir: str | Path, tokenizer, tokenizer_2=None) -> PreparedR
             image_ids.append(r["image_id"])
             words.append(ws)
             slots.append(ss)
-    input_ids = tokenize_captions(tokenizer, captions)
-    input_ids_2 = None
-    if tokenizer_2 is not None:
-        input_ids_2 = tokenize_captions(tokenizer_2, captions)
-        _check_same_tokens(input_ids, input_ids_2, tokenizer, tokenizer_2, captions)
     return PreparedRows(
         reader=RowReader(data_dir, ["image", "masks"]),
-        input_ids=input_ids,
-        input_ids_2=input_ids_2,
+        token_ids=text.tokenize(captions),
         words=words,
         mask_slots=slots,
         image_ids=image_ids,
@@ -93,21 +90,10 @@ def prepare_rows(data_dir: str | Path, tokenizer, tokenizer_2=None) -> PreparedR
     )
 
 
-def _check_same_tokens(ids: torch.Tensor, ids_2: torch.Tensor, tokenizer, tokenizer_2, captions: list[str]) -> None:
-    """The token positions of a phrase are those of the first tokenizer; they hold for the second only if both
-    give the same ids up to the end-of-text token (they differ only in padding: SDXL's second pads with "!")."""
-    eos = tokenizer.eos_token_id
-    for i in range(ids.shape[0]):
-        end = int((ids[i] == eos).nonzero()[0]) + 1 if (ids[i] == eos).any() else ids.shape[1]
-        if not torch.equal(ids[i, :end], ids_2[i, :end]):
-            raise ValueError(f"the two tokenizers split the caption {captions[i]!r} differently, so one set of token "
-                             "positions cannot supervise both text encoders; use a model whose tokenizers share one BPE")
-
-
 def split_heldout(prep: PreparedRows, fraction: float, seed: int, max_examples: int | None = None) -> tuple[list[int], list[int]]:
     """Train and held-out row indices; all captions of one image fall on the same side."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"--eval-fraction must be in [0, 1), got {fraction}")
+        raise UserError(f"--eval-fraction must be in [0, 1), got {fraction}")
     ids = sorted(set(prep.image_ids))
     n_eval = math.ceil(fraction * len(ids)) if fraction > 0 else 0
     if n_eval >= len(ids):
@@ -166,9 +152,7 @@ class TrainingExamples(Dataset):
             image = {"latent_moments": self.latents.moments(row, flip)}
         masks = [load_mask(decode_mask(record["masks"][slot]), placement, flip) for slot in self.prep.mask_slots[row]]
         (w, h), r = placement.original, placement.size
-        text = {"input_ids": self.prep.input_ids[row]}
-        if self.prep.input_ids_2 is not None:
-            text["input_ids_2"] = self.prep.input_ids_2[row]
+        text = {key: ids[row] for key, ids in self.prep.token_ids.items()}
         return {
             **image,
             **text,
@@ -194,7 +178,7 @@ def collate(examples: list[dict]) -> dict:
     for i, e in enumerate(examples):
         masks[i, : e["masks"].shape[0]] = e["masks"]
     image = "latent_moments" if "latent_moments" in examples[0] else "pixel_values"
-    text = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "input_ids_2") if k in examples[0]}
+    text = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if k.startswith("input_ids")}
     return {
         image: torch.stack([e[image] for e in examples]),
         **text,

@@ -13,7 +13,7 @@ parameters of the VAE's latent distribution, ``mean`` and ``std`` (``DiagonalGau
 exp(logvar / 2)), of the resized, center-cropped image (:func:`tcompose.train.geometry.load_pixels`). With
 ``--random-flip`` both orientations are cached (the flipped image is encoded; the VAE is not flip-equivariant).
 Training then samples ``latents = (mean + std * eps) * scaling_factor`` with each example's own ``eps``, as
-without the cache (:func:`tcompose.grounding.objective.encode_batch`).
+without the cache (the model family's ``encode_batch``: :func:`tcompose.models.families.sd.vae_latents`).
 
 Precision: the moments are stored in the dtype the VAE runs in, which is the training's ``--mixed-precision``
 (float32 with ``no``, bfloat16 with ``bf16``, float16 with ``fp16``; train-unet casts the frozen VAE to it).

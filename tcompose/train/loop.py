@@ -33,26 +33,16 @@ before any checkpoint or pipeline is written from it; Ctrl-C says what was kept 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from ..grounding.attention import attention_groups, describe_groups, resolve_layers
+from ..errors import UserError
+from ..grounding.attention import describe_groups, resolve_layers
 from ..io.files import match_umask
-from ..io.runs import (
-    FiniteGuard,
-    Interrupted,
-    NonFiniteLossError,
-    check_resume,
-    interrupted_note,
-    kept_checkpoint_note,
-    output_guard,
-    peak_memory_mb,
-    prepare_run_folder,
-    training_progress,
-)
+from ..io.runs import (FiniteGuard, Interrupted, output_guard, peak_memory_mb, prepare_run_folder, resume_point,
+                       trainer_accelerator, training_progress)
 from .card import write_model_card
 from .config import (
     OUTPUTS,
@@ -95,17 +85,17 @@ def run(cfg: TrainUnetConfig) -> dict:
 
 
 def _train(cfg: TrainUnetConfig) -> dict:
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate import PartialState
     from diffusers.optimization import get_scheduler
     from torch.utils.data import DataLoader
 
-    from ..grounding.objective import encode_batch, tokencompose_losses
+    from ..grounding.objective import tokencompose_losses
     from ..grounding.score import grounding_score
     from ..io.batches import MicroBatches
-    from ..io.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+    from ..io.checkpoints import save_checkpoint
     from ..io.datasets import check_columns, load_manifest, write_json_atomic
-    from ..models.stable_diffusion import load_components, model_configs
+    from ..models.components import model_configs
+    from ..models.families import family_of, load_components
     from .examples import TrainingExamples, collate, prepare_rows, split_heldout
 
     load_manifest(cfg.data)  # bad data fails before any model is loaded
@@ -121,41 +111,30 @@ def _train(cfg: TrainUnetConfig) -> dict:
     unet_config, down = model_configs(cfg.model, cfg.revision)
     resolution = cfg.resolution or int(unet_config["sample_size"]) * down
     if resolution % down:
-        raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {down}")
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {down}")
     latent = resolution // down
-    groups = resolve_layers(cfg.layers, attention_groups(unet_config, (latent, latent)),
+    family = family_of(unet_config)
+    groups = resolve_layers(cfg.layers, family.attention_groups(unet_config, (latent, latent)),
                             f" at {latent}x{latent} latents ({resolution} px)")
     layers = tuple(groups)
     ckpt_root = out / "checkpoints"
     settings = resume_settings(cfg, resolution, world)
-    resume_path = resolve_resume(cfg.resume, ckpt_root)
-    if resume_path is not None:
-        saved = json.loads((resume_path / "state.json").read_text()).get("extra", {})
-        check_resume(saved.get("settings"), settings, resume_path, may_differ_on_resume(cfg))
+    start = resume_point(cfg.resume, ckpt_root, settings, may_differ_on_resume(cfg))
 
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision=cfg.mixed_precision,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    accelerator = trainer_accelerator(out, cfg.grad_accum, cfg.mixed_precision)
     device, log = accelerator.device, accelerator.print
-    if cfg.allow_tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    from ..models.precision import set_tf32
+
+    set_tf32(cfg.allow_tf32, device)  # --tf32/--no-tf32, on by default; on and off alike (CUDA only)
     torch.manual_seed(cfg.seed)
     source = "--resolution" if cfg.resolution else f"the model's own: sample size {unet_config['sample_size']} x {down}"
     log(f"resolution: {resolution} px ({source}); supervised cross-attention: {describe_groups(groups)}")
 
     comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae)
-    unet, vae, text_encoder, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.text_encoder, comps.tokenizer, comps.noise_scheduler
-    text_encoder_2 = comps.text_encoder_2
+    unet, vae, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.tokenizer, comps.noise_scheduler
 
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    for frozen in (vae, text_encoder, text_encoder_2):
-        if frozen is None:
-            continue
+    for frozen in (vae, *comps.text_encoders):
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(device)
@@ -171,7 +150,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
         add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
         trainable = [p for p in unet.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in unet.parameters())
-    log(f"model: {'SDXL' if comps.is_sdxl else 'SD'} UNet, {n_all:,} parameters, {n_train:,} trained"
+    log(f"model: {family.label}, {n_all:,} denoiser parameters, {n_train:,} trained"
         + (f" (LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)})" if cfg.lora_rank else ""))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -179,7 +158,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
         unet.to(memory_format=torch.channels_last)
     unet.train()
 
-    prep = prepare_rows(cfg.data, tokenizer, comps.tokenizer_2)
+    prep = prepare_rows(cfg.data, comps)
     train_rows, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
     latent_shape = (unet.config.in_channels, latent, latent)
     n_t = noise_scheduler.config.num_train_timesteps
@@ -208,21 +187,15 @@ def _train(cfg: TrainUnetConfig) -> dict:
         ema.to(device)
     unet, optimizer = accelerator.prepare(unet, optimizer)  # the sampler shards data itself; see MicroBatches
 
-    step, before = 0, None
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema, accelerator.scaler)
-        step, before = state["step"], state["extra"].get("grounding_before")
-        log(f"resumed from {resume_path} at step {step}")
-    elif cfg.resume == "latest":
-        log(f"no checkpoint under {ckpt_root}: starting from step 0")
+    step, extra = start.load(log, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema, accelerator.scaler)
+    before = extra.get("grounding_before")
 
     def evaluate() -> dict | None:
         if not heldout:
             return None
         batches = (collate([eval_examples[(r, 0)] for r in heldout[i : i + cfg.batch_size]]) for i in range(0, len(heldout), cfg.batch_size))
         with accelerator.autocast():
-            return grounding_score(accelerator.unwrap_model(unet), vae, text_encoder, noise_scheduler, batches,
-                                   layers, cfg.eval_timesteps, seed=cfg.seed, text_encoder_2=text_encoder_2)
+            return grounding_score(comps, batches, layers, cfg.eval_timesteps, seed=cfg.seed)
 
     if before is None and main:
         before = evaluate()
@@ -236,11 +209,10 @@ def _train(cfg: TrainUnetConfig) -> dict:
             from .validation import render_validation, validation_pipeline
 
             if validation["pipe"] is None:
-                validation["pipe"] = validation_pipeline(cfg.model, cfg.revision, accelerator.unwrap_model(unet), vae,
-                                                         text_encoder, tokenizer, text_encoder_2, comps.tokenizer_2)
+                validation["pipe"] = validation_pipeline(cfg.model, cfg.revision, comps)
             path = out / "validation" / f"step-{at:06d}.png"
             with accelerator.autocast():
-                grid = render_validation(validation["pipe"], cfg.validation_prompts, cfg.seed, cfg.validation_steps,
+                grid = render_validation(validation["pipe"], comps, cfg.validation_prompts, cfg.seed, cfg.validation_steps,
                                          7.5, resolution, layers, path)
             match_umask(path)
             accelerator.get_tracker("tensorboard").log_images({"validation": grid[None]}, step=at, dataformats="NHWC")
@@ -269,13 +241,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
     guard = FiniteGuard(LOSS_TERMS[:3], device)
 
     def check_finite() -> None:  # a sync: at logging steps, before every checkpoint and at the end
-        try:
-            guard.check(accelerator.gather)
-        except NonFiniteLossError as err:
-            raise NonFiniteLossError(
-                f"{err}: training stopped and no pipeline was written; {kept_checkpoint_note(ckpt_root)}. Lower "
-                "--lr (or --lambda / --gamma), check the data, then continue from it with --resume latest"
-            ) from None
+        guard.check_training(accelerator.gather, ckpt_root, written="pipeline", lower="--lr (or --lambda / --gamma)")
 
     sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
     n_micro, last = 0, {}
@@ -286,13 +252,14 @@ def _train(cfg: TrainUnetConfig) -> dict:
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with accelerator.accumulate(unet):
-                    latents, cond = encode_batch(vae, text_encoder, batch, text_encoder_2)
+                    latents, cond = comps.encode_batch(batch)
                     if cfg.channels_last:
                         latents = latents.contiguous(memory_format=torch.channels_last)
                         batch["noise"] = batch["noise"].contiguous(memory_format=torch.channels_last)
                     losses = tokencompose_losses(unet, latents, cond, batch, noise_scheduler, layers, cfg.lambda_token,
                                                  cfg.gamma_pixel, backward=accelerator.backward,
-                                                 map_reduction=cfg.map_reduction, snr_gamma=cfg.snr_gamma)
+                                                 map_reduction=cfg.map_reduction, snr_gamma=cfg.snr_gamma,
+                                                 objective=comps.objective)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
@@ -331,7 +298,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
                     break
         check_finite()
     except KeyboardInterrupt:
-        raise Interrupted(interrupted_note(ckpt_root, step), "--resume latest") from None
+        raise Interrupted.in_training(ckpt_root, step) from None
     train_s = time.perf_counter() - t0
     if cfg.compile:
         from ..models.compile import uncompile_regions
@@ -353,9 +320,9 @@ def _train(cfg: TrainUnetConfig) -> dict:
             log(f"grounding score after: {after['score']:.4f} (before {before['score']:.4f}, chance {after['chance']:.4f})")
         validate(step, after)
         if cfg.lora_rank:
-            save_lora_outputs(cfg, trained, tokenizer, out, comps.is_sdxl)
+            save_lora_outputs(cfg, trained, tokenizer, out, family)
         else:
-            save_pipeline(cfg, trained, tokenizer, out, comps.is_sdxl)
+            save_pipeline(cfg, trained, tokenizer, out, family)
         steps_run = step - start_step
         summary = {
             "steps": step,
@@ -367,7 +334,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
             "device": str(device),
             "num_processes": accelerator.num_processes,
             "ranks_in_sync": in_sync,
-            "family": "sdxl" if comps.is_sdxl else "sd",
+            "family": family.name,
             "trainable_parameters": n_train,
             "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": list(cfg.lora_targets),
                      "fused": cfg.fuse} if cfg.lora_rank else None,

@@ -10,15 +10,9 @@ from ..io.runs import model_id
 from .config import OUTPUTS, TrainUnetConfig
 
 
-def _pipeline_class(sdxl: bool):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-
-
 def _base_parts(cfg: TrainUnetConfig, tokenizer) -> dict:
     """The components the run replaced in the base model: its --vae, its --text-encoder."""
-    from ..models.stable_diffusion import load_text_encoder, load_vae
+    from ..models.components import load_text_encoder, load_vae
 
     parts = {}
     if cfg.vae:
@@ -28,25 +22,26 @@ def _base_parts(cfg: TrainUnetConfig, tokenizer) -> dict:
     return parts
 
 
-def save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path, sdxl: bool) -> None:
-    """The base pipeline with the trained UNet (and the --vae / --text-encoder the run used), in float32."""
+def save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path, family) -> None:
+    """The base pipeline (``family``'s) with the trained UNet (and the --vae / --text-encoder the run used), in
+    float32."""
     parts = {"unet": unet, **_base_parts(cfg, tokenizer)}
-    pipe = _pipeline_class(sdxl).from_pretrained(cfg.model, revision=cfg.revision, **parts)  # float32, the default
+    pipe = family.pipeline_class().from_pretrained(cfg.model, revision=cfg.revision, **parts)  # float32, the default
     pipe.save_pretrained(out, safe_serialization=True)
     match_umask(*(out / name for name in OUTPUTS))
 
 
-def save_lora_outputs(cfg: TrainUnetConfig, unet, tokenizer, out: Path, sdxl: bool) -> None:
+def save_lora_outputs(cfg: TrainUnetConfig, unet, tokenizer, out: Path, family) -> None:
     """OUT/pytorch_lora_weights.safetensors + tcompose_lora.json; with --fuse also OUT/fused/, the base pipeline
     with the adapters loaded from that very file and merged (so the file is checked to load)."""
     from ..models.lora import apply_lora, save_lora
 
     meta = {"base_model": model_id(cfg.model), "revision": cfg.revision, "vae": model_id(cfg.vae),
-            "family": "sdxl" if sdxl else "sd", "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
+            "family": family.name, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
             "targets": list(cfg.lora_targets)}
-    save_lora(out, unet, meta, sdxl)
+    save_lora(out, unet, meta, family.pipeline_class())
     if cfg.fuse:
-        pipe = _pipeline_class(sdxl).from_pretrained(cfg.model, revision=cfg.revision, **_base_parts(cfg, tokenizer))
+        pipe = family.pipeline_class().from_pretrained(cfg.model, revision=cfg.revision, **_base_parts(cfg, tokenizer))
         apply_lora(pipe, out)
         pipe.save_pretrained(out / "fused", safe_serialization=True)
         match_umask(out / "fused")

@@ -21,55 +21,47 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data.text import noun_phrases, phrases_token_positions
+from ..data.text import noun_phrases
 from ..grounding.attention_maps import accumulate_attention, word_maps
 from ..io.figures import PanelRow, draw_attention_figure
 from ..models.sampling import generate_batch, image_seed, inference_scheduler
 
 
-def validation_pipeline(model: str, revision: str | None, unet, vae, text_encoder, tokenizer, text_encoder_2=None,
-                        tokenizer_2=None):
-    """An inference pipeline around the components being trained (no copy): SD or SDXL."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+def validation_pipeline(model: str, revision: str | None, comps):
+    """An inference pipeline of the model's family around the components being trained (no copy), with the
+    model's own inference scheduler."""
     scheduler = inference_scheduler(model, revision)
-    if text_encoder_2 is not None:
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                         add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipe = comps.pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def prompt_words(tokenizer, prompt: str) -> dict[str, list[int]]:
-    """The prompt's noun phrases that sit in its tokens, with their token positions."""
+def prompt_words(comps, prompt: str) -> dict[str, list[int]]:
+    """The prompt's noun phrases that sit in its tokens, with their token positions (the model family's)."""
     words = noun_phrases(prompt)
-    return {w: pos for w, pos in zip(words, phrases_token_positions(tokenizer, prompt, words)) if pos is not None}
+    return {w: pos for w, pos in zip(words, comps.phrase_positions(prompt, words)) if pos is not None}
 
 
 @torch.no_grad()
-def render_validation(pipe, prompts: Sequence[str], seed: int, steps: int, guidance: float, resolution: int,
+def render_validation(pipe, comps, prompts: Sequence[str], seed: int, steps: int, guidance: float, resolution: int,
                       layers: Sequence[str], path: Path, panel: int = 192) -> np.ndarray:
-    """Generate ``prompts`` with capture on and draw the grid to ``path``; returns it as uint8 [H, W, 3]."""
+    """Generate ``prompts`` with ``pipe`` (built around ``comps``, :func:`validation_pipeline`) with capture on and
+    draw the grid to ``path``; returns it as uint8 [H, W, 3]."""
     from PIL import Image
 
     seeds = [image_seed(seed, i, 0) for i in range(len(prompts))]
-    unet = pipe.unet
+    unet = comps.denoiser
     was_training = unet.training
     unet.eval()
     try:
-        with accumulate_attention(unet, layers, guidance > 1) as acc:
+        with accumulate_attention(unet, layers, guidance > 1, capture=comps.objective.capture) as acc:
             images, _ = generate_batch(pipe, list(prompts), seeds, steps, guidance, resolution, resolution)
     finally:
         unet.train(was_training)
     tokens = acc.token_maps().float().cpu()  # [B, T, S, S]
     rows = []
     for i, prompt in enumerate(prompts):
-        words = word_maps(tokens[i], prompt_words(pipe.tokenizer, prompt))
+        words = word_maps(tokens[i], prompt_words(comps, prompt))
         title = prompt if len(prompt) <= 34 else prompt[:33] + "…"
         rows.append(PanelRow(f"prompt {i}", images[i], list(words.items()), image_title=title))
     draw_attention_figure(rows, path, panel, scale="per-map")

@@ -290,7 +290,8 @@ def test_finetuned_text_encoder_is_used_by_train_unet_and_generation(trained, tm
     from tcompose.data.synthetic import make_scenes
     from tcompose.masks.config import MasksConfig
     from tcompose.masks.stage import run as make_masks
-    from tcompose.models.stable_diffusion import TextEncoderMismatchError, load_components
+    from tcompose.models.components import TextEncoderMismatchError
+    from tcompose.models.families import load_components
     from tcompose.testing.tiny_sd import write_tiny_pipeline
     from tcompose.train.config import TrainUnetConfig
     from tcompose.train.loop import run as train_unet
@@ -314,8 +315,10 @@ def test_finetuned_text_encoder_is_used_by_train_unet_and_generation(trained, tm
     gen = load_pipeline(str(base), text_encoder=str(out), dtype="fp32", device="cpu")
     assert all(torch.equal(gen.text_encoder.state_dict()[k], finetuned[k]) for k in finetuned)
     assert gen.tokenizer("a photo of a cup").input_ids == load_components(str(base), text_encoder=str(out)).tokenizer("a photo of a cup").input_ids
+    from tcompose.evaluate.settings import GenerationSettings
+
     result = generate(GenerateConfig(model=str(base), text_encoder=str(out), output=tmp_path / "gen", prompts=["a photo of a cup"],
-                                     steps=2, height=64, width=64, device="cpu"), progress=False)
+                                     settings=GenerationSettings(steps=2, height=64, width=64, device="cpu")), progress=False)
     assert result["generated"] == 1 and len(list((tmp_path / "gen" / "images").glob("*.png"))) == 1
     # a text tower of another width is refused on load, naming both widths
     wide = write_tiny_pipeline(tmp_path / "sd64", tokenizer_source=out / "tokenizer", unet_kwargs={"cross_attention_dim": 64})

@@ -16,7 +16,7 @@ from tcompose.crops.geometry import CLIP_MEAN_RGB, crop_box, cut, inside_fractio
 from tcompose.crops.stage import STATS_KEYS, CropsConfig, run, summary_line
 from tcompose.data.coco import CocoError
 from tcompose.data.synthetic import make_scenes
-from tcompose.io.datasets import MANIFEST, DatasetError, ShardedWriter, iter_rows, shard_files
+from tcompose.io.datasets import MANIFEST, DatasetError, iter_rows, shard_files
 
 GREY = np.array(CLIP_MEAN_RGB, dtype=float)
 
@@ -318,32 +318,19 @@ def test_one_and_two_workers_write_the_same(scenes, tmp_path):
     assert one["stats"]["images_skipped_unreadable"] == 1 and one["stats"]["crops"] > 10
 
 
-def test_resume_after_a_kill(scenes, tmp_path, monkeypatch):
+def test_resume_after_a_kill(scenes, tmp_path, shard_writes):
     cfg = dict(min_area=100, shard_size=3, size=32)
     reference = run(CropsConfig(scenes, tmp_path / "ref", workers=1, **cfg), progress=False)
     expected = list(iter_rows(tmp_path / "ref"))
-    real_write = ShardedWriter.write_shard
-    written = []
-
-    def write_then_die(self, shard, *args):
-        if written:
-            raise KeyboardInterrupt("killed")
-        written.append(shard.index)
-        return real_write(self, shard, *args)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(ShardedWriter, "write_shard", write_then_die)
+    shard_writes.kill_after_first()
     with pytest.raises(KeyboardInterrupt):
         run(CropsConfig(scenes, out, workers=2, **cfg), progress=False)
     assert [p.name for p in shard_files(out)] == ["train-00000.parquet"] and not (out / MANIFEST).exists()
     (out / ".train-00001.parquet.12345.tmp").write_bytes(b"half a shard")  # what a kill mid-write leaves
 
-    def record(self, shard, *args):
-        written.append(shard.index)
-        return real_write(self, shard, *args)
-
-    written.clear()
-    monkeypatch.setattr(ShardedWriter, "write_shard", record)
+    written = shard_writes.record()
     manifest = run(CropsConfig(scenes, out, workers=1, **cfg), progress=False)
     assert written == [1, 2, 3] and not list(out.glob(".*.tmp"))
     assert list(iter_rows(out)) == expected

@@ -9,7 +9,7 @@ import pytest
 
 from tcompose.data.nouns import NounVocabulary, default_nouns, load_nouns
 from tcompose.data.text import noun_phrases, phrase_token_positions, tokenize_captions
-from tcompose.models.clip_bpe import write_clip_tokenizer
+from tcompose.data.clip_bpe import write_clip_tokenizer
 
 # Real COCO val2017 captions (annotation id -> caption as stored, stripped) and their phrases, each checked
 # by hand: bare nouns and compounds as written, plurals kept, skipped words gone, first occurrence only.

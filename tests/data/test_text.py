@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tcompose.data.text import phrase_token_positions, tokenize_captions, word_positions
-from tcompose.models.clip_bpe import write_clip_tokenizer
+from tcompose.data.clip_bpe import write_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from tcompose.cli import main
 from tcompose.evaluate.attnviz import AttnvizConfig, draw_figure, figure_size, load_maps, maps_path, run
 from tcompose.evaluate.generate import GenerateConfig
 from tcompose.evaluate.generate import run as generate
+from tcompose.evaluate.settings import GenerationSettings
 from tcompose.grounding.attention_maps import MapAccumulator, combine_groups, group_hw, normalize, parse_steps, word_maps
 from tcompose.models.spec import ModelSpec, parse_model_spec, parse_model_specs
 from tcompose.testing.tiny_sd import write_tiny_pipeline
@@ -126,8 +127,8 @@ def models(tmp_path_factory):
 def test_attnviz_figure_and_maps(models, tmp_path):
     fig = tmp_path / "fig.png"
     cfg = AttnvizConfig(prompt=PROMPT, models=[f"SD={models['base']}", f"TC={models['base']},unet={models['other']}"],
-                        output=fig, words=["cat", "wine glass"], steps=3, height=SIZE, width=SIZE, panel=64,
-                        device="cpu")
+                        output=fig, words=["cat", "wine glass"], panel=64,
+                        settings=GenerationSettings(steps=3, height=SIZE, width=SIZE, device="cpu"))
     out = run(cfg, progress=False)
     # the figure: one row per model, the image + one panel per word, titled; its pixel size is fixed
     assert out["panels"] == [(r, c, t) for r in (0, 1) for c, t in enumerate(["image", "cat", "wine glass"])]
@@ -149,8 +150,9 @@ def test_attnviz_figure_and_maps(models, tmp_path):
         assert row.image.shape == (SIZE, SIZE, 3) and row.image.dtype == np.uint8
     assert not torch.allclose(res.rows[0].tokens, res.rows[1].tokens)  # the swapped UNet attends elsewhere
     # the image is the one `generate` makes for prompt 0, image 0 with the same seed (capture changes nothing)
-    generate(GenerateConfig(model=str(models["base"]), output=tmp_path / "gen", prompts=[PROMPT], steps=3,
-                            height=SIZE, width=SIZE, device="cpu"), progress=False)
+    generate(GenerateConfig(model=str(models["base"]), output=tmp_path / "gen", prompts=[PROMPT],
+                            settings=GenerationSettings(steps=3, height=SIZE, width=SIZE, device="cpu")),
+             progress=False)
     gen = np.asarray(Image.open(tmp_path / "gen" / "images" / "00000_00.png"), dtype=np.int16)
     assert np.abs(gen - res.rows[0].image.astype(np.int16)).max() <= 1
     # drawing again from the saved maps gives the same figure
@@ -159,8 +161,8 @@ def test_attnviz_figure_and_maps(models, tmp_path):
 
 
 def test_attnviz_timesteps_and_layers_change_the_maps(models, tmp_path):
-    common = dict(prompt=PROMPT, models=[f"SD={models['base']}"], words=["cat"], steps=3, height=SIZE, width=SIZE,
-                  panel=32, device="cpu")
+    common = dict(prompt=PROMPT, models=[f"SD={models['base']}"], words=["cat"], panel=32,
+                  settings=GenerationSettings(steps=3, height=SIZE, width=SIZE, device="cpu"))
     run(AttnvizConfig(output=tmp_path / "all.png", **common), progress=False)
     run(AttnvizConfig(output=tmp_path / "first.png", timesteps="0", layers=("up_16",), **common), progress=False)
     a, b = load_maps(tmp_path / "all.safetensors"), load_maps(tmp_path / "first.safetensors")

@@ -21,6 +21,7 @@ from PIL import Image
 from tcompose.cli import main
 from tcompose.evaluate.generate import GenerateConfig, image_filename, read_prompts, run
 from tcompose.evaluate.sampling import load_pipeline
+from tcompose.evaluate.settings import GenerationSettings
 from tcompose.models.sampling import generate_batch, image_seed, initial_latents
 from tcompose.testing.tiny_sd import write_tiny_pipeline
 
@@ -38,10 +39,12 @@ def models(tmp_path_factory):
 
 
 def cfg_for(models, out: Path, **kw) -> GenerateConfig:
-    args = dict(model=str(models["base"]), output=out, prompts=PROMPTS[:2], images_per_prompt=3, steps=STEPS,
-                device="cpu", batch_size=3, height=SIZE, width=SIZE)
-    args.update(kw)
-    return GenerateConfig(**args)
+    """``kw``: GenerateConfig fields, and GenerationSettings fields (steps, batch_size, ...) for its settings."""
+    args = dict(model=str(models["base"]), output=out, prompts=PROMPTS[:2], images_per_prompt=3)
+    settings = dict(steps=STEPS, device="cpu", batch_size=3, height=SIZE, width=SIZE)
+    for key, value in kw.items():
+        (settings if key in GenerationSettings.__dataclass_fields__ else args)[key] = value
+    return GenerateConfig(**args, settings=GenerationSettings(**settings))
 
 
 def read_images(out: Path) -> dict[str, np.ndarray]:

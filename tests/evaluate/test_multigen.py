@@ -21,6 +21,7 @@ from tcompose.evaluate.multigen.prompts import (
     sample_prompts,
 )
 from tcompose.evaluate.multigen.scoring import score
+from tcompose.evaluate.settings import GenerationSettings
 
 ABCDE, FGHIJ, ACEGI = list("abcde"), list("fghij"), list("acegi")
 
@@ -188,8 +189,8 @@ def _config(tiny, out, models=("A", "B"), **kw):
     from tcompose.evaluate.multigen.stage import MultigenConfig
 
     base = dict(models=[f"{m}={tiny['sd']}" for m in models], output=out, sample_seed=0, prompts=3, images=2,
-                steps=2, height=32, width=32, detector=str(tiny["owl"]), device="cpu", part_size=2,
-                detector_batch_size=2, store_threshold=0.01, threshold=0.1)
+                settings=GenerationSettings(steps=2, height=32, width=32, device="cpu"), detector=str(tiny["owl"]),
+                part_size=2, detector_batch_size=2, store_threshold=0.01, threshold=0.1)
     return MultigenConfig(**{**base, **kw})
 
 

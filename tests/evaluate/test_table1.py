@@ -11,7 +11,10 @@ import pytest
 from PIL import Image
 
 from tcompose.evaluate.fid.sets import coco_pairs, flickr30k_pairs
+from tcompose.evaluate.settings import GenerationSettings
 from tcompose.evaluate.table import COLUMNS, NOT_RUN
+
+SETTINGS = GenerationSettings(steps=2, height=32, width=32, device="cpu")  # tiny models: 32 px, 2 steps
 
 # ------------------------------------------------------------------------------------------------ the sets
 
@@ -99,8 +102,8 @@ def test_fid_run_against_a_recomputation_and_resume(tiny, tmp_path):
     net = TinyFeatureNet(seed=0)
     flickr = _flickr(tmp_path / "flickr")
     cfg = FidConfig(models=_models(tiny), output=tmp_path / "fid", coco=tiny["coco"], coco_captions=6,
-                    flickr30k=flickr, flickr30k_pairs=4, steps=2, height=32, width=32, reference_size=32,
-                    clip_model=str(tiny["clip"]), cache_dir=tmp_path / "cache", device="cpu", feature_batch_size=5)
+                    flickr30k=flickr, flickr30k_pairs=4, settings=SETTINGS, reference_size=32,
+                    clip_model=str(tiny["clip"]), cache_dir=tmp_path / "cache", feature_batch_size=5)
     summary = run(cfg, progress=False, net=net)
     a = summary["models"]["A"]
     assert a["coco"]["images"] == 6 and a["flickr30k"]["images"] == 4 and a["flickr30k"]["reference_images"] == 4
@@ -178,7 +181,7 @@ def test_table1_from_every_benchmark_folder(tiny, tmp_path, capsys):
     from tcompose.evaluate.visor.stage import VisorConfig
     from tcompose.evaluate.visor.stage import run as visor_run
 
-    common = dict(steps=2, height=32, width=32, device="cpu")
+    common = dict(settings=SETTINGS)
     multigen_run(MultigenConfig(models=_models(tiny), output=tmp_path / "mg", dataset="coco", prompts=2, images=2,
                                 prompt_file=tiny["coco_prompts"], detector=str(tiny["owlv2"]), **common),
                  progress=False)

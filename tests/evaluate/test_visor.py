@@ -10,6 +10,7 @@ import random
 import pytest
 
 from tcompose.data.categories import COCO_80
+from tcompose.evaluate.settings import GenerationSettings
 from tcompose.evaluate.visor import score, sr2d_prompts
 from tcompose.evaluate.visor.prompts import RELATIONS, indefinite_article, is_spatial, spatial_prompts
 from tcompose.evaluate.visor.scoring import judge, relation_holds
@@ -127,6 +128,17 @@ def _visor_py(results: dict, text_data: list) -> tuple:
     return oa, visor_cond, 0.01 * visor_cond * oa, visor_n
 
 
+# VISOR's spatial relation of two boxes [x0, y0, x1, y1]: object 1's centroid against object 2's, in image
+# coordinates (y grows downwards); written out here, not taken from tcompose, so the reference stays independent
+_CENTRE = {"x": lambda b: (b[0] + b[2]) / 2, "y": lambda b: (b[1] + b[3]) / 2}
+_VISOR_RELATION = {
+    "to the left of": lambda b1, b2: _CENTRE["x"](b1) < _CENTRE["x"](b2),
+    "to the right of": lambda b1, b2: _CENTRE["x"](b1) > _CENTRE["x"](b2),
+    "above": lambda b1, b2: _CENTRE["y"](b1) < _CENTRE["y"](b2),
+    "below": lambda b1, b2: _CENTRE["y"](b1) > _CENTRE["y"](b2),
+}
+
+
 def test_scores_equal_a_transcription_of_visor_py():
     text_data = sr2d_prompts()
     rng = random.Random(0)
@@ -140,11 +152,12 @@ def test_scores_equal_a_transcription_of_visor_py():
                                                         x + rng.uniform(5, 100), y + rng.uniform(5, 100)])
                     for _ in range(rng.randint(0, 4))]
             records.append(_rec(uid, k, dets))
-            kept = [(lab, ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)) for lab, s, b in dets if s > 0.1]
-            a = [c for lab, c in kept if lab == names[0]]
-            b = [c for lab, c in kept if lab == names[1]]
+            kept = [(lab, box) for lab, s, box in dets if s > 0.1]
+            a = [box for lab, box in kept if lab == names[0]]
+            b = [box for lab, box in kept if lab == names[1]]
             rel = p["rel_type"]
-            sra = int(any(relation_holds(rel, ca, cb) for ca in a for cb in b)) if rel in RELATIONS else 0
+            holds = _VISOR_RELATION.get(rel)  # None for "and" and single prompts: visor.py skips them anyway
+            sra = int(any(holds(ba, bb) for ba in a for bb in b)) if holds else 0
             results[f"{uid}_{k}"] = {"classes": sorted({lab for lab, _ in kept}), "sra": sra}
     oa, cond, uncond, visor_n = _visor_py(results, text_data)
     got = score(records, threshold=0.1)
@@ -168,12 +181,14 @@ def tiny(tmp_path_factory):
             "owlv2": write_tiny_owlv2(root / "owlv2")}
 
 
+SETTINGS = GenerationSettings(steps=2, height=32, width=32, device="cpu")
+
+
 def _config(tiny, out, models=("A", "B"), **kw):
     from tcompose.evaluate.visor.stage import VisorConfig
 
-    base = dict(models=[f"{m}={tiny['sd']}" for m in models], output=out, prompts=3, images=2, steps=2, height=32,
-                width=32, detector=str(tiny["owlvit"]), device="cpu", part_size=2, detector_batch_size=2,
-                store_threshold=0.0, threshold=0.0)
+    base = dict(models=[f"{m}={tiny['sd']}" for m in models], output=out, prompts=3, images=2, settings=SETTINGS,
+                detector=str(tiny["owlvit"]), part_size=2, detector_batch_size=2, store_threshold=0.0, threshold=0.0)
     return VisorConfig(**{**base, **kw})
 
 
@@ -220,7 +235,7 @@ def test_visor_run_resume_and_score_only(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="holds a 'visor' run, not a tcompose multigen one"):
         multigen_rescore(out, progress=False)  # the other benchmark's --score-only reads no foreign folder
     with pytest.raises(ValueError, match="other settings"):
-        run(_config(tiny, out, steps=3), progress=False)
+        run(_config(tiny, out, settings=SETTINGS.replace(steps=3)), progress=False)
     with pytest.raises(ValueError, match="other prompt source"):  # another --images: refused, not mixed
         run(_config(tiny, out, images=3), progress=False)
     # a model added to the folder later: the summary keeps the earlier ones

@@ -74,7 +74,7 @@ def test_matches_float64_transcription(seed):
     assert pixel_loss(attn, masks, words).item() == pytest.approx(ref_pix.item(), rel=1e-5)
 
 
-def test_batched_equals_per_example():
+def test_batched_equals_a_float64_recomputation_per_example_and_word():
     a1, m1, w1 = random_case(3, n_words=3)
     a2, m2, w2 = random_case(4, n_words=1)
     index, valid = pad_words([w1, w2])
@@ -83,11 +83,18 @@ def test_batched_equals_per_example():
     masks[0] = m1
     masks[1, :1] = m2
     tok, pix = grounding_losses(maps, masks, index, valid)
+    assert tok.shape == pix.shape == (2, 3)
     assert tok[1, 1:].abs().sum() == 0 and pix[1, 1:].abs().sum() == 0  # padding words contribute nothing
-    expected_tok = (token_loss(a1, m1, w1) + token_loss(a2, m2, w2)) / 2
-    expected_pix = (pixel_loss(a1, m1, w1) + pixel_loss(a2, m2, w2)) / 2
-    assert reduce_over_words(tok, valid).item() == pytest.approx(expected_tok.item(), rel=1e-6)
-    assert reduce_over_words(pix, valid).item() == pytest.approx(expected_pix.item(), rel=1e-6)
+    # every real word against the transcription of the original's loops, that word alone (independent of the code)
+    for i, (a, m, words) in enumerate(((a1, m1, w1), (a2, m2, w2))):
+        for j, toks in enumerate(words):
+            ref_tok, ref_pix = reference_losses(list(a), m[j : j + 1], [toks])
+            assert tok[i, j].item() == pytest.approx(ref_tok.item(), rel=1e-5), (i, j)
+            assert pix[i, j].item() == pytest.approx(ref_pix.item(), rel=1e-5), (i, j)
+    # the batch's loss: each example's mean over its own words (3 and 1, not 3 + 1 padded slots), then over examples
+    (t1, p1), (t2, p2) = reference_losses(list(a1), m1, w1), reference_losses(list(a2), m2, w2)
+    assert reduce_over_words(tok, valid).item() == pytest.approx(((t1 + t2) / 2).item(), rel=1e-5)
+    assert reduce_over_words(pix, valid).item() == pytest.approx(((p1 + p2) / 2).item(), rel=1e-5)
 
 
 def test_zero_attention_column_gives_no_nan():

@@ -13,7 +13,7 @@ from tcompose.grounding.attention import attention_groups, capture_cross_attenti
 from tcompose.grounding.score import grounding_score, word_attention
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
-from tcompose.models.stable_diffusion import load_components
+from tcompose.models.families import load_components
 from tcompose.testing.tiny_sd import write_tiny_pipeline
 from tcompose.train.examples import TrainingExamples, collate, prepare_rows
 
@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     captions = json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]
     caps = [a["caption"] for a in captions]
     c = load_components(str(write_tiny_pipeline(root / "base", corpus=caps, seed=0)))
-    prep = prepare_rows(root / "masks", c.tokenizer)
+    prep = prepare_rows(root / "masks", c)
     latent = RES // (2 ** (len(c.vae.config.block_out_channels) - 1))
     examples = TrainingExamples(prep, RES, (c.unet.config.in_channels, latent, latent), 1000, seed=0)
     batch = collate([examples[(r, 0)] for r in range(3)])
@@ -72,17 +72,17 @@ def test_score_and_word_shares_match_a_float64_recomputation(setup):
     c, batch, layers = setup
     timesteps = (200, 700)
     want, valid = _reference_shares(c, batch, layers, timesteps, seed=3)
-    got = word_attention(c.unet, c.vae, c.text_encoder, c.noise_scheduler, batch, layers, timesteps, seed=3)
+    got = word_attention(c, batch, layers, timesteps, seed=3)
     assert torch.equal(got["valid"], valid) and valid.sum() >= 4
     torch.testing.assert_close(got["share"][valid].double(), want[valid], rtol=0, atol=2e-5)
-    score = grounding_score(c.unet, c.vae, c.text_encoder, c.noise_scheduler, [batch], layers, timesteps, seed=3)
+    score = grounding_score(c, [batch], layers, timesteps, seed=3)
     assert score["words"] == int(valid.sum())
     assert score["score"] == pytest.approx(float(want[valid].mean()), abs=2e-5)
 
 
 def test_word_maps_are_the_sums_of_their_tokens_attention(setup):
     c, batch, layers = setup
-    got = word_attention(c.unet, c.vae, c.text_encoder, c.noise_scheduler, batch, layers, (500,), seed=0)
+    got = word_attention(c, batch, layers, (500,), seed=0)
     maps, valid = got["maps"], got["valid"]
     b, w = valid.shape
     assert maps.shape[:2] == (b, w) and maps.shape[-1] == maps.shape[-2] == max(

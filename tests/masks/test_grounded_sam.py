@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tcompose.data.synthetic import make_scenes
-from tcompose.io.datasets import MANIFEST, DatasetError, ShardedWriter, decode_mask, iter_rows, schema_for, shard_files
+from tcompose.io.datasets import MANIFEST, DatasetError, decode_mask, iter_rows, schema_for, shard_files
 from tcompose.masks.caption_choice import best_per_image
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.grounding_dino import assign_phrases, boxes_to_pixels, build_prompts, clean_phrase
@@ -301,30 +301,17 @@ def test_strict_thresholds_keep_phrases_without_boxes(tiny, reference_run, tmp_p
     assert f"{s['phrases'] - s['masks_empty']} with a mask" in line and "without a box" in line and "images/s" in line
 
 
-def test_resume_after_a_kill_gives_the_same_rows(tiny, reference_run, tmp_path, monkeypatch):
+def test_resume_after_a_kill_gives_the_same_rows(tiny, reference_run, tmp_path, shard_writes):
     cfg, reference = reference_run
     expected = list(iter_rows(cfg.output))
-    real_write = ShardedWriter.write_shard
-    written = []
 
-    def write_then_die(self, shard, *args):
-        if written:
-            raise KeyboardInterrupt("killed")
-        written.append(shard.index)
-        return real_write(self, shard, *args)
-
-    monkeypatch.setattr(ShardedWriter, "write_shard", write_then_die)
+    shard_writes.kill_after_first()
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run(_cfg(tiny, out, workers=2), progress=False)  # worker processes feed the batches
     assert [p.name for p in shard_files(out)] == ["train-00000.parquet"] and not (out / MANIFEST).exists()
 
-    def write_and_record(self, shard, *args):
-        written.append(shard.index)
-        return real_write(self, shard, *args)
-
-    monkeypatch.setattr(ShardedWriter, "write_shard", write_and_record)
-    written.clear()
+    written = shard_writes.record()
     manifest = run(_cfg(tiny, out, workers=2), progress=False)
     assert written == [1, 2] and list(iter_rows(out)) == expected
     assert manifest["stats"] == reference["stats"] and manifest["skipped"] == reference["skipped"]

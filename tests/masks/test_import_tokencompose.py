@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tcompose.io.datasets import MANIFEST, DatasetError, ShardedWriter, check_columns, decode_mask, iter_rows, shard_files
+from tcompose.io.datasets import MANIFEST, DatasetError, check_columns, decode_mask, iter_rows, shard_files
 from tcompose.masks.import_tokencompose import STATS_KEYS, ImportConfig, image_id_for, mask_path, run, summary_line
 
 
@@ -112,28 +112,20 @@ def test_seg_root_may_be_the_seg_folder_itself(layout, tmp_path):
     assert image_id_for("COCO_train2014_000000000042.jpg", 7) == 42 and image_id_for("x.jpg", 7) == 7
 
 
-def test_resume_and_datasets(layout, tmp_path, monkeypatch):
+def test_resume_and_datasets(layout, tmp_path, shard_writes):
     import datasets
 
     meta, _ = layout
     cfg = dict(seg_root=meta.parent.parent, shard_size=3)
     run(ImportConfig(meta, tmp_path / "ref", **cfg), progress=False)
     expected = list(iter_rows(tmp_path / "ref"))
-    real_write = ShardedWriter.write_shard
-    written = []
-
-    def write_then_die(self, shard, *args):
-        if written:
-            raise KeyboardInterrupt("killed")
-        written.append(shard.index)
-        return real_write(self, shard, *args)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(ShardedWriter, "write_shard", write_then_die)
+    shard_writes.kill_after_first()
     with pytest.raises(KeyboardInterrupt):
         run(ImportConfig(meta, out, **cfg), progress=False)
     assert [p.name for p in shard_files(out)] == ["train-00000.parquet"] and not (out / MANIFEST).exists()
-    monkeypatch.setattr(ShardedWriter, "write_shard", real_write)
+    shard_writes.restore()
     run(ImportConfig(meta, out, **cfg), progress=False)
     assert list(iter_rows(out)) == expected
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tcompose.data.coco import CocoDataset, CocoError
 from tcompose.data.synthetic import CATEGORIES, make_scenes
-from tcompose.io.datasets import MANIFEST, DatasetError, ShardedWriter, decode_mask, iter_rows, shard_files
+from tcompose.io.datasets import MANIFEST, DatasetError, decode_mask, iter_rows, shard_files
 from tcompose.masks import stage as masks_stage
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import STATS_KEYS, run
@@ -155,32 +155,18 @@ def test_errors_are_clear_and_write_nothing(coco_mini, tmp_path):
     assert not out.exists()
 
 
-def test_resume_after_a_kill_gives_the_same_rows(scenes, tmp_path, monkeypatch):
+def test_resume_after_a_kill_gives_the_same_rows(scenes, tmp_path, shard_writes):
     cfg = dict(captions="all", shard_size=3)
     reference = run(MasksConfig(scenes, tmp_path / "ref", **cfg), progress=False)
     expected = _rows(tmp_path / "ref")
 
-    real_write = ShardedWriter.write_shard
-    calls = []
-
-    def write_then_die(self, shard, *args):
-        if calls:
-            raise KeyboardInterrupt("killed")
-        calls.append(shard.index)
-        return real_write(self, shard, *args)
-
-    monkeypatch.setattr(ShardedWriter, "write_shard", write_then_die)
+    shard_writes.kill_after_first()
     with pytest.raises(KeyboardInterrupt):
         run(MasksConfig(scenes, tmp_path / "out", **cfg), progress=False)
     assert [p.name for p in shard_files(tmp_path / "out")] == ["train-00000.parquet"]
     assert not (tmp_path / "out" / MANIFEST).exists()
 
-    written = []
-    def write_and_record(self, shard, *args):
-        written.append(shard.index)
-        return real_write(self, shard, *args)
-
-    monkeypatch.setattr(ShardedWriter, "write_shard", write_and_record)
+    written = shard_writes.record()
     manifest = run(MasksConfig(scenes, tmp_path / "out", **cfg), progress=False)
     assert written == [1, 2, 3, 4]  # the finished shard was kept
     assert _rows(tmp_path / "out") == expected

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcompose.models import clip_bpe
-from tcompose.models.clip_bpe import find_clip_bpe, write_clip_tokenizer
+from tcompose.data import clip_bpe
+from tcompose.data.clip_bpe import find_clip_bpe, write_clip_tokenizer
 from tcompose.models.loading import ModelFolderError
-from tcompose.models.stable_diffusion import TextEncoderMismatchError, check_text_encoder, load_components, load_text_encoder
+from tcompose.models.components import TextEncoderMismatchError, check_text_encoder, load_text_encoder
+from tcompose.models.families import load_components
 from tcompose.testing.tiny_sd import (
     build_tiny_text_encoder,
     build_tiny_unet,

@@ -131,7 +131,7 @@ def test_a_mask_of_another_size_than_its_image_is_refused():
 def test_training_examples_use_the_reference_geometry(tmp_path):
     """A row of a masks dataset becomes exactly the reference's pixels and mask."""
     from tcompose.io.datasets import ShardedWriter, encode_mask, image_struct
-    from tcompose.models.stable_diffusion import load_components
+    from tcompose.models.families import load_components
     from tcompose.testing.tiny_sd import write_tiny_pipeline
     from tcompose.train.examples import TrainingExamples, prepare_rows
 
@@ -144,8 +144,8 @@ def test_training_examples_use_the_reference_geometry(tmp_path):
     for shard in writer.plan(1):
         writer.write_shard(shard, [row], {}, [])
     writer.finalize(1)
-    tokenizer = load_components(write_tiny_pipeline(tmp_path / "sd", corpus=["a ball on a table"])).tokenizer
-    prep = prepare_rows(tmp_path / "masks", tokenizer)
+    comps = load_components(write_tiny_pipeline(tmp_path / "sd", corpus=["a ball on a table"]))
+    prep = prepare_rows(tmp_path / "masks", comps)
     example = TrainingExamples(prep, r, (4, r // 2, r // 2), 1000, seed=0)[(0, 0)]
     with Image.open(io.BytesIO(data)) as im:
         assert torch.equal(example["pixel_values"], reference_image(im, r))

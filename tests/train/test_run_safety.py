@@ -15,34 +15,30 @@ import torch
 from safetensors.torch import load_file
 
 from tcompose.cli import main
-from tcompose.data.synthetic import make_scenes
 from tcompose.io.runs import NonFiniteLossError
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
-from tcompose.testing.tiny_sd import write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.loop import run as train
+
+from helpers import make_training_setup, tiny_train_config
 
 RES = 32
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safety")
-    scenes = make_scenes(root / "scenes", n_images=16, size=64, seed=3)
-    make_masks(MasksConfig(coco_dir=scenes, output=root / "masks", split="train2017", captions="all"), progress=False)
-    make_masks(MasksConfig(coco_dir=scenes, output=root / "masks-first", split="train2017"), progress=False)
-    captions = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
-    return {"root": root, "masks": root / "masks", "masks_first": root / "masks-first",
-            "base": write_tiny_pipeline(root / "base", corpus=captions, seed=0)}
+    setup = make_training_setup(tmp_path_factory.mktemp("safety"), n_images=16, seed=3)
+    make_masks(MasksConfig(coco_dir=setup["scenes"], output=setup["root"] / "masks-first", split="train2017"),
+               progress=False)
+    return setup | {"masks_first": setup["root"] / "masks-first"}
 
 
 def small(setup, output, **kw) -> TrainUnetConfig:
-    cfg = dict(data=setup["masks"], output=output, model=str(setup["base"]), resolution=RES, batch_size=2, grad_accum=1,
-               max_steps=4, lr=1e-3, lambda_token=1.0, gamma_pixel=0.1, num_workers=0, checkpoint_every=2,
-               eval_fraction=0.0, progress=False, log_every=1)
-    cfg.update(kw)
-    return TrainUnetConfig(**cfg)
+    # no held-out score; the grounding-score settings stay train-unet's defaults, as the CLI runs here have them
+    return tiny_train_config(setup, output, **({"checkpoint_every": 2, "eval_fraction": 0.0,
+                                                "eval_max_examples": TrainUnetConfig.eval_max_examples,
+                                                "eval_timesteps": TrainUnetConfig.eval_timesteps} | kw))
 
 
 def cli_args(setup, output, *extra) -> list[str]:

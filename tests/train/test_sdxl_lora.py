@@ -9,39 +9,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tcompose.data.synthetic import make_scenes
 from tcompose.data.text import phrases_token_positions, tokenize_captions
-from tcompose.grounding.objective import encode_text, tokencompose_losses
-from tcompose.masks.config import MasksConfig
-from tcompose.masks.stage import run as make_masks
+from tcompose.grounding.objective import tokencompose_losses
 from tcompose.models.lora import DEFAULT_TARGETS, add_lora, lora_parameter_count
 from tcompose.models.spec import parse_model_spec
-from tcompose.models.stable_diffusion import load_components
+from tcompose.models.families import family_named, load_components
 from tcompose.testing.tiny_sd import build_tiny_unet, write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, prepare_rows
 from tcompose.train.loop import run as train
+
+from helpers import make_training_setup, tiny_train_config
 
 RES = 32
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdxl")
-    scenes = make_scenes(root / "scenes", n_images=12, size=64, seed=5)
-    make_masks(MasksConfig(coco_dir=scenes, output=root / "masks", split="train2017", captions="all"), progress=False)
-    captions = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
-    return {"masks": root / "masks", "captions": captions,
-            "sdxl": write_tiny_pipeline(root / "sdxl", size="tiny-sdxl", corpus=captions, seed=0),
-            "sd": write_tiny_pipeline(root / "sd", corpus=captions, seed=0)}
+    return make_training_setup(tmp_path_factory.mktemp("sdxl"), n_images=12, seed=5,
+                               models={"sdxl": {"size": "tiny-sdxl"}, "sd": {}})
 
 
 def small(setup, output, model="sdxl", **kw) -> TrainUnetConfig:
-    cfg = dict(data=setup["masks"], output=output, model=str(setup[model]), resolution=RES, batch_size=2, grad_accum=1,
-               max_steps=2, lr=1e-3, lambda_token=1.0, gamma_pixel=0.1, num_workers=0, checkpoint_every=0,
-               eval_fraction=0.2, eval_max_examples=2, eval_timesteps=(500,), progress=False, log_every=1)
-    cfg.update(kw)
-    return TrainUnetConfig(**cfg)
+    return tiny_train_config(setup, output, model, **({"max_steps": 2} | kw))
 
 
 def image(pipe, prompt="a red ball and a blue cup", seed=0) -> np.ndarray:
@@ -77,7 +67,7 @@ def test_sdxl_text_conditioning_equals_the_pipelines_own(setup):
     ids = tokenize_captions(pipe.tokenizer, [prompt])
     ids2 = tokenize_captions(pipe.tokenizer_2, [prompt])
     time_ids = torch.tensor([[64.0, 96.0, 0.0, 16.0, 64.0, 64.0]])
-    cond = encode_text(pipe.text_encoder, ids, pipe.text_encoder_2, ids2, time_ids)
+    cond = family_named("sdxl").encode_text(pipe, {"input_ids": ids, "input_ids_2": ids2, "time_ids": time_ids})
     torch.testing.assert_close(cond["encoder_hidden_states"], emb)
     torch.testing.assert_close(cond["added_cond_kwargs"]["text_embeds"], pooled)
     assert torch.equal(cond["added_cond_kwargs"]["time_ids"], time_ids)
@@ -85,8 +75,8 @@ def test_sdxl_text_conditioning_equals_the_pipelines_own(setup):
 
 def test_sdxl_examples_carry_the_micro_conditioning_of_their_crop(setup):
     comps = load_components(setup["sdxl"])
-    prep = prepare_rows(setup["masks"], comps.tokenizer, comps.tokenizer_2)
-    assert prep.input_ids_2 is not None and prep.input_ids_2.shape == prep.input_ids.shape
+    prep = prepare_rows(setup["masks"], comps)
+    assert prep.token_ids["input_ids_2"].shape == prep.token_ids["input_ids"].shape
     ex = TrainingExamples(prep, 48, (4, 24, 24), 1000, seed=0)[(0, 0)]
     # the synthetic scenes are 64 x 64: no resize crop offset, original (h, w) = (64, 64), target 48 x 48
     assert ex["time_ids"].tolist() == [64.0, 64.0, 0.0, 0.0, 48.0, 48.0] and "input_ids_2" in ex
@@ -109,12 +99,12 @@ def test_sdxl_trains_with_the_grounding_losses_and_loads_as_an_sdxl_pipeline(set
 
 def test_map_reduction_mean_divides_each_groups_token_loss_by_its_map_count(setup):
     comps = load_components(setup["sdxl"])
-    prep = prepare_rows(setup["masks"], comps.tokenizer, comps.tokenizer_2)
+    prep = prepare_rows(setup["masks"], comps)
     from tcompose.train.examples import collate
 
     batch = collate([TrainingExamples(prep, RES, (4, 16, 16), 1000, seed=0)[(i, i)] for i in range(2)])
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    cond = encode_text(comps.text_encoder, batch["input_ids"], comps.text_encoder_2, batch["input_ids_2"], batch["time_ids"])
+    cond = comps.encode_text(batch)
     out = {r: tokencompose_losses(comps.unet, latents, cond, batch, comps.noise_scheduler, ("up_8",), 1.0, 0.1,
                                   map_reduction=r) for r in ("sum", "mean")}
     torch.testing.assert_close(out["mean"]["token"], out["sum"]["token"] / 4)  # up_8 has 4 maps
@@ -219,7 +209,9 @@ def test_a_lora_run_generates_with_its_folder_as_the_model(setup, tmp_path):
 
     out = tmp_path / "lora"
     train(small(setup, out, model="sd", lora_rank=4, eval_fraction=0.0))
-    common = dict(prompts=["a red ball"], steps=2, height=RES, width=RES, device="cpu")
+    from tcompose.evaluate.settings import GenerationSettings
+
+    common = dict(prompts=["a red ball"], settings=GenerationSettings(steps=2, height=RES, width=RES, device="cpu"))
     generate(GenerateConfig(model=str(out), output=tmp_path / "g1", **common), progress=False)
     generate(GenerateConfig(model=str(setup["sd"]), lora=str(out), output=tmp_path / "g2", **common), progress=False)
     generate(GenerateConfig(model=str(setup["sd"]), output=tmp_path / "g3", **common), progress=False)

@@ -14,36 +14,27 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tcompose.cli import app
-from tcompose.data.synthetic import make_scenes
-from tcompose.grounding.objective import encode_batch, tokencompose_losses
+from tcompose.grounding.objective import tokencompose_losses
 from tcompose.io.datasets import ShardedWriter, encode_mask, image_struct
-from tcompose.masks.config import MasksConfig
-from tcompose.masks.stage import run as make_masks
-from tcompose.models.stable_diffusion import load_components
-from tcompose.testing.tiny_sd import build_tiny_text_encoder, write_tiny_pipeline
+from tcompose.models.families import load_components
+from tcompose.testing.tiny_sd import build_tiny_text_encoder
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, collate, prepare_rows
 from tcompose.train.loop import run as train
+
+from helpers import make_training_setup, tiny_train_config
 
 RES = 32  # training resolution of these tests: 16x16 latents, attention maps of 16x16 and 8x8
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    scenes = make_scenes(root / "scenes", n_images=40, size=64, seed=0)
-    make_masks(MasksConfig(coco_dir=scenes, output=root / "masks", split="train2017", captions="all"), progress=False)
-    captions = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
-    base = write_tiny_pipeline(root / "base", corpus=captions, seed=0)
-    return {"root": root, "scenes": scenes, "masks": root / "masks", "base": base}
+    return make_training_setup(tmp_path_factory.mktemp("train"), n_images=40, seed=0)
 
 
 def small(setup, output, **kw) -> TrainUnetConfig:
-    cfg = dict(data=setup["masks"], output=output, model=str(setup["base"]), resolution=RES, batch_size=2, grad_accum=2,
-               max_steps=6, lr=1e-3, lambda_token=1.0, gamma_pixel=0.1, num_workers=0, checkpoint_every=0,
-               eval_fraction=0.1, eval_max_examples=4, eval_timesteps=(500,), progress=False, log_every=1)
-    cfg.update(kw)
-    return TrainUnetConfig(**cfg)
+    return tiny_train_config(setup, output, **({"grad_accum": 2, "max_steps": 6, "eval_fraction": 0.1,
+                                                "eval_max_examples": 4} | kw))
 
 
 def unet_weights(run_dir: Path) -> dict:
@@ -79,7 +70,7 @@ def test_exact_resume_in_a_new_process(setup, tmp_path):
 
 def test_batch_of_two_equals_mean_of_single_examples(setup):
     comps = load_components(str(setup["base"]))
-    prep = prepare_rows(setup["masks"], comps.tokenizer)
+    prep = prepare_rows(setup["masks"], comps)
     ex = TrainingExamples(prep, RES, (4, RES // 2, RES // 2), 1000, seed=0)
     one_word = next(i for i in range(len(prep)) if len(prep.words[i]) == 1)
     more = next(i for i in range(len(prep)) if len(prep.words[i]) >= 2)
@@ -88,7 +79,7 @@ def test_batch_of_two_equals_mean_of_single_examples(setup):
 
     def loss(examples):
         batch = collate(examples)
-        latents, emb = encode_batch(comps.vae, comps.text_encoder, batch)
+        latents, emb = comps.encode_batch(batch)
         return tokencompose_losses(comps.unet, latents, emb, batch, comps.noise_scheduler, ("mid", "up"), 1.0, 0.1)
 
     both = loss(items)
@@ -125,7 +116,7 @@ def test_prepare_rows_counts_what_it_cannot_supervise(setup, tmp_path):
     (shard,) = w.plan(1)
     w.write_shard(shard, [row], {}, [])
     w.finalize(1)
-    prep = prepare_rows(tmp_path / "ds", comps.tokenizer)
+    prep = prepare_rows(tmp_path / "ds", comps)
     assert prep.stats["phrase_no_mask"] == 1 and prep.stats["phrase_not_in_tokens"] == 1
     assert prep.words[0] == [[3]]  # "ball": <start> a red ball
     assert prep.dropped[0]["phrase"] == "kite"

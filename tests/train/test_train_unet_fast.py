@@ -15,40 +15,30 @@ import torch
 from safetensors.torch import load_file
 
 from tcompose.bench.train import LAYERS, TC, make_batch, make_scheduler
-from tcompose.data.synthetic import make_scenes
-from tcompose.grounding.objective import encode_batch, tokencompose_losses
-from tcompose.masks.config import MasksConfig
-from tcompose.masks.stage import run as make_masks
-from tcompose.models.stable_diffusion import load_components
-from tcompose.testing.tiny_sd import build_tiny_unet, write_tiny_pipeline
+from tcompose.grounding.objective import tokencompose_losses
+from tcompose.models.families import load_components
+from tcompose.testing.tiny_sd import build_tiny_unet
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, collate, prepare_rows
 from tcompose.train.geometry import load_pixels
 from tcompose.train.latent_cache import INDEX, LatentCache, prepare_latent_cache, shard_name
 from tcompose.train.loop import run as train
 
+from helpers import make_training_setup, tiny_train_config
+
 RES = 32  # 16x16 latents with the tiny VAE
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fast")
-    scenes = make_scenes(root / "scenes", n_images=16, size=48, seed=1)
-    # "all" captions: several rows per image, so the cache's deduplication by image is exercised
-    make_masks(MasksConfig(coco_dir=scenes, output=root / "masks", split="train2017", captions="all"), progress=False)
-    captions = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
-    base = write_tiny_pipeline(root / "base", corpus=captions, seed=0)
-    comps = load_components(str(base))
-    prep = prepare_rows(root / "masks", comps.tokenizer)
-    return {"root": root, "masks": root / "masks", "base": base, "comps": comps, "prep": prep}
+    # "all" captions (the helper's default): several rows per image, so the cache's deduplication by image is exercised
+    setup = make_training_setup(tmp_path_factory.mktemp("fast"), n_images=16, size=48, seed=1)
+    comps = load_components(str(setup["base"]))
+    return setup | {"comps": comps, "prep": prepare_rows(setup["masks"], comps)}
 
 
 def small(setup, output, **kw) -> TrainUnetConfig:
-    cfg = dict(data=setup["masks"], output=output, model=str(setup["base"]), resolution=RES, batch_size=2, grad_accum=2,
-               max_steps=4, lr=1e-3, lambda_token=1.0, gamma_pixel=0.1, num_workers=0, checkpoint_every=0,
-               eval_fraction=0.1, eval_max_examples=2, eval_timesteps=(500,), progress=False, log_every=2)
-    cfg.update(kw)
-    return TrainUnetConfig(**cfg)
+    return tiny_train_config(setup, output, **({"grad_accum": 2, "eval_fraction": 0.1, "log_every": 2} | kw))
 
 
 def weights(run_dir: Path) -> dict:
@@ -87,8 +77,8 @@ def test_cached_example_equals_uncached_example(setup, tmp_path):
     # encode_batch samples mean + std * eps from either
     comps = setup["comps"]
     items_a, items_b = [plain[(row, n)] for n in (0, 1)], [cached[(row, n)] for n in (0, 1)]
-    la, ea = encode_batch(comps.vae, comps.text_encoder, collate(items_a))
-    lb, eb = encode_batch(comps.vae, comps.text_encoder, collate(items_b))
+    la, ea = comps.encode_batch(collate(items_a))
+    lb, eb = comps.encode_batch(collate(items_b))
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
     assert torch.equal(ea["encoder_hidden_states"], eb["encoder_hidden_states"])
 

@@ -10,14 +10,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tcompose.data.synthetic import make_scenes
 from tcompose.grounding.objective import denoising_loss, min_snr_weights, snr
-from tcompose.io.figures import figure_size
-from tcompose.masks.config import MasksConfig
-from tcompose.masks.stage import run as make_masks
-from tcompose.testing.tiny_sd import write_tiny_pipeline
+from tcompose.io.figures import LABEL_PX, TITLE_PX, figure_size
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.loop import run as train
+
+from helpers import make_training_setup, tiny_train_config
 
 RES = 32
 PROMPTS = ("a red ball and a blue cup", "a green box on a table")
@@ -25,19 +23,11 @@ PROMPTS = ("a red ball and a blue cup", "a green box on a table")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("features")
-    scenes = make_scenes(root / "scenes", n_images=12, size=64, seed=7)
-    make_masks(MasksConfig(coco_dir=scenes, output=root / "masks", split="train2017", captions="all"), progress=False)
-    captions = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
-    return {"masks": root / "masks", "base": write_tiny_pipeline(root / "base", corpus=captions + list(PROMPTS), seed=0)}
+    return make_training_setup(tmp_path_factory.mktemp("features"), n_images=12, seed=7, corpus_extra=PROMPTS)
 
 
 def small(setup, output, **kw) -> TrainUnetConfig:
-    cfg = dict(data=setup["masks"], output=output, model=str(setup["base"]), resolution=RES, batch_size=2, grad_accum=1,
-               max_steps=4, lr=1e-3, lambda_token=1.0, gamma_pixel=0.1, num_workers=0, checkpoint_every=0,
-               eval_fraction=0.2, eval_max_examples=2, eval_timesteps=(500,), progress=False, log_every=1)
-    cfg.update(kw)
-    return TrainUnetConfig(**cfg)
+    return tiny_train_config(setup, output, **kw)
 
 
 def _events(logs):
@@ -48,15 +38,46 @@ def _events(logs):
     return acc
 
 
+VALIDATION = {PROMPTS[0]: 2, PROMPTS[1]: 2, "a red ball": 1}  # prompt -> its nouns (ball, cup / box, table / ball)
+PANEL = 192  # validation grids' panel side in pixels
+
+
+def check_validation_grid(path):
+    """The grid's layout and that every panel carries a picture: a row per prompt, the image then one heat map
+    per noun (panels at the positions draw_attention_figure gives them), nothing where a prompt has no more nouns."""
+    n_maps = max(VALIDATION.values())
+    with Image.open(path) as im:
+        assert im.size == figure_size(len(VALIDATION), n_maps, PANEL)
+        grid = np.asarray(im.convert("RGB")).astype(np.float64)
+
+    def panel(r, c, inset=4):  # inside the panel's square, a few pixels off its edges
+        top, left = r * (TITLE_PX + PANEL) + TITLE_PX, LABEL_PX + c * PANEL
+        return grid[top + inset : top + PANEL - inset, left + inset : left + PANEL - inset]
+
+    for r, nouns in enumerate(VALIDATION.values()):
+        image = panel(r, 0)
+        assert image.std() > 10, f"row {r}: the generated image is blank"
+        heat = [panel(r, 1 + j) for j in range(nouns)]
+        for j, h in enumerate(heat):
+            # the panel is the image under a 50% jet overlay: recover the overlay, it must vary across the panel
+            overlay = np.clip(2 * h - image, 0, 255)
+            assert np.abs(h - image).mean() > 10, f"row {r}, noun {j}: no heat map over the image"
+            assert overlay.std(axis=(0, 1)).mean() > 20, f"row {r}, noun {j}: a flat heat map"
+        for j in range(1, nouns):  # each noun its own map
+            assert np.abs(heat[j] - heat[0]).mean() > 1, f"row {r}: nouns 0 and {j} show the same map"
+        for c in range(1 + nouns, 1 + n_maps):  # a prompt with fewer nouns than the widest row: empty there
+            assert (panel(r, c, inset=0) == 255).all(), f"row {r}: panel {c} should be empty"
+
+
 def test_validation_grids_appear_at_the_given_steps_and_do_not_change_training(setup, tmp_path):
     plain = tmp_path / "plain"
     train(small(setup, plain))
     out = tmp_path / "val"
-    summary = train(small(setup, out, validation_prompts=PROMPTS, validation_every=2, validation_steps=3))
+    summary = train(small(setup, out, validation_prompts=tuple(VALIDATION), validation_every=2, validation_steps=3))
     grids = sorted(p.name for p in (out / "validation").iterdir())
     assert grids == ["step-000002.png", "step-000004.png"] and summary["validation"] == "validation/step-000004.png"
-    with Image.open(out / "validation" / "step-000002.png") as im:
-        assert im.size == figure_size(2, 2, 192)  # two prompts; two nouns each (ball, cup / box, table)
+    for name in grids:
+        check_validation_grid(out / "validation" / name)
     acc = _events(out / "logs")
     assert [e.step for e in acc.Images("validation")] == [2, 4]
     assert [e.step for e in acc.Scalars("grounding/score")] == [2, 4]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...clip.data import Preprocess
+from ...errors import UserError
 from ...models.defaults import CLIP as DEFAULT_CLIP
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,7 +35,7 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     if dtype == "auto":
         return torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown CLIP score dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
+        raise UserError(f"unknown CLIP score dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
     if dtype == "fp16" and device.type == "cpu":
         return torch.float32  # no fast half-precision CPU kernels
     return _DTYPES[dtype]
@@ -47,8 +48,8 @@ def _check_preprocess(cfg: dict, name: str) -> None:
     if "rescale_factor" in cfg and abs(float(cfg["rescale_factor"]) - 1 / 255) > 1e-12:
         odd["rescale_factor"] = cfg["rescale_factor"]
     if odd:
-        raise ValueError(f"{name}: preprocessor_config.json sets {odd}; the CLIP score supports CLIP's standard "
-                         "preprocessing (bicubic resize, centre crop, 1/255 rescale, normalise) only")
+        raise UserError(f"{name}: preprocessor_config.json sets {odd}; the CLIP score supports CLIP's standard "
+                        "preprocessing (bicubic resize, centre crop, 1/255 rescale, normalise) only")
 
 
 def _to_pil(image: Any):
@@ -94,8 +95,8 @@ class ClipScorer:
         torch_dtype = _resolve_dtype(dtype, device)
         kind = model_type(name, revision, "CLIP model")
         if kind != "clip":
-            raise ValueError(f"--clip-model {name}: model_type {kind!r} is not a CLIP model; pass a CLIPModel "
-                             f"checkpoint such as {DEFAULT_CLIP}")
+            raise UserError(f"--clip-model {name}: model_type {kind!r} is not a CLIP model; pass a CLIPModel "
+                            f"checkpoint such as {DEFAULT_CLIP}")
         model = pretrained(CLIPModel.from_pretrained, name, revision, "CLIP model", use_safetensors=True,
                            **tf_dtype_kwargs(torch_dtype))
         tokenizer = pretrained(CLIPTokenizer.from_pretrained, name, revision, "CLIP tokenizer")

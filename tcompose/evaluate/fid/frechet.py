@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import MissingPathError, UserError
+
 
 class RunningStats:
     """Count, mean and covariance of feature rows ``[n, D]`` added in any number of batches (float64)."""
@@ -128,15 +130,15 @@ class RunningStats:
         and keep the metadata as :attr:`metadata` too."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such statistics file")
+            raise MissingPathError(f"{path}: no such statistics file")
         try:
             with np.load(path, allow_pickle=False) as z:
                 mu, sigma, n = z["mu"], z["sigma"], int(z["n"])
                 meta = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
         except (KeyError, ValueError, OSError) as err:
-            raise ValueError(f"{path}: not a statistics file with mu, sigma and n ({err})") from None
+            raise UserError(f"{path}: not a statistics file with mu, sigma and n ({err})") from None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or n < 2:
-            raise ValueError(f"{path}: inconsistent statistics (mu {mu.shape}, sigma {sigma.shape}, n {n})")
+            raise UserError(f"{path}: inconsistent statistics (mu {mu.shape}, sigma {sigma.shape}, n {n})")
         stats = cls(int(mu.shape[0]), meta)
         stats._n, stats._mean, stats._m2 = n, mu.astype(np.float64), sigma.astype(np.float64) * (n - 1)
         return stats, meta

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import MissingPathError, UnavailableError, UserError
 from ...io.datasets import file_sha256
 
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -369,11 +370,11 @@ def download_weights(cache_dir: str | os.PathLike | None = None, progress: bool 
         if file_sha256(path).startswith(WEIGHTS_SHA256_PREFIX):
             return path
         if offline():
-            raise ValueError(f"{path}: the cached FID Inception weights have the wrong sha256 (expected a digest "
-                             f"starting {WEIGHTS_SHA256_PREFIX}); delete the file and {_fix_hint()}")
+            raise UserError(f"{path}: the cached FID Inception weights have the wrong sha256 (expected a digest "
+                            f"starting {WEIGHTS_SHA256_PREFIX}); delete the file and {_fix_hint()}")
     elif offline():
-        raise FileNotFoundError(f"{path}: FID Inception weights not in the cache and HF_HUB_OFFLINE=1 forbids "
-                                f"fetching them: {_fix_hint()}")
+        raise MissingPathError(f"{path}: FID Inception weights not in the cache and HF_HUB_OFFLINE=1 forbids "
+                               f"fetching them: {_fix_hint()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     h = hashlib.sha256()
@@ -387,16 +388,16 @@ def download_weights(cache_dir: str | os.PathLike | None = None, progress: bool 
                     advance(len(block))
     except (urllib.error.URLError, OSError) as err:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"could not fetch {url} ({err}): check the network, or download the file yourself and "
-                      "pass its path") from err
+        raise UnavailableError(f"could not fetch {url} ({err}): check the network, or download the file "
+                               "yourself and pass its path") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     digest = h.hexdigest()
     if not digest.startswith(WEIGHTS_SHA256_PREFIX):
         tmp.unlink(missing_ok=True)
-        raise ValueError(f"{url}: sha256 {digest} does not start with {WEIGHTS_SHA256_PREFIX} (the prefix in its "
-                         "name); refused, nothing cached")
+        raise UserError(f"{url}: sha256 {digest} does not start with {WEIGHTS_SHA256_PREFIX} (the prefix in its "
+                        "name); refused, nothing cached")
     os.replace(tmp, path)
     return path
 
@@ -420,25 +421,25 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     without gradients, on ``device`` in ``dtype``. Reads tensors only (``weights_only=True``); strict load."""
     path = Path(path).expanduser() if path is not None else weights_path()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: FID Inception weights not found; {_fix_hint()}")
+        raise MissingPathError(f"{path}: FID Inception weights not found; {_fix_hint()}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (unreadable, or holds more than tensors: one line naming the file)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable state dict of tensors ({first}); {_fix_hint()}") from err
+        raise UserError(f"{path}: not a readable state dict of tensors ({first}); {_fix_hint()}") from err
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict; {_fix_hint()}")
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state dict; {_fix_hint()}")
     net = FidInceptionV3()
     # The published file is a plain dict without BatchNorm's num_batches_tracked: torch fills those in on load.
     want = {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
     missing, unexpected = sorted(want - set(state)), sorted(set(state) - set(net.state_dict()))
     if missing or unexpected:
         example = (missing or unexpected)[0]
-        raise ValueError(f"{path}: not the FID Inception weights ({len(missing)} missing and {len(unexpected)} "
-                         f"unexpected keys, e.g. {example!r}); {_fix_hint()}")
+        raise UserError(f"{path}: not the FID Inception weights ({len(missing)} missing and {len(unexpected)} "
+                        f"unexpected keys, e.g. {example!r}); {_fix_hint()}")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
-        raise ValueError(f"{path}: not the FID Inception weights ({first}); {_fix_hint()}") from None
+        raise UserError(f"{path}: not the FID Inception weights ({first}); {_fix_hint()}") from None
     return net.to(device, dtype).eval().requires_grad_(False)

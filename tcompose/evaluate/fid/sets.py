@@ -23,6 +23,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ...errors import UserError
+
 SETS = ("coco", "flickr30k")
 DEFAULT_SIZES = {"coco": 10_000, "flickr30k": 1_000}
 
@@ -48,17 +50,17 @@ def coco_pairs(folder: str | Path, n: int = 10_000, seed: int = 0, split: str = 
     folder = Path(folder)
     path = folder / "annotations" / f"captions_{split}.json"
     if not path.is_file():
-        raise ValueError(f"--coco {folder}: no annotations/captions_{split}.json there; pass the COCO folder that "
-                         f"holds annotations/ and {split}/ (see data/README.md)")
+        raise UserError(f"--coco {folder}: no annotations/captions_{split}.json there; pass the COCO folder that "
+                        f"holds annotations/ and {split}/ (see data/README.md)")
     data = json.loads(path.read_text(encoding="utf-8"))
     files = {int(im["id"]): im["file_name"] for im in data["images"]}
     image_dir = folder / split
     present = {i: image_dir / f for i, f in files.items() if (image_dir / f).is_file()}
     if not present:
-        raise ValueError(f"--coco {folder}: no image of {path.name} is in {image_dir}")
+        raise UserError(f"--coco {folder}: no image of {path.name} is in {image_dir}")
     anns = sorted((a for a in data["annotations"] if int(a["image_id"]) in present), key=lambda a: int(a["id"]))
     if n < 1:
-        raise ValueError(f"--coco-captions must be >= 1, got {n}")
+        raise UserError(f"--coco-captions must be >= 1, got {n}")
     drawn = sorted(random.Random(seed).sample(anns, min(n, len(anns))), key=lambda a: int(a["id"]))
     rel = {i: f"{split}/{files[i]}" for i in present}
     pairs = [Pair(i, " ".join(str(a["caption"]).split()), str(a["image_id"]), rel[int(a["image_id"])], str(a["id"]))
@@ -88,8 +90,8 @@ def _flickr_captions(folder: Path) -> dict[str, list[str]]:
             for row in csv.DictReader(f):
                 caps.setdefault(row["image"], []).append(row["caption"].strip())
         return caps
-    raise ValueError(f"--flickr30k {folder}: no captions file there (results_20130124.token, results.csv or "
-                     "captions.txt)")
+    raise UserError(f"--flickr30k {folder}: no captions file there (results_20130124.token, results.csv or "
+                    "captions.txt)")
 
 
 def _flickr_images(folder: Path) -> Path:
@@ -105,7 +107,7 @@ def flickr30k_pairs(folder: str | Path, n: int = 1_000, seed: int = 0,
     folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--flickr30k {folder} is not a folder")
+        raise UserError(f"--flickr30k {folder} is not a folder")
     caps = _flickr_captions(folder)
     image_dir = _flickr_images(folder)
     ids = sorted(k for k in caps if (image_dir / k).is_file())
@@ -113,12 +115,12 @@ def flickr30k_pairs(folder: str | Path, n: int = 1_000, seed: int = 0,
         wanted = {line.strip() for line in Path(split_file).read_text().splitlines() if line.strip()}
         ids = [k for k in ids if Path(k).stem in wanted or k in wanted]
         if not ids:
-            raise ValueError(f"--flickr30k-split {split_file}: none of its {len(wanted)} ids has an image and a "
-                             f"caption in {folder}")
+            raise UserError(f"--flickr30k-split {split_file}: none of its {len(wanted)} ids has an image and a "
+                            f"caption in {folder}")
     if not ids:
-        raise ValueError(f"--flickr30k {folder}: no image of the captions file is in {image_dir}")
+        raise UserError(f"--flickr30k {folder}: no image of the captions file is in {image_dir}")
     if n < 1:
-        raise ValueError(f"--flickr30k-pairs must be >= 1, got {n}")
+        raise UserError(f"--flickr30k-pairs must be >= 1, got {n}")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(ids, n)) if len(ids) > n else ids
     pairs = []
@@ -138,8 +140,8 @@ def write_set(path: Path, name: str, pairs: list[Pair], reference: list[str], so
     if path.is_file():
         old = json.loads(path.read_text())
         if old["pairs"] != record["pairs"] or old["reference"] != record["reference"]:
-            raise ValueError(f"{path}: this folder was run with another {name} set (other captions, images or "
-                             "seed); use a new --output")
+            raise UserError(f"{path}: this folder was run with another {name} set (other captions, images or "
+                            "seed); use a new --output")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, record)

@@ -40,16 +40,18 @@ import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ...errors import MissingPathError, UserError
 from ...io.datasets import file_sha256
 from ...io.runs import output_guard
 from ...models.defaults import CLIP
 from ..published import PUBLISHED_TAG, TABLE1
+from ..settings import GenerationSettings
 from .sets import DEFAULT_SIZES, Pair, coco_pairs, flickr30k_pairs, write_set
 
 RUN_JSON = "run.json"
@@ -72,15 +74,9 @@ class FidConfig:
     flickr30k_split: Path | None = None
     """Image ids to draw from, one per line (Flickr30K Entities' val.txt)."""
     set_seed: int = 0
-    seed: int = 0
-    steps: int = 50
-    guidance: float = 7.5
-    scheduler: str | None = None
-    dtype: str = "auto"
-    batch_size: int = 4
-    height: int | None = None
-    width: int | None = None
-    safety_checker: bool = False
+    """Seed of the caption and pair draws."""
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    """How every model generates (one image per caption); its device computes the features too."""
     reference_size: int = 512
     inception: Path | None = None
     """The Inception weights file (default: the cache that ``tcompose download fid`` fills)."""
@@ -89,7 +85,6 @@ class FidConfig:
     clip_revision: str | None = None
     feature_batch_size: int = 32
     cache_dir: Path | None = None
-    device: str | None = None
 
     def __post_init__(self):
         self.output = Path(self.output)
@@ -97,15 +92,15 @@ class FidConfig:
 
 
 def _check(cfg: FidConfig, rank: int, world_size: int) -> None:
-    if not cfg.models:
-        raise ValueError("no --model given: pass one or more NAME=ID_OR_PATH")
+    from ..benchmark import check_models
+
+    check_models(cfg.models, rank, world_size)
     if cfg.coco is None and cfg.flickr30k is None:
-        raise ValueError("pass --coco COCO_DIR and/or --flickr30k FLICKR_DIR: the images FID compares against")
-    for key in ("batch_size", "steps", "feature_batch_size", "reference_size"):
+        raise UserError("pass --coco COCO_DIR and/or --flickr30k FLICKR_DIR: the images FID compares against")
+    for key in ("feature_batch_size", "reference_size"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    cfg.settings.validate()
 
 
 def _sets(cfg: FidConfig) -> dict[str, tuple[Path, list[Pair], list[str], dict]]:
@@ -126,7 +121,7 @@ def _gen_config(cfg: FidConfig, spec, set_name: str, pairs: Sequence[Pair]):
     from ..generate import model_config
 
     return model_config(spec, cfg.output / "models" / spec.name / set_name, [p.caption for p in pairs],
-                        [p.prompt_id for p in pairs], 1, cfg)
+                        [p.prompt_id for p in pairs], 1, cfg.settings)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -214,7 +209,7 @@ def _weights_file(cfg: FidConfig) -> Path:
 
     path = Path(cfg.inception) if cfg.inception is not None else weights_path()
     if not path.is_file():
-        raise FileNotFoundError(f"FID Inception weights not found at {path}: run `tcompose download fid` (or pass "
+        raise MissingPathError(f"FID Inception weights not found at {path}: run `tcompose download fid` (or pass "
                                 "--inception FILE, a copy of weights-inception-2015-12-05-6726825d.pth)")
     return path
 
@@ -222,14 +217,13 @@ def _weights_file(cfg: FidConfig) -> Path:
 def _run(cfg: FidConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float, net) -> dict:
     from ...io.datasets import library_versions, write_json_atomic
     from ...models.spec import parse_model_specs
-    from ..benchmark import merge_run_json, write_summary
-    from ..generate import settings_of
+    from ..benchmark import merge_run_json, model_settings, write_summary
     from ..generate import run as generate_run
-    from ..sampling import dtype_name, resolve_device, resolve_dtype
+    from ..sampling import resolve_device
 
     _check(cfg, rank, world_size)
     specs = parse_model_specs(cfg.models)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.settings.device)
     sets = _sets(cfg)  # a wrong folder, a missing weights file or CLIP fail before any image is made
     weights = None if net is not None else _weights_file(cfg)
     if cfg.clip_model is not None:
@@ -240,8 +234,7 @@ def _run(cfg: FidConfig, rank: int, world_size: int, progress: bool, finalize_ti
         "stage": "fid",
         "caption_sets": {name: src for name, (_, _, _, src) in sets.items()},
         "scoring": {"reference_size": cfg.reference_size, "clip_model": cfg.clip_model},
-        "models": {s.name: settings_of(_gen_config(cfg, s, "coco", []), dtype_name(resolve_dtype(cfg.dtype, device)))
-                   for s in specs},
+        "models": model_settings(cfg.settings, specs, lambda s: _gen_config(cfg, s, "coco", [])),
     }
     run_path = cfg.output / RUN_JSON
     merged = merge_run_json(run_path, record, fixed=("caption_sets", "scoring"))
@@ -332,7 +325,7 @@ def _reference_stats(cfg: FidConfig, set_name: str, folder: Path, ref: list[str]
     stats, skipped = feature_stats(net, files, lambda p: reference_pixels(p, cfg.reference_size),
                                    cfg.feature_batch_size, progress, f"reference {set_name}")
     if stats.n < 2:
-        raise ValueError(f"{set_name}: fewer than 2 readable reference images in {folder}")
+        raise UserError(f"{set_name}: fewer than 2 readable reference images in {folder}")
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path, {"set": set_name, "folder": str(folder), "images": len(ref), "skipped": skipped,
                       "reference_size": cfg.reference_size, "network": identity})
@@ -351,7 +344,7 @@ def _generated_stats(cfg: FidConfig, name: str, set_name: str, paths: list[Path]
     stats, skipped = feature_stats(net, paths, generated_pixels, cfg.feature_batch_size, progress,
                                    f"features {name} {set_name}")
     if skipped:
-        raise ValueError(f"{len(skipped)} generated images cannot be read (e.g. {skipped[0]}); delete them and run "
+        raise UserError(f"{len(skipped)} generated images cannot be read (e.g. {skipped[0]}); delete them and run "
                          "the same command again to make them anew")
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path, {"model": name, "set": set_name, "images": len(paths), "network": identity})
@@ -388,7 +381,7 @@ def _clip_scores(scorer, paths: list[Path], captions: list[str], batch: int, pro
         for start, images in zip(range(0, len(paths), batch), _prefetch(paths, generated_pixels, batch)):
             bad = [im for im in images if isinstance(im, str)]
             if bad:
-                raise ValueError(f"a generated image cannot be read ({bad[0]}); delete it and run the same command "
+                raise UserError(f"a generated image cannot be read ({bad[0]}); delete it and run the same command "
                                  "again to make it anew")
             scores.append(scorer.score(images, captions[start:start + len(images)]))
             advance(len(images))

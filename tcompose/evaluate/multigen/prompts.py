@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...data.categories import MULTIGEN_CATEGORIES
+from ...errors import UserError
 from ...io.datasets import file_sha256
 from ...models.loading import offline
 
@@ -81,7 +82,7 @@ class Prompt:
         return cls(int(d["prompt_id"]), str(d["text"]), tuple(d["categories"]))
 
 
-class PromptSetError(ValueError):
+class PromptSetError(UserError):
     """A prompt file that cannot be fetched or read as asked; the message names the fix."""
 
 

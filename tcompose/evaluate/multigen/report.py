@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from ...errors import UserError
 from ..published import PUBLISHED_TAG, multigen_rows
 
 LEVELS = ("MG1", "MG2", "MG3", "MG4", "MG5")
@@ -174,7 +175,7 @@ def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int
     """Score every model's stored detections over ``prompts`` x ``images``; write ``summary{suffix}.json`` and
     ``.md`` (and ``grid_NAME.png`` when ``grid``); print the table when ``progress``. An image without a stored
     row is scored as missing."""
-    from ..benchmark import write_summary
+    from ..benchmark import image_rows, write_summary
     from ..detection_store import read_records
     from .scoring import score
 
@@ -183,14 +184,12 @@ def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int
     for name in names:
         stored = read_records(output / "detections" / name)
         records = []
-        for p in prompts:
-            for k in range(images):
-                row = stored.get((p.prompt_id, k))
-                if row is not None and tuple(row["categories"]) != tuple(p.categories):
-                    raise ValueError(f"{output / 'detections' / name}: prompt {p.prompt_id} is stored with categories "
-                                     f"{row['categories']}, not {list(p.categories)}; the folder holds another run")
-                records.append(row or {"prompt_id": p.prompt_id, "image_index": k, "categories": list(p.categories),
-                                       "labels": None, "scores": None})
+        for p, k, row in image_rows(stored, prompts, images):
+            if row is not None and tuple(row["categories"]) != tuple(p.categories):
+                raise UserError(f"{output / 'detections' / name}: prompt {p.prompt_id} is stored with categories "
+                                f"{row['categories']}, not {list(p.categories)}; the folder holds another run")
+            records.append(row or {"prompt_id": p.prompt_id, "image_index": k, "categories": list(p.categories),
+                                   "labels": None, "scores": None})
         results[name] = score(records, threshold)
         if grid:
             _grid(output, name, prompts[:grid], min(images, 5), stored, threshold)

@@ -6,6 +6,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ...errors import UserError
+
 LEVELS = 5
 
 
@@ -40,7 +42,7 @@ def score(records: Iterable[dict], threshold: float = 0.1, levels: int = LEVELS)
         counts[key] = len(kept & set(r["categories"]))
     present = {k: c for k, c in counts.items() if c is not None}
     if not present:
-        raise ValueError("no image to score: every record is missing (generate and detect first)")
+        raise UserError("no image to score: every record is missing (generate and detect first)")
     by_index: dict[int, list[int]] = {}
     for (_, i), c in present.items():
         by_index.setdefault(i, []).append(c)

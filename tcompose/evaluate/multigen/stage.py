@@ -39,18 +39,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...io.runs import output_guard
-from ..benchmark import check_settings, finish_run, generate_and_detect, read_run, run_record, start_run
-from ..detect import DEFAULT_DETECTOR, Owlv2Detector
+from ..benchmark import DetectionConfig, check_settings, read_run, run_models
+from ..detect import Owlv2Detector
 from .prompts import Prompt, resolve_prompts
 
-@dataclass
-class MultigenConfig:
-    """Settings of ``tcompose multigen``."""
 
-    models: list[str]
-    """``NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,revision=REV]`` (tcompose.models.spec), one or more."""
-    output: Path
+@dataclass
+class MultigenConfig(DetectionConfig):
+    """Settings of ``tcompose multigen``: :class:`tcompose.evaluate.benchmark.DetectionConfig`'s (models, output,
+    images, generation settings, OWLv2 and its thresholds) and the prompt choice."""
+
+    images: int = 10
+    """Images per prompt (the paper: 10)."""
+    detector_dtype: str = "auto"
+    """auto = fp16 on CUDA, fp32 elsewhere (the reference ran fp32; fp32 here reproduces it most closely)."""
     dataset: str = "coco"
     """Prompt set: ``coco`` or ``ade20k`` (the paper's two; fetched, sha256-checked, cached)."""
     prompt_file: Path | None = None
@@ -61,58 +63,21 @@ class MultigenConfig:
     """The first N prompts (None: all; 50 with images=5 is the quick protocol)."""
     sample_seed: int | None = None
     """Instead of the paper's prompts, N new ones (default 1,000) drawn from the dataset's categories."""
-    images: int = 10
-    """Images per prompt (the paper: 10)."""
-    seed: int = 0
-    steps: int = 50
-    guidance: float = 7.5
-    scheduler: str | None = None
-    dtype: str = "auto"
-    batch_size: int = 4
-    height: int | None = None
-    width: int | None = None
-    safety_checker: bool = False
-    detector: str = DEFAULT_DETECTOR
-    detector_revision: str | None = None
-    detector_dtype: str = "auto"
-    """auto = fp16 on CUDA, fp32 elsewhere (the reference ran fp32; fp32 here reproduces it most closely)."""
-    detector_batch_size: int = 8
-    store_threshold: float = 0.01
-    """Boxes above this are stored (so other thresholds can be scored later)."""
-    threshold: float = 0.1
-    """Boxes above this count (the paper's 0.1)."""
     grid: int = 4
     """Prompts shown in grid_NAME.png (up to 5 images each); 0: no grid."""
-    part_size: int = 200
-    """Images per detections part file: the unit of resuming the detection pass."""
-    device: str | None = None
-
-    def __post_init__(self):
-        self.output = Path(self.output)
-        self.models = list(self.models)
 
 
 def run(cfg: MultigenConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
         finalize_timeout_s: float = 86400.0) -> dict:
     """Generate, detect and (rank 0) score; returns the summary (rank 0) or this process's timings (others)."""
-    with output_guard(cfg.output):
-        return _run(cfg, rank, world_size, progress, finalize_timeout_s)
-
-
-def _run(cfg: MultigenConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
-    from ...models.spec import parse_model_specs
     from .report import summarize
 
-    check_settings(cfg, rank, world_size)
-    specs = parse_model_specs(cfg.models)
+    specs = check_settings(cfg, rank, world_size)
     prompts, source = resolve_prompts(cfg.dataset, cfg.prompt_file, cfg.prompts, cfg.sample_seed, cfg.custom_prompts)
-    Owlv2Detector.check(cfg.detector, cfg.detector_revision)  # a wrong --detector fails before any image is made
-    run_path = start_run(cfg, run_record("multigen", cfg, specs, source), prompts, rank, world_size)
-    timing, generation = generate_and_detect(cfg, specs, prompts, Owlv2Detector, rank, world_size, progress,
-                                             finalize_timeout_s)
-    if rank != 0:
+    names, timing, generation = run_models("multigen", cfg, specs, prompts, source, Owlv2Detector, rank, world_size,
+                                           progress, finalize_timeout_s)
+    if names is None:
         return {"rank": rank, "world_size": world_size, "timing": timing}
-    names = finish_run(cfg, specs, prompts, run_path, timing, finalize_timeout_s)
     return summarize(cfg.output, names, prompts, cfg.images, cfg.threshold, source,
                      grid=cfg.grid, progress=progress, extra={"timing": timing, "generation": generation})
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ...data.categories import COCO_80
+from ...errors import UserError
 
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 N_PROMPTS = 31_680
@@ -92,7 +93,7 @@ def spatial_prompts(n: int | None = None, seed: int = 0) -> list[VisorPrompt]:
     records = [r for r in _records() if is_spatial(r)]
     if n is not None:
         if not 1 <= n <= len(records):
-            raise ValueError(f"--prompts must be between 1 and {len(records)} (the spatial prompts), got {n}")
+            raise UserError(f"--prompts must be between 1 and {len(records)} (the spatial prompts), got {n}")
         records = sorted(random.Random(seed).sample(records, n), key=lambda r: r["unique_id"])
     return [VisorPrompt(r["unique_id"], r["text"], (r["obj_1_attributes"][0], r["obj_2_attributes"][0]),
                         r["rel_type"]) for r in records]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from ...errors import UserError
 from .prompts import RELATIONS, _records
 
 LEVELS = ("OA", "VISOR_cond", "VISOR_uncond", "VISOR_1", "VISOR_2", "VISOR_3", "VISOR_4")
@@ -81,7 +82,7 @@ def score(records: Iterable[dict], threshold: float = 0.1) -> dict:
         right_count += right
         per_prompt[uid] = per_prompt.get(uid, 0) + right
     if images == 0:
-        raise ValueError(f"no image of a two-object spatial prompt to score ({missing} missing)")
+        raise UserError(f"no image of a two-object spatial prompt to score ({missing} missing)")
     oa = 100 * both_count / images
     cond = 100 * right_count / both_count if both_count else None
     out = {"OA": oa, "VISOR_cond": cond, "VISOR_uncond": 100 * right_count / images}

@@ -34,17 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...io.runs import output_guard
+from ...errors import UserError
 from ...models.defaults import OWLVIT
-from ..benchmark import (
-    check_settings,
-    finish_run,
-    generate_and_detect,
-    read_run,
-    run_record,
-    start_run,
-    write_summary,
-)
+from ...models.spec import ModelSpec
+from ..benchmark import DetectionConfig, check_settings, read_run, run_models, write_summary
 from ..detect import OwlVitDetector
 from ..published import PUBLISHED_TAG, VISOR_TABLE
 from .prompts import N_SPATIAL, VisorPrompt, spatial_prompts
@@ -52,45 +45,27 @@ from .scoring import LEVELS, score
 
 
 @dataclass
-class VisorConfig:
-    """Settings of ``tcompose visor``."""
+class VisorConfig(DetectionConfig):
+    """Settings of ``tcompose visor``: :class:`tcompose.evaluate.benchmark.DetectionConfig`'s (models, output,
+    images, generation settings, OWL-ViT and its thresholds) and the prompt choice."""
 
-    models: list[str]
-    """``NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,revision=REV]`` (tcompose.models.spec), one or more."""
-    output: Path
-    prompts: int | None = None
-    """N spatial prompts drawn with ``prompt_seed`` (None: all 25,280, VISOR's protocol)."""
-    prompt_seed: int = 0
     images: int = 4
     """Images per prompt (VISOR: 4; VISOR_k needs at least k)."""
-    seed: int = 0
-    steps: int = 50
-    guidance: float = 7.5
-    scheduler: str | None = None
-    dtype: str = "auto"
-    batch_size: int = 4
-    height: int | None = None
-    width: int | None = None
-    safety_checker: bool = False
     detector: str = OWLVIT
-    detector_revision: str | None = None
     detector_dtype: str = "fp32"
     """fp32 as VISOR ran OWL-ViT (B/32 is cheap; fp16 can flip boxes that score near the threshold)."""
     detector_batch_size: int = 16
-    store_threshold: float = 0.01
-    threshold: float = 0.1
     part_size: int = 500
-    device: str | None = None
-
-    def __post_init__(self):
-        self.output = Path(self.output)
-        self.models = list(self.models)
+    prompts: int | None = None
+    """N spatial prompts drawn with ``prompt_seed`` (None: all 25,280, VISOR's protocol)."""
+    prompt_seed: int = 0
 
 
-def _check(cfg: VisorConfig, rank: int, world_size: int) -> None:
-    check_settings(cfg, rank, world_size)
+def _check(cfg: VisorConfig, rank: int, world_size: int) -> list[ModelSpec]:
+    specs = check_settings(cfg, rank, world_size)
     if cfg.prompts is not None and not 1 <= cfg.prompts <= N_SPATIAL:
-        raise ValueError(f"--prompts must be between 1 and {N_SPATIAL} (the spatial prompts), got {cfg.prompts}")
+        raise UserError(f"--prompts must be between 1 and {N_SPATIAL} (the spatial prompts), got {cfg.prompts}")
+    return specs
 
 
 def _prompt_source(cfg: VisorConfig, prompts: list[VisorPrompt]) -> dict:
@@ -101,42 +76,26 @@ def _prompt_source(cfg: VisorConfig, prompts: list[VisorPrompt]) -> dict:
 def run(cfg: VisorConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
         finalize_timeout_s: float = 86400.0) -> dict:
     """Generate, detect and (rank 0) score; returns the summary (rank 0) or this process's timings (others)."""
-    with output_guard(cfg.output):
-        return _run(cfg, rank, world_size, progress, finalize_timeout_s)
-
-
-def _run(cfg: VisorConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
-    from ...models.spec import parse_model_specs
-
-    _check(cfg, rank, world_size)
-    specs = parse_model_specs(cfg.models)
+    specs = _check(cfg, rank, world_size)
     prompts = spatial_prompts(cfg.prompts, cfg.prompt_seed)
-    OwlVitDetector.check(cfg.detector, cfg.detector_revision)  # a wrong --detector fails before any image is made
-    run_path = start_run(cfg, run_record("visor", cfg, specs, _prompt_source(cfg, prompts)), prompts, rank,
-                         world_size)
-    timing, _ = generate_and_detect(cfg, specs, prompts, OwlVitDetector, rank, world_size, progress,
-                                    finalize_timeout_s)
-    if rank != 0:
+    names, timing, _ = run_models("visor", cfg, specs, prompts, _prompt_source(cfg, prompts), OwlVitDetector, rank,
+                                  world_size, progress, finalize_timeout_s)
+    if names is None:
         return {"rank": rank, "world_size": world_size, "timing": timing}
-    names = finish_run(cfg, specs, prompts, run_path, timing, finalize_timeout_s)
     return summarize(cfg.output, names, prompts, cfg.images, cfg.threshold, progress, extra={"timing": timing})
 
 
 def summarize(output: Path, names: list[str], prompts: list[VisorPrompt], images: int, threshold: float,
               progress: bool = True, extra: dict | None = None, suffix: str = "") -> dict:
     """Score every model's stored detections; write ``summary{suffix}.json`` and ``.md``; print the table."""
+    from ..benchmark import image_rows
     from ..detection_store import read_records
 
     results = {}
     for name in names:
-        stored = read_records(output / "detections" / name)
-        records = []
-        for p in prompts:
-            for k in range(images):
-                row = stored.get((p.prompt_id, k))
-                records.append({"unique_id": p.prompt_id, "image_index": k,
-                                **({k2: row[k2] for k2 in ("labels", "scores", "boxes")} if row else
-                                   {"labels": None, "scores": None, "boxes": None})})
+        records = [{"unique_id": p.prompt_id, "image_index": k,
+                    **{key: row[key] if row else None for key in ("labels", "scores", "boxes")}}
+                   for p, k, row in image_rows(read_records(output / "detections" / name), prompts, images)]
         results[name] = score(records, threshold)
     summary = {"models": results, "threshold": threshold, "prompts": len(prompts), "images_per_prompt": images,
                "published": {"note": f"{PUBLISHED_TAG} (VISOR paper: 25,280 prompts x 4 images)",

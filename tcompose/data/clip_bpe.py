@@ -26,6 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import MissingPathError, UserError
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
@@ -69,7 +71,7 @@ def clip_vocab_from_bpe(bpe_path: str | Path) -> tuple[list[str], list[tuple[str
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     bad = [m for m in merges if len(m) != 2]
     if bad:
-        raise ValueError(f"{bpe_path}: not a CLIP BPE merge list (bad line {' '.join(bad[0])!r})")
+        raise UserError(f"{bpe_path}: not a CLIP BPE merge list (bad line {' '.join(bad[0])!r})")
     base = list(bytes_to_unicode().values())
     vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges] + [BOS, EOS]
     return vocab, merges  # type: ignore[return-value]
@@ -186,7 +188,7 @@ def write_clip_tokenizer(
     out = Path(out_dir)
     if bpe_path is not None:
         if not Path(bpe_path).is_file():
-            raise FileNotFoundError(f"{bpe_path}: CLIP BPE merge list not found (expected {CLIP_BPE_FILENAME})")
+            raise MissingPathError(f"{bpe_path}: CLIP BPE merge list not found (expected {CLIP_BPE_FILENAME})")
         vocab, merges = clip_vocab_from_bpe(bpe_path)
     else:
         vocab, merges = train_small_bpe(corpus, vocab_size=vocab_size)

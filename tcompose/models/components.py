@@ -1,14 +1,11 @@
-"""Stable Diffusion components (SD1.x, SD2.x, SDXL) from a hub id or a local folder; the text-encoder swap.
+"""Component loaders the model families share: the ``--text-encoder`` swap (a CLIP text model from a folder or
+hub id) and its checks, another ``--vae``, and a model's configs read without weights.
 
-    comps = load_components("CompVis/stable-diffusion-v1-4", revision=None, text_encoder=None)
-    comps.unet, comps.vae, comps.text_encoder, comps.tokenizer, comps.noise_scheduler
+    text_encoder, tokenizer = load_text_encoder("runs/clip", base_tokenizer=tokenizer)
+    check_text_encoder(text_encoder, unet, tokenizer)      # TextEncoderMismatchError when it cannot condition it
+    unet_config, vae_factor = model_configs("CompVis/stable-diffusion-v1-4")
 
-``model`` is a hub id (``HF_HUB_OFFLINE=1`` works with a warm cache) or a local folder with ``unet/``,
-``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` (what ``StableDiffusionPipeline.save_pretrained``
-writes). ``noise_scheduler`` is the training scheduler, ``DDPMScheduler`` read from ``scheduler/`` (as
-diffusers' ``train_text_to_image.py`` does). ``text_encoder`` swaps in another CLIP text model (see
-:func:`load_text_encoder`); its width must match the UNet's ``cross_attention_dim``. Tiny random pipelines
-for tests and the demo are written by :mod:`tcompose.testing.tiny_sd`.
+Whole models load through their family: :func:`tcompose.models.families.load_components`.
 """
 
 from __future__ import annotations
@@ -16,48 +13,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .loading import ModelFolderError, hub_hint, local_path, quiet_logger, tf_dtype_kwargs
 
-__all__ = ["SDComponents", "TextEncoderMismatchError", "load_components", "load_text_encoder", "check_text_encoder",
-           "model_configs", "load_vae", "is_sdxl"]
-
-PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+__all__ = ["TextEncoderMismatchError", "load_text_encoder", "check_text_encoder", "clip_text_from_pretrained",
+           "model_configs", "load_vae"]
 
 
-class TextEncoderMismatchError(ValueError):
+class TextEncoderMismatchError(UserError):
     """A text encoder that cannot condition this UNet (width or context length)."""
 
 
-@dataclass
-class SDComponents:
-    """The parts of a Stable Diffusion model that training and inference need (SDXL: two text encoders)."""
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    noise_scheduler: Any
-    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
-    tokenizer_2: Any = None
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
-
-
-def is_sdxl(unet_config) -> bool:
-    """Whether a UNet is SDXL's: micro-conditioned on a pooled text embedding and 6 time ids."""
-    config = getattr(unet_config, "config", unet_config)
-    return config.get("addition_embed_type") == "text_time"
-
-
-def _clip_text_from_pretrained(source: str | Path, **kwargs: Any):
+def clip_text_from_pretrained(source: str | Path, **kwargs: Any):
     """CLIPTextModel.from_pretrained (safetensors only) that fails on missing weights (a text tower must load
     completely) and keeps quiet about the unused vision tower of a CLIPModel checkpoint."""
     from transformers import CLIPTextModel
@@ -110,7 +82,7 @@ def load_text_encoder(
                 f"{local}: neither text_encoder/ nor config.json found; pass a CLIPTextModel or CLIPModel folder "
                 "(save_pretrained output) or a folder with text_encoder/ and tokenizer/ subfolders"
             )
-        text_model = _clip_text_from_pretrained(model_dir, **tf_dtype_kwargs(dtype))
+        text_model = clip_text_from_pretrained(model_dir, **tf_dtype_kwargs(dtype))
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir) if _has_tokenizer(tok_dir) else base_tokenizer
         if tokenizer is None:
             raise ModelFolderError(f"{tok_dir}: no tokenizer files (vocab.json + merges.txt or tokenizer.json) "
@@ -122,11 +94,11 @@ def load_text_encoder(
     model_id = str(path_or_id)
     with hub_hint(model_id, local_files_only):
         try:  # a CLIPModel / CLIPTextModel repository
-            text_model = _clip_text_from_pretrained(model_id, **hub, **tf_dtype_kwargs(dtype))
+            text_model = clip_text_from_pretrained(model_id, **hub, **tf_dtype_kwargs(dtype))
             sub: dict[str, str] = {}
         except OSError as first:  # a diffusers pipeline repository
             try:
-                text_model = _clip_text_from_pretrained(model_id, subfolder="text_encoder", **hub, **tf_dtype_kwargs(dtype))
+                text_model = clip_text_from_pretrained(model_id, subfolder="text_encoder", **hub, **tf_dtype_kwargs(dtype))
             except OSError:
                 raise first from None
             sub = {"subfolder": "tokenizer"}
@@ -214,77 +186,3 @@ def load_vae(vae: str | os.PathLike, revision: str | None = None, dtype: torch.d
         kw["local_files_only"] = local_files_only
     with hub_hint(str(vae), local_files_only):
         return AutoencoderKL.from_pretrained(str(vae), **weights, **kw)
-
-
-def load_components(
-    model: str | os.PathLike,
-    revision: str | None = None,
-    text_encoder: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
-    local_files_only: bool | None = None,
-    vae: str | os.PathLike | None = None,
-) -> SDComponents:
-    """UNet, VAE, text encoder(s), tokenizer(s) and the DDPM training scheduler of a hub id or local folder.
-
-    SD1.x / SD2.x pipelines, and SDXL (its UNet's ``addition_embed_type`` is ``text_time``): then also
-    ``text_encoder_2`` (``CLIPTextModelWithProjection``) and ``tokenizer_2``. ``vae``: another VAE to use (SDXL's
-    fp16-safe one, say). Weights are read from safetensors only. ``revision`` applies to a hub id;
-    ``local_files_only`` None follows ``HF_HUB_OFFLINE``. Raises ModelFolderError (a ValueError) for a missing or
-    incomplete local folder, TextEncoderMismatchError when the text encoder cannot condition the UNet.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    local = local_path(model)
-    kw: dict[str, Any] = {}
-    if local is not None:
-        need = [s for s in PIPELINE_SUBFOLDERS if not (s == "text_encoder" and text_encoder is not None)]
-        missing = [s for s in need if not (local / s).is_dir()]
-        if missing:
-            raise ModelFolderError(
-                f"{local} is not a diffusers Stable Diffusion folder: missing {', '.join(s + '/' for s in missing)}. "
-                "Pass a folder written by `StableDiffusionPipeline.save_pretrained` (unet/, vae/, text_encoder/, "
-                "tokenizer/, scheduler/) or a hub id such as CompVis/stable-diffusion-v1-4."
-            )
-        source = str(local)
-        context: contextlib.AbstractContextManager = contextlib.nullcontext()
-    else:
-        source = str(model)
-        kw["revision"] = revision
-        if local_files_only is not None:
-            kw["local_files_only"] = local_files_only
-        context = hub_hint(source, local_files_only)
-    with context:
-        weights = {"use_safetensors": True, **kw}
-        if dtype != torch.float32:  # float32 is the default; diffusers >= 0.42 warns on `torch_dtype`
-            weights["torch_dtype"] = dtype
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
-        sdxl = is_sdxl(unet.config)
-        if sdxl and text_encoder is not None:
-            raise ValueError("--text-encoder swaps SD1.x / SD2.x's one text encoder; an SDXL model has two (they "
-                             "stay the model's own)")
-        if sdxl and local is not None:
-            missing = [s for s in ("text_encoder_2", "tokenizer_2") if not (local / s).is_dir()]
-            if missing:
-                raise ModelFolderError(f"{local} has an SDXL UNet but no {', '.join(s + '/' for s in missing)}: pass "
-                                       "a folder written by `StableDiffusionXLPipeline.save_pretrained`")
-        vae_model = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights) if vae is None else None
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
-        if text_encoder is None:
-            text_model = _clip_text_from_pretrained(source, subfolder="text_encoder", **kw, **tf_dtype_kwargs(dtype))
-        text_2 = tokenizer_2 = None
-        if sdxl:
-            with quiet_logger("transformers.modeling_utils"):
-                text_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2",
-                                                                     use_safetensors=True, **kw, **tf_dtype_kwargs(dtype))
-            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
-    if vae is not None:
-        vae_model = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
-    if text_encoder is not None:
-        text_model, tokenizer = load_text_encoder(
-            text_encoder, revision=None, dtype=dtype, base_tokenizer=tokenizer, local_files_only=local_files_only
-        )
-    check_text_encoder(text_model, unet, tokenizer, text_2)
-    return SDComponents(unet=unet, vae=vae_model, text_encoder=text_model, tokenizer=tokenizer,
-                        noise_scheduler=scheduler, text_encoder_2=text_2, tokenizer_2=tokenizer_2)

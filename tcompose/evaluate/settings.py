@@ -1,0 +1,108 @@
+"""How a generating stage samples its images: :class:`GenerationSettings`, one value shared by every stage that
+generates (generate, multigen, visor, fid, latency, attnviz).
+
+    settings = GenerationSettings(steps=25, scheduler="ddim", dtype="bf16")
+    cfg = GenerateConfig(model=..., output=..., prompts=..., settings=settings)
+    GenerationSettings.for_stage("latency")          # a stage's own defaults (latency: batch 1)
+
+Each stage's config holds one in its ``settings`` field; ``tcompose.cli.option_groups.generation_options``
+turns the same fields into the command-line options of every generating command (``--steps``, ``--guidance``,
+...), so the names, defaults and checks are declared here once; :data:`STAGE_DEFAULTS` and :data:`STAGE_UNUSED`
+say where a stage departs from them. :meth:`GenerationSettings.validate` checks the values alone
+(a model's own limits are checked when it loads). The module imports no torch: the CLI's ``--help`` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+
+__all__ = ["GenerationSettings", "DTYPES", "STAGE_DEFAULTS", "STAGE_UNUSED"]
+
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+"""The ``--dtype`` values (:func:`tcompose.evaluate.sampling.resolve_dtype` maps them to torch dtypes)."""
+
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "latency": {"batch_size": 1},  # the paper's latency: one image per pipeline call
+}
+"""Where a stage's defaults differ from the class's (a stage not named here takes the class's)."""
+
+STAGE_UNUSED: dict[str, tuple[str, ...]] = {
+    "latency": ("batch_size", "safety_checker"),  # timed one image at a time (batch_size stays 1), no checker
+    "attnviz": ("batch_size", "safety_checker"),  # one image per model, no checker
+}
+"""The fields a stage does not read: its command has no option for them."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What decides how a stage samples its images (and how fast), besides the model and the prompts.
+
+    The fields are in the order the generate stage records them (run.json's ``config``)."""
+
+    batch_size: int = 4
+    """Images per pipeline call (speed only: image ``k`` of prompt ``p`` is the same at any batch size)."""
+    dtype: str = "auto"
+    """auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32."""
+    steps: int = 50
+    """Denoising steps."""
+    guidance: float = 7.5
+    """Classifier-free guidance scale (1: none)."""
+    scheduler: str | None = None
+    """None = the model's own; or a key of :data:`tcompose.models.sampling.SCHEDULERS` (pndm, ddim, euler, dpm++)."""
+    height: int | None = None
+    """Image height in pixels, a multiple of 8; None: the UNet's sample_size x 8 (512 for SD1.x)."""
+    width: int | None = None
+    """Image width in pixels, a multiple of 8; None: the model's, as for height."""
+    safety_checker: bool = False
+    """Off by default: a blacked-out image reads as "no object drawn" to MultiGen's and VISOR's detectors, so the
+    checker would turn its NSFW false positives into composition misses; the state is recorded either way."""
+    seed: int = 0
+    """Base seed: image ``k`` of prompt ``p`` starts from the noise of
+    :func:`tcompose.models.sampling.image_seed` ``(seed, p, k)``, the same for every model."""
+    device: str | None = None
+    """None: accelerate's device for this process."""
+
+    @classmethod
+    def for_stage(cls, stage: str, **changes: Any) -> GenerationSettings:
+        """``stage``'s defaults (:data:`STAGE_DEFAULTS`) with ``changes``."""
+        return cls(**{**STAGE_DEFAULTS.get(stage, {}), **changes})
+
+    @classmethod
+    def taken_by(cls, stage: str) -> tuple[str, ...]:
+        """The fields ``stage`` reads (all but its :data:`STAGE_UNUSED`), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in STAGE_UNUSED.get(stage, ()))
+
+    def replace(self, **changes: Any) -> GenerationSettings:
+        """A copy with ``changes`` (the settings are immutable)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields by name, in declaration order."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Refuse values that no model could take: :class:`tcompose.errors.UserError` (a ValueError) naming the
+        option."""
+        for key in ("batch_size", "steps"):
+            value = getattr(self, key)
+            if value < 1:
+                raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        if not math.isfinite(self.guidance):
+            raise UserError(f"--guidance {self.guidance}: not a finite number")
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            if value is not None and (value < 8 or value % 8):
+                raise UserError(f"--{key} must be a positive multiple of 8, got {value}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: use {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+        if self.scheduler is not None:
+            from ..models.sampling import SCHEDULERS  # imports torch: only when a scheduler is named
+
+            if self.scheduler not in SCHEDULERS:
+                raise UserError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)} (or leave it "
+                                 "out for the model's own)")

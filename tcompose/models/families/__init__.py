@@ -1,0 +1,121 @@
+"""Model families behind one interface, and loading a model as its family's :class:`Components`.
+
+- :mod:`.base`: ``ModelFamily`` (the interface the stages use) and ``Components`` (a model's parts, bound to it);
+- :mod:`.sd`: SD1.x / SD2.x; :mod:`.sdxl`: SDXL.
+
+    comps = load_components("CompVis/stable-diffusion-v1-4")   # or a folder; revision, dtype, --text-encoder, --vae
+    comps.family.name                                           # "sd"
+
+A family is recognised from its denoiser's config (``unet/config.json``) by :meth:`ModelFamily.matches`; the
+first registered family that matches serves. Adding a family: its module here (a ``ModelFamily`` subclass), its
+capture adapter and objective if its denoiser is not a UNet (:mod:`tcompose.grounding.objective`), a line in
+``FAMILIES`` below, a tiny random builder in :mod:`tcompose.testing` and its tests (docs/design.md lists them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+from ...errors import UserError
+from ..loading import ModelFolderError, hub_hint, local_path
+from .base import Components, ModelFamily
+from .sd import StableDiffusion
+from .sdxl import StableDiffusionXL
+
+__all__ = ["FAMILIES", "Components", "ModelFamily", "family_named", "family_of", "family_of_model",
+           "family_of_pipeline", "load_components"]
+
+#: Every family, in the order they are asked whether a model is theirs.
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionXL(), StableDiffusion())
+
+#: The subfolders every family's folder holds (a family checks its own extra ones).
+BASE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def family_of(denoiser_config: Any) -> ModelFamily:
+    """The family whose denoiser has this config (a dict, or a model with ``.config``)."""
+    config = dict(getattr(denoiser_config, "config", denoiser_config))
+    for family in FAMILIES:
+        if family.matches(config):
+            return family
+    raise ModelFolderError(f"no model family of tcompose takes a denoiser of class {config.get('_class_name')!r} "
+                           f"(known: {', '.join(f.label for f in FAMILIES)})")
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family recorded as ``name`` (training summaries, LoRA metadata)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise UserError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def family_of_pipeline(pipe) -> ModelFamily:
+    """The family of a diffusers pipeline object."""
+    for family in FAMILIES:
+        if family.owns_pipeline(pipe):
+            return family
+    raise ValueError(f"no model family of tcompose serves a {type(pipe).__name__}")
+
+
+def family_of_model(model: str | os.PathLike, revision: str | None = None,
+                    local_files_only: bool | None = None) -> ModelFamily:
+    """The family of a model (hub id or folder), from its denoiser's config alone (no weights)."""
+    from ..components import model_configs
+
+    return family_of(model_configs(model, revision, local_files_only)[0])
+
+
+def load_components(
+    model: str | os.PathLike,
+    revision: str | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    local_files_only: bool | None = None,
+    vae: str | os.PathLike | None = None,
+) -> Components:
+    """A model's parts from a hub id or local folder, bound to its family.
+
+    ``text_encoder``: another CLIP text model in place of the (first) text encoder (see
+    :func:`tcompose.models.components.load_text_encoder`; SDXL refuses it); ``vae``: another VAE (SDXL's
+    fp16-safe one, say). Weights are read from safetensors only. ``revision`` applies to a hub id;
+    ``local_files_only`` None follows ``HF_HUB_OFFLINE``. Raises ModelFolderError (a ValueError) for a missing
+    or incomplete local folder, TextEncoderMismatchError when the text encoder cannot condition the denoiser.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from ..components import load_vae
+
+    local = local_path(model)
+    hub: dict[str, Any] = {}
+    if local is not None:
+        need = [s for s in BASE_SUBFOLDERS if not (s == "text_encoder" and text_encoder is not None)]
+        missing = [s for s in need if not (local / s).is_dir()]
+        if missing:
+            raise ModelFolderError(
+                f"{local} is not a diffusers Stable Diffusion folder: missing {', '.join(s + '/' for s in missing)}. "
+                "Pass a folder written by `StableDiffusionPipeline.save_pretrained` (unet/, vae/, text_encoder/, "
+                "tokenizer/, scheduler/) or a hub id such as CompVis/stable-diffusion-v1-4."
+            )
+        source = str(local)
+        context: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        source = str(model)
+        hub["revision"] = revision
+        if local_files_only is not None:
+            hub["local_files_only"] = local_files_only
+        context = hub_hint(source, local_files_only)
+    with context:
+        family = family_of(UNet2DConditionModel.load_config(source, subfolder="unet", **hub))
+        comps = family.load(source, hub, local is not None, dtype, swap_vae=vae is not None,
+                            swap_text_encoder=text_encoder is not None)
+    if vae is not None:
+        comps.vae = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
+    if text_encoder is not None:
+        family.swap_text_encoder(comps, text_encoder, dtype, local_files_only)
+    family.check_components(comps)
+    return comps

@@ -1,0 +1,170 @@
+"""The model-family interface: what the stages may ask of a model, whatever its family, and the loaded parts.
+
+A family (SD1.x / SD2.x, SDXL; SD3 and FLUX next) is one subclass of :class:`ModelFamily` in its own module of
+this package, registered in ``__init__.py``. Stages never test which family they hold: they load
+:class:`Components` (whose methods forward to the family) and call them.
+
+    comps = load_components("CompVis/stable-diffusion-v1-4")        # tcompose.models.families
+    ids = comps.tokenize(captions)                                   # {"input_ids": [N, 77], ...}
+    positions = comps.phrase_positions(caption, ["cat", "wine glass"])
+    latents, cond = comps.encode_batch(batch)                        # cond: the denoiser's keyword arguments
+    losses = tokencompose_losses(comps.unet, latents, cond, batch, comps.noise_scheduler, layers, ...,
+                                 objective=comps.objective)          # training inputs, weighting, capture
+    pipe = comps.pipeline(scheduler)                                 # diffusers' pipeline of the family
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ...grounding.objective import UNET
+
+
+class ModelFamily:
+    """One family of text-to-image models: how to load, condition, train, capture and sample it.
+
+    Subclasses set the class attributes and implement the methods; the base class implements nothing of a
+    particular model. ``objective`` is the denoiser's training and capture (:class:`tcompose.grounding.objective
+    .UNetObjective` for the UNets): a family whose denoiser trains or attends otherwise brings its own.
+    """
+
+    name: str = ""  # recorded in training summaries and LoRA metadata ("sd", "sdxl")
+    label: str = ""  # for people ("SD1.x / SD2.x")
+    pipeline_class_name: str = ""  # diffusers' inference pipeline of the family
+    card_tags: tuple[str, ...] = ()  # Hub model-card tags
+    denoiser_subfolder: str = "unet"
+    objective = UNET
+    has_safety_checker: bool = False
+
+    # -- recognising and loading ------------------------------------------------------------------------------
+    def matches(self, denoiser_config: dict) -> bool:
+        """Whether a model whose denoiser has this config (``unet/config.json``) is of this family."""
+        raise NotImplementedError
+
+    def load(self, source: str, hub: dict, local: bool, dtype: torch.dtype, swap_vae: bool = False,
+             swap_text_encoder: bool = False) -> "Components":
+        """The family's components from ``source`` (a folder or hub id, already checked), ``hub`` the revision /
+        ``local_files_only`` keywords. ``swap_vae`` / ``swap_text_encoder``: the caller puts another VAE / (first)
+        text encoder in place (:func:`load_components`), so these are not loaded; a family that cannot take the
+        swap refuses it here, before any weight is read."""
+        raise NotImplementedError
+
+    def load_denoiser(self, folder: str, subfolder: str | None, dtype: torch.dtype):
+        """A denoiser of this family from a folder (``--unet``), in ``dtype``."""
+        raise NotImplementedError
+
+    def swap_text_encoder(self, comps: "Components", text_encoder: Any, dtype: torch.dtype,
+                          local_files_only: bool | None) -> None:
+        """Put another text encoder (``--text-encoder``: a folder or hub id) in place of the first one."""
+        raise NotImplementedError
+
+    def check_components(self, comps: "Components") -> None:
+        """Raise TextEncoderMismatchError unless the text encoder(s) can condition the denoiser."""
+        raise NotImplementedError
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def tokenize(self, comps: "Components", captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids of ``captions`` for every text encoder, as batch keys (``input_ids``, ...)."""
+        raise NotImplementedError
+
+    def phrase_positions(self, comps: "Components", caption: str, phrases: Sequence[str]) -> list[list[int] | None]:
+        """Each phrase's positions in the text sequence the denoiser attends to (None: not in it)."""
+        raise NotImplementedError
+
+    def encode_text(self, comps: "Components", batch: dict) -> dict:
+        """The denoiser's text conditioning (its keyword arguments) of a collated batch, without gradients."""
+        raise NotImplementedError
+
+    def encode_batch(self, comps: "Components", batch: dict, sample: bool = True) -> tuple[torch.Tensor, dict]:
+        """``(clean latents float32, conditioning)`` of a collated batch; ``sample`` draws the VAE posterior with
+        the batch's ``latent_eps`` (training), else takes its mean (the grounding score)."""
+        raise NotImplementedError
+
+    def example_conditioning(self, denoiser_config: dict, batch: int, latent_side: int, text_length: int,
+                             generator: torch.Generator) -> dict:
+        """Random conditioning of the right shapes for a denoiser of this config (the bench's training steps)."""
+        raise NotImplementedError
+
+    def attention_groups(self, denoiser_config: dict, latent_hw: tuple[int, int]) -> dict[str, int]:
+        """The denoiser's capturable attention groups (name -> number of maps) at ``latent_hw`` latents, from its
+        config alone; ``--layers`` names these groups."""
+        config = dict(denoiser_config)
+        cond = self.example_conditioning(config, 1, latent_hw[0], 77, torch.Generator().manual_seed(0))
+        return self.objective.attention_groups(config, latent_hw, cond)
+
+    # -- inference ------------------------------------------------------------------------------------------
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def owns_pipeline(self, pipe) -> bool:
+        return isinstance(pipe, self.pipeline_class())
+
+    def pipeline(self, comps: "Components", scheduler, safety_checker=None, feature_extractor=None,
+                 options: dict | None = None):
+        """The family's diffusers pipeline around ``comps`` (no copies), with ``scheduler``; ``options`` are
+        the model's pipeline settings (:meth:`pipeline_options`)."""
+        raise NotImplementedError
+
+    def pipeline_options(self, model_index: dict) -> dict:
+        """Settings of the pipeline kept in a model's ``model_index.json`` that the pipeline must be built with."""
+        return {}
+
+    def encode_prompts(self, pipe, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Per prompt, its embeddings as the pipeline's keyword arguments (``prompt_embeds``, ...), unbatched."""
+        raise NotImplementedError
+
+    def negative_embeddings(self, pipe, empty: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unconditional embeddings for guidance (``negative_prompt_embeds``, ...) from the empty prompt's."""
+        raise NotImplementedError
+
+
+@dataclass
+class Components:
+    """The loaded parts of a model and its family; the methods forward to the family.
+
+    ``unet`` is the denoiser, ``noise_scheduler`` the training scheduler (``DDPMScheduler`` from ``scheduler/``),
+    ``text_encoder_2`` / ``tokenizer_2`` a second text encoder where the family has one (SDXL)."""
+
+    family: ModelFamily
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def denoiser(self):
+        return self.unet
+
+    @property
+    def objective(self):
+        return self.family.objective
+
+    @property
+    def text_encoders(self) -> list:
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.family.tokenize(self, captions)
+
+    def phrase_positions(self, caption: str, phrases: Sequence[str]) -> list[list[int] | None]:
+        return self.family.phrase_positions(self, caption, phrases)
+
+    def encode_text(self, batch: dict) -> dict:
+        return self.family.encode_text(self, batch)
+
+    def encode_batch(self, batch: dict, sample: bool = True) -> tuple[torch.Tensor, dict]:
+        return self.family.encode_batch(self, batch, sample)
+
+    def attention_groups(self, latent_hw: tuple[int, int]) -> dict[str, int]:
+        return self.family.attention_groups(self.unet.config, latent_hw)
+
+    def pipeline(self, scheduler, **kwargs):
+        return self.family.pipeline(self, scheduler, **kwargs)
