@@ -31,13 +31,13 @@ def model_parameters(family: str) -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..testing.tiny_sd import SD_TEXT, SD_VAE, SDXL_TEXT_2, UNET_SIZES
+    from ..testing.tiny_sd import SD_TEXT, SD_VAE, SDXL_SIZES, SDXL_TEXT_2, UNET_SIZES
 
     vae_cfg = dict(in_channels=3, out_channels=3, latent_channels=4, **SD_VAE)
     with torch.device("meta"):
         counts = {"unet": _count(UNet2DConditionModel(**UNET_SIZES[family])), "vae": _count(AutoencoderKL(**vae_cfg)),
                   "text_encoder": _count(CLIPTextModel(CLIPTextConfig(vocab_size=49408, **SD_TEXT)))}
-        if family == "sdxl":
+        if family in SDXL_SIZES:  # SDXL's layout: a second text encoder
             counts["text_encoder_2"] = _count(CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **SDXL_TEXT_2)))
     return counts
 

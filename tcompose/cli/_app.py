@@ -133,8 +133,8 @@ def _users_os_error(err: BaseException, values) -> bool:
 
 
 def _report_bug(err: BaseException, console) -> None:
-    """The full traceback, then one line: a system error (an ``OSError`` on a path the user did not name) or a
-    bug in tcompose, and what to put in the report."""
+    """The full traceback, then one line: a system error (:func:`tcompose.errors.system_error`: a full disk, an
+    I/O error) or a bug in tcompose, and what to put in the report."""
     import shlex
     import traceback
 
@@ -144,7 +144,7 @@ def _report_bug(err: BaseException, console) -> None:
     command = "tcompose " + shlex.join(ARGV) if ARGV else "the tcompose command line"
     report = escape(f"report it with the command ({command}), the traceback above and the output of "
                     "`pip freeze | grep -iE 'tcompose|torch|diffusers|transformers|accelerate'`")
-    if isinstance(err, OSError):
+    if system_error(err):
         console.print(f"[bold red]system error:[/] {escape(str(err))}: this is the system (disk, network, "
                       f"permissions), not your input; if it is none of these, {report}", highlight=False,
                       soft_wrap=True)

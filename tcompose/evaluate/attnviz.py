@@ -125,7 +125,7 @@ def figure_size(n_rows: int, n_words: int, panel: int = 256) -> tuple[int, int]:
 
 
 def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) -> Row:
-    from ..models.families import family_of_pipeline
+    from ..models.families import components_of_pipeline
     from ..models.sampling import generate_batch, image_seed
     from .sampling import load_pipeline
 
@@ -133,19 +133,19 @@ def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) 
     pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
                          lora=spec.lora, lora_scale=spec.lora_scale, dtype=s.dtype, scheduler=s.scheduler,
                          device=s.device)
-    family = family_of_pipeline(pipe)  # the pipeline holds the parts the family reads (tokenizer, denoiser)
+    comps = components_of_pipeline(pipe)
     positions = {}
-    for w, pos in zip(words, family.phrase_positions(pipe, cfg.prompt, words)):
+    for w, pos in zip(words, comps.phrase_positions(cfg.prompt, words)):
         if pos is None:
             raise UserError(f"--words: {w!r} does not occur as whole words in the prompt {cfg.prompt!r} apart from "
                              f"where longer --words take its tokens, or lies past the "
-                             f"{pipe.tokenizer.model_max_length}-token limit")
+                             f"{comps.tokenizer.model_max_length}-token limit")
         positions[w] = pos
     pipe.scheduler.set_timesteps(s.steps)
     n_calls = len(pipe.scheduler.timesteps)  # UNet evaluations of the denoising loop
     selected = set(parse_steps(cfg.timesteps, n_calls))
-    with accumulate_attention(pipe.unet, cfg.layers, s.guidance > 1, selected,
-                              lambda i: progress(i, n_calls), capture=family.objective.capture) as acc:
+    with accumulate_attention(comps.denoiser, cfg.layers, s.guidance > 1, selected,
+                              lambda i: progress(i, n_calls), capture=comps.objective.capture) as acc:
         images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(s.seed, 0, 0)], s.steps, s.guidance, s.height,
                                    s.width)
     tokens = acc.token_maps()[0].float().cpu()

@@ -119,23 +119,6 @@ def _facts(model, unet, hub: dict, scheduler: str | None) -> dict[str, Any]:
             "unet_config": dict(unet_cfg)}
 
 
-def _model_index(model: str, revision: str | None) -> dict:
-    """The model's ``model_index.json`` ({} when it has none): the pipeline settings saved with it."""
-    import json
-
-    from ..models.loading import local_path
-
-    local = local_path(model)
-    try:
-        if local is not None:
-            return json.loads((local / "model_index.json").read_text())
-        from diffusers import DiffusionPipeline
-
-        return dict(DiffusionPipeline.load_config(str(model), revision=revision))
-    except (OSError, ValueError):
-        return {}
-
-
 def _safety_parts(model: str, revision: str | None, dtype: torch.dtype):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
@@ -165,8 +148,9 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
     its base model with those adapters. ``scheduler``: None = the model's own. ``safety_checker``: load the
     model's ``safety_checker/`` (SD1.x; ValueError when it has none).
     """
-    from ..models.families import load_components
-    from ..models.loading import no_hf_progress_bars
+    from ..models.components import model_index
+    from ..models.families import family_of, load_components
+    from ..models.loading import folder_hint, no_hf_progress_bars
     from ..models.lora import apply_lora, resolve_lora_model
 
     device = resolve_device(device)
@@ -180,14 +164,18 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
     if unet is not None:
         folder, sub = _unet_source(unet)
         base_channels = comps.unet.config.in_channels
-        comps.unet = family.load_denoiser(folder, sub, dtype)  # the base UNet is not kept
+        with folder_hint(folder, "UNet"):
+            comps.unet = family.load_denoiser(folder, sub, dtype)  # the base UNet is not kept
+        if family_of(comps.unet) is not family:
+            raise UserError(f"--unet {unet}: a {family_of(comps.unet).label} denoiser, but {model} is {family.label}; "
+                            "pass a UNet of the same family")
         if comps.unet.config.in_channels != base_channels:
             raise UserError(f"--unet {unet}: {comps.unet.config.in_channels} input channels, but {model}'s VAE "
                              f"latents have {base_channels}; pass a UNet of the same family")
         family.check_components(comps)
     checker, extractor = _safety_parts(str(model), revision, dtype) if safety_checker else (None, None)
     pipe = family.pipeline(comps, inference_scheduler(str(model), revision, scheduler), checker, extractor,
-                           family.pipeline_options(_model_index(model, revision)))
+                           family.pipeline_options(model_index(model, revision)))
     if lora is not None:
         apply_lora(pipe, lora, lora_scale)
     pipe.to(device)

@@ -6,7 +6,7 @@ could not read a checkpoint or a trained pipeline. :func:`match_umask` gives suc
 ``open()`` would have given them.
 
 :func:`atomic_folder`: a folder written under a temporary name and renamed into place, so a kill or an error
-leaves it complete or as it was.
+leaves no half-written folder under its name.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def match_umask(*paths: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike, merge: bool = False) -> Iterator[Path]:
     """A temporary folder to write ``out``'s content into, renamed into place when the block ends without an
-    error and removed either way: a kill or an error leaves ``out`` complete or as it was.
+    error and removed either way: an error or a kill while writing leaves ``out`` as it was, and a half-written
+    folder is never seen under ``out``'s name. (A kill in the moment of the swap itself, between removing an old
+    ``out`` and the rename, can leave ``out`` absent, never partial.)
 
     Without ``merge`` the temporary folder stands beside ``out`` and takes its place as a whole. With ``merge`` it
     stands inside ``out`` and each of its entries takes the place of ``out``'s entry of that name (one rename

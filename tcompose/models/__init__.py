@@ -23,7 +23,8 @@ from typing import Any
 
 _EXPORTS = {
     "loading": ("ModelFolderError", "DTYPES", "local_path", "offline", "pretrained", "torch_dtype"),
-    "families": ("Components", "ModelFamily", "family_named", "family_of", "family_of_pipeline", "load_components"),
+    "families": ("Components", "ModelFamily", "components_of_pipeline", "family_named", "family_of", "family_of_pipeline",
+                 "load_components"),
     "components": ("TextEncoderMismatchError", "check_text_encoder", "load_text_encoder", "load_vae", "model_configs"),
     "lora": ("add_lora", "apply_lora", "lora_parameter_count", "read_lora_meta", "save_lora"),
     "clip": ("export_clip", "load_clip"),

@@ -22,7 +22,7 @@ from ..errors import UserError
 from .loading import ModelFolderError, hub_hint, local_path, quiet_logger, tf_dtype_kwargs
 
 __all__ = ["TextEncoderMismatchError", "load_text_encoder", "check_text_encoder", "clip_text_from_pretrained",
-           "model_configs", "load_vae"]
+           "model_configs", "model_index", "load_vae"]
 
 
 class TextEncoderMismatchError(UserError):
@@ -186,3 +186,16 @@ def load_vae(vae: str | os.PathLike, revision: str | None = None, dtype: torch.d
         kw["local_files_only"] = local_files_only
     with hub_hint(str(vae), local_files_only):
         return AutoencoderKL.from_pretrained(str(vae), **weights, **kw)
+
+
+def model_index(model: str | os.PathLike, revision: str | None = None) -> dict:
+    """The model's ``model_index.json`` ({} when it has none): the pipeline settings saved with it."""
+    local = local_path(model)
+    try:
+        if local is not None:
+            return json.loads((local / "model_index.json").read_text())
+        from diffusers import DiffusionPipeline
+
+        return dict(DiffusionPipeline.load_config(str(model), revision=revision))
+    except (OSError, ValueError):
+        return {}

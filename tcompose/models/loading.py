@@ -140,10 +140,39 @@ def no_hf_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def raised_by_loader(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside transformers, diffusers or huggingface_hub (about the model being loaded),
+    not by tcompose's own code: only those become the user's one-line errors."""
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    where = last.tb_frame.f_code.co_filename.replace("\\", "/") if last is not None else ""
+    return any(f"/{lib}/" in where for lib in ("transformers", "diffusers", "huggingface_hub", "safetensors"))
+
+
 def _one_line(err: Exception, hint: str, first: str) -> None:
     if isinstance(err, OSError) and system_error(err):  # a full disk, an I/O error: the system's
         return
+    if not isinstance(err, OSError) and not raised_by_loader(err):  # a ValueError of tcompose's own: a bug
+        return
     raise (UnavailableError if isinstance(err, OSError) else UserError)(f"{hint} ({first})") from err
+
+
+@contextlib.contextmanager
+def folder_hint(folder: str | os.PathLike, what: str = "model") -> Iterator[None]:
+    """Loading from a local folder the user named: an ``OSError`` of the loaders (a weight file missing, weights
+    only as ``.bin``, an unreadable config) becomes :class:`ModelFolderError` naming the folder; a system error
+    (full disk, I/O) and tcompose's own errors pass unchanged."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, UserError) or system_error(err) or not raised_by_loader(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFolderError(
+            f"{folder}: cannot load the {what} from it ({first}); pass a complete folder written by save_pretrained "
+            "(tcompose reads safetensors weights only: re-save .bin weights with safe_serialization=True)") from err
 
 
 @contextlib.contextmanager

@@ -30,8 +30,10 @@ from ..models.sampling import generate_batch, image_seed, inference_scheduler
 def validation_pipeline(model: str, revision: str | None, comps):
     """An inference pipeline of the model's family around the components being trained (no copy), with the
     model's own inference scheduler."""
+    from ..models.components import model_index
+
     scheduler = inference_scheduler(model, revision)
-    pipe = comps.pipeline(scheduler)
+    pipe = comps.pipeline(scheduler, options=comps.family.pipeline_options(model_index(model, revision)))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -195,3 +195,30 @@ def test_a_bad_integer_list_is_refused_input(args, flag):
     result = _invoke(*args)
     assert result.exit_code == 2, result.output
     assert _lines(_stderr(result))[0].startswith(f"error: {flag} takes comma-separated integers")
+
+
+def test_an_incomplete_model_folder_is_one_line(tmp_path):
+    """A pipeline folder whose UNet weights are missing (or only .bin): the loaders' OSError names no file the
+    user typed, yet the folder is the user's: one line naming it, exit 2."""
+    from tcompose.testing.tiny_sd import write_tiny_pipeline
+
+    model = write_tiny_pipeline(tmp_path / "sd", corpus=["a red ball"])
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()
+    result = _invoke("generate", "--model", str(model), "--prompt", "a red ball", "--output", str(tmp_path / "g"),
+                     "--steps", "1")
+    assert result.exit_code == 2, result.output
+    lines = _lines(_stderr(result))
+    assert len(lines) == 1 and lines[0].startswith(f"error: {model}: cannot load the model from it"), lines
+    assert not (tmp_path / "g" / "generations.parquet").exists()
+
+
+def test_a_value_error_of_tcompose_inside_a_loader_block_stays_a_bug(monkeypatch):
+    """Only the loaders' own errors become the user's: a ValueError raised by tcompose's code inside the hub
+    context is still a bug."""
+    from tcompose.models.loading import raised_by_loader
+
+    try:
+        raise ValueError("an invariant broke")
+    except ValueError as err:
+        assert not raised_by_loader(err)

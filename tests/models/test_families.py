@@ -86,3 +86,17 @@ def test_example_conditioning_runs_the_denoiser(models):
             out = comps.unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), **cond).sample
         assert out.shape == (2, 4, 8, 8), name
         assert sum(family.attention_groups(config, (8, 8)).values()) > 0
+
+
+def test_per_block_cross_attention_widths_are_one_width():
+    """diffusers allows cross_attention_dim per block (all equal when one text encoder conditions them)."""
+    config = {**UNET_SIZES["tiny"], "cross_attention_dim": (32, 32)}
+    cond = family_of(config).example_conditioning(config, 1, 8, 77, torch.Generator().manual_seed(0))
+    assert cond["encoder_hidden_states"].shape == (1, 77, 32)
+
+
+def test_a_unet_of_another_family_is_refused(models, tmp_path):
+    from tcompose.evaluate.sampling import load_pipeline
+
+    with pytest.raises(ValueError, match="SDXL denoiser, but .* is SD1.x / SD2.x"):
+        load_pipeline(str(models["sd"]), unet=str(models["sdxl"]), device="cpu")

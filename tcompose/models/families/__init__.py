@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from ...errors import UserError
-from ..loading import ModelFolderError, hub_hint, local_path
+from ..loading import ModelFolderError, folder_hint, hub_hint, local_path
 from .base import Components, ModelFamily
 from .sd import StableDiffusion
 from .sdxl import StableDiffusionXL
 
-__all__ = ["FAMILIES", "Components", "ModelFamily", "family_named", "family_of", "family_of_model",
+__all__ = ["FAMILIES", "Components", "ModelFamily", "components_of_pipeline", "family_named", "family_of",
+           "family_of_model",
            "family_of_pipeline", "load_components"]
 
 #: Every family, in the order they are asked whether a model is theirs.
@@ -62,12 +63,40 @@ def family_of_pipeline(pipe) -> ModelFamily:
     raise ValueError(f"no model family of tcompose serves a {type(pipe).__name__}")
 
 
+def components_of_pipeline(pipe) -> Components:
+    """The components a diffusers pipeline of a known family holds, bound to that family (no copies; no training
+    scheduler)."""
+    return Components(family=family_of_pipeline(pipe), unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                      tokenizer=pipe.tokenizer, noise_scheduler=None,
+                      text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None))
+
+
 def family_of_model(model: str | os.PathLike, revision: str | None = None,
                     local_files_only: bool | None = None) -> ModelFamily:
     """The family of a model (hub id or folder), from its denoiser's config alone (no weights)."""
     from ..components import model_configs
 
     return family_of(model_configs(model, revision, local_files_only)[0])
+
+
+def _denoiser_config(source: str, hub: dict, local: bool) -> dict:
+    """The denoiser's config of a model, from the first families' ``denoiser_subfolder`` it has (``unet/``)."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel  # load_config reads any config.json
+
+    subfolders = list(dict.fromkeys(f.denoiser_subfolder for f in FAMILIES))
+    for sub in subfolders[:-1]:
+        if local and not (Path(source) / sub / "config.json").is_file():
+            continue
+        return dict(UNet2DConditionModel.load_config(source, subfolder=sub, **hub))
+    return dict(UNet2DConditionModel.load_config(source, subfolder=subfolders[-1], **hub))
+
+
+def _folder_or_hub(name: str | os.PathLike, what: str, local_files_only: bool | None):
+    """The error context of loading ``name``: a folder's (:func:`folder_hint`) or the hub's."""
+    local = local_path(name)
+    return folder_hint(local, what) if local is not None else contextlib.nullcontext()
 
 
 def load_components(
@@ -86,8 +115,6 @@ def load_components(
     ``local_files_only`` None follows ``HF_HUB_OFFLINE``. Raises ModelFolderError (a ValueError) for a missing
     or incomplete local folder, TextEncoderMismatchError when the text encoder cannot condition the denoiser.
     """
-    from diffusers import UNet2DConditionModel
-
     from ..components import load_vae
 
     local = local_path(model)
@@ -102,7 +129,7 @@ def load_components(
                 "tokenizer/, scheduler/) or a hub id such as CompVis/stable-diffusion-v1-4."
             )
         source = str(local)
-        context: contextlib.AbstractContextManager = contextlib.nullcontext()
+        context: contextlib.AbstractContextManager = folder_hint(local)
     else:
         source = str(model)
         hub["revision"] = revision
@@ -110,12 +137,14 @@ def load_components(
             hub["local_files_only"] = local_files_only
         context = hub_hint(source, local_files_only)
     with context:
-        family = family_of(UNet2DConditionModel.load_config(source, subfolder="unet", **hub))
+        family = family_of(_denoiser_config(source, hub, local is not None))
         comps = family.load(source, hub, local is not None, dtype, swap_vae=vae is not None,
                             swap_text_encoder=text_encoder is not None)
     if vae is not None:
-        comps.vae = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
+        with _folder_or_hub(vae, "VAE", local_files_only):
+            comps.vae = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
     if text_encoder is not None:
-        family.swap_text_encoder(comps, text_encoder, dtype, local_files_only)
+        with _folder_or_hub(text_encoder, "text encoder", local_files_only):
+            family.swap_text_encoder(comps, text_encoder, dtype, local_files_only)
     family.check_components(comps)
     return comps

@@ -79,8 +79,8 @@ class ModelFamily:
         raise NotImplementedError
 
     def encode_batch(self, comps: "Components", batch: dict, sample: bool = True) -> tuple[torch.Tensor, dict]:
-        """``(clean latents float32, conditioning)`` of a collated batch; ``sample`` draws the VAE posterior with
-        the batch's ``latent_eps`` (training), else takes its mean (the grounding score)."""
+        """``(clean latents, conditioning)`` of a collated batch: ``sample`` draws the VAE posterior with the batch's
+        ``latent_eps`` (training; float32 latents), else takes its mean in the VAE's dtype (the grounding score)."""
         raise NotImplementedError
 
     def example_conditioning(self, denoiser_config: dict, batch: int, latent_side: int, text_length: int,

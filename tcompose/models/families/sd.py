@@ -105,6 +105,7 @@ class StableDiffusion(ModelFamily):
     def example_conditioning(self, denoiser_config: dict, batch: int, latent_side: int, text_length: int,
                              generator: torch.Generator) -> dict:
         width = denoiser_config["cross_attention_dim"]
+        width = width[0] if isinstance(width, (list, tuple)) else width  # per-block widths agree (check_text_encoder)
         return {"encoder_hidden_states": torch.randn(batch, text_length, width, generator=generator)}
 
     # -- inference ------------------------------------------------------------------------------------------
