@@ -129,7 +129,7 @@ def fid(
 @generation_options("latency", steps="Denoising steps (the paper: 50).",
                     seed="Seed of the timed images (image i: the seed of prompt 0, image i).")
 def latency(
-    model: list[str] = typer.Option(..., help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR] (repeatable)."),
+    model: list[str] = typer.Option(..., help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder: latency.json (a rerun adds or replaces models)."),
     images: int = typer.Option(5, help="Timed images per model (batch 1)."),
     warmup: int = typer.Option(1, help="Untimed images first (kernel selection, caches)."),

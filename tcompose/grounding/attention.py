@@ -63,7 +63,7 @@ def parse_layers(layers: Iterable[str]) -> tuple[set[str], set[str]]:
         elif name.split("_")[0] in BLOCKS.values() and "_" in name:
             groups.add(name)
         else:
-            raise UserError(f"unknown layer selection {name!r}: use down, mid, up or a group like up_16")
+            raise UserError(f"--layers {name!r}: unknown layer selection; use down, mid, up or a group like up_16")
     return blocks, groups
 
 
