@@ -5,6 +5,9 @@
   multigen, visor, fid, latency, attnviz), folded into one :class:`tcompose.evaluate.settings.GenerationSettings`:
   the fields the command's stage reads (:meth:`GenerationSettings.taken_by`), its defaults
   (:meth:`GenerationSettings.for_stage`), the help texts of :data:`GENERATION_OPTIONS`;
+- the Attend-and-Excite options (:data:`EXCITE_OPTIONS`: ``--attend-excite``, ``--excite-words``,
+  ``--excite-steps``, ...) go with the generation options of generate, multigen, visor, latency and attnviz, folded
+  into the settings' ``excite``;
 - :func:`detection_options`: ``--detector``, ``--detector-revision``, ``--detector-dtype``,
   ``--detector-batch-size``, ``--store-threshold``, ``--threshold`` of the detection benchmarks (multigen,
   visor), folded into one dict of their config's fields (each command gives its detector's defaults).
@@ -30,9 +33,9 @@ from typing import Any, Callable, Optional
 import typer
 
 from ..errors import UserError
-from ..evaluate.settings import GenerationSettings
+from ..evaluate.settings import EXCITE_STAGES, ExciteSettings, GenerationSettings
 
-__all__ = ["DETECTION_OPTIONS", "FROM_OPTIONS", "GENERATION_OPTIONS", "detection_options", "generation_options",
+__all__ = ["DETECTION_OPTIONS", "EXCITE_OPTIONS", "FROM_OPTIONS", "GENERATION_OPTIONS", "detection_options", "generation_options",
            "option_group"]
 
 GENERATION_OPTIONS: dict[str, tuple[Any, str]] = {
@@ -49,6 +52,20 @@ GENERATION_OPTIONS: dict[str, tuple[Any, str]] = {
 }
 """Generation option (the GenerationSettings field of that name; ``--safety-checker`` takes on / off) -> (type,
 help), in ``--help`` order."""
+
+EXCITE_OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    "attend_excite": (bool, False, "Sample with Attend-and-Excite (Chefer et al. 2023; SD1.x / SD2.x): the latent is "
+                                   "moved so each object word gets an attention peak. About 3x the sampling time."),
+    "excite_words": (Optional[str], None, "Comma-separated words to excite (default: the benchmark's object names, "
+                                          "or a free prompt's noun phrases)."),
+    "excite_steps": (int, 25, "Attend-and-Excite: steps whose latent is updated (max_iter_to_alter)."),
+    "excite_thresholds": (str, "0:0.05,10:0.5,20:0.8", "Attend-and-Excite: STEP:PEAK refinement thresholds."),
+    "excite_refinements": (int, 20, "Attend-and-Excite: at most this many refinement steps per threshold."),
+    "excite_scale": (float, 20.0, "Attend-and-Excite: gradient step size (shrinks over the steps)."),
+    "excite_res": (int, 16, "Attend-and-Excite: side of the attention maps it reads (16 at 512 px)."),
+}
+"""Attend-and-Excite option -> (type, default, help), in ``--help`` order; given to the stages of
+:data:`tcompose.evaluate.settings.EXCITE_STAGES` with the generation options, folded into ``settings.excite``."""
 
 DETECTION_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "detector": (str, ..., "Detector checkpoint (hub id or folder)."),
@@ -123,9 +140,22 @@ def generation_options(stage: str, **help_texts: str) -> Callable[[Callable], Ca
             default = ("on" if default else "off") if name == "safety_checker" else default
             options.append(_option(name, kind, default, help_texts.get(name, text)))
 
+    if stage in EXCITE_STAGES:
+        options += [_option(name, kind, default, text) for name, (kind, default, text) in EXCITE_OPTIONS.items()]
+
     def fold(values: dict[str, Any]) -> GenerationSettings:
         if "safety_checker" in values:
             values["safety_checker"] = _on_off(values["safety_checker"])
+        excite = {name: values.pop(name) for name in EXCITE_OPTIONS if name in values}
+        if excite.get("attend_excite"):
+            words = excite["excite_words"]
+            values["excite"] = ExciteSettings(
+                steps=excite["excite_steps"], thresholds=ExciteSettings.parse_thresholds(excite["excite_thresholds"]),
+                refinements=excite["excite_refinements"], scale=excite["excite_scale"], resolution=excite["excite_res"],
+                words=tuple(w.strip() for w in words.split(",")) if words is not None else None)
+        elif excite and (excite["excite_words"] is not None or any(
+                excite[n] != EXCITE_OPTIONS[n][1] for n in EXCITE_OPTIONS if n not in ("attend_excite", "excite_words"))):
+            raise UserError("--excite-* options change Attend-and-Excite, which is off: add --attend-excite")
         return defaults.replace(**values)
 
     return option_group("settings", options, fold)

@@ -126,7 +126,7 @@ def figure_size(n_rows: int, n_words: int, panel: int = 256) -> tuple[int, int]:
 
 def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) -> Row:
     from ..models.families import components_of_pipeline
-    from ..models.sampling import generate_batch, image_seed
+    from ..models.sampling import excite_positions, generate_batch, image_seed
     from .sampling import load_pipeline
 
     s = cfg.settings
@@ -146,8 +146,11 @@ def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) 
     selected = set(parse_steps(cfg.timesteps, n_calls))
     with accumulate_attention(comps.denoiser, cfg.layers, s.guidance > 1, selected,
                               lambda i: progress(i, n_calls), capture=comps.objective.capture) as acc:
+        excite = None
+        if s.excite is not None:  # --excite-words, else the words drawn
+            excite = [excite_positions(comps, cfg.prompt, s.excite.words or words, required=True)]
         images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(s.seed, 0, 0)], s.steps, s.guidance, s.height,
-                                   s.width)
+                                   s.width, excite=s.excite, excite_indices=excite)
     tokens = acc.token_maps()[0].float().cpu()
     row = Row(spec.name, images[0], tokens, word_maps(tokens, positions), positions)
     del pipe
@@ -255,6 +258,10 @@ def _check_layers(spec: ModelSpec, cfg: AttnvizConfig) -> None:
     config = facts["unet_config"]
     resolve_layers(cfg.layers, family_of(config).attention_groups(config, (h, w)),
                    f" ({spec.name}, at {h}x{w} latents)")
+    if s.excite is not None:
+        from .generate import check_excite
+
+        check_excite(s, facts)
 
 
 def _run(cfg: AttnvizConfig, words: list[str], progress: bool) -> dict:

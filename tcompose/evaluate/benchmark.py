@@ -90,7 +90,8 @@ def generate_config(cfg: DetectionConfig, spec: ModelSpec, prompts: Sequence) ->
     from .generate import model_config
 
     return model_config(spec, cfg.output / "models" / spec.name, [p.text for p in prompts],
-                        [p.prompt_id for p in prompts], cfg.images, cfg.settings)
+                        [p.prompt_id for p in prompts], cfg.images, cfg.settings,
+                        excite_words=[list(p.categories) for p in prompts])
 
 
 def model_settings(settings: GenerationSettings, specs: Sequence[ModelSpec],

@@ -81,6 +81,9 @@ class GenerateConfig:
     name: str | None = None
     """The model's label in the table (default: ``model``)."""
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    excite_words: list[list[str]] | None = None
+    """With Attend-and-Excite: the words each prompt excites (a benchmark's object names); None: the settings'
+    ``--excite-words``, else each prompt's noun phrases."""
     """Steps, guidance, scheduler, size, dtype, batch size, safety checker, seed, device."""
 
     def __post_init__(self):
@@ -92,12 +95,13 @@ class GenerateConfig:
 
 
 def model_config(spec: ModelSpec, output: Path, prompts: list[str], prompt_ids: list[int], images_per_prompt: int,
-                 settings: GenerationSettings) -> GenerateConfig:
-    """The GenerateConfig of one ``--model`` spec in a benchmark: its prompts and folder, and the run's settings."""
+                 settings: GenerationSettings, excite_words: list[list[str]] | None = None) -> GenerateConfig:
+    """The GenerateConfig of one ``--model`` spec in a benchmark: its prompts and folder, and the run's settings
+    (``excite_words``: each prompt's object names, what Attend-and-Excite excites there)."""
     return GenerateConfig(
         model=spec.model, output=output, prompts=prompts, prompt_ids=prompt_ids, images_per_prompt=images_per_prompt,
         unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision, lora=spec.lora,
-        lora_scale=spec.lora_scale, name=spec.name, settings=settings)
+        lora_scale=spec.lora_scale, name=spec.name, settings=settings, excite_words=excite_words)
 
 
 def image_filename(prompt_id: int, image_index: int) -> str:
@@ -149,13 +153,29 @@ def settings_of(cfg: GenerateConfig, dtype: str) -> dict[str, Any]:
 
     s = cfg.settings
     facts = model_facts(cfg.model, cfg.unet, cfg.revision, s.scheduler)
+    if s.excite is not None:
+        check_excite(s, facts)
     return {
         "model": model_id(cfg.model), "unet": model_id(cfg.unet), "text_encoder": model_id(cfg.text_encoder),
         **({"lora": model_id(cfg.lora), "lora_scale": cfg.lora_scale} if cfg.lora else {}),
         "revision": cfg.revision, "scheduler": facts["scheduler"], "steps": s.steps, "guidance": s.guidance,
         "height": s.height or facts["size"], "width": s.width or facts["size"], "dtype": dtype,
         "safety_checker": s.safety_checker, "seed": s.seed,
+        **({"attend_excite": s.excite.record()} if s.excite is not None else {}),
     }
+
+
+def check_excite(s: GenerationSettings, facts: dict) -> None:
+    """Before any weight loads: Attend-and-Excite serves the model's family and finds maps at ``--excite-res``."""
+    from ..models.families import family_of
+    from ..models.sampling import check_excitable, excite_groups
+
+    config = facts["unet_config"]
+    family = family_of(config)
+    check_excitable(family)
+    f = facts["vae_factor"]
+    h, w = (s.height or facts["size"]), (s.width or facts["size"])
+    excite_groups(family.attention_groups(config, (h // f, w // f)), s.excite.resolution, f"{h}x{w} px")
 
 
 def _fingerprint(settings: dict) -> str:
@@ -216,6 +236,7 @@ def write_images(pipe, cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]
 
     s = cfg.settings
     embeddings = embeddings or PromptEmbeddings(pipe)
+    excited = excite_positions(pipe, cfg, {(j[0], j[2]) for j in jobs}) if s.excite is not None else {}
     bar, task = _bar(progress, len(jobs))
     pending: list[Future] = []
     t0 = time.perf_counter()
@@ -224,7 +245,7 @@ def write_images(pipe, cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]
         for start in range(0, len(jobs), s.batch_size):
             batch = jobs[start : start + s.batch_size]
             arrays, nsfw = generate_batch(pipe, [j[2] for j in batch], [j[3] for j in batch], s.steps, s.guidance,
-                                          s.height, s.width, embeddings)
+                                          s.height, s.width, embeddings, s.excite, [excited.get(j[0]) for j in batch])
             while len(pending) > 2 * s.batch_size:
                 pending.pop(0).result()
             for i, (pid, k, prompt, seed) in enumerate(batch):
@@ -235,6 +256,23 @@ def write_images(pipe, cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]
         for f in pending:
             f.result()
     return time.perf_counter() - t0
+
+
+def excite_positions(pipe, cfg: GenerateConfig, prompts: set[tuple[int, str]]) -> dict[int, list[int]]:
+    """Prompt id -> the token positions Attend-and-Excite excites in it (every token of every word, flattened):
+    the words of ``cfg.excite_words`` (a benchmark's objects), else ``--excite-words`` (each must be in every
+    prompt), else the prompt's noun phrases. A benchmark object or noun phrase not among the prompt's tokens is
+    left out (a prompt with none left samples plainly)."""
+    from ..data.text import noun_phrases
+    from ..models.families import components_of_pipeline
+    from ..models.sampling import excite_positions as positions
+
+    comps = components_of_pipeline(pipe)
+    given = dict(zip(cfg.prompt_ids, cfg.excite_words)) if cfg.excite_words is not None else None
+    chosen = cfg.settings.excite.words
+    return {pid: positions(comps, prompt, given[pid] if given is not None else chosen or noun_phrases(prompt),
+                           required=given is None and bool(chosen))
+            for pid, prompt in sorted(prompts)}
 
 
 def _wait_for(paths: list[Path], timeout_s: float, poll_s: float = 1.0) -> None:
@@ -295,7 +333,7 @@ def run(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, progress: bool 
 def _run_config(cfg: GenerateConfig) -> dict[str, Any]:
     """run.json's ``config``: the config's fields but the prompts, the settings' fields flat in it."""
     fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-              if k not in ("prompts", "prompt_ids", "settings")}
+              if k not in ("prompts", "prompt_ids", "settings") and not (k == "excite_words" and v is None)}
     return {**fields, **cfg.settings.as_dict()}
 
 

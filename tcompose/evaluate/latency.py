@@ -66,16 +66,28 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def excited_in(pipe, prompt: str, excite) -> list[int]:
+    """The token positions Attend-and-Excite excites in a free prompt: ``--excite-words``, else its noun phrases."""
+    from ..data.text import noun_phrases
+    from ..models.families import components_of_pipeline
+    from ..models.sampling import excite_positions
+
+    return excite_positions(components_of_pipeline(pipe), prompt, excite.words or noun_phrases(prompt),
+                            required=bool(excite.words))
+
+
 def time_images(pipe, cfg: LatencyConfig, device) -> list[float]:
     """Seconds of each timed image (after the warm-up ones), batch 1."""
     from ..models.sampling import generate_batch, image_seed
 
     s = cfg.settings
+    excite = [excited_in(pipe, cfg.prompt, s.excite)] if s.excite is not None else None
     times = []
     for i in range(cfg.warmup + cfg.images):
         _sync(device)
         t0 = time.perf_counter()
-        generate_batch(pipe, [cfg.prompt], [image_seed(s.seed, 0, i)], s.steps, s.guidance, s.height, s.width)
+        generate_batch(pipe, [cfg.prompt], [image_seed(s.seed, 0, i)], s.steps, s.guidance, s.height, s.width,
+                       excite=s.excite, excite_indices=excite)
         _sync(device)
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
@@ -98,6 +110,12 @@ def run(cfg: LatencyConfig, progress: bool = True) -> dict:
     if s.batch_size != 1:
         raise UserError(f"latency times one image at a time: batch_size must be 1, got {s.batch_size}")
     specs = parse_model_specs(cfg.models)
+    if s.excite is not None:  # the family and --excite-res, before any weight loads
+        from .generate import check_excite
+        from .sampling import model_facts
+
+        for spec in specs:
+            check_excite(s, model_facts(spec.model, spec.unet, spec.revision, s.scheduler))
     device = resolve_device(s.device)
     path = cfg.output / LATENCY_JSON
     with output_guard(cfg.output):
@@ -118,6 +136,7 @@ def run(cfg: LatencyConfig, progress: bool = True) -> dict:
                 "dtype": dtype_name(resolve_dtype(s.dtype, device)), "scheduler": type(pipe.scheduler).__name__,
                 "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
                 "model": spec.model, "unet": spec.unet, "text_encoder": spec.text_encoder, "lora": spec.lora,
+                **({"attend_excite": s.excite.record()} if s.excite is not None else {}),
             }
             del pipe
             if progress:

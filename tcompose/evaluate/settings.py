@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import UserError
 
-__all__ = ["GenerationSettings", "DTYPES", "STAGE_DEFAULTS", "STAGE_UNUSED"]
+__all__ = ["ExciteSettings", "GenerationSettings", "DTYPES", "EXCITE_STAGES", "STAGE_DEFAULTS", "STAGE_UNUSED"]
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 """The ``--dtype`` values (:func:`tcompose.evaluate.sampling.resolve_dtype` maps them to torch dtypes)."""
@@ -31,11 +31,67 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 """Where a stage's defaults differ from the class's (a stage not named here takes the class's)."""
 
+EXCITE_STAGES = ("generate", "multigen", "visor", "latency", "attnviz")
+"""The stages that sample with Attend-and-Excite on ``--attend-excite``."""
+
 STAGE_UNUSED: dict[str, tuple[str, ...]] = {
     "latency": ("batch_size", "safety_checker"),  # timed one image at a time (batch_size stays 1), no checker
     "attnviz": ("batch_size", "safety_checker"),  # one image per model, no checker
 }
 """The fields a stage does not read: its command has no option for them."""
+
+
+EXCITE_THRESHOLDS = ((0, 0.05), (10, 0.5), (20, 0.8))
+"""Attend-and-Excite's refinement thresholds (step index, attention peak each subject must reach)."""
+
+
+@dataclass(frozen=True)
+class ExciteSettings:
+    """Attend-and-Excite (Chefer et al. 2023) at sampling time, with the paper's and diffusers' defaults
+    (:mod:`tcompose.grounding.attend_excite` says what each does)."""
+
+    steps: int = 25
+    """``--excite-steps``: the denoising steps whose latent is updated (max_iter_to_alter)."""
+    thresholds: tuple[tuple[int, float], ...] = EXCITE_THRESHOLDS
+    """``--excite-thresholds``: at these steps the latent is refined until every subject's peak reaches the value."""
+    refinements: int = 20
+    """``--excite-refinements``: at most this many gradient steps per refinement."""
+    scale: float = 20.0
+    """``--excite-scale``: the gradient step, shrinking as ``scale * sqrt(linspace(1, 0.5, steps))``."""
+    resolution: int = 16
+    """``--excite-res``: the side of the cross-attention maps read (16 at 512 px)."""
+    words: tuple[str, ...] | None = None
+    """``--excite-words``: the words to excite; None: the benchmark's object names, or a free prompt's noun phrases."""
+
+    @staticmethod
+    def parse_thresholds(text: str) -> tuple[tuple[int, float], ...]:
+        """``"0:0.05,10:0.5,20:0.8"`` -> ((0, 0.05), (10, 0.5), (20, 0.8)); ``""``: no refinement."""
+        out = []
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            step, _, value = part.partition(":")
+            try:
+                out.append((int(step), float(value)))
+            except ValueError:
+                raise UserError(f"--excite-thresholds {text!r}: write STEP:PEAK pairs, e.g. 0:0.05,10:0.5,20:0.8") from None
+        return tuple(sorted(out))
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.refinements < 0:
+            raise UserError("--excite-steps and --excite-refinements must be >= 0")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise UserError(f"--excite-scale must be a positive number, got {self.scale}")
+        if self.resolution < 1:
+            raise UserError(f"--excite-res must be >= 1, got {self.resolution}")
+        for step, value in self.thresholds:
+            if step < 0 or not 0.0 < value <= 1.0:
+                raise UserError(f"--excite-thresholds {step}:{value}: a step >= 0 and a peak in (0, 1]")
+        if self.words is not None and not all(w.strip() for w in self.words):
+            raise UserError("--excite-words: every word needs text")
+
+    def record(self) -> dict[str, Any]:
+        """What decides the images, for run.json and the settings fingerprint."""
+        return {"steps": self.steps, "thresholds": [list(t) for t in self.thresholds], "refinements": self.refinements,
+                "scale": self.scale, "resolution": self.resolution, "words": list(self.words) if self.words else None}
 
 
 @dataclass(frozen=True)
@@ -66,6 +122,8 @@ class GenerationSettings:
     :func:`tcompose.models.sampling.image_seed` ``(seed, p, k)``, the same for every model."""
     device: str | None = None
     """None: accelerate's device for this process."""
+    excite: ExciteSettings | None = None
+    """``--attend-excite``: sample with Attend-and-Excite (SD1.x / SD2.x); None: plain sampling."""
 
     @classmethod
     def for_stage(cls, stage: str, **changes: Any) -> GenerationSettings:
@@ -82,8 +140,9 @@ class GenerationSettings:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields by name, in declaration order."""
-        return dataclasses.asdict(self)
+        """The fields by name, in declaration order; ``excite`` only when Attend-and-Excite is on (its record)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "excite"}
+        return out | ({"attend_excite": self.excite.record()} if self.excite is not None else {})
 
     def validate(self) -> None:
         """Refuse values that no model could take: :class:`tcompose.errors.UserError` (a ValueError) naming the
@@ -100,6 +159,8 @@ class GenerationSettings:
                 raise UserError(f"--{key} must be a positive multiple of 8, got {value}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype!r}: use {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+        if self.excite is not None:
+            self.excite.validate()
         if self.scheduler is not None:
             from ..models.sampling import SCHEDULERS  # imports torch: only when a scheduler is named
 

@@ -8,7 +8,8 @@ knowledge of model families (they pass in what differs: :class:`.objective.UNetO
 - :mod:`.attention_maps`: per-word heat maps from captured maps (attnviz);
 - :mod:`.objective`: ``tokencompose_losses``, L_LDM + lambda L_token + gamma L_pixel for one batch, and
   ``UNetObjective`` (DDPM training inputs, Min-SNR weights, capture) of the UNet families;
-- :mod:`.score`: ``grounding_score``, the share of each noun's attention inside its mask.
+- :mod:`.score`: ``grounding_score``, the share of each noun's attention inside its mask;
+- :mod:`.attend_excite`: Attend-and-Excite's loss and latent update (a sampling-time method, for comparison).
 """
 
 from .attention import AttentionStore, capture_cross_attention, cross_attention_modules, parse_layers

@@ -99,12 +99,16 @@ def accumulate_attention(unet, layers: Sequence[str], guidance: bool, selected: 
     """Inside the block, every denoiser evaluation ``i`` (0 = the first) whose index is in ``selected`` (None: all)
     adds its captured ``layers`` maps to the yielded :class:`MapAccumulator`; ``on_call(i + 1)`` follows each
     evaluation (a progress bar). ``capture(denoiser, layers)``: the model family's capture (its objective's;
-    the UNets' by default). The denoiser's own processors are back on exit."""
+    the UNets' by default). Evaluations with gradients enabled (Attend-and-Excite's latent updates inside the
+    sampling loop) are not sampling steps: they are neither counted nor added. The denoiser's own processors are
+    back on exit."""
     acc = MapAccumulator(guidance=guidance)
     calls = [0]
     with capture(unet, layers) as store:
 
         def after_unet(_module, _args, _output):  # runs after the capture's own hook: store.maps is this call's
+            if torch.is_grad_enabled():  # a pass that takes gradients (Attend-and-Excite's), not a sampling step
+                return
             if selected is None or calls[0] in selected:
                 acc.add(store.maps)
             calls[0] += 1

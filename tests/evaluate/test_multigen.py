@@ -302,3 +302,26 @@ def test_a_model_that_is_no_detector_fails_before_any_image_is_made(tiny, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("--detector" in line and "OWLv2" in line for line in err), err
     assert not out.exists()  # nothing generated, no empty folder left
+
+
+def test_attend_excite_models_join_the_plain_ones_in_one_folder(tiny, tmp_path):
+    """--attend-excite excites each prompt's categories; its settings are the model's own in run.json, so plain
+    and excited models share a folder (and its scores) under their names, and their images differ."""
+    from tcompose.cli import main
+
+    out = tmp_path / "mg"
+    args = ["multigen", "-o", str(out), "--sample-seed", "0", "--prompts", "2", "--images", "1", "--steps", "2",
+            "--height", "32", "--width", "32", "--detector", str(tiny["owl"])]
+    assert main([*args, "--model", f"A={tiny['sd']}"]) == 0
+    assert main([*args, "--model", f"A+AttendExcite={tiny['sd']}", "--attend-excite", "--excite-res", "8"]) == 0
+    models = json.loads((out / "run.json").read_text())["models"]
+    assert "attend_excite" not in models["A"]
+    assert models["A+AttendExcite"]["attend_excite"]["resolution"] == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"A", "A+AttendExcite"} <= set(json.dumps(summary).replace('"', " ").split())
+    plain = sorted((out / "models" / "A" / "images").glob("*.png"))
+    excited = sorted((out / "models" / "A+AttendExcite" / "images").glob("*.png"))
+    assert [p.name for p in plain] == [p.name for p in excited] and len(plain) == 2
+    from PIL import Image
+
+    assert any(np.asarray(Image.open(a)).tolist() != np.asarray(Image.open(b)).tolist() for a, b in zip(plain, excited))

@@ -38,6 +38,7 @@ class ModelFamily:
     denoiser_subfolder: str = "unet"
     objective = UNET
     has_safety_checker: bool = False
+    supports_attend_excite: bool = False  # Attend-and-Excite's sampler conditions the denoiser with text alone
 
     # -- recognising and loading ------------------------------------------------------------------------------
     def matches(self, denoiser_config: dict) -> bool:

@@ -43,6 +43,7 @@ class StableDiffusion(ModelFamily):
     pipeline_class_name = "StableDiffusionPipeline"
     card_tags = ("stable-diffusion",)
     has_safety_checker = True
+    supports_attend_excite = True
 
     def matches(self, denoiser_config: dict) -> bool:
         return denoiser_config.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel" \

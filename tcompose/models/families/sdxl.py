@@ -28,6 +28,7 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_class_name = "StableDiffusionXLPipeline"
     card_tags = ("stable-diffusion-xl",)
     has_safety_checker = False
+    supports_attend_excite = False  # its denoiser also needs the pooled text and the time ids
 
     def matches(self, denoiser_config: dict) -> bool:
         return denoiser_config.get("addition_embed_type") == "text_time"
