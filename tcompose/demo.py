@@ -42,6 +42,32 @@ class DemoConfig:
     progress: bool = True
 
 
+def min_images(cfg: DemoConfig) -> int:
+    """The fewest scenes that fill two training batches after ``eval_fraction`` of them is held out (a scene
+    has at least one caption, so at least one training row)."""
+    import math
+
+    n = 2
+    while n - math.ceil(cfg.eval_fraction * n) < 2 * cfg.batch_size:
+        n += 1
+    return n
+
+
+def check(cfg: DemoConfig) -> None:
+    """Refuse, naming the demo's own options, what would fail later, before anything is written."""
+    from .io.files import check_output_folder
+
+    if cfg.steps < 1:
+        raise UserError(f"--steps {cfg.steps}: each training run needs at least one optimizer step; pass --steps 1 "
+                        "or more (the default is 150)")
+    need = min_images(cfg)
+    if cfg.images < need:
+        raise UserError(f"--images {cfg.images}: the demo needs at least {need} scenes (to fill its training "
+                        f"batches of {cfg.batch_size} and hold some out for the score); pass --images {need} or "
+                        "more (the default is 96)")
+    check_output_folder(cfg.output, "--output", inside=("scenes", "masks", "base-model", "losses-off", "losses-on"))
+
+
 def run(cfg: DemoConfig) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -54,6 +80,7 @@ def run(cfg: DemoConfig) -> dict:
     from .train.config import TrainUnetConfig
     from .train.loop import run as train
 
+    check(cfg)
     console = Console(stderr=True)
     out = Path(cfg.output)
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 
 __all__ = ["UserError", "MissingPathError", "NotAFolderError", "PathExistsError", "UnavailableError",
-           "system_error"]
+           "system_error", "describe_os_error"]
 
 
 class UserError(ValueError):
@@ -52,3 +52,26 @@ SYSTEM_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", 
 def system_error(err: BaseException) -> bool:
     """Whether ``err`` is an ``OSError`` of the machine (:data:`SYSTEM_ERRNOS`), which no other input fixes."""
     return isinstance(err, OSError) and err.errno in SYSTEM_ERRNOS
+
+
+#: The fix for each kind of path error, after the path and what the system said.
+_PATH_FIXES = (
+    (FileNotFoundError, "check the path (or create what it names)"),
+    (NotADirectoryError, "a part of the path that should be a folder is a file: move that file away or pass "
+                         "another path"),
+    (IsADirectoryError, "it is a folder where a file should be: pass a file's path"),
+    (FileExistsError, "something already has that name: move it away or pass another path"),
+    (PermissionError, "pass a path you may read and write, or change its permissions"),
+)
+
+
+def describe_os_error(err: OSError) -> str:
+    """An ``OSError`` on a path the user gave, for one line: the path, what the system said, and the fix
+    (``/x/out: Permission denied; pass a path you may ...``) instead of Python's ``[Errno 13] ...``."""
+    path = err.filename if err.filename is not None else err.filename2
+    what = err.strerror or str(err)
+    fix = next((f for kind, f in _PATH_FIXES if isinstance(err, kind)), None)
+    head = f"{path}: {what}" if path is not None else what
+    if err.filename is not None and err.filename2 is not None:
+        head += f" (-> {err.filename2})"
+    return f"{head}; {fix}" if fix else head

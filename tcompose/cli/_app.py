@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import typer
 
-from ..errors import UserError, system_error
+from ..errors import UserError, describe_os_error, system_error
 
 app = typer.Typer(
     name="tcompose",
@@ -60,7 +60,8 @@ def _friendly(fn):
             if os.environ.get("TCOMPOSE_DEBUG"):
                 raise
             _say_interrupted(err)
-            raise typer.Exit(code=130)
+            # 128 + the signal: a trainer stopped by SIGTERM exits 143, by SIGUSR1 138 (tcompose.io.preemption)
+            raise typer.Exit(code=getattr(err, "exit_code", 130))
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as err:  # noqa: BLE001  (sorted below: the user's mistake, or a bug with its traceback)
@@ -72,7 +73,8 @@ def _friendly(fn):
             console = Console(stderr=True)
             users = _users_os_error(err, (*args, *kwargs.values())) and not system_error(err)
             if isinstance(err, UserError) or users:
-                console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+                said = str(err) if isinstance(err, UserError) else describe_os_error(err)  # path and fix, no [Errno N]
+                console.print(f"[bold red]error:[/] {escape(said)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2)
             _report_bug(err, console)
             raise typer.Exit(code=1)

@@ -72,12 +72,37 @@ def visor(
                          prompt_seed=prompt_seed, images=images)
 
 
+def _refuse_typed(flag: str, honoured: set[str], what: str) -> None:
+    """Refuse the options typed on the command line that ``flag`` cannot honour (every one but the parameters
+    ``honoured``), naming them, rather than ignore them; ``what``: what ``flag`` does."""
+    import importlib
+
+    for name in ("typer._click", "click"):  # typer >= 0.29 runs its own copy of click
+        try:
+            core = importlib.import_module(f"{name}.core")
+            ctx = importlib.import_module(f"{name}.globals").get_current_context(silent=True)
+        except ImportError:
+            continue
+        if ctx is not None:
+            break
+    else:
+        return  # called as a library function: no command line
+    typed = [p.secondary_opts[0] if getattr(p, "secondary_opts", None) and ctx.params.get(p.name) is False
+             else p.opts[0] for p in ctx.command.params
+             if p.name not in honoured and ctx.get_parameter_source(p.name) == core.ParameterSource.COMMANDLINE]
+    if typed:
+        them = "it" if len(typed) == 1 else "them"
+        raise UserError(f"{flag} {what}: it does not take {', '.join(typed)}; drop {them}, or run without {flag}")
+
+
 def _detection_benchmark(stage, config_cls, model: Optional[list[str]], output: Optional[Path],
                          score_only: Optional[Path], settings: GenerationSettings, detection: dict, **fields) -> None:
     """multigen and visor: ``stage.rescore`` the ``--score-only`` folder (loads no model), or ``stage.run`` a
     ``config_cls`` of the options on every process (the threshold 0.1 unless given)."""
     threshold = detection.pop("threshold")
     if score_only is not None:
+        _refuse_typed("--score-only", {"score_only", "threshold"},
+                      "rescores the stored detections of a finished run (at --threshold, if given)")
         stage.rescore(score_only, threshold)
         return
     if not model or output is None:
@@ -178,6 +203,8 @@ def attnviz(
     from ..evaluate.attnviz import AttnvizConfig, draw_figure, load_maps, run
 
     if from_maps is not None:
+        _refuse_typed("--from-maps", {"from_maps", "output", "panel", "scale"},
+                      "redraws the figure from the saved maps (with --output, --panel and --scale)")
         draw_figure(load_maps(from_maps), output, panel, scale)
         return
     if not prompt or not model:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.preemption import StopSignals, ignore_stop_signals
 from ..io.runs import (FiniteGuard, Interrupted, output_guard, peak_memory_mb, prepare_run_folder, resume_point,
                        trainer_accelerator, training_progress)
 from .config import OUTPUTS, TrainClipConfig, config_dict, resume_settings
@@ -150,7 +151,8 @@ def _train(cfg: TrainClipConfig) -> dict:
     sampler = MicroBatches(train_rows, cfg.batch_size, world, rank, cfg.seed, start=step * cfg.grad_accum,
                            stop=max_steps * cfg.grad_accum)
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals)  # a worker outlives SIGTERM until the step is saved
     guard = FiniteGuard(("loss",), device)
 
     def check_finite() -> None:  # a sync: at logging steps, before every checkpoint and at the end
@@ -163,7 +165,7 @@ def _train(cfg: TrainClipConfig) -> dict:
     loss_sum, n_micro, last = torch.zeros((), device=device), 0, {}
     start_step, t0 = step, time.perf_counter()
     try:
-        with training_progress("train-clip", main and cfg.progress) as bar:
+        with StopSignals() as signals, training_progress("train-clip", main and cfg.progress) as bar:
             task = bar.add_task("", total=max_steps, completed=step)
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -195,14 +197,19 @@ def _train(cfg: TrainClipConfig) -> dict:
                     accelerator.log({f"train/{k}": v for k, v in last.items()}, step=step)
                     bar.update(task, description=f"loss {mean:.4g} scale {last['logit_scale']:.1f}")
                     loss_sum, n_micro = torch.zeros((), device=device), 0
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
+                stop = signals.agreed(accelerator) if step < max_steps else None  # SIGTERM/USR1/INT: all ranks
+                if stop or cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
                     check_finite()
                     if main:
                         save(step)
                     accelerator.wait_for_everyone()
+                if stop:
+                    raise signals.stopped(stop, step, ckpt_root / f"step-{step:06d}")
                 if step >= max_steps:
                     break
         check_finite()
+    except Interrupted:
+        raise
     except KeyboardInterrupt:
         raise Interrupted.in_training(ckpt_root, step) from None
     train_s = time.perf_counter() - t0

@@ -38,6 +38,7 @@ from ..io.datasets import (
     image_struct,
     load_manifest,
 )
+from ..io.runs import kept_on_interrupt, shards_kept
 from ..io.stages import (
     refuse_empty,
     refuse_other_settings,
@@ -182,13 +183,14 @@ def run(cfg: MaskCropsConfig, rank: int = 0, world_size: int = 1, progress: bool
                            rank, world_size)
     todo = writer.pending(n)
     remove_stale_tmp(writer, todo)
-    written = write_shards(writer, todo, [pos for shard in todo for pos in shard.items],
-                           partial(row_crops, folder=str(cfg.masks), cfg=cfg), workers, "crops (from masks)",
-                           progress and rank == 0, STATS_KEYS)
+    with kept_on_interrupt(lambda: shards_kept(writer, n)):  # Ctrl-C: the finished shards stay
+        written = write_shards(writer, todo, [pos for shard in todo for pos in shard.items],
+                               partial(row_crops, folder=str(cfg.masks), cfg=cfg), workers, "crops (from masks)",
+                               progress and rank == 0, STATS_KEYS)
+        if rank == 0 and world_size > 1:
+            wait_for_shards(writer, n, finalize_timeout_s)
     if rank != 0:
         return {"rank": rank, "world_size": world_size, "shards_written": len(todo), "stats": written}
-    if world_size > 1:
-        wait_for_shards(writer, n, finalize_timeout_s)
     manifest = writer.finalize(n, elapsed_s=round(time.monotonic() - t0, 3))
     refuse_empty(manifest, writer, f"--from-masks {cfg.masks}", "rows")
     if progress:

@@ -46,6 +46,7 @@ import numpy as np
 from ..data.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
 from ..errors import UserError
 from ..io.datasets import DatasetError, ShardedWriter, image_struct
+from ..io.runs import kept_on_interrupt, shards_kept
 from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
 from .geometry import CLIP_MEAN_RGB, check_bbox, crop_box, cut, inside_fraction, output_size
 
@@ -121,6 +122,11 @@ def content_config(cfg: CropsConfig) -> dict:
     }
 
 
+#: The largest --size: well above any CLIP input (224, 336, 448), far below what a crop of every annotation could
+#: hold in memory at once (a 4096 px RGB crop is 48 MiB before JPEG).
+MAX_SIZE = 4096
+
+
 def check_options(cfg) -> None:
     """The options every crops run shares (``tcompose crops COCO_DIR`` and ``--from-masks``): ValueError naming
     the first bad one."""
@@ -132,6 +138,8 @@ def check_options(cfg) -> None:
         (not cfg.min_area >= 0, f"--min-area must be >= 0 pixels, got {cfg.min_area}"),
         (not (cfg.margin >= 0 and np.isfinite(cfg.margin)), f"--margin must be >= 0 (of the box), got {cfg.margin}"),
         (cfg.size < 1, f"--size must be >= 1 pixel, got {cfg.size}"),
+        (cfg.size > MAX_SIZE, f"--size {cfg.size}: at most {MAX_SIZE} pixels (CLIP takes 224 or 336; every crop is "
+                              f"upscaled to --size, so more only costs memory and disk); pass --size {MAX_SIZE} or less"),
         (not template_ok, f"--template {cfg.template!r} must use {{category}} and no other field"),
         (cfg.limit is not None and cfg.limit < 1, f"--limit must be >= 1 (or left out: all), got {cfg.limit}"),
         (cfg.shard_size < 1, f"--shard-size must be >= 1, got {cfg.shard_size}"),
@@ -371,12 +379,13 @@ def run(
     images = [coco[ids[pos]] for shard in todo for pos in shard.items]
     tasks = [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height,
               "path": str(coco.image_path(im)), "annotations": list(im.annotations)} for im in images]
-    written = write_shards(writer, todo, tasks, work, workers, "crops", progress and rank == 0)
-    work_s = time.monotonic() - t_work
+    with kept_on_interrupt(lambda: shards_kept(writer, len(ids))):  # Ctrl-C: the finished shards stay
+        written = write_shards(writer, todo, tasks, work, workers, "crops", progress and rank == 0)
+        work_s = time.monotonic() - t_work
+        if rank == 0 and world_size > 1:
+            wait_for_shards(writer, len(ids), finalize_timeout_s)
     if rank != 0:
         return {"rank": rank, "world_size": world_size, "shards_written": len(todo), "stats": written}
-    if world_size > 1:
-        wait_for_shards(writer, len(ids), finalize_timeout_s)
     manifest = writer.finalize(len(ids), elapsed_s=round(time.monotonic() - t0, 3))
     refuse_empty(manifest, writer, f"{cfg.coco_dir} ({cfg.split})", "images")
     if progress:

@@ -44,7 +44,7 @@ from ..errors import MissingPathError, UserError
 from ..grounding.attention_maps import accumulate_attention, parse_steps, word_maps
 from ..io.figures import SCALES, PanelRow, draw_attention_figure
 from ..io.figures import figure_size as _figure_size
-from ..io.files import match_umask
+from ..io.files import check_output_file, match_umask
 from ..io.runs import output_guard
 from ..models.spec import ModelSpec, parse_model_spec
 from .settings import GenerationSettings
@@ -210,6 +210,8 @@ def draw_figure(result: AttnvizResult, path: str | os.PathLike, panel: int = 256
                 scale: str = "per-map") -> list[tuple[int, int, str]]:
     """Draw rows = models, columns = image + one overlay per word (:func:`tcompose.io.figures.draw_attention_figure`,
     ``scale`` per-map or shared); returns the panels (row, column, title)."""
+    _check_panel(panel)
+    check_output_file(path, "--output")
     rows = [PanelRow(row.name, row.image, [(w, row.words[w]) for w in result.words]) for row in result.rows]
     return draw_attention_figure(rows, path, panel, scale)
 
@@ -225,6 +227,7 @@ def run(cfg: AttnvizConfig, progress: bool = True) -> dict:
         raise UserError(f"--output {cfg.output}: the figure is a PNG; use a name ending in .png")
     if cfg.scale not in SCALES:
         raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {cfg.scale!r}")
+    _check_panel(cfg.panel)
     cfg.settings.validate()
     words = list(dict.fromkeys(cfg.words)) if cfg.words else default_words(cfg.prompt)
     _check_outputs(cfg.output)
@@ -235,14 +238,17 @@ def run(cfg: AttnvizConfig, progress: bool = True) -> dict:
         return _run(cfg, words, progress)
 
 
+def _check_panel(panel: int) -> None:
+    if panel < 1:
+        raise UserError(f"--panel {panel}: the side of each panel in pixels must be >= 1 (the default is 256)")
+
+
 def _check_outputs(figure: Path) -> None:
     """The figure and the maps beside it can be written (checked before any model is loaded)."""
     for path in (figure, maps_path(figure)):
         if path.is_dir():
             raise UserError(f"--output {figure}: {path} is a folder; pass a file name ending in .png")
-    existing = next((p for p in [figure.parent, *figure.parent.parents] if p.exists()), None)
-    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-        raise UserError(f"--output {figure}: cannot create files under {existing}")
+    check_output_file(figure, "--output")  # a file where a folder should be, a folder no file can be made in
 
 
 def _check_layers(spec: ModelSpec, cfg: AttnvizConfig) -> None:

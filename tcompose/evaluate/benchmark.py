@@ -133,7 +133,28 @@ def run_models(stage: str, cfg: DetectionConfig, specs: Sequence[ModelSpec], pro
                                                  timeout_s)
         if rank != 0:
             return None, timing, generation
+        timing, generation = recorded_timing(cfg.output, run_path, timing, generation, detected=timing["detected"])
         return finish_run(cfg, specs, prompts, run_path, timing, timeout_s), timing, generation
+
+
+def recorded_timing(output: Path, run_path: Path, timing: dict | None, generation: dict[str, dict],
+                    detected: int = 0) -> tuple[dict | None, dict[str, dict]]:
+    """A rerun of a finished run (no image generated, none ``detected``) keeps the timings recorded by the run
+    that did the work: run.json's ``timing`` (``timing`` None: none kept there) and each generate summary of the
+    folder's summary.json. Any other run's own ``timing`` and ``generation`` are returned unchanged."""
+    if detected or any(g.get("generated") for g in generation.values()):
+        return timing, generation
+    def recorded(path: Path, key: str):
+        try:
+            return json.loads(path.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    old_timing = recorded(run_path, "timing")
+    old_generation = recorded(Path(output) / "summary.json", "generation") or {}
+    if timing is not None and old_timing is not None:
+        timing = old_timing
+    return timing, {name: old_generation.get(name, summary) for name, summary in generation.items()}
 
 
 def start_run(cfg: DetectionConfig, record: dict, prompts: Sequence, rank: int, world_size: int) -> Path:

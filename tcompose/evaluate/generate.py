@@ -18,9 +18,11 @@ noise seeded by :func:`image_seed` ``(seed, p, k)`` (see :mod:`tcompose.evaluate
 whatever the batch size or the number of processes (up to float rounding of batched kernels: at most one
 grey level on rare pixels). A PNG is written under a temporary name and renamed; it carries a ``tcompose``
 text chunk (prompt, seed, settings fingerprint, NSFW flag), which a rerun checks before skipping it: a
-folder generated with other settings is never mixed into.
+folder generated with other settings is never mixed into. A PNG that is not whole (truncated, no PNG) is
+redrawn, never counted as done.
 
-At the end the main process writes ``OUTPUT/generations.parquet`` (one row per image: ``prompt_id``,
+At the end the main process writes ``OUTPUT/generations.parquet`` (one row per image of the folder, so a
+rerun with fewer prompts or images keeps those of earlier runs: ``prompt_id``,
 ``image_index``, ``seed``, ``prompt``, ``file`` (relative to OUTPUT), ``model`` (the label), ``settings``
 (JSON), ``nsfw`` (null without the safety checker)) and ``OUTPUT/run.json`` (settings, library versions,
 summary).
@@ -34,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -43,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import MissingPathError, UserError
-from ..io.runs import model_id, output_guard
+from ..io.files import check_output_folder
+from ..io.runs import files_kept, kept_on_interrupt, model_id, output_guard
 from ..models.sampling import image_seed
 from ..models.spec import ModelSpec
 from .sampling import load_pipeline  # noqa: F401  (part of this module's interface)
@@ -182,18 +186,27 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _png_meta(path: Path) -> dict | None:
+def _read_png(path: Path) -> tuple[bool, dict | None]:
+    """Whether ``path`` reads as a whole PNG (every chunk to the end, checksums checked), and its ``tcompose``
+    metadata (None when it has none). A truncated file or one that is no PNG is not intact: a rerun redraws it."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            raw = im.info.get(_PNG_KEY)
-    except OSError:
-        return None
+            raw, fmt = im.info.get(_PNG_KEY), im.format
+            im.verify()
+    except Exception:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ... on a damaged file)
+        return False, None
+    if fmt != "PNG":
+        return False, None
     try:
-        return json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return None
+        meta = json.loads(raw) if raw else None
+    except (json.JSONDecodeError, TypeError):
+        meta = None
+    return True, meta if isinstance(meta, dict) else None
+
+
+_IMAGE_NAME = re.compile(r"^(\d{5,})_(\d{2,})\.png$")
 
 
 def _check_existing(path: Path, meta: dict | None, prompt: str, seed: int, fingerprint: str) -> dict:
@@ -288,17 +301,45 @@ def _wait_for(paths: list[Path], timeout_s: float, poll_s: float = 1.0) -> None:
 
 
 def _write_table(cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]], settings: dict, fingerprint: str,
-                 label: str) -> Path:
+                 label: str) -> tuple[Path, int]:
+    """Write the table of every image in the folder: ``jobs`` (this run's) and those of earlier runs with the same
+    settings (a rerun with fewer prompts or images keeps them); an image with other settings is refused. Returns
+    (its path, its rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ..io.datasets import library_versions
 
     images = cfg.output / IMAGES
-    nsfw = []
-    for pid, k, prompt, seed in jobs:
-        path = images / image_filename(pid, k)
-        nsfw.append(_check_existing(path, _png_meta(path), prompt, seed, fingerprint).get("nsfw"))
+    wanted = {(pid, k): (prompt, seed) for pid, k, prompt, seed in jobs}
+    rows = []  # (prompt_id, image_index, prompt, seed, nsfw): this run's images and every other one in the folder
+    for path in sorted(images.iterdir()):
+        name = _IMAGE_NAME.match(path.name)
+        if name is None:
+            continue
+        key = (int(name[1]), int(name[2]))
+        intact, meta = _read_png(path)
+        if not intact:
+            what = ("is being redrawn by another process or was damaged since: run the same command again"
+                    if key in wanted else "is not among this run's images, so it cannot be redrawn: delete it, "
+                    "or run again with the prompts and --images-per-prompt that made it")
+            raise UserError(f"{path}: damaged (not a whole PNG) and {what}")
+        if key in wanted:
+            prompt, seed = wanted.pop(key)
+        else:  # an image of an earlier run into this folder (more prompts or images): kept in the table
+            prompt, seed = (meta or {}).get("prompt"), (meta or {}).get("seed")
+        meta = _check_existing(path, meta, prompt, seed, fingerprint)
+        if (meta.get("prompt_id"), meta.get("image_index")) not in (key, (None, None)):
+            raise UserError(f"{path}: its metadata names image {meta.get('image_index')} of prompt "
+                            f"{meta.get('prompt_id')} (renamed?); delete it or write to a new --output")
+        rows.append((*key, prompt, seed, meta.get("nsfw")))
+    if wanted:  # _wait_for saw them: removed since
+        (pid, k), _ = next(iter(wanted.items()))
+        raise UserError(f"{len(wanted)} images (e.g. {images / image_filename(pid, k)}) are missing; "
+                        "run the same command again to make them")
+    rows.sort(key=lambda r: r[:2])
+    jobs = [(pid, k, prompt, seed) for pid, k, prompt, seed, _ in rows]
+    nsfw = [r[4] for r in rows]
     text = json.dumps({**settings, "versions": library_versions()}, sort_keys=True)
     table = pa.table({
         "prompt_id": pa.array([j[0] for j in jobs], pa.int64()),
@@ -316,7 +357,7 @@ def _write_table(cfg: GenerateConfig, jobs: list[tuple[int, int, str, int]], set
     os.replace(tmp, out)
     for stale in images.glob(".*.tmp"):  # left by killed runs; every process has finished writing by now
         stale.unlink(missing_ok=True)
-    return out
+    return out, len(rows)
 
 
 def run(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
@@ -326,6 +367,7 @@ def run(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, progress: bool 
     process's share), ``generated``, ``skipped_existing``, ``seconds``, ``images_per_s`` (generated images
     per second of generation, model loading excluded), ``rank``, ``world_size`` (+ ``table`` on rank 0)."""
     _check(cfg, rank, world_size)
+    check_output_folder(cfg.output, "--output", inside=(IMAGES,))  # before the model loads
     with output_guard(cfg.output):  # a model that fails to load leaves no empty folder behind
         return _run(cfg, rank, world_size, progress, finalize_timeout_s)
 
@@ -352,30 +394,38 @@ def _run(cfg: GenerateConfig, rank: int, world_size: int, progress: bool, finali
     mine = jobs[rank::world_size]
     images = cfg.output / IMAGES
     images.mkdir(parents=True, exist_ok=True)
-    todo = []
+    todo, redrawn = [], 0
     for job in mine:
         path = images / image_filename(job[0], job[1])
         if path.exists():
-            _check_existing(path, _png_meta(path), job[2], job[3], fingerprint)
-        else:
-            todo.append(job)
+            intact, meta = _read_png(path)
+            if intact:
+                _check_existing(path, meta, job[2], job[3], fingerprint)
+                continue
+            path.unlink(missing_ok=True)  # truncated or no PNG (a kill mid-copy, a bad disk): never counted as done
+            redrawn += 1
+        todo.append(job)
     gen_s = 0.0
-    if todo:
-        pipe = load_pipeline(cfg.model, unet=cfg.unet, text_encoder=cfg.text_encoder, revision=cfg.revision,
-                             lora=cfg.lora, lora_scale=cfg.lora_scale, dtype=s.dtype, scheduler=s.scheduler,
-                             safety_checker=s.safety_checker, device=s.device)
-        gen_s = write_images(pipe, cfg, todo, images, fingerprint, label, progress and rank == 0)
-        del pipe
+    paths = [images / image_filename(j[0], j[1]) for j in jobs]
+    with kept_on_interrupt(lambda: files_kept(paths, "images", images)):  # Ctrl-C: what is on disk stays
+        if todo:
+            pipe = load_pipeline(cfg.model, unet=cfg.unet, text_encoder=cfg.text_encoder, revision=cfg.revision,
+                                 lora=cfg.lora, lora_scale=cfg.lora_scale, dtype=s.dtype, scheduler=s.scheduler,
+                                 safety_checker=s.safety_checker, device=s.device)
+            gen_s = write_images(pipe, cfg, todo, images, fingerprint, label, progress and rank == 0)
+            del pipe
+        if rank == 0:
+            _wait_for(paths, finalize_timeout_s)
     summary: dict[str, Any] = {
         "images": len(mine), "generated": len(todo), "skipped_existing": len(mine) - len(todo),
+        "redrawn_damaged": redrawn,
         "seconds": round(time.monotonic() - t0, 3), "generation_seconds": round(gen_s, 3),
         "images_per_s": round(len(todo) / gen_s, 4) if gen_s > 0 else None, "rank": rank, "world_size": world_size,
     }
     if rank != 0:
         return summary
-    _wait_for([images / image_filename(j[0], j[1]) for j in jobs], finalize_timeout_s)
-    table = _write_table(cfg, jobs, settings, fingerprint, label)
-    summary.update(table=str(table), total_images=len(jobs), seconds=round(time.monotonic() - t0, 3))
+    table, table_rows = _write_table(cfg, jobs, settings, fingerprint, label)
+    summary.update(table=str(table), total_images=table_rows, seconds=round(time.monotonic() - t0, 3))
     run_config = _run_config(cfg)
     write_json_atomic(cfg.output / RUN_JSON, {
         "stage": "generate", "settings": settings, "fingerprint": fingerprint, "model_label": label,
@@ -385,6 +435,8 @@ def _run(cfg: GenerateConfig, rank: int, world_size: int, progress: bool, finali
         from rich.console import Console
 
         rate = f", {summary['images_per_s']:.3g} images/s" if summary["images_per_s"] else ""
-        Console(stderr=True).print(f"generate: {summary['generated']} generated, {summary['skipped_existing']} "
-                                   f"already on disk{rate} -> {cfg.output}", highlight=False)
+        damaged = f" ({redrawn} damaged on disk, redrawn)" if redrawn else ""
+        kept = len(jobs) != table_rows and f", {table_rows - len(jobs)} more from earlier runs kept in {TABLE}" or ""
+        Console(stderr=True).print(f"generate: {summary['generated']} generated{damaged}, {summary['skipped_existing']} "
+                                   f"already on disk{kept}{rate} -> {cfg.output}", highlight=False)
     return summary

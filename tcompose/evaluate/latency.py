@@ -94,9 +94,26 @@ def time_images(pipe, cfg: LatencyConfig, device) -> list[float]:
     return times
 
 
+def _earlier_results(path: Path) -> dict:
+    """The models an earlier run measured into ``path`` (a rerun keeps them); refused when it is not a latency.json."""
+    if path.is_dir():
+        raise UserError(f"--output {path.parent}: {path} is a folder; move it away or pass another --output")
+    if not path.exists():
+        return {}
+    try:
+        models = json.loads(path.read_text())["models"]
+        if not isinstance(models, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"--output {path.parent}: {path} is not a latency.json of tcompose latency ({err}); move it "
+                        "away or pass another --output") from None
+    return models
+
+
 def run(cfg: LatencyConfig, progress: bool = True) -> dict:
     """Measure every model of ``cfg`` and merge the results into ``OUT/latency.json``."""
     from ..io.datasets import write_json_atomic
+    from ..io.files import check_output_folder
     from ..io.runs import output_guard
     from ..models.spec import parse_model_specs
     from .sampling import dtype_name, load_pipeline, resolve_device, resolve_dtype
@@ -109,6 +126,9 @@ def run(cfg: LatencyConfig, progress: bool = True) -> dict:
     s.validate()
     if s.batch_size != 1:
         raise UserError(f"latency times one image at a time: batch_size must be 1, got {s.batch_size}")
+    check_output_folder(cfg.output, "--output")  # before any model loads or any image is timed
+    path = cfg.output / LATENCY_JSON
+    results = _earlier_results(path)
     specs = parse_model_specs(cfg.models)
     if s.excite is not None:  # the family and --excite-res, before any weight loads
         from .generate import check_excite
@@ -117,9 +137,7 @@ def run(cfg: LatencyConfig, progress: bool = True) -> dict:
         for spec in specs:
             check_excite(s, model_facts(spec.model, spec.unet, spec.revision, s.scheduler))
     device = resolve_device(s.device)
-    path = cfg.output / LATENCY_JSON
     with output_guard(cfg.output):
-        results = json.loads(path.read_text())["models"] if path.is_file() else {}
         for spec in specs:
             import torch
 

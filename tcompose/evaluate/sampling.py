@@ -151,11 +151,13 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
     from ..models.components import model_index
     from ..models.families import family_of, load_components
     from ..models.loading import folder_hint, no_hf_progress_bars
-    from ..models.lora import apply_lora, resolve_lora_model
+    from ..models.lora import apply_lora, check_lora, resolve_lora_model
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model, lora, revision, vae = resolve_lora_model(model, lora, revision)
+    if lora is not None:  # adapters of another family refused, the run's --text-encoder taken, before any weight
+        text_encoder = check_lora(model, lora, revision, text_encoder)
     with no_hf_progress_bars():
         comps = load_components(model, revision=revision, text_encoder=text_encoder, dtype=dtype, vae=vae)
     family = comps.family

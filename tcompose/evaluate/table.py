@@ -9,7 +9,8 @@ and on ADE20K, FID on COCO and Flickr30K, latency (s/img); CLIP score (COCO) is 
 folder gives reads "not run". The paper's published rows follow, marked "published, not measured", never
 mixed with measured ones. Below the table, each source's protocol (prompts x images, or images), so a quick
 run is never mistaken for the paper's protocol. Writes Markdown (``--output``, default printed only) and JSON
-beside it (``table.json``).
+beside it (``table.json``). A folder of another stage, or a summary missing a field the table reads, is refused
+in one line naming the file and what it lacks; a table with no measured row says so above the published rows.
 """
 
 from __future__ import annotations
@@ -24,13 +25,64 @@ NOT_RUN = "not run"
 COLUMNS = ("OA", "MG COCO (2/3/4/5)", "MG ADE20K (2/3/4/5)", "FID COCO", "FID Flickr30K", "CLIP score COCO",
            "latency (s/img)")
 MG = ("MG2", "MG3", "MG4", "MG5")
+NO_MEASURED_ROW = ("No measured row: the given folders hold no model's results (no model was scored there); "
+                   "only the paper's published rows follow.")
 
 
-def _summary(folder: Path, what: str, name: str = "summary.json") -> dict:
+#: What each stage's summary must hold: (its file, its top-level fields, the fields of every model's entry).
+#: A summary of another stage, or one missing a field, is refused in one line naming the file and what it lacks.
+SOURCES = {
+    "multigen": ("summary.json", ("dataset", "prompt_source", "num_prompts", "images_per_prompt", "threshold",
+                                  "models"), MG),
+    "visor": ("summary.json", ("prompts", "images_per_prompt", "threshold", "models"), ("OA",)),
+    "fid": ("summary.json", ("network", "sets", "models"), ()),
+    "latency": ("latency.json", ("models",), ("s_per_image", "steps", "dtype", "height", "width", "images",
+                                              "device_name")),
+}
+FID_FIELDS = ("fid", "images", "reference_images")
+
+
+def _lacks(path: Path, option: str, what: str, lacks: str) -> UserError:
+    return UserError(f"{option} {path.parent}: {path} lacks {lacks}; it is not the summary of a finished tcompose "
+                     f"{what} run: pass the --output folder of `tcompose {what}`")
+
+
+def _summary(folder: Path, what: str, option: str | None = None) -> dict:
+    """The summary of a ``what`` run's folder, checked to hold every field the table reads."""
+    name, fields, per_model = SOURCES[what]
+    option = option or f"--{what}"
     path = Path(folder) / name
     if not path.is_file():
-        raise UserError(f"{folder}: no {name}; pass the --output folder of a finished tcompose {what} run")
-    return json.loads(path.read_text())
+        raise UserError(f"{option} {folder}: no {name}; pass the --output folder of a finished tcompose {what} run")
+    try:
+        s = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{option} {folder}: {path} is not readable JSON ({err}); pass the --output folder of a "
+                        f"finished tcompose {what} run") from None
+    if not isinstance(s, dict):
+        raise _lacks(path, option, what, "the fields of a summary (it holds no JSON object)")
+    if s.get("stage") not in (None, what):
+        raise UserError(f"{option} {folder}: {path} is the summary of a tcompose {s['stage']} run, not of a {what} "
+                        f"run; pass the --output folder of `tcompose {what}`")
+    missing = [f for f in fields if f not in s]
+    if missing:
+        raise _lacks(path, option, what, ", ".join(repr(f) for f in missing))
+    if not isinstance(s["models"], dict):
+        raise _lacks(path, option, what, "a 'models' object (model name -> results)")
+    for model, r in s["models"].items():
+        if what == "fid":
+            if not isinstance(r, dict):
+                raise _lacks(path, option, what, f"results for model {model!r}")
+            for set_name, entry in r.items():
+                gone = [f for f in FID_FIELDS if not isinstance(entry, dict) or f not in entry]
+                if gone:
+                    raise _lacks(path, option, what, f"{', '.join(repr(f) for f in gone)} of model {model!r} on "
+                                                     f"{set_name!r}")
+            continue
+        gone = [f for f in per_model if not isinstance(r, dict) or f not in r]
+        if gone:
+            raise _lacks(path, option, what, f"{', '.join(repr(f) for f in gone)} of model {model!r}")
+    return s
 
 
 def _mg(value: dict | None) -> list[float] | None:
@@ -51,7 +103,7 @@ def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = No
     for folder, dataset, column in ((multigen_coco, "coco", COLUMNS[1]), (multigen_ade20k, "ade20k", COLUMNS[2])):
         if folder is None:
             continue
-        s = _summary(folder, "multigen")
+        s = _summary(folder, "multigen", f"--multigen-{dataset}")
         source = s.get("prompt_source") or {}
         if s.get("dataset") != dataset or source.get("kind") != "paper":
             what = f"{source.get('kind', 'unknown')} {s.get('dataset')!r}"
@@ -78,7 +130,7 @@ def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = No
             if "coco" in sets and sets["coco"].get("clip_score") is not None:
                 cell(name, COLUMNS[5], sets["coco"]["clip_score"])
     if latency is not None:
-        s = _summary(latency, "latency", "latency.json")
+        s = _summary(latency, "latency")
         for name, r in s["models"].items():
             cell(name, COLUMNS[6], r["s_per_image"])
             protocols[f"latency {name}"] = (f"{r['steps']} steps, batch 1, {r['dtype']}, {r['height']}x{r['width']}, "
@@ -107,7 +159,10 @@ def published_rows() -> dict[str, dict]:
 def markdown(table: dict) -> str:
     head = ["model", *COLUMNS, "note"]
     rule = "|" + "|".join(["---"] + ["---:"] * len(COLUMNS) + ["---"]) + "|"
-    lines = ["# Table 1", "", "| " + " | ".join(head) + " |", rule]
+    lines = ["# Table 1", ""]
+    if not table["models"]:
+        lines += [NO_MEASURED_ROW, ""]
+    lines += ["| " + " | ".join(head) + " |", rule]
     for name, cells in table["models"].items():
         lines.append("| " + " | ".join([name, *(_fmt(c, cells.get(c)) for c in COLUMNS), "measured"]) + " |")
     for name, cells in published_rows().items():

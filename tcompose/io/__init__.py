@@ -9,6 +9,8 @@ trainers' checkpoints and data order, and what every sharded stage does around i
 - :mod:`.batches`: ``MicroBatches``, the resumable, process-sharded data order of both trainers;
 - :mod:`.runs`: what both trainers do around their loop (run folders, resume checks and restoring, their
   Accelerator, non-finite losses, Ctrl-C);
+- :mod:`.preemption`: SIGTERM, SIGUSR1 and Ctrl-C in a trainer: agreed by every process at a step boundary,
+  that step checkpointed, exit code 128 + the signal;
 - :mod:`.files`: written files get the umask's permissions (safetensors writes 0600); folders are written under a
   temporary name and renamed into place.
 """

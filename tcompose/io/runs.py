@@ -13,7 +13,8 @@
   run with :class:`NonFiniteLossError`, so no checkpoint and no model is written from diverged weights
   (:meth:`FiniteGuard.check_training` adds which checkpoint is kept and how to go on).
 - :class:`Interrupted`: Ctrl-C during training, carrying one line for the CLI: what was kept and how to resume
-  (:meth:`Interrupted.in_training`).
+  (:meth:`Interrupted.in_training`; a trainer stopped on a signal: :mod:`tcompose.io.preemption`);
+  :func:`kept_on_interrupt`: Ctrl-C in a stage that writes whole files says how many were kept.
 - :func:`output_guard`: an output folder that a failed stage created and left empty is removed again.
 """
 
@@ -89,9 +90,16 @@ def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, outputs: 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; pass a folder for the run")
+    from .files import check_output_folder
+
+    check_output_folder(out, "--output")  # a file above it, a folder no file can be made in: before any work
     if resume is not None:
         return
     found = run_markers(out, outputs) if out.is_dir() else []
+    if found == ["logs/"]:  # only the logs of a run that was refused or diverged before its first checkpoint:
+        if clear:           # nothing to resume from, so they do not block the corrected command
+            shutil.rmtree(out / "logs", ignore_errors=True)
+        return
     if not found:
         return
     if not overwrite:
@@ -148,12 +156,31 @@ def settings_differences(saved: dict, now: dict, ignore: Iterable[str] = ()) -> 
     return out
 
 
+#: What a resume may change to continue a run that diverged (the advice of :class:`NonFiniteLossError`): a lower
+#: --lr, another --max-grad-norm (clipping: a lower value clips harder, 0 turns it off). The checkpoint the resume
+#: writes next records the new values.
+STEADIER_ON_RESUME = ("--lr", "--max-grad-norm")
+
+
+def steadier_on_resume(saved: dict, now: dict) -> list[str]:
+    """The flags of :data:`STEADIER_ON_RESUME` that this resume changes as allowed: --lr only lowered, and
+    --max-grad-norm to any value."""
+    out = []
+    for flag in STEADIER_ON_RESUME:
+        a, b = saved.get(flag), now.get(flag)
+        if not (isinstance(a, (int, float)) and isinstance(b, (int, float))) or a == b:
+            continue
+        if flag != "--lr" or b < a:
+            out.append(flag)
+    return out
+
+
 def check_resume(saved: dict | None, now: dict, path: Path, may_differ: Iterable[str] = ()) -> None:
     """Refuse a resume from ``path`` whose recorded settings differ from this run's (``may_differ``: flags that
     are allowed to change here). Checkpoints older than this check record none: nothing to compare."""
     if saved is None:
         return
-    diffs = settings_differences(saved, now, ignore=may_differ)
+    diffs = settings_differences(saved, now, ignore=(*may_differ, *steadier_on_resume(saved, now)))
     if diffs:
         raise UserError(
             f"{path} was trained with other settings, so this run would not continue the same run: "
@@ -171,6 +198,10 @@ class ResumePoint:
     path: Path | None
     resume: str | None
     ckpt_root: Path
+    changed: tuple[str, ...] = ()
+    """``"--lr 0.001 -> 0.0001"`` for each :data:`STEADIER_ON_RESUME` setting this resume changes."""
+    lr: tuple[float, float] | None = None
+    """(the checkpoint's --lr, this run's) when the resume lowers it."""
 
     def load(self, log: Callable[[str], object], model, optimizer, lr_scheduler, ema=None, scaler=None) -> tuple[int, dict]:
         """Restore the checkpoint into the training state and say so with ``log``: (its step, the ``extra`` it
@@ -180,7 +211,17 @@ class ResumePoint:
                 log(f"no checkpoint under {self.ckpt_root}: starting from step 0")
             return 0, {}
         state = load_checkpoint(self.path, model, optimizer, lr_scheduler, ema, scaler)
-        log(f"resumed from {self.path} at step {state['step']}")
+        if self.lr is not None:  # the restored optimizer and schedule carry the old rate: scale them to the new one
+            old, new = self.lr
+            lr_scheduler.base_lrs = [b * new / old for b in lr_scheduler.base_lrs]
+            for group in optimizer.param_groups:
+                group["lr"] *= new / old
+                if "initial_lr" in group:
+                    group["initial_lr"] *= new / old
+            if hasattr(lr_scheduler, "_last_lr"):
+                lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        changed = f" with {'; '.join(self.changed)}" if self.changed else ""
+        log(f"resumed from {self.path} at step {state['step']}{changed}")
         return state["step"], state["extra"]
 
 
@@ -189,10 +230,15 @@ def resume_point(resume: str | None, ckpt_root: Path, settings: dict, may_differ
     :func:`check_resume` when it was trained with other ``settings``. Every process calls it before any weights
     are loaded, so all refuse alike."""
     path = resolve_resume(resume, ckpt_root)
+    changed, lr = [], None
     if path is not None:
-        saved = json.loads((path / "state.json").read_text()).get("extra", {})
-        check_resume(saved.get("settings"), settings, path, may_differ)
-    return ResumePoint(path, resume, ckpt_root)
+        saved = json.loads((path / "state.json").read_text()).get("extra", {}).get("settings")
+        check_resume(saved, settings, path, may_differ)
+        steadier = steadier_on_resume(saved or {}, settings)
+        changed = [f"{flag} {saved[flag]} -> {settings[flag]}" for flag in steadier]
+        if "--lr" in steadier:
+            lr = (float(saved["--lr"]), float(settings["--lr"]))
+    return ResumePoint(path, resume, ckpt_root, tuple(changed), lr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,23 +278,62 @@ class FiniteGuard:
             terms = ", ".join(t for s, t in bad if s == step)
             raise NonFiniteLossError(f"the loss became non-finite at step {step} ({terms} is NaN or inf){context}")
 
-    def check_training(self, gather, ckpt_root: Path, written: str, lower: str) -> None:
+    def check_training(self, gather, ckpt_root: Path, written: str, lower: str = "--lr",
+                       restart: str | None = None) -> None:
         """:meth:`check` in a trainer's loop (a sync: at logging steps, before every checkpoint and at the end);
         the error says that no ``written`` (model, pipeline) was written, which checkpoint under ``ckpt_root`` is
-        kept, and to lower ``lower`` (options) before continuing from it."""
+        kept, and how to go on: from it with a lower ``lower`` or another --max-grad-norm and ``--resume latest``
+        (what :func:`check_resume` allows, :data:`STEADIER_ON_RESUME`), or, to change ``restart`` (options a
+        resume may not change), again with ``--overwrite``. Without a checkpoint: run again (its logs/ do not
+        block the rerun, :func:`prepare_run_folder`)."""
         try:
             self.check(gather)
         except NonFiniteLossError as err:
-            raise NonFiniteLossError(
-                f"{err}: training stopped and no {written} was written; {kept_checkpoint_note(ckpt_root)}. Lower "
-                f"{lower}, check the data, then continue from it with --resume latest"
-            ) from None
+            steadier = f"a lower {lower} (or another --max-grad-norm)"
+            if list_checkpoints(ckpt_root):
+                how = (f"{kept_checkpoint_note(ckpt_root)}: check the data, then continue from it with {steadier} "
+                       "and --resume latest" + (f", or start again with other {restart} and --overwrite"
+                                                if restart else ""))
+            else:
+                how = (f"no checkpoint was written under {ckpt_root}: check the data, then run the command again "
+                       f"with {steadier}" + (f" or other {restart}" if restart else ""))
+            raise NonFiniteLossError(f"{err}: training stopped and no {written} was written; {how}") from None
 
 
 def kept_checkpoint_note(ckpt_root: Path) -> str:
     """'the last good checkpoint is .../step-000300' or 'no checkpoint was written'."""
     found = list_checkpoints(ckpt_root)
     return f"the last good checkpoint is {found[-1]}" if found else f"no checkpoint was written under {ckpt_root}"
+
+
+@contextlib.contextmanager
+def kept_on_interrupt(kept: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C inside a stage that writes its results whole (images, shards) and skips them on a rerun: the
+    ``KeyboardInterrupt`` becomes :class:`Interrupted` saying ``"interrupted: " + kept()`` (``"3 of 8 images kept
+    in OUT/images"``); the CLI adds the same command as the one that continues."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        try:
+            what = kept()
+        except Exception:  # noqa: BLE001  (counting must not hide the interruption: the CLI's general line)
+            what = None
+        if what is None:
+            raise
+        raise Interrupted(f"interrupted: {what}") from None
+
+
+def files_kept(paths: Sequence[Path], noun: str, where: Path) -> str:
+    """``"3 of 8 images kept in OUT/images"``: how many of ``paths`` exist."""
+    return f"{sum(Path(p).exists() for p in paths)} of {len(paths)} {noun} kept in {where}"
+
+
+def shards_kept(writer, n_items: int) -> str:
+    """``"2 of 5 shards kept in OUT"``: the finished shards of a :class:`~tcompose.io.datasets.ShardedWriter`
+    over ``n_items`` inputs (every process's)."""
+    return files_kept([writer.shard_path(s.index) for s in writer.plan(n_items)], "shards", writer.out_dir)
 
 
 def interrupted_note(ckpt_root: Path, step: int) -> str:
@@ -288,18 +373,27 @@ def output_guard(*paths: str | os.PathLike) -> Iterator[None]:
 
 def trainer_accelerator(out: Path, grad_accum: int, mixed_precision: str):
     """The Accelerator of both trainers: on the CPU where there is no CUDA, ``grad_accum`` micro-steps per
-    optimizer step, ``mixed_precision`` (no, fp16, bf16), tensorboard logs under ``out/logs``."""
+    optimizer step, ``mixed_precision`` (no, fp16, bf16), tensorboard logs under ``out/logs``. fp16 on the CPU
+    trains in fp32 with a note, as ``--dtype fp16`` does elsewhere (no fast half-precision CPU kernels): the
+    trainers take their precision from ``accelerator.mixed_precision``."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
+    cpu = not torch.cuda.is_available()
+    note = None
+    if cpu and mixed_precision == "fp16":
+        mixed_precision, note = "no", "--mixed-precision fp16 on CPU: training in fp32 instead (no fast half-precision CPU kernels)"
+    accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_steps=grad_accum,
         mixed_precision=mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if note:
+        accelerator.print(note)
+    return accelerator
 
 
 def peak_memory_mb(device) -> float:

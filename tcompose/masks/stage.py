@@ -43,7 +43,7 @@ from typing import Any
 from ..data.coco import CocoDataset
 from ..errors import UserError
 from ..io.datasets import DatasetError, ShardedWriter
-from ..io.runs import output_guard
+from ..io.runs import kept_on_interrupt, output_guard, shards_kept
 from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
 from ..models.loading import DTYPES
 from .caption_choice import check_mode, static_choice
@@ -144,13 +144,14 @@ def _run(cfg: MasksConfig, rank: int, world_size: int, progress: bool, finalize_
     remove_stale_tmp(writer, todo)  # half-written shards a killed run left behind
     written = dict.fromkeys(STATS_KEYS + source.stats, 0)
     throughput = {"images": 0, "seconds": 0.0, "images_per_s": None}
-    if todo:
-        throughput = _write(cfg, source, coco, ids, writer, todo, progress and rank == 0, written)
+    with kept_on_interrupt(lambda: shards_kept(writer, len(ids))):  # Ctrl-C: the finished shards stay
+        if todo:
+            throughput = _write(cfg, source, coco, ids, writer, todo, progress and rank == 0, written)
+        if rank == 0 and world_size > 1:
+            wait_for_shards(writer, len(ids), finalize_timeout_s)
     if rank != 0:
         return {"rank": rank, "world_size": world_size, "shards_written": len(todo), "stats": written,
                 "throughput": throughput}
-    if world_size > 1:
-        wait_for_shards(writer, len(ids), finalize_timeout_s)
     manifest = writer.finalize(len(ids), elapsed_s=round(time.monotonic() - t0, 3))
     refuse_empty(manifest, writer, f"{cfg.coco_dir} ({cfg.split}, --source {cfg.source})", "images")
     if progress:

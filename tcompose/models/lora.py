@@ -136,6 +136,34 @@ def apply_lora(pipe, folder: str | os.PathLike, scale: float = 1.0) -> None:
         diffusers_logging.set_verbosity(level)
 
 
+def check_lora(model: str | os.PathLike, lora: str | os.PathLike, revision: str | None = None,
+               text_encoder: str | None = None) -> str | None:
+    """Before anything loads: refuse adapters that record another model family than ``model``'s, and return the
+    text encoder to generate with (``text_encoder`` as given, else the one the LoRA run trained with, recorded
+    beside its adapters; refused when that one is no longer there)."""
+    meta = read_lora_meta(lora)
+    if meta is None:
+        return text_encoder
+    recorded = meta.get("family")
+    if recorded:
+        from .families import family_named, family_of_model
+
+        theirs, base = family_named(str(recorded)), family_of_model(model, revision)
+        if theirs is not base:
+            raise UserError(f"LoRA {lora} (--lora, or lora= in --model): {theirs.label} adapters (trained on "
+                            f"{meta.get('base_model')}), but {model} is {base.label}; pass a base model of the "
+                            f"family the adapters were trained on, or adapters trained on {model}")
+    trained = meta.get("text_encoder")
+    if text_encoder is not None or not trained:
+        return text_encoder
+    trained = str(trained)
+    if Path(trained).is_absolute() and not Path(trained).exists():
+        raise UserError(f"LoRA {lora}: these adapters were trained with --text-encoder {trained} (recorded in "
+                        f"{META}), which is not there any more; pass that text encoder with --text-encoder PATH "
+                        "(text_encoder=PATH in --model)")
+    return trained
+
+
 def resolve_lora_model(model: str | os.PathLike, lora: str | os.PathLike | None = None,
                        revision: str | None = None) -> tuple[str, str | None, str | None, str | None]:
     """``(base model, lora folder, revision, vae)`` to load: a LoRA run's OUT given as the model stands for its

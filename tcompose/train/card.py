@@ -78,7 +78,7 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
         ("steps", f"{summary.get('steps')} (batch {cfg.batch_size} x "
                   f"{_n(summary.get('num_processes', 1), 'process')} x {cfg.grad_accum} accumulation)"),
         ("optimizer", f"AdamW, lr {cfg.lr:g} ({cfg.lr_scheduler}), weight decay {cfg.adam_weight_decay:g}"),
-        ("precision", {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
+        ("precision", {"no": "fp32"}.get(*[summary.get("mixed_precision", cfg.mixed_precision)] * 2)
          + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
     ]
     if cfg.snr_gamma:

@@ -107,6 +107,27 @@ def split_heldout(prep: PreparedRows, fraction: float, seed: int, max_examples: 
     return train, heldout
 
 
+def check_batch_fits(data_dir: str | Path, fraction: float, seed: int, per_process: int, world_size: int) -> None:
+    """Refuse, from the dataset's ``image_id`` column alone (before any model loads), a global micro-batch
+    (``--batch-size`` x processes) larger than the training rows that :func:`split_heldout` leaves."""
+    ids = [i for f in check_columns(data_dir, "masks") for i in pq.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {fraction}")
+    images = sorted(set(ids))  # as split_heldout splits them
+    held = min(math.ceil(fraction * len(images)) if fraction > 0 else 0, max(len(images) - 1, 0))
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
+    heldout = {images[i] for i in perm[:held]}
+    train = sum(1 for i in ids if i not in heldout)
+    need = per_process * world_size
+    if train < need:
+        procs = f" x {world_size} processes" if world_size > 1 else ""
+        raise UserError(
+            f"--batch-size {per_process}{procs}: {data_dir} has {train} training examples ({len(ids)} rows, the "
+            f"captions of {held} of its {len(images)} images held out by --eval-fraction {fraction:g}), too few "
+            f"for one batch of {need}; lower --batch-size (or --eval-fraction), or add data"
+        )
+
+
 class TrainingExamples(Dataset):
     """Indexed by ``(row, global_example_number)``; returns one example with its own noise and timestep.
 

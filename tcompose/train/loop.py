@@ -28,11 +28,14 @@ What keeps a long run from going silently wrong (:mod:`tcompose.io.runs`): a fol
 trained into without ``--resume latest`` or ``--overwrite``; a resume with other settings or other data is
 refused, listing the differences; ``--layers`` is resolved against the UNet before anything trains (an unknown
 group is an error listing the model's groups); a NaN or inf loss stops the run, naming the step and the term,
-before any checkpoint or pipeline is written from it; Ctrl-C says what was kept and how to continue.
+before any checkpoint or pipeline is written from it; SIGTERM, SIGUSR1 and Ctrl-C finish the step, checkpoint it
+and say how to continue (:mod:`tcompose.io.preemption`).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -41,9 +44,10 @@ import torch
 from ..errors import UserError
 from ..grounding.attention import describe_groups, resolve_layers
 from ..io.files import match_umask
+from ..io.preemption import StopSignals, ignore_stop_signals
 from ..io.runs import (FiniteGuard, Interrupted, output_guard, peak_memory_mb, prepare_run_folder, resume_point,
                        trainer_accelerator, training_progress)
-from .card import write_model_card
+from .card import CARD, write_model_card
 from .config import (
     OUTPUTS,
     TrainUnetConfig,
@@ -96,7 +100,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
     from ..io.datasets import check_columns, load_manifest, write_json_atomic
     from ..models.components import model_configs
     from ..models.families import family_of, load_components
-    from .examples import TrainingExamples, collate, prepare_rows, split_heldout
+    from .examples import TrainingExamples, check_batch_fits, collate, prepare_rows, split_heldout
 
     load_manifest(cfg.data)  # bad data fails before any model is loaded
     check_columns(cfg.data, "masks")
@@ -120,6 +124,17 @@ def _train(cfg: TrainUnetConfig) -> dict:
     ckpt_root = out / "checkpoints"
     settings = resume_settings(cfg, resolution, world)
     start = resume_point(cfg.resume, ckpt_root, settings, may_differ_on_resume(cfg))
+    check_batch_fits(cfg.data, cfg.eval_fraction, cfg.seed, cfg.batch_size, world)  # before the logs/ and weights
+    finished = _finished_run(cfg, out, start.path)
+    if finished is not None:  # a rerun of a finished run (a job script that always adds --resume latest)
+        if main:
+            longer = (f"pass a --max-steps above {finished['steps']} with --resume latest"
+                      if "--max-steps" in may_differ_on_resume(cfg) else "train into a new --output")
+            print(f"train-unet: {out} already finished at step {finished['steps']} (--max-steps {cfg.max_steps}): "
+                  "nothing to do; its training_summary.json, model card and weights stay as they were. To train "
+                  f"longer, {longer}", file=sys.stderr)
+        state.wait_for_everyone()
+        return finished
 
     accelerator = trainer_accelerator(out, cfg.grad_accum, cfg.mixed_precision)
     device, log = accelerator.device, accelerator.print
@@ -133,7 +148,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
     comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae)
     unet, vae, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.tokenizer, comps.noise_scheduler
 
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    # the accelerator's precision: fp16 on a CPU runs in fp32 (trainer_accelerator notes it)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
     for frozen in (vae, *comps.text_encoders):
         frozen.requires_grad_(False)
         frozen.eval()
@@ -231,7 +247,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
     sampler = MicroBatches(train_rows, cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed,
                            start=step * cfg.grad_accum, stop=cfg.max_steps * cfg.grad_accum)
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=ignore_stop_signals)  # a worker outlives SIGTERM until the step is saved
 
     if cfg.compile:  # after the "before" score: evaluation runs eager (no extra no-grad graphs to compile)
         from ..models.compile import compile_regions
@@ -241,13 +258,13 @@ def _train(cfg: TrainUnetConfig) -> dict:
     guard = FiniteGuard(LOSS_TERMS[:3], device)
 
     def check_finite() -> None:  # a sync: at logging steps, before every checkpoint and at the end
-        guard.check_training(accelerator.gather, ckpt_root, written="pipeline", lower="--lr (or --lambda / --gamma)")
+        guard.check_training(accelerator.gather, ckpt_root, written="pipeline", lower="--lr", restart="--lambda / --gamma")
 
     sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
     n_micro, last = 0, {}
     start_step, t0 = step, time.perf_counter()
     try:
-        with training_progress("train-unet", main and cfg.progress) as bar:
+        with StopSignals() as signals, training_progress("train-unet", main and cfg.progress) as bar:
             task = bar.add_task("", total=cfg.max_steps, completed=step)
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -284,11 +301,14 @@ def _train(cfg: TrainUnetConfig) -> dict:
                     bar.update(task, description=" ".join(f"{k} {v:.4g}" for k, v in last.items()))
                     sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
                     n_micro = 0
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                stop = signals.agreed(accelerator) if step < cfg.max_steps else None  # SIGTERM/USR1/INT: all ranks
+                if stop or cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     check_finite()
                     if main:
                         save(step)
                     accelerator.wait_for_everyone()
+                if stop:
+                    raise signals.stopped(stop, step, ckpt_root / f"step-{step:06d}")
                 if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.max_steps:
                     check_finite()
                     if main:
@@ -297,6 +317,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
                 if step >= cfg.max_steps:
                     break
         check_finite()
+    except Interrupted:
+        raise
     except KeyboardInterrupt:
         raise Interrupted.in_training(ckpt_root, step) from None
     train_s = time.perf_counter() - t0
@@ -332,6 +354,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
             "images_per_s": steps_run * cfg.grad_accum * cfg.batch_size * accelerator.num_processes / train_s if train_s > 0 else None,
             "peak_memory_mb": peak_memory_mb(device),
             "device": str(device),
+            "mixed_precision": accelerator.mixed_precision,  # what it trained in (fp16 on a CPU: no)
             "num_processes": accelerator.num_processes,
             "ranks_in_sync": in_sync,
             "family": family.name,
@@ -356,6 +379,27 @@ def _train(cfg: TrainUnetConfig) -> dict:
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
     return summary or {}
+
+
+def _finished_run(cfg: TrainUnetConfig, out: Path, ckpt: Path | None) -> dict | None:
+    """The training summary of a run that already finished at the step of ``ckpt`` (the checkpoint --resume names),
+    when --max-steps asks for no more steps: a rerun is then a no-op. None when there is training left, or when
+    the end (training_summary.json, the model card) was never written. A --max-steps below that step is refused."""
+    if ckpt is None:
+        return None
+    step = int(json.loads((ckpt / "state.json").read_text())["step"])
+    if cfg.max_steps < step:
+        raise UserError(
+            f"--max-steps {cfg.max_steps} is below step {step} of {ckpt}, which --resume {cfg.resume} continues from: "
+            f"pass --max-steps {step} or more, or train into a new --output"
+        )
+    if cfg.max_steps > step or not (out / CARD).is_file():
+        return None
+    try:
+        summary = json.loads((out / "training_summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
 def _ranks_in_sync(accelerator, unet) -> bool:

@@ -37,6 +37,7 @@ def save_lora_outputs(cfg: TrainUnetConfig, unet, tokenizer, out: Path, family) 
     from ..models.lora import apply_lora, save_lora
 
     meta = {"base_model": model_id(cfg.model), "revision": cfg.revision, "vae": model_id(cfg.vae),
+            "text_encoder": model_id(cfg.text_encoder),  # generation takes it (tcompose.models.lora.check_lora)
             "family": family.name, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
             "targets": list(cfg.lora_targets)}
     save_lora(out, unet, meta, family.pipeline_class())

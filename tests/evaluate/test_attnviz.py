@@ -221,3 +221,16 @@ def test_every_input_and_output_is_checked_before_generating(models, tmp_path, c
     finally:
         os.umask(old)
     assert fig.is_file() and maps_path(fig).stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("extra,named", [(["--words", "cat"], "--words"), (["--timesteps", "0-3"], "--timesteps"),
+                                         (["--layers", "up"], "--layers"), (["--model", "A=x"], "--model"),
+                                         (["--prompt", "a cat", "--steps", "3"], "--prompt, --steps")])
+def test_from_maps_refuses_options_it_cannot_honour(tmp_path, capsys, extra, named):
+    from tcompose.cli import main
+
+    args = ["attnviz", "--from-maps", str(tmp_path / "maps.safetensors"), "--output", str(tmp_path / "x.png")]
+    assert main([*args, *extra, "--panel", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"does not take {named};" in err and "without --from-maps" in err
+    assert not (tmp_path / "x.png").exists()

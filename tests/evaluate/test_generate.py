@@ -251,3 +251,37 @@ def test_a_unet_folder_that_is_no_unet_is_one_line_and_leaves_no_folder(models, 
     # a UNet of another family (the VAE's latents do not fit it) fails at load: no empty --output is left
     assert main([*args, "--unet", str(models["base"] / "vae"), "--output", str(tmp_path / "g2")]) == 2
     assert not (tmp_path / "g1").exists() and not (tmp_path / "g2").exists()
+
+
+def test_a_rerun_with_fewer_prompts_or_images_keeps_every_image_of_the_folder_in_the_table(models, tmp_path):
+    out = tmp_path / "g"
+    run(cfg_for(models, out, prompt_ids=[10, 20], images_per_prompt=3), progress=False)
+    first = pq.read_table(out / "generations.parquet").to_pylist()
+    assert len(first) == 6
+    fewer = run(cfg_for(models, out, prompts=PROMPTS[:1], prompt_ids=[10], images_per_prompt=2), progress=False)
+    assert fewer["generated"] == 0 and fewer["skipped_existing"] == 2
+    rows = pq.read_table(out / "generations.parquet").to_pylist()
+    assert [(r["prompt_id"], r["image_index"], r["prompt"], r["seed"], r["file"]) for r in rows] == \
+        [(r["prompt_id"], r["image_index"], r["prompt"], r["seed"], r["file"]) for r in first]
+    assert json.loads((out / "run.json").read_text())["summary"]["total_images"] == 6
+    # an image of the folder generated with other settings is never mixed into the table
+    run(cfg_for(models, tmp_path / "other", prompts=PROMPTS[2:], prompt_ids=[30], images_per_prompt=1, guidance=3.0),
+        progress=False)
+    os.replace(tmp_path / "other" / "images" / "00030_00.png", out / "images" / "00030_00.png")
+    with pytest.raises(ValueError, match="00030_00.png: generated with other settings"):
+        run(cfg_for(models, out, prompts=PROMPTS[:1], prompt_ids=[10], images_per_prompt=2), progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a png"])
+def test_a_damaged_png_on_disk_is_redrawn_not_counted_as_done(models, tmp_path, damage):
+    out = tmp_path / "g"
+    cfg = cfg_for(models, out, images_per_prompt=2)
+    run(cfg, progress=False)
+    good = read_images(out)
+    path = out / "images" / image_filename(1, 1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an image")
+    again = run(cfg, progress=False)
+    assert again["generated"] == 1 and again["skipped_existing"] == 3
+    assert_same_images(read_images(out), good)
+    assert len(pq.read_table(out / "generations.parquet")) == 4

@@ -325,3 +325,28 @@ def test_attend_excite_models_join_the_plain_ones_in_one_folder(tiny, tmp_path):
     from PIL import Image
 
     assert any(np.asarray(Image.open(a)).tolist() != np.asarray(Image.open(b)).tolist() for a, b in zip(plain, excited))
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_finished_multigen_keeps_the_recorded_timing(tiny, tmp_path):
+    from tcompose.evaluate.multigen.stage import run
+
+    out = tmp_path / "m"
+    first = run(_config(tiny, out, models=("A",), grid=0), progress=False)
+    assert first["timing"]["detected"] == 6 and first["timing"]["generation_s"] > 0
+    again = run(_config(tiny, out, models=("A",), grid=0), progress=False)  # nothing left to generate or detect
+    assert again["timing"] == first["timing"] and again["generation"] == first["generation"]
+    assert json.loads((out / "run.json").read_text())["timing"] == first["timing"]
+    assert json.loads((out / "summary.json").read_text())["timing"] == first["timing"]
+
+
+@pytest.mark.parametrize("extra,named", [(["--model", "A=x"], "--model"), (["--images", "5"], "--images"),
+                                         (["--steps", "3", "--grid", "0"], "--steps, --grid"),
+                                         (["--detector-batch-size", "2"], "--detector-batch-size"),
+                                         (["--output", "o"], "--output")])
+def test_score_only_refuses_options_it_cannot_honour(tmp_path, capsys, extra, named):
+    from tcompose.cli import main
+
+    assert main(["multigen", "--score-only", str(tmp_path), *extra, "--threshold", "0.2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"does not take {named};" in err and "without --score-only" in err

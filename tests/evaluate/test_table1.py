@@ -31,8 +31,10 @@ def test_coco_pairs_draw_captions_from_the_folder(test_data):
     assert all(" ".join(by_id[i]["caption"].split()) == p.caption for i, p in zip(ids, pairs))
     assert all(str(by_id[i]["image_id"]) == p.image_id for i, p in zip(ids, pairs))
     assert len(ref) == len(list((folder / "val2017").glob("*.jpg"))) and all((folder / r).is_file() for r in ref)
-    everything, _ = coco_pairs(folder, n=10**6)
-    assert len(everything) == sum((folder / "val2017" / f"{a['image_id']:012d}.jpg").is_file() for a in anns)
+    n = sum((folder / "val2017" / f"{a['image_id']:012d}.jpg").is_file() for a in anns)
+    assert len(coco_pairs(folder, n=n)[0]) == n  # every caption whose image is there; more are refused
+    with pytest.raises(ValueError, match=f"--coco-captions {n + 1}: .* has only {n} captions"):
+        coco_pairs(folder, n=n + 1)
     with pytest.raises(ValueError, match="captions_val2017.json"):
         coco_pairs(folder / "val2017")
 
@@ -161,7 +163,8 @@ def test_fid_refuses_bad_input_before_any_image(tiny, tmp_path, capsys, monkeypa
 
     monkeypatch.setenv("TCOMPOSE_CACHE", str(tmp_path / "empty-cache"))
     out = tmp_path / "fid"
-    args = ["fid", "--model", f"A={tiny['sd']}", "-o", str(out), "--steps", "2", "--height", "32", "--width", "32"]
+    args = ["fid", "--model", f"A={tiny['sd']}", "-o", str(out), "--steps", "2", "--height", "32", "--width", "32",
+            "--coco-captions", "4"]
     assert main(args) == 2  # no --coco / --flickr30k
     assert main([*args, "--coco", str(tiny["coco"])]) == 2  # no Inception weights in the cache
     assert main([*args, "--coco", str(tiny["coco"] / "val2017")]) == 2
@@ -218,3 +221,21 @@ def test_table1_from_every_benchmark_folder(tiny, tmp_path, capsys):
     assert "VISOR: 2 spatial prompts x 2 images" in md and "latency A: 2 steps" in md
     assert "MultiGen coco: 2 prompts x 2 images" in md
     assert main(["table"]) == 2 and "pass at least one run folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_finished_fid_keeps_the_recorded_timing(tiny, tmp_path):
+    from tcompose.evaluate.fid.inception import TinyFeatureNet
+    from tcompose.evaluate.fid.stage import FidConfig, run
+
+    net = TinyFeatureNet(seed=0)
+    cfg = FidConfig(models=_models(tiny)[:1], output=tmp_path / "fid", coco=tiny["coco"], coco_captions=4,
+                    flickr30k=None, settings=SETTINGS, reference_size=32, clip_model=None,
+                    cache_dir=tmp_path / "cache", feature_batch_size=5)
+    first = run(cfg, progress=False, net=net)
+    assert first["generation"]["A/coco"]["generated"] == 4
+    again = run(cfg, progress=False, net=net)  # nothing left to generate
+    assert again["models"] == first["models"]
+    for key in ("generation", "seconds_scoring"):
+        assert again[key] == first[key], key
+        assert json.loads((tmp_path / "fid" / "summary.json").read_text())[key] == first[key], key

@@ -256,3 +256,26 @@ def test_visor_refuses_bad_input_before_any_image(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not an OWL-ViT detector" in err and "between 1 and 25280" in err and "pass --model" in err
     assert "--score-only takes" in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_finished_visor_keeps_the_recorded_timing(tiny, tmp_path):
+    from tcompose.evaluate.visor.stage import run
+
+    out = tmp_path / "v"
+    first = run(_config(tiny, out, models=("A",)), progress=False)
+    assert first["timing"]["detected"] == 6 and first["timing"]["generation_s"] > 0
+    again = run(_config(tiny, out, models=("A",)), progress=False)  # nothing left to generate or detect
+    assert again["timing"] == first["timing"]
+    assert json.loads((out / "run.json").read_text())["timing"] == first["timing"]
+    assert json.loads((out / "summary.json").read_text())["timing"] == first["timing"]
+
+
+@pytest.mark.parametrize("extra,named", [(["--prompts", "3"], "--prompts"), (["--seed", "1"], "--seed"),
+                                         (["--store-threshold", "0.05"], "--store-threshold")])
+def test_score_only_refuses_options_it_cannot_honour(tmp_path, capsys, extra, named):
+    from tcompose.cli import main
+
+    assert main(["visor", "--score-only", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"does not take {named};" in err and "without --score-only" in err

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tcompose.cli import main
+from tcompose.errors import UserError
 from tcompose.io.runs import NonFiniteLossError
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks
@@ -225,7 +228,10 @@ def test_checkpoint_and_pipeline_files_follow_the_umask(setup, tmp_path):
 # ------------------------------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_says_what_was_kept_and_how_to_resume(setup, tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_the_step_and_says_how_to_resume(setup, tmp_path, signum, code):
+    """A real process, a real signal: the step is finished and checkpointed (tests/train/test_preemption.py
+    has the exact resume, with one process and two)."""
     out = tmp_path / "run"
     args = [sys.executable, "-m", "tcompose", *cli_args(setup, out)[:-6], "--max-steps", "400", "--checkpoint-every",
             "1", "--num-workers", "0", "--eval-fraction", "0", "--log-every", "1"]
@@ -237,12 +243,46 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(setup, tmp_path):
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-2000:]
-    lines = [line for line in err.strip().splitlines() if "interrupted" in line or "resume with" in line]
+    assert proc.returncode == code, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if "stopped" in line or "resume with" in line]
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    assert "interrupted at step" in lines[0] and "kept" in lines[0] and "step-0000" in lines[0]
+    m = re.match(rf"stopped by {signum.name} at step (\d+): checkpoint saved at (\S+step-(\d+));", lines[0])
+    assert m and int(m[1]) == int(m[3]) >= 2 and (Path(m[2]) / "state.json").is_file(), lines[0]
     assert lines[0].rstrip().endswith("--resume latest") and "tcompose train-unet --data" in lines[0]
+
+
+# ------------------------------------------------------------------------------------- a rerun of a finished run
+
+
+def _snapshot(folder) -> dict:
+    """Every file under ``folder`` (but checkpoints/ and logs/): its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] not in ("checkpoints", "logs")}
+
+
+def test_a_rerun_of_a_finished_run_with_resume_latest_is_a_no_op_that_says_so(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = train(small(setup, out, max_steps=2, lora_rank=2, fuse=True))
+    assert (out / "fused").is_dir() and (out / "README.md").is_file()
+    before = _snapshot(out)
+    capsys.readouterr()
+    again = train(small(setup, out, max_steps=2, lora_rank=2, fuse=True, resume="latest"))
+    assert again == json.loads((out / "training_summary.json").read_text()) and again["steps"] == first["steps"] == 2
+    assert _snapshot(out) == before  # the summary, the model card and fused/ stay as they were
+    err = capsys.readouterr().err
+    assert "already finished" in err and "nothing to do" in err and "--max-steps" in err
+
+
+def test_a_rerun_with_max_steps_below_the_checkpoints_step_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(small(setup, out, max_steps=3, checkpoint_every=0))
+    before = _snapshot(out)
+    with pytest.raises(UserError) as refused:  # a flat schedule: --max-steps may differ, but not fall below
+        train(small(setup, out, max_steps=2, checkpoint_every=0, resume="latest"))
+    err = str(refused.value)
+    assert "--max-steps 2" in err and "step 3" in err and "--max-steps 3" in err and "--output" in err
+    assert _snapshot(out) == before

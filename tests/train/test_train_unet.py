@@ -157,7 +157,7 @@ def test_cli_masks_and_train_unet(setup, tmp_path):
     [
         (["--data", "/nonexistent/masks"], "no such dataset folder"),
         (["--data", "{masks}", "--mixed-precision", "fp8"], "--mixed-precision"),
-        (["--data", "{masks}", "--batch-size", "1000"], "cannot fill one batch"),
+        (["--data", "{masks}", "--batch-size", "1000"], "too few for one batch"),
         (["--data", "{masks}", "--layers", "sideways"], "unknown layer"),
     ],
 )

@@ -61,7 +61,11 @@ def coco_pairs(folder: str | Path, n: int = 10_000, seed: int = 0, split: str = 
     anns = sorted((a for a in data["annotations"] if int(a["image_id"]) in present), key=lambda a: int(a["id"]))
     if n < 1:
         raise UserError(f"--coco-captions must be >= 1, got {n}")
-    drawn = sorted(random.Random(seed).sample(anns, min(n, len(anns))), key=lambda a: int(a["id"]))
+    if n > len(anns):
+        raise UserError(f"--coco-captions {n}: {path.name} has only {len(anns)} captions whose image is in "
+                        f"{image_dir}; pass --coco-captions {len(anns)} or fewer (the protocol's 10,000 needs the "
+                        "whole val2017)")
+    drawn = sorted(random.Random(seed).sample(anns, n), key=lambda a: int(a["id"]))
     rel = {i: f"{split}/{files[i]}" for i in present}
     pairs = [Pair(i, " ".join(str(a["caption"]).split()), str(a["image_id"]), rel[int(a["image_id"])], str(a["id"]))
              for i, a in enumerate(drawn)]

@@ -205,19 +205,28 @@ def run(cfg: FidConfig, rank: int = 0, world_size: int = 1, progress: bool = Tru
 
 
 def _weights_file(cfg: FidConfig) -> Path:
-    from .inception import weights_path
+    """The Inception weights file, its sha256 checked (before any image is generated), from --inception or the
+    cache alike."""
+    from .inception import WEIGHTS_FILE, WEIGHTS_SHA256_PREFIX, weights_path
 
-    path = Path(cfg.inception) if cfg.inception is not None else weights_path()
+    path = Path(cfg.inception).expanduser() if cfg.inception is not None else weights_path()
     if not path.is_file():
         raise MissingPathError(f"FID Inception weights not found at {path}: run `tcompose download fid` (or pass "
                                 "--inception FILE, a copy of weights-inception-2015-12-05-6726825d.pth)")
+    digest = file_sha256(path)
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+        where = f"--inception {path}" if cfg.inception is not None else f"{path} (the cached FID Inception weights)"
+        fix = ("pass --inception FILE, a good copy of " + WEIGHTS_FILE if cfg.inception is not None
+               else "delete it and run `tcompose download fid` again")
+        raise UserError(f"{where}: sha256 {digest[:16]}... does not start with {WEIGHTS_SHA256_PREFIX}, the digest "
+                        f"of {WEIGHTS_FILE}; a corrupt or other file gives wrong FIDs: {fix}")
     return path
 
 
 def _run(cfg: FidConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float, net) -> dict:
     from ...io.datasets import library_versions, write_json_atomic
     from ...models.spec import parse_model_specs
-    from ..benchmark import merge_run_json, model_settings, write_summary
+    from ..benchmark import merge_run_json, model_settings, recorded_timing, write_summary
     from ..generate import run as generate_run
     from ..sampling import resolve_device
 
@@ -285,13 +294,21 @@ def _run(cfg: FidConfig, rank: int, world_size: int, progress: bool, finalize_ti
             entry = _load_entry(cfg, name, set_name, _entry_key(identity, cfg, pairs, ref_stats.n))
             if entry is not None:
                 results.setdefault(name, {})[set_name] = entry
+    seconds_scoring = round(time.perf_counter() - t0, 3)
+    if not any(g.get("generated") for g in generation.values()):  # a rerun of a finished run: no image made
+        _, generation = recorded_timing(cfg.output, run_path, None, generation)  # keeps the recorded timings
+        try:
+            seconds_scoring = json.loads((cfg.output / "summary.json").read_text()).get("seconds_scoring",
+                                                                                       seconds_scoring)
+        except (OSError, ValueError):
+            pass
     summary = {"models": results, "network": identity, "reference_size": cfg.reference_size,
                "clip_model": cfg.clip_model, "sets": {k: {"pairs": len(v[1]), "reference": len(v[2])}
                                                       for k, v in sets.items()},
                "published": {"note": f"{PUBLISHED_TAG} (paper: 10k COCO / 1k Flickr30K images)",
                              "rows": {n: {"coco": r["FID_coco"], "flickr30k": r["FID_flickr30k"]}
                                       for n, r in TABLE1.items() if r.get("FID_coco") is not None}},
-               "seconds_scoring": round(time.perf_counter() - t0, 3), "generation": generation}
+               "seconds_scoring": seconds_scoring, "generation": generation}
     write_summary(cfg.output, summary, markdown(summary), progress)
     return summary
 
