@@ -177,6 +177,7 @@ def generate_and_detect(cfg: DetectionConfig, specs: Sequence[ModelSpec], prompt
     """Every model generates its images (tcompose.evaluate.generate), then this process detects its share of them
     with ``detector_cls.load(...)`` (loaded once, only if some image lacks detections). Returns the timings and
     each model's generate summary."""
+    from ..io.runs import kept_on_interrupt
     from .detection_store import detect_images, stored_keys
     from .generate import image_filename
     from .generate import run as generate_run
@@ -204,7 +205,9 @@ def generate_and_detect(cfg: DetectionConfig, specs: Sequence[ModelSpec], prompt
                                          str(resolve_device(cfg.settings.device)), cfg.detector_dtype)
             timing["detector_load_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with CountBar(progress and rank == 0, f"detect {spec.name}", len(todo)) as advance:
+        kept = lambda: (f"detections of {len(share) - len(todo) + len(stored_keys(folder) - done)} of {len(share)} "  # noqa: E731
+                        f"images of {spec.name} kept in {folder}")
+        with kept_on_interrupt(kept), CountBar(progress and rank == 0, f"detect {spec.name}", len(todo)) as advance:
             timing["detected"] += detect_images(detector, spec.name, cfg.output, image_dir, image_filename, todo,
                                                 folder, cfg.store_threshold, cfg.detector_batch_size, cfg.part_size,
                                                 rank, advance)

@@ -51,3 +51,27 @@ def test_ctrl_c_in_masks_says_how_many_shards_were_kept(tmp_path, shard_writes, 
                  "--output", str(out)]) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"interrupted: 1 of 3 shards kept in {out}; resume with: tcompose masks "), err
+
+
+def test_ctrl_c_in_multigen_detection_says_how_many_detections_were_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while detecting: the images stay, and the line counts the images whose detections are stored."""
+    import tcompose.evaluate.detection_store as store
+    from tcompose.data.categories import COCO_80
+    from tcompose.evaluate.multigen.prompts import sample_prompts
+    from tcompose.testing.tiny_sd import write_tiny_pipeline
+    from tcompose.testing.tiny_vision import write_tiny_owlv2
+
+    corpus = [p.text for p in sample_prompts(COCO_80, 20, seed=0)]
+    sd, owl = write_tiny_pipeline(tmp_path / "sd", corpus=corpus), write_tiny_owlv2(tmp_path / "owl")
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "detect_images", interrupted)
+    out = tmp_path / "mg"
+    code = main(["multigen", "--model", f"A={sd}", "-o", str(out), "--sample-seed", "0", "--prompts", "2",
+                 "--images", "1", "--steps", "2", "--height", "32", "--width", "32", "--detector", str(owl)])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert f"interrupted: detections of 0 of 2 images of A kept in {out / 'detections' / 'A'}" in err
+    assert len(list((out / "models" / "A" / "images").glob("*.png"))) == 2
