@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .io.errors import UserError
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import MissingPathError, UserError
+from .io.errors import MissingPathError, UserError
 from .models.loading import offline
 from .models.spec import parse_model_spec, parse_model_specs
 

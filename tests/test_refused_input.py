@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcompose.errors import UserError
+from tcompose.io.errors import UserError
 
 
 class Loaded(Exception):

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..models.precision import TF32_DEFAULT, set_tf32
 
 SECTIONS = ("train", "sdxl", "baseline", "generate", "detect", "masks")

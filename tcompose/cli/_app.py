@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import typer
 
-from ..errors import UserError, describe_os_error, system_error
+from ..io.errors import UserError, describe_os_error, system_error
 
 app = typer.Typer(
     name="tcompose",
@@ -43,9 +43,9 @@ def _refuse_non_finite(fn, kwargs: dict) -> None:
 def _friendly(fn):
     """Refused input ends in one red line and exit code 2; anything else shows its traceback and exit code 1.
 
-    The user's mistake is a :class:`~tcompose.errors.UserError`, or an ``OSError`` on a path the user gave
+    The user's mistake is a :class:`~tcompose.io.errors.UserError`, or an ``OSError`` on a path the user gave
     (:func:`_users_os_error`). Anything else -- a plain ``ValueError`` or ``RuntimeError`` from a broken
-    invariant, an ``OSError`` of the machine (a full disk, an I/O error: :func:`tcompose.errors.system_error`), even
+    invariant, an ``OSError`` of the machine (a full disk, an I/O error: :func:`tcompose.io.errors.system_error`), even
     on a file the user named -- prints its traceback and a line saying it looks like a bug (or a system error) and
     what to report. TCOMPOSE_DEBUG=1 raises every
     error as is. A non-finite float option (nan, inf) is refused input for every command.
@@ -135,7 +135,7 @@ def _users_os_error(err: BaseException, values) -> bool:
 
 
 def _report_bug(err: BaseException, console) -> None:
-    """The full traceback, then one line: a system error (:func:`tcompose.errors.system_error`: a full disk, an
+    """The full traceback, then one line: a system error (:func:`tcompose.io.errors.system_error`: a full disk, an
     I/O error) or a bug in tcompose, and what to put in the report."""
     import shlex
     import traceback

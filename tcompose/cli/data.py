@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..models import defaults
 from ._app import _friendly, _split, app, process_state, run_sharded
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..evaluate.settings import GenerationSettings
 from ..models import defaults
 from ._app import _friendly, _split, app

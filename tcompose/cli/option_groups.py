@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..evaluate.settings import EXCITE_STAGES, ExciteSettings, GenerationSettings
 
 __all__ = ["DETECTION_OPTIONS", "EXCITE_OPTIONS", "FROM_OPTIONS", "GENERATION_OPTIONS", "detection_options", "generation_options",

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
 from ..models.defaults import CLIP
 from ..models.precision import TF32_DEFAULT

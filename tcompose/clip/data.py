@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..io.datasets import DatasetError, RowReader, check_columns, load_manifest
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 
 LOGIT_SCALE_MAX = 4.605170185988092  # ln(100): CLIP clamps the learnt temperature at 1/100
 

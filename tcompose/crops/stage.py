@@ -44,7 +44,7 @@ from typing import Iterator
 import numpy as np
 
 from ..data.coco import CocoDataset, CocoError, ImageReadError, annotation_mask, annotation_rle
-from ..errors import UserError
+from ..io.errors import UserError
 from ..io.datasets import DatasetError, ShardedWriter, image_struct
 from ..io.runs import kept_on_interrupt, shards_kept
 from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards

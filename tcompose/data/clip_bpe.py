@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import MissingPathError, UserError
+from ..io.errors import MissingPathError, UserError
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import UserError
+from ..io.errors import UserError
 
 
 class CocoError(UserError):

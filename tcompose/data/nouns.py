@@ -49,7 +49,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ..errors import UserError
+from ..io.errors import UserError
 from .vocab import _forms, _words, normalize_name, pluralize
 
 __all__ = ["METHODS", "NounVocabulary", "default_nouns", "load_nouns", "noun_phrases"]

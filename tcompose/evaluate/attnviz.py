@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import MissingPathError, UserError
+from ..io.errors import MissingPathError, UserError
 from ..grounding.attention_maps import accumulate_attention, parse_steps, word_maps
 from ..io.figures import SCALES, PanelRow, draw_attention_figure
 from ..io.figures import figure_size as _figure_size

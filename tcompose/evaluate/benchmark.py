@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..models.defaults import OWLV2
 from .settings import GenerationSettings
 

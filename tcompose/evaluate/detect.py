@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..models.clip import CLIP_MEAN, CLIP_STD
 from ..models.defaults import OWLV2, OWLVIT
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingPathError, UserError
+from ..io.errors import MissingPathError, UserError
 from ..io.files import check_output_folder
 from ..io.runs import files_kept, kept_on_interrupt, model_id, output_guard
 from ..models.sampling import image_seed

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..io.errors import UserError
 from .settings import GenerationSettings
 
 PROMPT = "a photo of a cat, a dog, a wine glass, a bench and a kite"  # a MultiGen-style 5-object prompt

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..models.sampling import SCHEDULERS, inference_scheduler
 
 __all__ = ["DTYPES", "resolve_device", "resolve_dtype", "dtype_name", "model_facts", "load_pipeline"]

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UserError
+from ..io.errors import UserError
 
 __all__ = ["ExciteSettings", "GenerationSettings", "DTYPES", "EXCITE_STAGES", "STAGE_DEFAULTS", "STAGE_UNUSED"]
 
@@ -145,7 +145,7 @@ class GenerationSettings:
         return out | ({"attend_excite": self.excite.record()} if self.excite is not None else {})
 
     def validate(self) -> None:
-        """Refuse values that no model could take: :class:`tcompose.errors.UserError` (a ValueError) naming the
+        """Refuse values that no model could take: :class:`tcompose.io.errors.UserError` (a ValueError) naming the
         option."""
         for key in ("batch_size", "steps"):
             value = getattr(self, key)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from ..io.errors import UserError
 from .published import PUBLISHED_TAG, TABLE1
 
 NOT_RUN = "not run"

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 
 BLOCKS = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
 

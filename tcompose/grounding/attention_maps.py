@@ -24,7 +24,7 @@ from typing import Callable, Collection, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..io.errors import UserError
 from .attention import capture_cross_attention
 
 __all__ = ["group_hw", "conditional_half", "MapAccumulator", "accumulate_attention", "combine_groups", "word_maps",

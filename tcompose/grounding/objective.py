@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..io.errors import UserError
 from .attention import attention_groups, capture_cross_attention
 from .losses import MAP_REDUCTIONS, grounding_losses, reduce_over_words, resize_mask
 

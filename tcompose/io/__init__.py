@@ -11,31 +11,32 @@ trainers' checkpoints and data order, and what every sharded stage does around i
   Accelerator, non-finite losses, Ctrl-C);
 - :mod:`.preemption`: SIGTERM, SIGUSR1 and Ctrl-C in a trainer: agreed by every process at a step boundary,
   that step checkpointed, exit code 128 + the signal;
+- :mod:`.errors`: ``UserError`` and its kinds (refused input, one line in the CLI) and ``system_error``; it
+  imports nothing, and every area may raise them;
 - :mod:`.files`: written files get the umask's permissions (safetensors writes 0600); folders are written under a
   temporary name and renamed into place.
+
+Names are re-exported lazily (``from tcompose.io import ShardedWriter``): the CLI imports :mod:`.errors`, which
+must not pull in torch or pyarrow through this package.
 """
 
-from .batches import MicroBatches
-from .checkpoints import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .datasets import (
-    COLUMNS,
-    MANIFEST,
-    DatasetError,
-    RowReader,
-    ShardedWriter,
-    decode_mask,
-    encode_mask,
-    image_struct,
-    iter_rows,
-    load_manifest,
-    read_table,
-    schema_for,
-    shard_files,
-    write_json_atomic,
-)
+from __future__ import annotations
 
-__all__ = [
-    "COLUMNS", "MANIFEST", "DatasetError", "MicroBatches", "RowReader", "ShardedWriter", "decode_mask", "encode_mask",
-    "image_struct", "iter_rows", "list_checkpoints", "load_checkpoint", "load_manifest", "read_table",
-    "resolve_resume", "save_checkpoint", "schema_for", "shard_files", "write_json_atomic",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "batches": ("MicroBatches",),
+    "checkpoints": ("list_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint"),
+    "datasets": ("COLUMNS", "MANIFEST", "DatasetError", "RowReader", "ShardedWriter", "decode_mask", "encode_mask",
+                 "image_struct", "iter_rows", "load_manifest", "read_table", "schema_for", "shard_files",
+                 "write_json_atomic"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

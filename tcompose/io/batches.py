@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import UserError
+from .errors import UserError
 
 
 @dataclass(eq=False, repr=False)  # compared and shown as an object: rows may be a million ids

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import MissingPathError, UserError
+from .errors import MissingPathError, UserError
 from .files import match_umask
 
 PREFIX = "step-"

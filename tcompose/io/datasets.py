@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import UserError
+from .errors import UserError
 
 MANIFEST = "manifest.json"
 # "train-" (not "part-"): datasets' default file patterns then pick the shards as the train split and leave

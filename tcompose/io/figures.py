@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from .errors import UserError
 
 DPI = 128  # a power of two: pixel sizes survive the inches round trip exactly
 LABEL_PX = 32  # left band holding each row's label

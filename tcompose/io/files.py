@@ -86,7 +86,7 @@ def _probe_writable(folder: Path) -> str | None:
 
 def _creatable_under(path: Path, flag: str, what: str) -> None:
     """``path`` (absent) can be created: its nearest existing parent is a folder files can be written in."""
-    from ..errors import NotAFolderError, UserError
+    from .errors import NotAFolderError, UserError
 
     parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
     if parent is None:  # not even the root exists: nothing to check against
@@ -104,7 +104,7 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--output", inside:
     """Refuse, before any work, an output folder that cannot be used: a file of that name, a file where a folder
     above it should be, a folder (or the place it would be made) that cannot be written. ``inside``: entries the
     stage writes as folders in it, which must not be files either. Creates nothing; returns ``path``."""
-    from ..errors import NotAFolderError, UserError
+    from .errors import NotAFolderError, UserError
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -126,7 +126,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "--output") -> Path:
     """Refuse, before any work, an output file that cannot be written: a folder of that name, a file where a
     folder above it should be, a folder it cannot be created in, an existing file that cannot be replaced.
     Creates nothing; returns ``path``."""
-    from ..errors import UserError
+    from .errors import UserError
 
     path = Path(path)
     if path.is_dir():

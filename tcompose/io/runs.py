@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from ..errors import UserError
+from .errors import UserError
 from .checkpoints import PREFIX, list_checkpoints, load_checkpoint, resolve_resume
 from .datasets import MANIFEST
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..models.defaults import CAPTION_CLIP
 
 CAPTION_MODES = ("first", "all", "clip-best")

@@ -27,7 +27,7 @@ import torch
 
 from ..data.coco import CocoDataset
 from ..data.nouns import METHODS, default_nouns, noun_phrases
-from ..errors import UserError
+from ..io.errors import UserError
 from .config import MasksConfig, model_dtype
 from .grounding_dino import Detector
 from .grounding_dino import preprocess as detector_inputs

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..models.defaults import GROUNDING_DINO
 
 DEFAULT_DETECTOR = GROUNDING_DINO

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingPathError, NotAFolderError, UserError
+from ..io.errors import MissingPathError, NotAFolderError, UserError
 from ..io.datasets import DatasetError, ShardedWriter, encode_mask, image_struct
 from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..data.coco import CocoDataset, CocoImage, ImageReadError
-from ..errors import UserError
+from ..io.errors import UserError
 from ..io.datasets import Shard
 
 

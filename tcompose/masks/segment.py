@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..models.defaults import SEGMENTER
 
 DEFAULT_SEGMENTER = SEGMENTER

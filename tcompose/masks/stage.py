@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.coco import CocoDataset
-from ..errors import UserError
+from ..io.errors import UserError
 from ..io.datasets import DatasetError, ShardedWriter
 from ..io.runs import kept_on_interrupt, output_guard, shards_kept
 from ..io.stages import progress_bar, refuse_empty, refuse_other_settings, remove_stale_tmp, wait_for_shards

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 from .loading import ModelFolderError, hub_hint, local_path, quiet_logger, tf_dtype_kwargs
 
 __all__ = ["TextEncoderMismatchError", "load_text_encoder", "check_text_encoder", "clip_text_from_pretrained",

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from ..errors import UnavailableError, UserError, system_error
+from ..io.errors import UnavailableError, UserError, system_error
 
 T = TypeVar("T")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -98,7 +98,7 @@ def _attach_hint(err: Exception, hint: str, first: str) -> None:
 @contextlib.contextmanager
 def hub_hint(model_id: str, local_files_only: bool | None) -> Iterator[None]:
     """A hub loading error with a one-line hint attached; the hub's own ``OSError`` (no such id, not cached
-    offline) is re-raised as :class:`~tcompose.errors.UnavailableError` (the user's to fix), others unchanged."""
+    offline) is re-raised as :class:`~tcompose.io.errors.UnavailableError` (the user's to fix), others unchanged."""
     with _hub_errors(
         local_files_only,
         offline_hint=(f"hint: {model_id!r} is not in the local Hugging Face cache and offline mode (HF_HUB_OFFLINE=1 / "

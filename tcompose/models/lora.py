@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..errors import MissingPathError, UserError
+from ..io.errors import MissingPathError, UserError
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS = "pytorch_lora_weights.safetensors"

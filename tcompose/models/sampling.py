@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 
 __all__ = ["SCHEDULERS", "image_seed", "inference_scheduler", "initial_latents", "PromptEmbeddings", "generate_batch",
            "attend_and_excite", "check_excitable", "excite_groups", "excite_positions"]

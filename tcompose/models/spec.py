@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Iterable
 
-from ..errors import UserError
+from ..io.errors import UserError
 
 __all__ = ["ModelSpec", "parse_model_spec", "parse_model_specs"]
 

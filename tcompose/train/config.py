@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..grounding.attention import parse_layers
 from ..grounding.losses import MAP_REDUCTIONS
 from ..io.runs import dataset_fingerprint, finite_or_raise, model_id

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..io.datasets import RowReader, check_columns, decode_mask, load_manifest
 from .geometry import load_mask, load_pixels, resize_crop
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..io.errors import UserError
 from ..grounding.attention import describe_groups, resolve_layers
 from ..io.files import match_umask
 from ..io.preemption import StopSignals, ignore_stop_signals

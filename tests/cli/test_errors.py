@@ -1,5 +1,5 @@
 """Errors as the user meets them: refused input is one red line and exit code 2; a bug or a system error shows
-its traceback, says so, and exits with 1 (tcompose.errors, tcompose.cli._app._friendly)."""
+its traceback, says so, and exits with 1 (tcompose.io.errors, tcompose.cli._app._friendly)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tcompose.cli import app
-from tcompose.errors import MissingPathError, NotAFolderError, PathExistsError, UnavailableError, UserError
+from tcompose.io.errors import MissingPathError, NotAFolderError, PathExistsError, UnavailableError, UserError
 
 
 def _invoke(*args: str, env: dict | None = None):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tcompose.cli import main
-from tcompose.errors import UserError
+from tcompose.io.errors import UserError
 from tcompose.io.runs import NonFiniteLossError
 from tcompose.masks.config import MasksConfig
 from tcompose.masks.stage import run as make_masks

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ...clip.data import Preprocess
-from ...errors import UserError
+from ...io.errors import UserError
 from ...models.defaults import CLIP as DEFAULT_CLIP
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

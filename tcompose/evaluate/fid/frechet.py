@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import MissingPathError, UserError
+from ...io.errors import MissingPathError, UserError
 
 
 class RunningStats:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import MissingPathError, UnavailableError, UserError
+from ...io.errors import MissingPathError, UnavailableError, UserError
 from ...io.datasets import file_sha256
 
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

@@ -23,7 +23,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...errors import UserError
+from ...io.errors import UserError
 
 SETS = ("coco", "flickr30k")
 DEFAULT_SIZES = {"coco": 10_000, "flickr30k": 1_000}

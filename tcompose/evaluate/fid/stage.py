@@ -46,7 +46,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ...errors import MissingPathError, UserError
+from ...io.errors import MissingPathError, UserError
 from ...io.datasets import file_sha256
 from ...io.runs import output_guard
 from ...models.defaults import CLIP

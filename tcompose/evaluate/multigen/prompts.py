@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...data.categories import MULTIGEN_CATEGORIES
-from ...errors import UserError
+from ...io.errors import UserError
 from ...io.datasets import file_sha256
 from ...models.loading import offline
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ...errors import UserError
+from ...io.errors import UserError
 from ..published import PUBLISHED_TAG, multigen_rows
 
 LEVELS = ("MG1", "MG2", "MG3", "MG4", "MG5")

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ...errors import UserError
+from ...io.errors import UserError
 
 LEVELS = 5
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ...data.categories import COCO_80
-from ...errors import UserError
+from ...io.errors import UserError
 
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 N_PROMPTS = 31_680

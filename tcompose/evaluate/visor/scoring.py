@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ...errors import UserError
+from ...io.errors import UserError
 from .prompts import RELATIONS, _records
 
 LEVELS = ("OA", "VISOR_cond", "VISOR_uncond", "VISOR_1", "VISOR_2", "VISOR_3", "VISOR_4")

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import UserError
+from ...io.errors import UserError
 from ...models.defaults import OWLVIT
 from ...models.spec import ModelSpec
 from ..benchmark import DetectionConfig, check_settings, read_run, run_models, write_summary

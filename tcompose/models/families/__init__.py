@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ...errors import UserError
+from ...io.errors import UserError
 from ..loading import ModelFolderError, folder_hint, hub_hint, local_path
 from .base import Components, ModelFamily
 from .sd import StableDiffusion

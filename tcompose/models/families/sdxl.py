@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from ...data.text import tokenize_captions
-from ...errors import UserError
+from ...io.errors import UserError
 from ..loading import ModelFolderError, quiet_logger, tf_dtype_kwargs
 from .base import Components
 from .sd import StableDiffusion

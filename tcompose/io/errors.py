@@ -1,6 +1,7 @@
 """Errors that say "your input was refused", as against a bug in tcompose.
 
-The ground floor of the package: it imports nothing from tcompose, and every area may raise these.
+It imports nothing from tcompose (and ``tcompose.io`` re-exports lazily, so the CLI imports it without torch):
+every area may raise these.
 
 The rule: tcompose raises :class:`UserError` (or one of its kinds below) where it refuses something the user
 can fix: a bad option value, a file or folder that is missing, not a folder, or not what it should be, a
