@@ -13,7 +13,8 @@ PYTEST_ARGS ?= -n 2
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+# bnb: bitsandbytes runs its 8-bit AdamW on a CPU too, so --optimizer adamw8bit is tested, not skipped
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,bnb]"
 # torch-fidelity: the reference the FID tests compare against (tests/evaluate/fid/test_inception.py). --no-deps
 # because its dependencies would pull torchvision; the tests load only its standalone files, never the package.
 	$(PY) -m pip install --quiet --no-deps torch-fidelity==0.4.0

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; ``main(["train-unet", ...])`` runs a command in-process and returns its exit code."""
     args = list(argv) if argv is not None else sys.argv[1:]
     _app.ARGV[:] = args
+    _quiet_kernel_hub()
     try:
         app(args=args, prog_name="tcompose", standalone_mode=True)
     except SystemExit as exc:
@@ -30,6 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _leave_process_group()
     return 0
+
+
+def _quiet_kernel_hub() -> None:
+    """bitsandbytes (``--optimizer adamw8bit``) tries, when diffusers imports it, to fetch a CPU 4-bit kernel from
+    the Hub and warns twice on every command where it cannot (offline, or no CUDA). tcompose uses none of its 4-bit
+    kernels on a CPU: those two lines would only hide the command's own output."""
+    import logging
+
+    for name in ("kernels", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _leave_process_group() -> None:

@@ -27,8 +27,10 @@ def _from_other_source(coco_dir: Optional[Path], other: Optional[Path], flag: st
 @app.command()
 @_friendly
 def masks(
-    coco_dir: Optional[Path] = typer.Argument(None, help="COCO-format folder: annotations/captions_SPLIT.json (+ instances_SPLIT.json for coco-gt) and SPLIT/*.jpg."),
+    coco_dir: Optional[Path] = typer.Argument(None, help="COCO-format folder (annotations/captions_SPLIT.json, + instances_SPLIT.json for coco-gt, and SPLIT/*.jpg), or a captioned image set: an imagefolder (metadata.jsonl / metadata.csv with file_name and a caption column), a folder of Parquet or Arrow files, or a hub dataset id in the local cache."),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write (Parquet shards + manifest.json)."),
+    image_column: str = typer.Option("image", help="Parquet / Arrow / hub input: the column holding the image (bytes, {bytes, path} or a path)."),
+    caption_column: str = typer.Option("text", help="Imagefolder or Parquet input: the column holding the caption(s)."),
     source: str = typer.Option("grounded-sam", help="Where masks come from: grounded-sam (GroundingDINO boxes -> SAM masks for the caption's noun phrases) or coco-gt (COCO's own instance masks)."),
     split: str = typer.Option("train2017", help="COCO split name (train2017, val2017, ...)."),
     captions: str = typer.Option("first", help="first: one row per image; all: one row per caption; clip-best: one row per image, for the caption CLIP scores highest."),
@@ -73,6 +75,7 @@ def masks(
         detector_revision=detector_revision, segmenter=segmenter, segmenter_revision=segmenter_revision,
         box_threshold=box_threshold, text_threshold=text_threshold, nouns=nouns, clip_model=clip_model,
         clip_revision=clip_revision, batch_size=batch_size, dtype=dtype, workers=workers, device=str(state.device),
+        image_column=image_column, caption_column=caption_column,
     )
     run_sharded(run, cfg, state)
 

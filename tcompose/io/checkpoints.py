@@ -53,6 +53,45 @@ def _trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _flatten_optimizer_state(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict[str, int | float]]:
+    """An optimizer's per-parameter state as (tensors for safetensors, Python scalars for state.json), keyed
+    ``state.{param}.{name}``; a nested dict (bitsandbytes' 8-bit state under ``__bnb_optimizer_quant_state__``)
+    adds ``/{key}`` per level. Scalars keep their type (bitsandbytes counts ``step`` as a Python int)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, int | float] = {}
+    seen: set[int] = set()
+
+    def put(key: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                put(f"{key}/{k}", v)
+        elif isinstance(value, torch.Tensor):  # safetensors refuses shared storage (bitsandbytes shares qmaps)
+            tensors[key] = value.clone() if value.untyped_storage().data_ptr() in seen else value
+            seen.add(value.untyped_storage().data_ptr())
+        elif isinstance(value, (bool, int, float)):
+            scalars[key] = value
+        else:
+            raise TypeError(f"optimizer state {key}: cannot checkpoint a {type(value).__name__}")
+
+    for pid, st in opt_state.items():
+        for name, value in st.items():
+            put(f"state.{pid}.{name}", value)
+    return tensors, scalars
+
+
+def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict[str, int | float]) -> dict:
+    """The inverse of :func:`_flatten_optimizer_state`."""
+    opt_state: dict = {}
+    for key, value in [*tensors.items(), *scalars.items()]:
+        _, pid, name = key.split(".", 2)
+        *parents, leaf = name.split("/")
+        node = opt_state.setdefault(int(pid), {})
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return opt_state
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, lr_scheduler, ema=None, scaler=None, limit: int | None = None,
                     extra: dict | None = None, only_trainable: bool = False) -> Path:
     """Save everything needed to continue training exactly; keep at most ``limit`` checkpoints.
@@ -69,13 +108,12 @@ def save_checkpoint(root: Path, step: int, model, optimizer, lr_scheduler, ema=N
         weights = {k: v for k, v in weights.items() if k in keep}
     save_file(_contiguous(weights), tmp / "model.safetensors")
     opt = optimizer.state_dict()
-    tensors = {}
-    for pid, st in opt["state"].items():
-        for name, value in st.items():
-            tensors[f"state.{pid}.{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    tensors, scalars = _flatten_optimizer_state(opt["state"])
     save_file(_contiguous(tensors), tmp / "optimizer.safetensors")
     state = {"step": step, "param_groups": _jsonable(opt["param_groups"]), "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
              "only_trainable": only_trainable, "extra": extra or {}}
+    if scalars:
+        state["optimizer_scalars"] = scalars
     if ema is not None:
         ema_state = ema.state_dict()
         save_file(_contiguous({str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}), tmp / "ema.safetensors")
@@ -123,11 +161,7 @@ def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema=None, scaler
         missing = [k for k in missing if k in _trainable_names(model)]
     if missing or unexpected:
         raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tensors = load_file(path / "optimizer.safetensors")
-    opt_state: dict = {}
-    for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        opt_state.setdefault(int(pid), {})[name] = value
+    opt_state = _unflatten_optimizer_state(load_file(path / "optimizer.safetensors"), state.get("optimizer_scalars", {}))
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:

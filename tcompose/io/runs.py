@@ -371,7 +371,50 @@ def output_guard(*paths: str | os.PathLike) -> Iterator[None]:
 # What a trainer trains under, and what it reports
 
 
-def trainer_accelerator(out: Path, grad_accum: int, mixed_precision: str):
+def check_report_to(report_to: str) -> list[str]:
+    """The accelerate trackers of ``--report-to`` (tensorboard, wandb, all: both, none: no tracker); a UserError
+    naming the install when wandb is asked for and missing."""
+    import importlib.util
+
+    trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}
+    if report_to not in trackers:
+        raise UserError(f"--report-to must be one of {', '.join(trackers)}, got {report_to!r}")
+    if "wandb" in trackers[report_to] and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--report-to {report_to} needs wandb, which is not installed: pip install wandb "
+                        "(or pip install 'tcompose[wandb]'), or pass --report-to tensorboard")
+    return trackers[report_to]
+
+
+def adamw_class(optimizer: str):
+    """``--optimizer``: torch's AdamW, or bitsandbytes' 8-bit AdamW (a UserError naming the extra when missing)."""
+    import torch
+
+    if optimizer == "adamw":
+        return torch.optim.AdamW
+    if optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--optimizer adamw8bit needs bitsandbytes, which is not installed: "
+                            "pip install 'tcompose[bnb]' (or pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit
+    raise UserError(f"--optimizer must be adamw or adamw8bit, got {optimizer!r}")
+
+
+def log_validation_images(accelerator, grid, step: int) -> None:
+    """A validation grid (``[H, W, 3]`` uint8) to every tracker of the run, under ``validation``."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation": grid[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid)]}, step=step)
+        else:
+            tracker.log_images({"validation": grid[None]}, step=step)
+
+
+def trainer_accelerator(out: Path, grad_accum: int, mixed_precision: str, report_to: str = "tensorboard"):
     """The Accelerator of both trainers: on the CPU where there is no CUDA, ``grad_accum`` micro-steps per
     optimizer step, ``mixed_precision`` (no, fp16, bf16), tensorboard logs under ``out/logs``. fp16 on the CPU
     trains in fp32 with a note, as ``--dtype fp16`` does elsewhere (no fast half-precision CPU kernels): the
@@ -388,7 +431,7 @@ def trainer_accelerator(out: Path, grad_accum: int, mixed_precision: str):
         cpu=cpu,
         gradient_accumulation_steps=grad_accum,
         mixed_precision=mixed_precision,
-        log_with="tensorboard",
+        log_with=check_report_to(report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     if note:

@@ -17,7 +17,8 @@ class MasksConfig:
 
     coco_dir: Path
     """COCO-format folder: ``annotations/captions_{split}.json`` (+ ``instances_{split}.json`` for coco-gt) and
-    the images in ``{split}/``."""
+    the images in ``{split}/``; or any captioned image set (:mod:`tcompose.data.captioned`: an imagefolder with
+    metadata.jsonl / metadata.csv, a folder of Parquet or Arrow files, a cached hub dataset id)."""
     output: Path
     """Dataset folder to write (Parquet shards + manifest.json); rerunning into it resumes."""
     split: str = "train2017"
@@ -61,6 +62,10 @@ class MasksConfig:
     workers: int = 4
     """DataLoader worker processes that read, decode and preprocess images (0: in the main process), and as
     many threads encoding PNGs; coco-gt always works in the main process. Performance only."""
+    image_column: str = "image"
+    """A Parquet dataset as ``coco_dir``: the column holding the image (bytes, ``{bytes, path}`` or a path)."""
+    caption_column: str = "text"
+    """An imagefolder or Parquet dataset as ``coco_dir``: the column holding the caption (or list of captions)."""
     device: str | None = None
     """Where the models run; None: cuda if available, else cpu (the CLI passes accelerate's device)."""
 

@@ -84,17 +84,18 @@ def read_image_ids(path: str | Path) -> list[int]:
     return ids
 
 
-def select_ids(coco: CocoDataset, image_ids: str | Path | None, limit: int | None) -> tuple[list[int], str | None]:
+def select_ids(coco: CocoDataset, image_ids: str | Path | None, limit: int | None) -> tuple[Sequence[int], str | None]:
     """(ids, digest): the split's ids in image-id order, only those of the ``image_ids`` file if given, then the
     first ``limit``; ``digest`` names the file's id set (it decides the rows), None without a file."""
-    ids, digest = list(coco.ids), None
+    ids, digest = coco.ids, None  # a range for a captioned set: millions of rows are not listed
     if image_ids is not None:
         wanted = set(read_image_ids(image_ids))
-        unknown = sorted(wanted - set(ids))
+        listed = ids if isinstance(ids, range) else set(ids)
+        unknown = sorted(i for i in wanted if i not in listed)
         if unknown:
             raise UserError(f"{image_ids}: {len(unknown)} image id(s) are not in {coco.root} split {coco.split} "
                             f"(e.g. {', '.join(map(str, unknown[:5]))}); fix the file or pass the right --split")
-        ids = [i for i in ids if i in wanted]
+        ids = sorted(wanted) if isinstance(ids, range) else [i for i in ids if i in wanted]
         digest = f"{len(ids)}:" + hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
     return (ids[:limit] if limit is not None else ids), digest
 

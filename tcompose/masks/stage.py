@@ -10,6 +10,9 @@ Runbook::
     # COCO's own instance masks for the caption nouns that name an annotated category (no models)
     tcompose masks COCO_DIR --source coco-gt --split val2017 --captions all --limit 5000 --output DIR
     # killed? run the same command again: finished shards are kept, the rest is written, rows are identical
+    # any captioned image set instead of COCO (imagefolder, Parquet / Arrow folder, cached hub dataset id):
+    # tcompose.data.captioned; row numbers are the image ids
+    tcompose masks DATA --image-column image --caption-column text --output DIR
 
 Per image (in image-id order; ``--image-ids FILE`` and ``--limit`` select): its caption(s) (``--captions
 first|all|clip-best``, :mod:`tcompose.masks.caption_choice`); the caption's phrases and a mask for each, from the
@@ -40,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..data.captioned import CaptionedDataset, open_images
 from ..data.coco import CocoDataset
 from ..io.errors import UserError
 from ..io.datasets import DatasetError, ShardedWriter
@@ -131,14 +135,18 @@ def run(
 def _run(cfg: MasksConfig, rank: int, world_size: int, progress: bool, finalize_timeout_s: float) -> dict:
     t0 = time.monotonic()
     source = SOURCES[cfg.source]
-    coco = CocoDataset(cfg.coco_dir, cfg.split, captions=True, instances=source.needs_instances)
+    coco = open_images(cfg.coco_dir, cfg.split, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                       captions=True, instances=source.needs_instances)
     ids, digest = select_ids(coco, cfg.image_ids, cfg.limit)
     if not ids:
         raise DatasetError(f"{cfg.coco_dir}: split {cfg.split} lists no images; nothing to write")
     content = content_config(cfg, digest)
-    refuse_other_settings(cfg.output, content, "masks")
     run_config = {"coco_dir": str(cfg.coco_dir), "output": str(cfg.output), "world_size": world_size,
                   "image_ids": str(cfg.image_ids) if cfg.image_ids else None}
+    if isinstance(coco, CaptionedDataset):  # a COCO folder's manifest stays as it was
+        content["input"] = {k: v for k, v in coco.describe().items() if k != "path"}
+        run_config["input"] = coco.describe()
+    refuse_other_settings(cfg.output, content, "masks")
     writer = ShardedWriter(cfg.output, "masks", "masks", content, run_config, cfg.shard_size, rank, world_size)
     todo = writer.pending(len(ids))
     remove_stale_tmp(writer, todo)  # half-written shards a killed run left behind

@@ -119,7 +119,8 @@ def read_lora_meta(folder: str | os.PathLike) -> dict | None:
 
 
 def apply_lora(pipe, folder: str | os.PathLike, scale: float = 1.0) -> None:
-    """Load the adapters of ``folder`` into ``pipe``'s UNet and merge them at ``scale`` (plain weights after)."""
+    """Load the adapters of ``folder`` into ``pipe``'s UNet and merge them at ``scale`` (plain weights after). A
+    run trained with ``--prediction-type`` recorded it beside the adapters: the pipeline's scheduler takes it."""
     folder = Path(folder).expanduser()
     if not (folder / WEIGHTS).is_file():
         raise MissingPathError(f"lora={folder}: no {WEIGHTS} there; pass the --output of a train-unet --lora-rank run "
@@ -134,6 +135,9 @@ def apply_lora(pipe, folder: str | os.PathLike, scale: float = 1.0) -> None:
         pipe.unload_lora_weights()
     finally:
         diffusers_logging.set_verbosity(level)
+    prediction_type = (read_lora_meta(folder) or {}).get("prediction_type")
+    if prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=prediction_type)
 
 
 def check_lora(model: str | os.PathLike, lora: str | os.PathLike, revision: str | None = None,

@@ -77,12 +77,18 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
         ("resolution", f"{summary.get('resolution')} px"),
         ("steps", f"{summary.get('steps')} (batch {cfg.batch_size} x "
                   f"{_n(summary.get('num_processes', 1), 'process')} x {cfg.grad_accum} accumulation)"),
-        ("optimizer", f"AdamW, lr {cfg.lr:g} ({cfg.lr_scheduler}), weight decay {cfg.adam_weight_decay:g}"),
+        ("optimizer", f"{'8-bit AdamW (bitsandbytes)' if cfg.optimizer == 'adamw8bit' else 'AdamW'}, lr {cfg.lr:g} ({cfg.lr_scheduler}), weight decay {cfg.adam_weight_decay:g}"),
         ("precision", {"no": "fp32"}.get(*[summary.get("mixed_precision", cfg.mixed_precision)] * 2)
          + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
     ]
     if cfg.snr_gamma:
         recipe.append(("Min-SNR gamma", f"{cfg.snr_gamma:g}"))
+    if cfg.noise_offset:
+        recipe.append(("noise offset", f"{cfg.noise_offset:g}"))
+    if cfg.prediction_type:
+        recipe.append(("prediction type", f"{cfg.prediction_type} (--prediction-type)"))
+    if cfg.max_train_samples is not None:
+        recipe.append(("training rows", f"the first {cfg.max_train_samples} (--max-train-samples)"))
     lines = [
         f"# {Path(cfg.output).name}",
         "",

@@ -13,6 +13,9 @@ from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
 from ..models.defaults import BASE_MODEL
 from ..models.precision import TF32_DEFAULT
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+OPTIMIZERS = ("adamw", "adamw8bit")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 #: Schedules whose learning rate does not depend on --max-steps: a resume may extend such a run.
 FLAT_SCHEDULERS = ("constant", "constant_with_warmup")
@@ -65,6 +68,13 @@ class TrainUnetConfig:
     eval_max_examples: int = 64
     eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
     random_flip: bool = False  # flips image and masks together; captions saying left/right become wrong
+    noise_offset: float = 0.0  # diffusers' --noise_offset: noise += offset * randn(C, 1, 1) per example (0: off)
+    prediction_type: str | None = None  # epsilon | v_prediction: overrides the scheduler's (None: the model's)
+    max_train_samples: int | None = None  # train on the first N training rows after the held-out split
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    report_to: str = "tensorboard"  # tensorboard | wandb | all | none
+    push_to_hub: bool = False  # upload the pipeline or LoRA with its model card when training ends
+    hub_model_id: str | None = None  # the Hub repo of --push-to-hub (default: the output folder's name)
     snr_gamma: float | None = None  # Min-SNR-gamma weighting of L_LDM (diffusers' --snr_gamma; 5.0 is usual)
     validation_prompts: tuple[str, ...] = ()  # images + per-noun attention every validation_every steps
     validation_every: int = 0  # steps between validation grids (0: only after the last step)
@@ -83,7 +93,7 @@ class TrainUnetConfig:
         """Every check that needs no model and no data: a bad option fails at once."""
         finite_or_raise({"--lambda": self.lambda_token, "--gamma": self.gamma_pixel, "--lr": self.lr,
                          "--lora-alpha": self.lora_alpha, "--snr-gamma": self.snr_gamma,
-                         "--adam-weight-decay": self.adam_weight_decay, "--max-grad-norm": self.max_grad_norm,
+                         "--noise-offset": self.noise_offset, "--adam-weight-decay": self.adam_weight_decay, "--max-grad-norm": self.max_grad_norm,
                          "--ema-decay": self.ema_decay, "--eval-fraction": self.eval_fraction,
                          "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_epsilon": self.adam_epsilon})
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -126,6 +136,16 @@ class TrainUnetConfig:
             raise UserError("--validation-every needs at least one --validation-prompt")
         if any(not p.strip() for p in self.validation_prompts):
             raise UserError("--validation-prompt: an empty prompt")
+        if self.noise_offset < 0:
+            raise UserError(f"--noise-offset must be >= 0, got {self.noise_offset}")
+        if self.prediction_type not in (None, *PREDICTION_TYPES):
+            raise UserError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise UserError(f"--max-train-samples must be >= 1, got {self.max_train_samples}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
 
 
@@ -151,7 +171,15 @@ def resume_settings(cfg: TrainUnetConfig, resolution: int, world_size: int) -> d
         "--mixed-precision": cfg.mixed_precision, "--use-ema": cfg.use_ema, "--ema-decay": cfg.ema_decay,
         "--eval-fraction": cfg.eval_fraction, "--eval-max-examples": cfg.eval_max_examples,
         "--eval-timesteps": list(cfg.eval_timesteps),
-    }
+    } | _when_set(cfg)
+
+
+def _when_set(cfg: TrainUnetConfig) -> dict:
+    """The settings added later, recorded only when they differ from their default: a checkpoint written before
+    they existed (which trained with the default) still resumes, and one that set them refuses another value."""
+    added = {"--noise-offset": (cfg.noise_offset, 0.0), "--prediction-type": (cfg.prediction_type, None),
+             "--max-train-samples": (cfg.max_train_samples, None), "--optimizer": (cfg.optimizer, "adamw")}
+    return {flag: value for flag, (value, default) in added.items() if value != default}
 
 
 def may_differ_on_resume(cfg: TrainUnetConfig) -> tuple[str, ...]:

@@ -134,10 +134,13 @@ class TrainingExamples(Dataset):
     With ``latents`` (a :class:`tcompose.train.latent_cache.LatentCache`) an example carries the VAE's cached
     ``latent_moments`` ``[2, C, h, w]`` (mean, std of the chosen orientation) instead of ``pixel_values``;
     its image is then not read at all (only its masks), and everything random stays the same.
+    ``noise_offset`` (diffusers' ``--noise_offset``) adds ``offset * randn(C, 1, 1)`` to the example's noise, drawn
+    from its generator after everything else; 0 leaves the noise exactly as without it.
     """
 
-    def __init__(self, prep: PreparedRows, resolution: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int, random_flip: bool = False, latents=None):
+    def __init__(self, prep: PreparedRows, resolution: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int, random_flip: bool = False, latents=None, noise_offset: float = 0.0):
         self.prep = prep
+        self.noise_offset = noise_offset
         self.resolution = resolution
         self.latent_shape = latent_shape
         self.num_train_timesteps = num_train_timesteps
@@ -161,6 +164,8 @@ class TrainingExamples(Dataset):
         latent_eps = torch.randn(self.latent_shape, generator=g)
         timestep = torch.randint(0, self.num_train_timesteps, (), generator=g)
         flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
+        if self.noise_offset:  # diffusers' --noise_offset, drawn last: everything else stays as without it
+            noise = noise + self.noise_offset * torch.randn((self.latent_shape[0], 1, 1), generator=g)
 
         r = self.resolution
         if self.latents is None:

@@ -45,8 +45,8 @@ from ..io.errors import UserError
 from ..grounding.attention import describe_groups, resolve_layers
 from ..io.files import match_umask
 from ..io.preemption import StopSignals, ignore_stop_signals
-from ..io.runs import (FiniteGuard, Interrupted, output_guard, peak_memory_mb, prepare_run_folder, resume_point,
-                       trainer_accelerator, training_progress)
+from ..io.runs import (FiniteGuard, Interrupted, adamw_class, check_report_to, log_validation_images, output_guard,
+                       peak_memory_mb, prepare_run_folder, resume_point, trainer_accelerator, training_progress)
 from .card import CARD, write_model_card
 from .config import (
     OUTPUTS,
@@ -55,6 +55,7 @@ from .config import (
     may_differ_on_resume,
     resume_settings,
 )
+from .hub import check_push, hub_repo_id, push_run
 from .output import save_lora_outputs, save_pipeline
 
 __all__ = ["TrainUnetConfig", "run"]
@@ -84,6 +85,9 @@ def data_line(stats: dict, train_rows: int, heldout_rows: int) -> str:
 def run(cfg: TrainUnetConfig) -> dict:
     """Train, checkpoint, score grounding before and after, and write the pipeline to ``cfg.output``."""
     cfg.validate()
+    check_report_to(cfg.report_to)  # a missing wandb or bitsandbytes fails before any model or data is read
+    adamw_class(cfg.optimizer)
+    check_push(cfg.push_to_hub, cfg.hub_model_id)  # offline or without a token: refused before any work
     with output_guard(cfg.output):
         return _train(cfg)
 
@@ -125,6 +129,9 @@ def _train(cfg: TrainUnetConfig) -> dict:
     settings = resume_settings(cfg, resolution, world)
     start = resume_point(cfg.resume, ckpt_root, settings, may_differ_on_resume(cfg))
     check_batch_fits(cfg.data, cfg.eval_fraction, cfg.seed, cfg.batch_size, world)  # before the logs/ and weights
+    if cfg.max_train_samples is not None and cfg.max_train_samples < cfg.batch_size * world:
+        raise UserError(f"--max-train-samples {cfg.max_train_samples} is below one batch of --batch-size "
+                        f"{cfg.batch_size} x {world} process(es); raise it or lower --batch-size")
     finished = _finished_run(cfg, out, start.path)
     if finished is not None:  # a rerun of a finished run (a job script that always adds --resume latest)
         if main:
@@ -136,7 +143,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
         state.wait_for_everyone()
         return finished
 
-    accelerator = trainer_accelerator(out, cfg.grad_accum, cfg.mixed_precision)
+    accelerator = trainer_accelerator(out, cfg.grad_accum, cfg.mixed_precision, cfg.report_to)
     device, log = accelerator.device, accelerator.print
     from ..models.precision import set_tf32
 
@@ -147,6 +154,10 @@ def _train(cfg: TrainUnetConfig) -> dict:
 
     comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae)
     unet, vae, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.tokenizer, comps.noise_scheduler
+    if cfg.prediction_type:  # diffusers' --prediction_type: the training target follows it (UNetObjective)
+        if noise_scheduler.config.prediction_type != cfg.prediction_type:
+            log(f"prediction type: {cfg.prediction_type} (the model's scheduler says {noise_scheduler.config.prediction_type})")
+        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
 
     # the accelerator's precision: fp16 on a CPU runs in fp32 (trainer_accelerator notes it)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
@@ -176,6 +187,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
 
     prep = prepare_rows(cfg.data, comps)
     train_rows, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
+    if cfg.max_train_samples is not None:  # the first N training rows after the held-out split
+        train_rows = train_rows[: cfg.max_train_samples]
     latent_shape = (unet.config.in_channels, latent, latent)
     n_t = noise_scheduler.config.num_train_timesteps
     cache = None
@@ -185,11 +198,12 @@ def _train(cfg: TrainUnetConfig) -> dict:
         cache = prepare_latent_cache(out / "latent_cache", prep, vae, resolution, cfg.random_flip,
                                      accelerator.process_index, accelerator.num_processes,
                                      accelerator.wait_for_everyone, main and cfg.progress, log, cfg.num_workers)
-    examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, cfg.random_flip, latents=cache)
+    examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, cfg.random_flip, latents=cache,
+                                noise_offset=cfg.noise_offset)
     eval_examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, random_flip=False)
     log(data_line(prep.stats, len(train_rows), len(heldout)))
 
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw_class(cfg.optimizer)(
         trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
     )
@@ -226,12 +240,14 @@ def _train(cfg: TrainUnetConfig) -> dict:
 
             if validation["pipe"] is None:
                 validation["pipe"] = validation_pipeline(cfg.model, cfg.revision, comps)
+                if cfg.prediction_type:
+                    validation["pipe"].scheduler.register_to_config(prediction_type=cfg.prediction_type)
             path = out / "validation" / f"step-{at:06d}.png"
             with accelerator.autocast():
                 grid = render_validation(validation["pipe"], comps, cfg.validation_prompts, cfg.seed, cfg.validation_steps,
                                          7.5, resolution, layers, path)
             match_umask(path)
-            accelerator.get_tracker("tensorboard").log_images({"validation": grid[None]}, step=at, dataformats="NHWC")
+            log_validation_images(accelerator, grid, at)
             validation["last"] = path
         score = score or evaluate()
         if score is not None:
@@ -378,6 +394,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
         log(f"wrote {out} ({what}, training_summary.json, checkpoints/, logs/)")
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
+    if cfg.push_to_hub and main:  # after everything is written and the trackers closed: a failure loses nothing
+        push_run(out, hub_repo_id(out, cfg.hub_model_id), log)
     return summary or {}
 
 

@@ -27,6 +27,8 @@ def save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path, family) -> N
     float32."""
     parts = {"unet": unet, **_base_parts(cfg, tokenizer)}
     pipe = family.pipeline_class().from_pretrained(cfg.model, revision=cfg.revision, **parts)  # float32, the default
+    if cfg.prediction_type:  # the UNet now predicts what --prediction-type said: its scheduler must know
+        pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
     pipe.save_pretrained(out, safe_serialization=True)
     match_umask(*(out / name for name in OUTPUTS))
 
@@ -40,6 +42,8 @@ def save_lora_outputs(cfg: TrainUnetConfig, unet, tokenizer, out: Path, family) 
             "text_encoder": model_id(cfg.text_encoder),  # generation takes it (tcompose.models.lora.check_lora)
             "family": family.name, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
             "targets": list(cfg.lora_targets)}
+    if cfg.prediction_type:  # what the adapted UNet predicts: apply_lora sets the pipeline's scheduler to it
+        meta["prediction_type"] = cfg.prediction_type
     save_lora(out, unet, meta, family.pipeline_class())
     if cfg.fuse:
         pipe = family.pipeline_class().from_pretrained(cfg.model, revision=cfg.revision, **_base_parts(cfg, tokenizer))
