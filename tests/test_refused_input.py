@@ -78,7 +78,7 @@ def test_lora_records_its_text_encoder(tiny_sd, tmp_path, monkeypatch):
     saved = {}
     monkeypatch.setattr("tcompose.models.lora.save_lora", lambda out, unet, meta, pipeline: saved.update(meta))
     cfg = SimpleNamespace(model=str(tiny_sd), revision=None, vae=None, text_encoder=str(tiny_sd), lora_rank=4,
-                          lora_alpha=None, lora_targets=DEFAULT_TARGETS, fuse=False)
+                          lora_alpha=None, lora_targets=DEFAULT_TARGETS, fuse=False, prediction_type=None)
     save_lora_outputs(cfg, None, None, tmp_path / "out", family_named("sd"))
     assert saved["text_encoder"] == str(tiny_sd.resolve()) and saved["family"] == "sd"
 
