@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["masks", "crops", "train-unet", "train-clip", "generate", "multigen", "visor", "fid", "latency", "table",
+COMMANDS = ["masks", "crops", "train-unet", "train-clip", "generate", "multigen", "visor", "geneval", "fid", "latency", "table",
             "attnviz", "download", "bench", "demo"]
 
 

@@ -1,7 +1,8 @@
-"""Evaluation: `generate`, the benchmarks (`multigen`, `visor`, `fid`, `latency`, and `table` of them all), `attnviz`.
+"""Evaluation: `generate`, the benchmarks (`multigen`, `visor`, `geneval`, `fid`, `latency`, and `table` of them
+all), `attnviz`.
 
 Every generating command takes the generation options (``--steps``, ``--guidance``, ...) as one ``settings``
-argument, and multigen and visor their detection options as one ``detection`` argument
+argument, and multigen, visor and geneval their detection options as one ``detection`` argument
 (:mod:`tcompose.cli.option_groups`)."""
 
 from __future__ import annotations
@@ -96,14 +97,17 @@ def _refuse_typed(flag: str, honoured: set[str], what: str) -> None:
 
 
 def _detection_benchmark(stage, config_cls, model: Optional[list[str]], output: Optional[Path],
-                         score_only: Optional[Path], settings: GenerationSettings, detection: dict, **fields) -> None:
-    """multigen and visor: ``stage.rescore`` the ``--score-only`` folder (loads no model), or ``stage.run`` a
-    ``config_cls`` of the options on every process (the threshold 0.1 unless given)."""
+                         score_only: Optional[Path], settings: GenerationSettings, detection: dict,
+                         default_threshold: float = 0.1, rules: Optional[dict] = None, **fields) -> None:
+    """multigen, visor and geneval: ``stage.rescore`` the ``--score-only`` folder (loads no model; with the
+    ``rules`` options, geneval's), or ``stage.run`` a ``config_cls`` of the options on every process (the
+    threshold ``default_threshold`` unless given)."""
     threshold = detection.pop("threshold")
+    rules = rules or {}
     if score_only is not None:
-        _refuse_typed("--score-only", {"score_only", "threshold"},
+        _refuse_typed("--score-only", {"score_only", "threshold", *rules},
                       "rescores the stored detections of a finished run (at --threshold, if given)")
-        stage.rescore(score_only, threshold)
+        stage.rescore(score_only, threshold, **rules)
         return
     if not model or output is None:
         raise UserError("pass --model NAME=ID_OR_PATH (one or more) and --output DIR, or --score-only DIR")
@@ -111,7 +115,7 @@ def _detection_benchmark(stage, config_cls, model: Optional[list[str]], output: 
 
     state = process_state()
     cfg = config_cls(models=list(model), output=output, settings=settings.replace(device=str(state.device)),
-                     threshold=0.1 if threshold is None else threshold, **detection, **fields)
+                     threshold=default_threshold if threshold is None else threshold, **detection, **rules, **fields)
     run_sharded(stage.run, cfg, state)
 
 
@@ -176,12 +180,13 @@ def table(
     visor: Optional[Path] = typer.Option(None, help="A visor run folder."),
     fid: Optional[Path] = typer.Option(None, help="A fid run folder."),
     latency: Optional[Path] = typer.Option(None, help="A latency folder."),
+    geneval: Optional[Path] = typer.Option(None, help="A geneval run folder (adds the GenEval columns)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown here, and table.json beside it."),
 ) -> None:
     """The paper's Table 1 from benchmark run folders, published rows beside; "not run" where nothing measured."""
     from ..evaluate.table import run
 
-    run(multigen_coco, multigen_ade20k, visor, fid, latency, output)
+    run(multigen_coco, multigen_ade20k, visor, fid, latency, output, geneval=geneval)
 
 
 @app.command()
@@ -242,3 +247,40 @@ def multigen(
     _detection_benchmark(stage, stage.MultigenConfig, model, output, score_only, settings, detection, dataset=dataset,
                          prompt_file=prompt_file, custom_prompts=custom_prompts, prompts=prompts,
                          sample_seed=sample_seed, images=images, grid=grid)
+
+
+@app.command()
+@_friendly
+@generation_options("geneval", seed="Base seed; image k of prompt p has the same seed for every model.")
+@detection_options(detector=(defaults.MASK2FORMER, "COCO instance Mask2Former (hub id or folder)."),
+                   detector_dtype=("fp32", "fp32 (as GenEval ran it), auto (fp16 on CUDA), fp16 or bf16."),
+                   detector_batch_size=8,
+                   store_threshold=(0.3, "Detections scoring above this are stored (and coloured)."),
+                   threshold=(None, "Objects scoring above this count (GenEval: 0.3; --score-only: the run's)."))
+def geneval(
+    model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable; same seeds for all)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, models/, detections/, results_NAME.jsonl, summary.json/.md, grids."),
+    prompt_file: Optional[Path] = typer.Option(None, help="Local copy of GenEval's evaluation_metadata.jsonl (offline use; sha256-checked)."),
+    custom_prompts: bool = typer.Option(False, help="Accept a --prompt-file of your own in GenEval's layout (no sha256 check)."),
+    prompts: Optional[int] = typer.Option(None, help="Only the first N prompts (a quick look, not GenEval's protocol)."),
+    images: int = typer.Option(4, help="Images per prompt (GenEval: 4)."),
+    settings: GenerationSettings = FROM_OPTIONS,
+    detection: dict = FROM_OPTIONS,
+    counting_threshold: float = typer.Option(0.9, help="Counting prompts: objects scoring above this count (GenEval: 0.9)."),
+    max_objects: int = typer.Option(16, help="At most this many objects per class, highest score first (GenEval: 16)."),
+    max_overlap: float = typer.Option(1.0, help="Drop an object whose IoU with a better one of its class is >= this (1: off, GenEval's default)."),
+    position_threshold: float = typer.Option(0.1, help="Position prompts: share of the boxes' sizes an offset must pass (GenEval: 0.1)."),
+    detector_size: int = typer.Option(800, help="Short side of the detector's input (GenEval's mmdet config: 800)."),
+    clip_model: str = typer.Option(defaults.CLIP, help="CLIP of the colour classifier (GenEval: OpenAI ViT-L/14)."),
+    grid: int = typer.Option(4, help="Prompts per task in grid_NAME_TAG.png (0: none)."),
+    score_only: Optional[Path] = typer.Option(None, help="Rescore the stored detections of this run folder (other thresholds or rules); loads no model."),
+) -> None:
+    """GenEval: 553 prompts -> images -> Mask2Former + CLIP colours -> per-task and overall scores. Resumable."""
+    from ..evaluate.geneval import stage
+
+    rules = dict(counting_threshold=counting_threshold, max_objects=max_objects, max_overlap=max_overlap,
+                 position_threshold=position_threshold)
+    _detection_benchmark(stage, stage.GenevalConfig, model, output, score_only, settings, detection,
+                         default_threshold=0.3, rules=rules, prompt_file=prompt_file, custom_prompts=custom_prompts,
+                         prompts=prompts, images=images, detector_size=detector_size, clip_model=clip_model,
+                         grid=grid)

@@ -2,15 +2,15 @@
 
 - :func:`generation_options`: ``--seed``, ``--steps``, ``--guidance``, ``--scheduler``, ``--dtype``,
   ``--batch-size``, ``--height``, ``--width``, ``--safety-checker`` of every generating command (generate,
-  multigen, visor, fid, latency, attnviz), folded into one :class:`tcompose.evaluate.settings.GenerationSettings`:
-  the fields the command's stage reads (:meth:`GenerationSettings.taken_by`), its defaults
+  multigen, visor, geneval, fid, latency, attnviz), folded into one
+  :class:`tcompose.evaluate.settings.GenerationSettings`: the fields the command's stage reads (:meth:`GenerationSettings.taken_by`), its defaults
   (:meth:`GenerationSettings.for_stage`), the help texts of :data:`GENERATION_OPTIONS`;
 - the Attend-and-Excite options (:data:`EXCITE_OPTIONS`: ``--attend-excite``, ``--excite-words``,
-  ``--excite-steps``, ...) go with the generation options of generate, multigen, visor, latency and attnviz, folded
-  into the settings' ``excite``;
+  ``--excite-steps``, ...) go with the generation options of generate, multigen, visor, geneval, latency and
+  attnviz, folded into the settings' ``excite``;
 - :func:`detection_options`: ``--detector``, ``--detector-revision``, ``--detector-dtype``,
   ``--detector-batch-size``, ``--store-threshold``, ``--threshold`` of the detection benchmarks (multigen,
-  visor), folded into one dict of their config's fields (each command gives its detector's defaults).
+  visor, geneval), folded into one dict of their config's fields (each command gives its detector's defaults).
 
 A command names the group's argument where the options should stand (in ``--help`` too)::
 

@@ -4,8 +4,9 @@
 - :mod:`.generate`: ``tcompose generate`` (seeded, batched, resumable); :mod:`.sampling`: the pipeline and a batch;
 - :mod:`.detect`: ``Owlv2Detector``, OWLv2 batched on the device; :mod:`.detection_store`: detections on disk;
 - :mod:`.attnviz`: per-word cross-attention heat maps of several models;
-- :mod:`.benchmark`: what the benchmarks share; :mod:`.multigen`, :mod:`.visor`, :mod:`.fid`, :mod:`.latency`
-  (MultiGen, VISOR, FID and CLIP score, seconds per image) and :mod:`.table` (the paper's Table 1 of them).
+- :mod:`.benchmark`: what the benchmarks share; :mod:`.multigen`, :mod:`.visor`, :mod:`.geneval`, :mod:`.fid`,
+  :mod:`.latency` (MultiGen, VISOR, GenEval, FID and CLIP score, seconds per image) and :mod:`.table` (the
+  paper's Table 1 of them, GenEval's columns beside).
 
 Names are re-exported lazily (``from tcompose.evaluate import GenerateConfig``), so that the CLI's ``--help`` can
 read :mod:`.settings` without importing torch. No name shadows a submodule: ``tcompose.evaluate.generate`` is the

@@ -36,8 +36,8 @@ RUN_JSON, PROMPTS_JSON = "run.json", "prompts.json"
 
 @dataclass
 class DetectionConfig:
-    """What a detection benchmark's config holds besides its prompt choice: MultigenConfig and VisorConfig extend
-    it (with their own defaults where the benchmarks differ; these are MultiGen's detector's)."""
+    """What a detection benchmark's config holds besides its prompt choice: MultigenConfig, VisorConfig and
+    GenevalConfig extend it (with their own defaults where the benchmarks differ; these are MultiGen's detector's)."""
 
     models: list[str]
     """``NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,revision=REV]`` (tcompose.models.spec), one or more."""
@@ -113,7 +113,7 @@ def run_record(stage: str, cfg: DetectionConfig, specs: Sequence[ModelSpec], pro
     models = model_settings(cfg.settings, specs, lambda s: generate_config(cfg, s, []))
     detection = {"detector": cfg.detector, "revision": cfg.detector_revision, "queries": "a photo of a {name}",
                  "dtype": dtype_name(det_dtype(cfg.detector_dtype, resolve_device(cfg.settings.device))),
-                 "store_threshold": cfg.store_threshold}
+                 "store_threshold": cfg.store_threshold, **getattr(cfg, "detection_record", lambda: {})()}
     return {"stage": stage, "prompt_source": prompt_source, "detection": detection, "models": models}
 
 

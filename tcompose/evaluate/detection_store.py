@@ -7,7 +7,8 @@ temporary name and renamed, so it is complete or absent. A row is one image (:da
     model, prompt_id, image_index, prompt, categories (the names looked for), labels / scores / boxes (every box
     above the storing threshold, labelled with its best query's category, boxes [x0, y0, x1, y1] in pixels),
     image (its path under OUT), width, height, missing (null, or why the image could not be read: then
-    labels, scores and boxes are null)
+    labels, scores and boxes are null), colors (GenEval's detector: each box's colour or null; null for the
+    other detectors, and in parts written before the column existed)
 
 Resuming: the keys ``(prompt_id, image_index)`` already stored are skipped, whatever process count wrote
 them; a rerun writes only the rest. Reading keeps the first row of a key (in part-name order) should two
@@ -51,6 +52,7 @@ DETECTION_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("missing", pa.string()),
+    ("colors", pa.list_(pa.string())),
 ])
 
 Key = tuple[int, int]
@@ -142,6 +144,7 @@ def detect_images(
                 "width": None if det is None else int(pixels.shape[1]),
                 "height": None if det is None else int(pixels.shape[0]),
                 "missing": pixels if isinstance(pixels, str) else None,
+                "colors": getattr(det, "colors", None),
             })
         advance(len(items))
         if len(rows) >= part_size:

@@ -6,6 +6,8 @@
   batch 1). Rows carry only the columns the sources give; the rest are None.
 - :data:`VISOR_TABLE`: VISOR's own table (Gokhale et al. 2022) for SD1.4 and SD2.1: OA, VISOR_cond,
   VISOR_uncond, VISOR_1..4 (25,280 spatial prompts x 4 images, OWL-ViT B/32, threshold 0.1).
+- :data:`GENEVAL_TABLE`: GenEval's own results (:data:`GENEVAL_SOURCE`): overall and the six task scores, as
+  fractions (553 prompts x 4 images, mmdet's Mask2Former Swin-S and CLIP ViT-L/14 colours).
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ VISOR_TABLE: dict[str, dict[str, float]] = {
               "VISOR_3": 6.89, "VISOR_4": 1.63},
     "SD2.1": {"OA": 47.83, "VISOR_cond": 63.24, "VISOR_uncond": 30.25, "VISOR_1": 64.42, "VISOR_2": 35.74,
               "VISOR_3": 16.13, "VISOR_4": 4.70},
+}
+
+GENEVAL_SOURCE = ("GenEval README, Main results (github.com/djghosh13/geneval at af4902f; Ghosh et al., NeurIPS 2023 "
+                  "Datasets and Benchmarks): 553 prompts x 4 images, mmdet Mask2Former Swin-S")
+
+
+def _geneval(overall: float, *tasks: float) -> dict:
+    names = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+    return {"overall": overall, "tasks": dict(zip(names, tasks))}
+
+
+GENEVAL_TABLE: dict[str, dict] = {
+    "SD1.5": _geneval(0.43, 0.97, 0.38, 0.35, 0.76, 0.04, 0.06),
+    "SD2.1": _geneval(0.50, 0.98, 0.51, 0.44, 0.85, 0.07, 0.17),
+    "SDXL": _geneval(0.55, 0.98, 0.74, 0.39, 0.85, 0.15, 0.23),
+    "IF-XL": _geneval(0.61, 0.97, 0.74, 0.66, 0.81, 0.13, 0.35),
 }
 
 PUBLISHED_TAG = "published, not measured"

@@ -1,5 +1,5 @@
 """How a generating stage samples its images: :class:`GenerationSettings`, one value shared by every stage that
-generates (generate, multigen, visor, fid, latency, attnviz).
+generates (generate, multigen, visor, geneval, fid, latency, attnviz).
 
     settings = GenerationSettings(steps=25, scheduler="ddim", dtype="bf16")
     cfg = GenerateConfig(model=..., output=..., prompts=..., settings=settings)
@@ -28,10 +28,11 @@ DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "latency": {"batch_size": 1},  # the paper's latency: one image per pipeline call
+    "geneval": {"guidance": 9.0},  # GenEval's own generation script (generation/diffusers_generate.py --scale)
 }
 """Where a stage's defaults differ from the class's (a stage not named here takes the class's)."""
 
-EXCITE_STAGES = ("generate", "multigen", "visor", "latency", "attnviz")
+EXCITE_STAGES = ("generate", "multigen", "visor", "geneval", "latency", "attnviz")
 """The stages that sample with Attend-and-Excite on ``--attend-excite``."""
 
 STAGE_UNUSED: dict[str, tuple[str, ...]] = {

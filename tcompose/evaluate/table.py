@@ -1,7 +1,7 @@
 """``tcompose table``: the TokenCompose paper's Table 1 from the output folders of the benchmark stages.
 
     tcompose table --multigen-coco mg/coco --multigen-ade20k mg/ade20k --visor visor/full --fid fid/ \\
-        --latency latency/ --output table.md
+        --latency latency/ --geneval ge/full --output table.md
 
 Each folder holds any number of models (by NAME); a model's row gathers its cells from every folder that
 measured it. Columns, as the paper's: Object Accuracy (VISOR's OA), MultiGen MG2 / MG3 / MG4 / MG5 on COCO
@@ -11,6 +11,9 @@ mixed with measured ones. Below the table, each source's protocol (prompts x ima
 run is never mistaken for the paper's protocol. Writes Markdown (``--output``, default printed only) and JSON
 beside it (``table.json``). A folder of another stage, or a summary missing a field the table reads, is refused
 in one line naming the file and what it lacks; a table with no measured row says so above the published rows.
+
+``--geneval`` adds two columns, GenEval's overall score and its six task scores (fractions,
+:mod:`tcompose.evaluate.geneval`), and GenEval's published rows (its README), marked as such.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 from pathlib import Path
 
 from ..io.errors import UserError
-from .published import PUBLISHED_TAG, TABLE1
+from .published import GENEVAL_SOURCE, GENEVAL_TABLE, PUBLISHED_TAG, TABLE1
 
 NOT_RUN = "not run"
 COLUMNS = ("OA", "MG COCO (2/3/4/5)", "MG ADE20K (2/3/4/5)", "FID COCO", "FID Flickr30K", "CLIP score COCO",
@@ -40,6 +43,9 @@ SOURCES = {
                                               "device_name")),
 }
 FID_FIELDS = ("fid", "images", "reference_images")
+SOURCES["geneval"] = ("summary.json", ("prompt_source", "num_prompts", "images_per_prompt", "threshold", "models"),
+                      ("overall", "tasks"))
+GENEVAL_COLUMNS = ("GenEval overall", "GenEval tasks (single/two/counting/colors/position/color_attr)")
 
 
 def _lacks(path: Path, option: str, what: str, lacks: str) -> UserError:
@@ -92,8 +98,9 @@ def _mg(value: dict | None) -> list[float] | None:
 
 
 def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = None, visor: Path | None = None,
-            fid: Path | None = None, latency: Path | None = None) -> dict:
-    """``{"models": {NAME: {column: value}}, "protocols": {source: text}}`` from the given folders."""
+            fid: Path | None = None, latency: Path | None = None, geneval: Path | None = None) -> dict:
+    """``{"models": {NAME: {column: value}}, "protocols": {source: text}, "columns": [...]}`` from the given
+    folders (the GenEval columns only with ``geneval``)."""
     models: dict[str, dict] = {}
     protocols: dict[str, str] = {}
 
@@ -135,59 +142,87 @@ def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = No
             cell(name, COLUMNS[6], r["s_per_image"])
             protocols[f"latency {name}"] = (f"{r['steps']} steps, batch 1, {r['dtype']}, {r['height']}x{r['width']}, "
                                             f"mean of {r['images']} images on {r['device_name']}")
-    return {"models": models, "protocols": protocols}
+    columns = list(COLUMNS)
+    if geneval is not None:
+        from .geneval.rules import TASKS
+
+        s = _summary(geneval, "geneval")
+        columns += GENEVAL_COLUMNS
+        protocols["GenEval"] = (f"{s['num_prompts']} prompts x {s['images_per_prompt']} images, "
+                                f"{(s.get('prompt_source') or {}).get('kind', 'unknown')} prompts, transformers "
+                                "Mask2Former (not the mmdet checkpoint of GenEval's evaluator)")
+        for name, r in s["models"].items():
+            cell(name, GENEVAL_COLUMNS[0], r["overall"])
+            cell(name, GENEVAL_COLUMNS[1], [r["tasks"].get(t) for t in TASKS])
+    return {"models": models, "protocols": protocols, "columns": columns}
 
 
 def _fmt(column: str, value) -> str:
     if value is None:
         return NOT_RUN
-    if column.startswith("MG"):
-        return " / ".join(f"{v:.2f}" for v in value)
+    if column.startswith("MG") or column == GENEVAL_COLUMNS[1]:
+        return " / ".join("–" if v is None else f"{v:.2f}" for v in value)
     return f"{value:.2f}"
 
 
-def published_rows() -> dict[str, dict]:
-    """The paper's rows in :data:`COLUMNS` (None where it gives no number)."""
+def published_rows(geneval: bool = False) -> dict[str, dict]:
+    """The paper's rows in :data:`COLUMNS` (None where it gives no number); with ``geneval``, GenEval's published
+    rows too (``"NAME (GenEval)"``), and every row gets the :data:`GENEVAL_COLUMNS`."""
     out = {}
     for name, r in TABLE1.items():
         out[name] = {COLUMNS[0]: r.get("OA"), COLUMNS[1]: _mg(r.get("MG_coco")), COLUMNS[2]: _mg(r.get("MG_ade20k")),
                      COLUMNS[3]: r.get("FID_coco"), COLUMNS[4]: r.get("FID_flickr30k"), COLUMNS[5]: None,
                      COLUMNS[6]: r.get("latency_s")}
+    if geneval:
+        from .geneval.rules import TASKS
+
+        out = {name: {**cells, **dict.fromkeys(GENEVAL_COLUMNS)} for name, cells in out.items()}
+        for name, r in GENEVAL_TABLE.items():
+            out[f"{name} (GenEval)"] = {**dict.fromkeys(COLUMNS), GENEVAL_COLUMNS[0]: r["overall"],
+                                        GENEVAL_COLUMNS[1]: [r["tasks"][t] for t in TASKS]}
     return out
 
 
 def markdown(table: dict) -> str:
-    head = ["model", *COLUMNS, "note"]
-    rule = "|" + "|".join(["---"] + ["---:"] * len(COLUMNS) + ["---"]) + "|"
+    columns = table.get("columns", COLUMNS)
+    head = ["model", *columns, "note"]
+    rule = "|" + "|".join(["---"] + ["---:"] * len(columns) + ["---"]) + "|"
     lines = ["# Table 1", ""]
     if not table["models"]:
         lines += [NO_MEASURED_ROW, ""]
     lines += ["| " + " | ".join(head) + " |", rule]
     for name, cells in table["models"].items():
-        lines.append("| " + " | ".join([name, *(_fmt(c, cells.get(c)) for c in COLUMNS), "measured"]) + " |")
-    for name, cells in published_rows().items():
-        row = [f"{name} (paper)", *(("–" if cells[c] is None else _fmt(c, cells[c])) for c in COLUMNS), PUBLISHED_TAG]
+        lines.append("| " + " | ".join([name, *(_fmt(c, cells.get(c)) for c in columns), "measured"]) + " |")
+    geneval = GENEVAL_COLUMNS[0] in columns
+    for name, cells in published_rows(geneval).items():
+        label = name if name.endswith("(GenEval)") else f"{name} (paper)"
+        row = [label, *(("–" if cells[c] is None else _fmt(c, cells[c])) for c in columns), PUBLISHED_TAG]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "OA: VISOR's Object Accuracy (%); MG k: % of MultiGen images showing at least k of the prompt's 5 "
               "objects; FID: lower is better; CLIP score: 100 x max(cos, 0) of image and caption (not in the paper's "
               "table); latency: seconds per image, 50 steps, batch 1. Paper rows: 25,280 x 4 VISOR images, 1,000 x 10 "
               "MultiGen images per set, 10k COCO / 1k Flickr30K FID images; \"–\": the paper gives no number."]
+    if geneval:
+        lines += ["", "GenEval: share of correct images per task (fractions), overall = their mean; measured with "
+                  "transformers' Mask2Former, not the mmdet checkpoint of GenEval's evaluator, so measured and "
+                  f"published GenEval numbers can differ. Rows \"(GenEval)\": {GENEVAL_SOURCE}."]
     if table["protocols"]:
         lines += ["", "Measured with:", ""] + [f"- {k}: {v}" for k, v in table["protocols"].items()]
     return "\n".join(lines) + "\n"
 
 
 def run(multigen_coco: Path | None = None, multigen_ade20k: Path | None = None, visor: Path | None = None,
-        fid: Path | None = None, latency: Path | None = None, output: Path | None = None) -> dict:
+        fid: Path | None = None, latency: Path | None = None, output: Path | None = None,
+        geneval: Path | None = None) -> dict:
     """Collect, print the Markdown table and, with ``output``, write it and ``table.json`` beside it."""
     from ..io.datasets import write_json_atomic, write_text_atomic
 
-    if not any(p is not None for p in (multigen_coco, multigen_ade20k, visor, fid, latency)):
-        raise UserError("pass at least one run folder: --multigen-coco, --multigen-ade20k, --visor, --fid or "
-                        "--latency")
-    table = collect(multigen_coco, multigen_ade20k, visor, fid, latency)
+    if not any(p is not None for p in (multigen_coco, multigen_ade20k, visor, fid, latency, geneval)):
+        raise UserError("pass at least one run folder: --multigen-coco, --multigen-ade20k, --visor, --fid, "
+                        "--latency or --geneval")
+    table = collect(multigen_coco, multigen_ade20k, visor, fid, latency, geneval)
     text = markdown(table)
-    result = {"columns": list(COLUMNS), **table, "published": {"note": PUBLISHED_TAG, "rows": published_rows()}}
+    result = {**table, "published": {"note": PUBLISHED_TAG, "rows": published_rows(geneval is not None)}}
     if output is not None:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)

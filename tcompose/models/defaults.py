@@ -11,3 +11,4 @@ CAPTION_CLIP = "openai/clip-vit-large-patch14-336"  # masks --captions clip-best
 CLIP = "openai/clip-vit-large-patch14"  # train-clip (SD1.x's text encoder is this model's text tower)
 OWLV2 = "google/owlv2-large-patch14-ensemble"  # multigen's detector
 OWLVIT = "google/owlvit-base-patch32"  # visor's detector (VISOR's own)
+MASK2FORMER = "facebook/mask2former-swin-small-coco-instance"  # geneval's detector (Swin-S COCO instance, as GenEval's)

@@ -1,4 +1,5 @@
-"""Tiny random GroundingDINO, SAM, SAM-HQ and CLIP models (tests, benchmarks), written as Hugging Face folders.
+"""Tiny random GroundingDINO, SAM, SAM-HQ, CLIP, OWL and Mask2Former models (tests, benchmarks), written as
+Hugging Face folders.
 
 ``write_tiny_grounding_dino(dir)``, ``write_tiny_sam(dir)`` (``hq=True``: SAM-HQ) and ``write_tiny_clip(dir)``
 save a randomly initialised model (safetensors) and its processor with ``save_pretrained``, so
@@ -400,3 +401,52 @@ def write_tiny_owlvit(out_dir: str | Path, tokenizer_source: str | Path | None =
            "image_std": list(CLIP_STD)}
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mask2Former (geneval's detector)
+
+
+def mask2former_config(size: str = "tiny", labels=None):
+    """A ``Mask2FormerConfig`` with COCO's 80 labels (``labels``: other names): ``"tiny"`` (tests: a
+    1-block-per-stage Swin of width 8, width 32, 1 encoder and 2 decoder layers, 10 queries) or ``"small"``
+    (Swin-S COCO instance, facebook/mask2former-swin-small-coco-instance's shapes, random weights)."""
+    from transformers import Mask2FormerConfig, SwinConfig
+
+    from ..data.categories import COCO_80
+
+    names = list(labels or COCO_80)
+    ids = dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    if size == "small":
+        return Mask2FormerConfig(backbone_config=SwinConfig(embed_dim=96, depths=[2, 2, 18, 2],
+                                                            num_heads=[3, 6, 12, 24], window_size=7,
+                                                            out_features=stages), **ids)
+    if size != "tiny":
+        raise ValueError(f"size must be 'tiny' or 'small', got {size!r}")
+    return Mask2FormerConfig(
+        backbone_config=SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                                   image_size=64, out_features=stages),
+        feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32, encoder_layers=1,
+        decoder_layers=2, num_attention_heads=2, dim_feedforward=32, num_queries=10, **ids)
+
+
+def build_mask2former(size: str = "tiny", seed: int = 0, labels=None):
+    """A random ``Mask2FormerForUniversalSegmentation`` of :func:`mask2former_config` (eval mode)."""
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    cfg = mask2former_config(size, labels)
+    return _seeded(seed, lambda: Mask2FormerForUniversalSegmentation(cfg)).eval()
+
+
+def write_tiny_mask2former(out_dir: str | os.PathLike, seed: int = 0, labels=None) -> Path:
+    """Save a tiny random Mask2Former (safetensors, COCO's 80 labels) with a ``preprocessor_config.json``
+    (ImageNet mean and std) to ``out_dir``: what ``tcompose geneval --detector DIR`` loads."""
+    def write(tmp: Path) -> None:
+        build_mask2former("tiny", seed, labels).save_pretrained(tmp, safe_serialization=True)
+        pre = {"image_processor_type": "Mask2FormerImageProcessor", "image_mean": [0.485, 0.456, 0.406],
+               "image_std": [0.229, 0.224, 0.225], "size": {"shortest_edge": 800, "longest_edge": 1333},
+               "size_divisor": 32, "num_labels": len(labels or []) or 80}
+        (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+
+    return _atomic_dir(out_dir, write)

@@ -38,8 +38,8 @@ def test_refused_input_is_one_line_and_exit_2():
     result = _invoke("table")  # no run folder: the stage refuses (a UserError)
     assert result.exit_code == 2, result.output
     err = _stderr(result)
-    assert _lines(err) == ["error: pass at least one run folder: --multigen-coco, --multigen-ade20k, --visor, --fid "
-                           "or --latency"], err
+    assert _lines(err) == ["error: pass at least one run folder: --multigen-coco, --multigen-ade20k, --visor, --fid, "
+                           "--latency or --geneval"], err
     assert "Traceback" not in result.output
 
 

@@ -37,8 +37,9 @@ def test_defaults_are_the_papers_and_a_stage_keeps_its_own():
     assert (s.steps, s.guidance, s.scheduler, s.dtype, s.batch_size, s.height, s.width, s.safety_checker, s.seed,
             s.device) == (50, 7.5, None, "auto", 4, None, None, False, 0, None)
     assert GenerationSettings.for_stage("latency") == s.replace(batch_size=1) and STAGE_DEFAULTS == {
-        "latency": {"batch_size": 1}}
-    assert all(GenerationSettings.for_stage(st) == s for st in GENERATING if st != "latency")
+        "latency": {"batch_size": 1}, "geneval": {"guidance": 9.0}}
+    assert GenerationSettings.for_stage("geneval") == s.replace(guidance=9.0)
+    assert all(GenerationSettings.for_stage(st) == s for st in GENERATING if st not in ("latency", "geneval"))
     assert GenerationSettings.for_stage("latency", steps=3) == s.replace(batch_size=1, steps=3)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.steps = 3  # a value: shared safely between configs

@@ -100,18 +100,46 @@ def _check_dataset(dataset: str) -> PromptSet:
     return PROMPT_SETS[dataset]
 
 
-def cache_dir() -> Path:
-    """Where fetched prompt sets are kept: ``$HF_HOME/tcompose/multigen`` (HF_HOME defaulting the way the
+def cache_dir(benchmark: str = "multigen") -> Path:
+    """Where fetched prompt files are kept: ``$HF_HOME/tcompose/<benchmark>`` (HF_HOME defaulting the way the
     Hugging Face libraries default it: ``$XDG_CACHE_HOME/huggingface``, else ``~/.cache/huggingface``)."""
     hf_home = os.environ.get("HF_HOME")
     if not hf_home:
         hf_home = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-    return Path(hf_home).expanduser() / "tcompose" / "multigen"
+    return Path(hf_home).expanduser() / "tcompose" / benchmark
 
 
 def _how_to_get(ps: PromptSet) -> str:
     return (f"run `tcompose download` once with network, or download {ps.url} yourself and pass it as "
             f"--prompt-file")
+
+
+def fetch_pinned(url: str, sha256: str, path: Path, what: str, how_to_get: str, timeout_s: float = 60.0) -> Path:
+    """``path``, a cached copy of ``url`` whose sha256 is ``sha256``, downloaded first if needed (``file://``
+    works). Offline (``HF_HUB_OFFLINE=1``) only the cache is read; a download whose sha256 differs is refused and
+    not cached. Errors name ``what`` and end with ``how_to_get``."""
+    if path.is_file():
+        if file_sha256(path) == sha256:
+            return path
+        if offline():
+            raise PromptSetError(f"{path}: cached copy has the wrong sha256 (expected {sha256}); delete it and "
+                                 + how_to_get)
+    elif offline():
+        raise PromptSetError(f"{what} are not in the cache ({path}) and HF_HUB_OFFLINE=1 forbids fetching them: "
+                             + how_to_get)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            data = resp.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise PromptSetError(f"could not fetch {url} ({err}): check the network, or " + how_to_get) from err
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise PromptSetError(f"{url}: sha256 {got} differs from the pinned {sha256}; not cached")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
 
 
 def fetch_prompt_set(dataset: str, cache: str | os.PathLike | None = None, base_url: str | None = None,
@@ -123,30 +151,9 @@ def fetch_prompt_set(dataset: str, cache: str | os.PathLike | None = None, base_
     """
     ps = _check_dataset(dataset)
     folder = Path(cache) if cache is not None else cache_dir()
-    path = folder / ps.filename
-    if path.is_file():
-        if file_sha256(path) == ps.sha256:
-            return path
-        if offline():
-            raise PromptSetError(f"{path}: cached copy has the wrong sha256 (expected {ps.sha256}); delete it and "
-                                 + _how_to_get(ps))
-    elif offline():
-        raise PromptSetError(f"the {dataset} MultiGen prompts are not in the cache ({path}) and HF_HUB_OFFLINE=1 "
-                             "forbids fetching them: " + _how_to_get(ps))
     url = (base_url or BASE_URL).rstrip("/") + "/" + ps.filename
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            data = resp.read()
-    except (urllib.error.URLError, OSError) as err:
-        raise PromptSetError(f"could not fetch {url} ({err}): check the network, or " + _how_to_get(ps)) from err
-    got = hashlib.sha256(data).hexdigest()
-    if got != ps.sha256:
-        raise PromptSetError(f"{url}: sha256 {got} differs from the pinned {ps.sha256}; not cached")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{ps.filename}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return fetch_pinned(url, ps.sha256, folder / ps.filename, f"the {dataset} MultiGen prompts", _how_to_get(ps),
+                        timeout_s)
 
 
 def read_prompt_file(path: str | os.PathLike, sha256: str | None = None) -> list[Prompt]:
