@@ -9,8 +9,8 @@ Runbook::
     tcompose download --dry-run             # list what would be fetched
     HF_HUB_OFFLINE=1 tcompose download multigen   # check a warm cache (e.g. a Docker volume): fetches nothing
 
-Models go to the Hugging Face cache (``$HF_HOME/hub``), the MultiGen prompt sets beside it
-(``$HF_HOME/tcompose/multigen``, sha256-checked), the FID Inception weights to tcompose's cache
+Models go to the Hugging Face cache (``$HF_HOME/hub``), the MultiGen and GenEval prompt sets beside it
+(``$HF_HOME/tcompose/multigen``, ``$HF_HOME/tcompose/geneval``, sha256-checked), the FID Inception weights to tcompose's cache
 (``$TCOMPOSE_CACHE/fid``, default ``~/.cache/tcompose/fid``, sha256-checked), so later runs work with
 ``HF_HUB_OFFLINE=1``. For each model
 the commit actually fetched is written to ``$HF_HOME/tcompose/download-lock.json`` (repo -> revision asked,
@@ -32,8 +32,9 @@ from .io.errors import MissingPathError, UserError
 from .models.loading import offline
 from .models.spec import parse_model_spec, parse_model_specs
 
-COMMANDS = ("masks", "train-unet", "train-clip", "generate", "multigen", "visor", "fid", "latency", "attnviz")
-_SD_COMMANDS = ("train-unet", "generate", "multigen", "visor", "fid", "latency", "attnviz")
+COMMANDS = ("masks", "train-unet", "train-clip", "generate", "multigen", "visor", "geneval", "fid", "latency",
+            "attnviz")
+_SD_COMMANDS = ("train-unet", "generate", "multigen", "visor", "geneval", "fid", "latency", "attnviz")
 
 # Files no tcompose load reads: other frameworks, original checkpoints, half-precision duplicates.
 _ALWAYS_SKIP = ["*.ckpt", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.ot", "*.tflite",
@@ -47,7 +48,7 @@ class DownloadError(UserError):
 
 @dataclass(frozen=True)
 class Item:
-    """One thing to fetch: a hub model (``kind="model"``), a MultiGen prompt set (``kind="prompts"``) or the FID
+    """One thing to fetch: a hub model (``kind="model"``), a MultiGen or GenEval prompt set (``kind="prompts"``) or the FID
     Inception weights (``kind="weights"``, from torch-fidelity's release, sha256-checked)."""
 
     kind: str
@@ -71,6 +72,7 @@ class DownloadConfig:
     """CLIP for train-clip (the captions' CLIP of ``masks --captions clip-best`` is fetched as well)."""
     owlv2: str | None = None
     owlvit: str | None = None
+    mask2former: str | None = None
     revisions: dict[str, str] = field(default_factory=dict)
     """repo id -> revision (branch, tag or commit) to fetch instead of the default branch."""
     datasets: tuple[str, ...] = ("coco", "ade20k")
@@ -83,7 +85,8 @@ def defaults() -> dict[str, str]:
     from .models import defaults as d
 
     return {"base": d.BASE_MODEL, "grounding_dino": d.GROUNDING_DINO, "segmenter": d.SEGMENTER,
-            "caption_clip": d.CAPTION_CLIP, "clip": d.CLIP, "owlv2": d.OWLV2, "owlvit": d.OWLVIT}
+            "caption_clip": d.CAPTION_CLIP, "clip": d.CLIP, "owlv2": d.OWLV2, "owlvit": d.OWLVIT,
+            "mask2former": d.MASK2FORMER}
 
 
 def parse_revisions(values: Iterable[str]) -> dict[str, str]:
@@ -132,6 +135,10 @@ def plan(cfg: DownloadConfig) -> list[Item]:
                 add("prompts", ds, "MultiGen prompts")
         if command == "visor":
             add("model", cfg.owlvit or d["owlvit"], "OWL-ViT (visor)")
+        if command == "geneval":
+            add("model", cfg.mask2former or d["mask2former"], "Mask2Former (geneval)")
+            add("model", d["clip"], "CLIP (geneval's colours)")
+            add("prompts", "geneval", "GenEval prompts")
         if command == "fid":
             add("weights", "inception-2015-12-05", "FID Inception weights")
             add("model", d["clip"], "CLIP (fid's CLIP score)")
@@ -162,9 +169,14 @@ def fetch_model(item: Item) -> dict:
 
 
 def fetch_prompts(item: Item) -> dict:
-    from .evaluate.multigen.prompts import fetch_prompt_set
+    if item.name == "geneval":
+        from .evaluate.geneval.prompts import fetch_prompts as fetch_geneval
 
-    path = fetch_prompt_set(item.name)  # offline: reads the cache only, and says so when it is not there
+        path = fetch_geneval()  # offline: reads the cache only, and says so when it is not there
+    else:
+        from .evaluate.multigen.prompts import fetch_prompt_set
+
+        path = fetch_prompt_set(item.name)
     return {"status": "cached" if offline() else "fetched", "commit": None, "path": str(path)}
 
 

@@ -26,6 +26,9 @@ def test_plan_follows_the_stages_defaults():
                                                     ("prompts", "coco"), ("prompts", "ade20k")]
     assert [(i.kind, i.name) for i in plan(DownloadConfig(commands=("visor",)))] == [
         ("model", d["base"]), ("model", "google/owlvit-base-patch32")]
+    assert [(i.kind, i.name) for i in plan(DownloadConfig(commands=("geneval",)))] == [
+        ("model", d["base"]), ("model", "facebook/mask2former-swin-small-coco-instance"), ("model", d["clip"]),
+        ("prompts", "geneval")]
     assert [(i.kind, i.name) for i in plan(DownloadConfig(commands=("fid",)))] == [
         ("model", d["base"]), ("weights", "inception-2015-12-05"), ("model", d["clip"])]
     everything = plan(DownloadConfig())
@@ -103,3 +106,25 @@ def test_dry_run_lists_without_fetching(tmp_path, monkeypatch):
     report = run(DownloadConfig(commands=("train-clip",), dry_run=True), progress=False)
     assert [(r["name"], r["status"]) for r in report["items"]] == [(defaults()["clip"], "planned")]
     assert not (tmp_path / "hf").exists()
+
+
+def test_geneval_prompts_offline_from_a_warm_cache(tmp_path, monkeypatch, test_data):
+    """GenEval's prompt file is checked in its cache like MultiGen's (a tampered copy is refused)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    from tcompose.download import Item, fetch_prompts
+
+    with pytest.raises(Exception, match="evaluation_metadata"):
+        fetch_prompts(Item("prompts", "geneval", "GenEval prompts"))
+    cache = tmp_path / "hf" / "tcompose" / "geneval"
+    cache.mkdir(parents=True)
+    shutil.copy(test_data / "geneval" / "evaluation_metadata.jsonl", cache / "evaluation_metadata.jsonl")
+    got = fetch_prompts(Item("prompts", "geneval", "GenEval prompts"))
+    assert got["status"] == "cached" and got["path"] == str(cache / "evaluation_metadata.jsonl")
+    with (cache / "evaluation_metadata.jsonl").open("a") as f:
+        f.write("\n")
+    with pytest.raises(Exception, match="sha256"):
+        fetch_prompts(Item("prompts", "geneval", "GenEval prompts"))

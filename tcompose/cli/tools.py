@@ -27,13 +27,14 @@ def demo(
 @app.command()
 @_friendly
 def download(
-    commands: Optional[list[str]] = typer.Argument(None, help="Commands whose models to fetch (masks, train-unet, train-clip, generate, multigen, visor, fid, latency, attnviz); default all."),
+    commands: Optional[list[str]] = typer.Argument(None, help="Commands whose models to fetch (masks, train-unet, train-clip, generate, multigen, visor, geneval, fid, latency, attnviz); default all."),
     model: Optional[list[str]] = typer.Option(None, help="Base model(s) as --model takes them (NAME=ID[,unet=..,text_encoder=..] or ID); repeatable."),
     detector: Optional[str] = typer.Option(None, help="GroundingDINO for masks (default: the masks stage's)."),
     segmenter: Optional[str] = typer.Option(None, help="SAM / SAM-HQ for masks (default: the masks stage's)."),
     clip_model: Optional[str] = typer.Option(None, help="CLIP for train-clip (default: train-clip's)."),
     owlv2: Optional[str] = typer.Option(None, help="OWLv2 detector for multigen (default: multigen's)."),
     owlvit: Optional[str] = typer.Option(None, help="OWL-ViT detector for visor (default: visor's)."),
+    mask2former: Optional[str] = typer.Option(None, help="Mask2Former detector for geneval (default: geneval's)."),
     revision: Optional[list[str]] = typer.Option(None, help="Pin a repo: REPO_ID=REVISION (branch, tag or commit); repeatable."),
     dry_run: bool = typer.Option(False, help="Only list what would be fetched."),
 ) -> None:
@@ -41,7 +42,7 @@ def download(
     from ..download import DownloadConfig, parse_revisions, run
 
     cfg = DownloadConfig(commands=tuple(commands or ()), models=tuple(model or ()), detector=detector,
-                         segmenter=segmenter, clip_model=clip_model, owlv2=owlv2, owlvit=owlvit,
+                         segmenter=segmenter, clip_model=clip_model, owlv2=owlv2, owlvit=owlvit, mask2former=mask2former,
                          revisions=parse_revisions(revision or ()), dry_run=dry_run)
     run(cfg)
 
