@@ -22,6 +22,7 @@ unreadable).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -37,26 +38,91 @@ from .coco import CocoError, CocoImage, ImageReadError
 __all__ = ["CaptionedDataset", "detect_kind", "open_images"]
 
 METADATA = ("metadata.jsonl", "metadata.csv")
+#: masks' ``--split`` default, a COCO split: on a captioned set it means that no split was asked for.
+COCO_DEFAULT_SPLIT = "train2017"
+#: Split names recognised in a table's file paths (``data/train-00000-of-00002.parquet``, ``test/x.arrow``).
+SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "dev")
+WHAT = ("a COCO folder, an imagefolder (metadata.jsonl or metadata.csv with file_name and a caption column), a "
+        "folder of Parquet or Arrow files, or a hub dataset id in the local cache")
+
+
+def _metadata(folder: Path) -> Path | None:
+    """The imagefolder metadata file of ``folder``, None if it has none; both kinds at once are refused (as the
+    Hugging Face imagefolder loader refuses them)."""
+    found = [folder / m for m in METADATA if (folder / m).is_file()]
+    if len(found) > 1:
+        raise CocoError(f"{folder} holds both metadata.jsonl and metadata.csv: keep one")
+    return found[0] if found else None
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """An imagefolder split into subfolders (``train/metadata.jsonl``, ``test/metadata.jsonl``): name -> folder."""
+    return {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and _metadata(d) is not None}
 
 
 def detect_kind(root: str | Path) -> str:
-    """``coco`` (a folder with annotations/), ``imagefolder`` (metadata.jsonl/csv) or ``parquet`` (*.parquet)."""
+    """``coco`` (a folder with annotations/), ``imagefolder`` (metadata.jsonl/csv, in the folder or in split
+    subfolders), ``parquet`` (*.parquet) or ``arrow`` (*.arrow), searched in that order."""
     root = Path(root)
     if not root.exists():
-        raise CocoError(f"{root} does not exist: pass a COCO folder, an imagefolder (metadata.jsonl or metadata.csv "
-                        "with file_name and a caption column) or a folder of Parquet files")
+        raise CocoError(f"{root} does not exist: pass {WHAT}")
     if not root.is_dir():
-        raise CocoError(f"{root} is not a folder: pass a COCO folder, an imagefolder or a folder of Parquet files")
+        raise CocoError(f"{root} is not a folder: pass {WHAT}")
     if (root / "annotations").is_dir():
         return "coco"
-    if any((root / m).is_file() for m in METADATA):
+    if _metadata(root) is not None or _split_folders(root):
         return "imagefolder"
     if next(iter(root.rglob("*.parquet")), None) is not None:
         return "parquet"
     if next(iter(root.rglob("*.arrow")), None) is not None:
         return "arrow"
-    raise CocoError(f"{root} holds neither annotations/ (COCO), metadata.jsonl / metadata.csv (imagefolder) nor "
-                    "*.parquet / *.arrow files: nothing to read captions and images from")
+    raise CocoError(f"{root} holds neither annotations/ (COCO), metadata.jsonl / metadata.csv (imagefolder, also in "
+                    "split subfolders) nor *.parquet / *.arrow files: nothing to read captions and images from")
+
+
+def file_split(relative: Path) -> str | None:
+    """The split a table file belongs to by the Hugging Face layouts: a folder named like a split
+    (``train/data-00000-of-00001.arrow``) or a file name starting with one (``data/test-00000-of-00001.parquet``)."""
+    for part in relative.parts[:-1]:
+        if part.lower() in SPLIT_NAMES:
+            return part
+    m = re.match(r"([A-Za-z]+)(?:[-_.])", relative.name)
+    return m.group(1) if m and m.group(1).lower() in SPLIT_NAMES else None
+
+
+def choose_split(root: Path, splits: list[str], split: str | None) -> str | None:
+    """The split to read among those found: the one asked for, else ``train``, else the only one; UserError
+    when that does not decide it or names a split that is not there."""
+    listed = ", ".join(splits)
+    if not splits:
+        if split is not None:
+            raise CocoError(f"--split {split}: {root} is not split (no train / test files or folders); leave "
+                            "--split out to read all of it")
+        return None
+    if split is not None:
+        if split not in splits:
+            raise CocoError(f"--split {split}: {root} has the splits {listed}; pass one of them")
+        return split
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    raise CocoError(f"{root} has the splits {listed} and none is train: pass --split with one of them")
+
+
+def table_files(root: Path, kind: str, split: str | None) -> tuple[list[Path], str | None]:
+    """The ``*.parquet`` / ``*.arrow`` files of ``split`` (see :func:`choose_split`), in path order."""
+    files = sorted(root.rglob(f"*.{kind}"))
+    by_split: dict[str | None, list[Path]] = {}
+    for f in files:
+        by_split.setdefault(file_split(f.relative_to(root)), []).append(f)
+    named = sorted(s for s in by_split if s is not None)
+    if named and None in by_split:
+        odd = by_split[None][0].relative_to(root)
+        raise CocoError(f"{root} holds files of the splits {', '.join(named)} and files of none (e.g. {odd}): move "
+                        "or remove those, or pass the folder of one split")
+    chosen = choose_split(root, named, split)
+    return by_split[chosen], chosen
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -74,7 +140,8 @@ def hub_snapshot(repo_id: str) -> Path | None:
 
 def open_images(root: str | Path, split: str, *, image_column: str = "image", caption_column: str = "text",
                 captions: bool = True, instances: bool = True):
-    """A :class:`CocoDataset` for a COCO folder, else a :class:`CaptionedDataset` (which has no instances). A
+    """A :class:`CocoDataset` for a COCO folder, else a :class:`CaptionedDataset` (which has no instances) of
+    ``split`` (:func:`choose_split`; masks' COCO default :data:`COCO_DEFAULT_SPLIT` counts as none asked for). A
     ``root`` that is no path but an ``owner/name`` hub dataset id in the local hub cache reads that snapshot."""
     hub_id = None
     if not Path(root).exists() and HUB_ID.fullmatch(str(root)):
@@ -89,9 +156,11 @@ def open_images(root: str | Path, split: str, *, image_column: str = "image", ca
 
         return CocoDataset(root, split, captions=captions, instances=instances)
     if instances:
-        raise CocoError(f"{root} is an {kind} without instance annotations: --source coco-gt needs a COCO folder "
+        what = "an imagefolder" if kind == "imagefolder" else f"a folder of {kind.capitalize()} files"
+        raise CocoError(f"{root} is {what}, without instance annotations: --source coco-gt needs a COCO folder "
                         "(use --source grounded-sam)")
-    data = CaptionedDataset(root, kind, image_column=image_column, caption_column=caption_column)
+    data = CaptionedDataset(root, kind, image_column=image_column, caption_column=caption_column,
+                            split=None if split == COCO_DEFAULT_SPLIT else split)
     data.hub_id = hub_id
     return data
 
@@ -112,9 +181,10 @@ class CaptionedDataset:
     imagefolder and the row count of each row group for a table, never captions or images. A row's caption and
     image are read when the row is asked for (tables: the row group holding it, the last two kept)."""
 
-    def __init__(self, root: str | Path, kind: str, image_column: str = "image", caption_column: str = "text"):
-        self.root, self.kind = Path(root), kind
-        self.split = kind
+    def __init__(self, root: str | Path, kind: str, image_column: str = "image", caption_column: str = "text",
+                 split: str | None = None):
+        self.source, self.kind = Path(root), kind
+        self.root = self.source  # where file names and image paths are relative to (a split's folder)
         self.image_column, self.caption_column = image_column, caption_column
         self.categories: dict[int, str] = {}
         self._offsets = array("q")  # imagefolder: byte offset of each row's record in the metadata file
@@ -123,19 +193,27 @@ class CaptionedDataset:
         self._files: list[Path] = []  # tables: the files, and the first row of each (file, row group)
         self._groups: list[tuple[int, int]] = []
         self._starts = array("q")
+        self._digest = hashlib.sha256()  # of what decides the rows: metadata bytes, or table files' layout
         if kind == "imagefolder":
-            n = self._index_imagefolder()
+            if image_column != "image":
+                raise CocoError(f"--image-column {image_column}: an imagefolder's images are the files its metadata "
+                                "names (file_name); --image-column is for Parquet / Arrow input")
+            n = self._index_imagefolder(split)
         elif kind in ("parquet", "arrow"):
-            n = self._index_tables()
+            n = self._index_tables(split)
         else:
             raise ValueError(f"unknown kind {kind!r}")
+        self.split = self.split_name or kind
         self.ids = range(n)
+        self.digest = self._digest.hexdigest()[:16]
         self._pid = None
         self.hub_id: str | None = None
 
     def describe(self) -> dict:
-        """What the manifest records about the input."""
-        out = {"kind": self.kind, "path": str(self.root), "caption_column": self.caption_column}
+        """What the manifest records about the input: its kind, path, split, columns, and its row count and a
+        digest of what decides the rows, so a changed input is not mixed into an older run's shards."""
+        out = {"kind": self.kind, "path": str(self.source), "split": self.split_name,
+               "caption_column": self.caption_column, "rows": len(self.ids), "digest": self.digest}
         if self.hub_id:
             out["hub_id"] = self.hub_id
         if self.kind != "imagefolder":
@@ -144,29 +222,48 @@ class CaptionedDataset:
 
     # ----- indexing
 
-    def _index_imagefolder(self) -> int:
-        self._meta = meta = next(self.root / m for m in METADATA if (self.root / m).is_file())
+    def _index_imagefolder(self, split: str | None) -> int:
+        meta = _metadata(self.source)
+        if meta is None:
+            folders = _split_folders(self.source)
+            self.split_name = choose_split(self.source, list(folders), split)
+            self.root = folders[self.split_name]
+            meta = _metadata(self.root)
+        else:
+            self.split_name = choose_split(self.source, [], split)
+        self._meta = meta
         column = None
-        for n, (offset, record) in enumerate(self._metadata_records(meta), 1):
+        for n, (offset, record) in enumerate(self._metadata_records(meta, digest=True), 1):
             if column is None:
-                column = self.caption_column if self.caption_column in record or self.caption_column != "text" \
-                    else ("caption" if "caption" in record else self.caption_column)
-                if column not in record:
-                    raise CocoError(f"{meta}: no caption column {column!r} (columns: {', '.join(record)}); pass "
-                                    "--caption-column")
+                column = self._caption_column(record, meta)
             if not record.get("file_name"):
                 raise CocoError(f"{meta}:{n}: the row has no file_name")
             self._offsets.append(offset)
         self.caption_column = column or self.caption_column
         return len(self._offsets)
 
-    def _metadata_records(self, meta: Path, start: int | None = None) -> Iterator[tuple[int, dict]]:
-        """(byte offset, record) of each row of metadata.jsonl / metadata.csv, from ``start`` (one record) or all.
-        A CSV record may span lines (a quoted field with a newline): it ends where its quotes balance."""
+    def _caption_column(self, columns, where: Path) -> str:
+        """``caption_column``, or ``caption`` where the default ``text`` is absent (Hugging Face sets use both)."""
+        column = self.caption_column
+        if column not in columns and column == "text" and "caption" in columns:
+            column = "caption"
+        if column not in columns:
+            hint = "pass --caption-column" if self.caption_column == "text" else "pass another --caption-column"
+            raise CocoError(f"{where}: no caption column {self.caption_column!r} (columns: {', '.join(columns)}); "
+                            f"{hint}")
+        return column
+
+    def _metadata_records(self, meta: Path, start: int | None = None, digest: bool = False
+                          ) -> Iterator[tuple[int, dict]]:
+        """(byte offset, record) of each row of metadata.jsonl / metadata.csv, from ``start`` (one record) or all
+        (``digest``: hashing every byte read). A CSV record may span lines (a quoted field with a newline): it
+        ends where its quotes balance."""
         try:
             with meta.open("rb") as f:
                 if meta.suffix == ".csv" and self._header is None:
                     header = _csv_record(f)
+                    if digest:
+                        self._digest.update(header)
                     self._header = next(csv.reader([header.decode("utf-8-sig")]), []) if header else []
                 if start is not None:
                     f.seek(start)
@@ -176,6 +273,8 @@ class CaptionedDataset:
                     raw = _csv_record(f) if meta.suffix == ".csv" else f.readline()
                     if not raw:
                         return
+                    if digest:
+                        self._digest.update(raw)
                     n += 1
                     text = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
                     if not text.strip():
@@ -201,17 +300,19 @@ class CaptionedDataset:
     def _record(self, image_id: int) -> dict:
         return next(self._metadata_records(self._meta, self._offsets[image_id]))[1]
 
-    def _index_tables(self) -> int:
-        self._files = sorted(self.root.rglob(f"*.{self.kind}"))
+    def _index_tables(self, split: str | None) -> int:
+        self._files, self.split_name = table_files(self.source, self.kind, split)
         total = 0
         for fi, path in enumerate(self._files):
             try:
                 names, sizes = _table_layout(path)
             except Exception as e:  # noqa: BLE001 - any pyarrow error: name the file
                 raise CocoError(f"{path} is not a readable {self.kind.capitalize()} file ({e})") from None
-            for col, flag in ((self.image_column, "--image-column"), (self.caption_column, "--caption-column")):
-                if col not in names:
-                    raise CocoError(f"{path}: no column {col!r} (columns: {', '.join(names)}); pass {flag}")
+            if self.image_column not in names:
+                raise CocoError(f"{path}: no column {self.image_column!r} (columns: {', '.join(names)}); pass "
+                                f"{'another ' if self.image_column != 'image' else ''}--image-column")
+            self.caption_column = self._caption_column(names, path)
+            self._digest.update(json.dumps([str(path.relative_to(self.source)), path.stat().st_size, sizes]).encode())
             for rg, size in enumerate(sizes):
                 self._groups.append((fi, rg))
                 self._starts.append(total)
@@ -282,7 +383,7 @@ class CaptionedDataset:
 
     def _bytes(self, image_id: int, name: str) -> bytes:
         if self.kind == "imagefolder":
-            return (self.root / name).read_bytes()
+            return self._inside(name).read_bytes()
         value = self._cells(image_id)[0]
         if isinstance(value, dict):
             if value.get("bytes"):
@@ -291,8 +392,15 @@ class CaptionedDataset:
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
         if isinstance(value, str) and value:
-            return (self.root / value).read_bytes()
+            return self._inside(value).read_bytes()
         raise ImageReadError(self.root / f"row {image_id}", "is missing (the row has no image)")
+
+    def _inside(self, name: str) -> Path:
+        """The image file ``name`` names, relative to the folder; one outside it is not read (unreadable row)."""
+        path = (self.root / name).resolve()
+        if Path(name).is_absolute() or not path.is_relative_to(self.root.resolve()):
+            raise ImageReadError(self.root / name, "is outside the dataset folder (file names are relative to it)")
+        return path
 
     def _cells(self, image_id: int) -> tuple[Any, Any]:
         """(image cell, caption cell) of a table row."""

@@ -34,10 +34,25 @@ def refuse_other_settings(output: Path, content: dict, kind: str) -> None:
         return
     manifest = load_manifest(output)
     if manifest.get("fingerprint") != config_fingerprint(content):
+        changes = setting_changes(manifest.get("config") or {}, content)
         raise DatasetError(
             f"{output} already holds a {manifest.get('kind', kind)} dataset written with other settings "
-            f"({manifest.get('config')}); write to a new --output folder or delete it"
+            f"({changes or manifest.get('config')}); write to a new --output folder or delete it"
         )
+
+
+def setting_changes(old: dict, new: dict, prefix: str = "") -> str:
+    """``"split: val2017 -> train2017; input.rows: 5 -> 7"``: what differs between two settings dicts (nested
+    dicts by dotted key); empty when nothing does."""
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = setting_changes(a, b, f"{prefix}{key}.")
+            out += [inner] if inner else []
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return "; ".join(out)
 
 
 def remove_stale_tmp(writer: ShardedWriter, todo) -> None:

@@ -144,6 +144,7 @@ def _run(cfg: MasksConfig, rank: int, world_size: int, progress: bool, finalize_
     run_config = {"coco_dir": str(cfg.coco_dir), "output": str(cfg.output), "world_size": world_size,
                   "image_ids": str(cfg.image_ids) if cfg.image_ids else None}
     if isinstance(coco, CaptionedDataset):  # a COCO folder's manifest stays as it was
+        content["split"] = coco.split_name  # the split read (None: all of it), not the COCO default
         content["input"] = {k: v for k, v in coco.describe().items() if k != "path"}
         run_config["input"] = coco.describe()
     refuse_other_settings(cfg.output, content, "masks")

@@ -75,8 +75,12 @@ def test_imagefolder_matches_coco_and_counts_skips(setup, folder_run, tmp_path):
     reasons = {(k["file_name"], k["reason"].split(" (")[0]) for k in manifest["skipped"]}
     assert ("images/bad.jpg", "image does not decode") in reasons and ((setup["records"][4]["file_name"],
                                                                          "no captions") in reasons)
-    assert manifest["run"]["input"] == {"kind": "imagefolder", "path": str(setup["folder"]), "caption_column": "text"}
-    assert manifest["config"]["input"] == {"kind": "imagefolder", "caption_column": "text"}
+    digest = manifest["config"]["input"]["digest"]
+    assert manifest["run"]["input"] == {"kind": "imagefolder", "path": str(setup["folder"]), "split": None,
+                                        "caption_column": "text", "rows": 7, "digest": digest}
+    assert manifest["config"]["input"] == {"kind": "imagefolder", "split": None, "caption_column": "text",
+                                           "rows": 7, "digest": digest}
+    assert manifest["config"]["split"] is None  # not masks' COCO default
     assert "input" not in coco["config"] and "input" not in coco["run"]  # a COCO manifest is as it was
     rows = list(iter_rows(cfg.output))
     assert [r["image_id"] for r in rows] == [0, 1, 3, 5, 6]  # the row numbers of the metadata
@@ -253,3 +257,78 @@ def test_csv_caption_over_several_lines(tmp_path):
     data = CaptionedDataset(folder, "imagefolder")
     assert [data[i].captions for i in range(len(data))] == [(c,) for c in captions]
     assert [data[i].file_name for i in data.ids] == ["0.jpg", "1.jpg", "2.jpg"]
+
+
+def _copy_folder(setup, dst):
+    (dst / "images").mkdir(parents=True)
+    for f in (setup["folder"] / "images").iterdir():
+        (dst / "images" / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_changed_input_is_not_mixed_into_an_older_run(setup, tmp_path):
+    """Rows added to the metadata (or a caption edited) after a run: the rerun names what changed and writes
+    nothing, instead of keeping the old last shard and leaving the new rows out."""
+    folder = _copy_folder(setup, tmp_path / "grow")
+    lines = [json.dumps(r) + "\n" for r in setup["records"]]
+    (folder / "metadata.jsonl").write_text("".join(lines[:5]))
+    out = tmp_path / "out"
+    run(_cfg(setup, folder, out), progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    with pytest.raises(UserError, match=r"input\.rows: 5 -> 7"):
+        run(_cfg(setup, folder, out), progress=False)
+    (folder / "metadata.jsonl").write_text("".join(lines[:4]) + lines[4].replace("images", "./images"))
+    with pytest.raises(UserError, match=r"input\.digest: "):
+        run(_cfg(setup, folder, out), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_splits_of_a_table_or_an_imagefolder(setup, folder_run, tmp_path):
+    """A hub-style layout with train and test files reads train unless --split names another; a split that is
+    not there, or --split on an unsplit folder, is refused naming what there is."""
+    rows = [{"image": {"bytes": (setup["folder"] / r["file_name"]).read_bytes(), "path": r["file_name"]},
+             "text": r["text"]} for r in setup["records"]]
+    data = tmp_path / "hub" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), data / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:2]), data / "test-00000-of-00001.parquet")
+    manifest = run(_cfg(setup, tmp_path / "hub", tmp_path / "out"), progress=False)
+    assert _content(tmp_path / "out") == _content(folder_run[0].output)
+    assert manifest["config"]["split"] == "train" and manifest["config"]["input"]["rows"] == 7
+    test = run(_cfg(setup, tmp_path / "hub", tmp_path / "out-test", split="test"), progress=False)
+    assert test["config"]["input"]["rows"] == 2 and test["stats"]["images"] == 2
+    with pytest.raises(UserError, match="has the splits test, train; pass one of them"):
+        run(_cfg(setup, tmp_path / "hub", tmp_path / "x", split="validation"), progress=False)
+    with pytest.raises(UserError, match="is not split"):
+        run(_cfg(setup, setup["folder"], tmp_path / "y", split="train"), progress=False)
+    # an imagefolder split into subfolders, file names relative to each split's metadata
+    split_folder = tmp_path / "splits"
+    _copy_folder(setup, split_folder / "train")
+    (split_folder / "train" / "metadata.jsonl").write_text((setup["folder"] / "metadata.jsonl").read_text())
+    (split_folder / "test").mkdir()
+    (split_folder / "test" / "metadata.jsonl").write_text("")
+    run(_cfg(setup, split_folder, tmp_path / "out-if"), progress=False)
+    assert _content(tmp_path / "out-if") == _content(folder_run[0].output)
+
+
+def test_odd_imagefolders_are_refused_or_skipped(setup, tmp_path):
+    both = _copy_folder(setup, tmp_path / "both")
+    (both / "metadata.jsonl").write_text((setup["folder"] / "metadata.jsonl").read_text())
+    (both / "metadata.csv").write_text("file_name,text\n")
+    with pytest.raises(UserError, match="both metadata.jsonl and metadata.csv"):
+        run(_cfg(setup, both, tmp_path / "a"), progress=False)
+    (both / "metadata.csv").unlink()
+    with pytest.raises(UserError, match="--image-column is for Parquet"):
+        run(_cfg(setup, both, tmp_path / "b", image_column="jpg"), progress=False)
+    with pytest.raises(UserError, match="no caption column 'prompt'.*pass another --caption-column"):
+        run(_cfg(setup, both, tmp_path / "c", caption_column="prompt"), progress=False)
+    # file names that leave the folder are skipped as unreadable, never read
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes((setup["folder"] / setup["records"][0]["file_name"]).read_bytes())
+    records = setup["records"] + [{"file_name": "../secret.jpg", "text": "a cup"},
+                                  {"file_name": str(outside), "text": "a cup"}]
+    (both / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    manifest = run(_cfg(setup, both, tmp_path / "d"), progress=False)
+    outside_rows = [k for k in manifest["skipped"] if "outside the dataset folder" in k["reason"]]
+    assert len(outside_rows) == 2 and manifest["stats"]["images_skipped_unreadable"] == 3
