@@ -330,7 +330,11 @@ def shard_files(data_dir: str | os.PathLike) -> list[Path]:
         raise DatasetError(f"{data_dir}: no such dataset folder (make one with `tcompose masks ... --output {data_dir}`)")
     files = sorted(data_dir.glob(SHARD_GLOB))
     if not files:
-        raise DatasetError(f"{data_dir}: holds no {SHARD_GLOB} shards; is it a tcompose dataset folder?")
+        raw = any((data_dir / m).is_file() for m in ("metadata.jsonl", "metadata.csv")) or (data_dir / "annotations").is_dir() \
+            or next(data_dir.rglob("*.parquet"), None) is not None or next(data_dir.rglob("*.arrow"), None) is not None
+        hint = (f"it looks like captioned images, not a tcompose dataset: make one from them first with `tcompose "
+                f"masks {data_dir} --output MASKS` and pass MASKS") if raw else "is it a tcompose dataset folder?"
+        raise DatasetError(f"{data_dir}: holds no {SHARD_GLOB} shards; {hint}")
     return files
 
 

@@ -332,3 +332,13 @@ def test_odd_imagefolders_are_refused_or_skipped(setup, tmp_path):
     manifest = run(_cfg(setup, both, tmp_path / "d"), progress=False)
     outside_rows = [k for k in manifest["skipped"] if "outside the dataset folder" in k["reason"]]
     assert len(outside_rows) == 2 and manifest["stats"]["images_skipped_unreadable"] == 3
+
+
+def test_a_captioned_folder_given_as_a_dataset_says_to_run_masks_first(setup, tmp_path):
+    from tcompose.io.datasets import DatasetError
+
+    with pytest.raises(DatasetError, match=r"make one from them first with `tcompose masks .* --output MASKS`"):
+        shard_files(setup["folder"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="is it a tcompose dataset folder"):
+        shard_files(tmp_path / "empty")
