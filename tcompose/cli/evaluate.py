@@ -175,18 +175,25 @@ def latency(
 @app.command()
 @_friendly
 def table(
-    multigen_coco: Optional[Path] = typer.Option(None, help="A multigen --dataset coco run folder."),
-    multigen_ade20k: Optional[Path] = typer.Option(None, help="A multigen --dataset ade20k run folder."),
-    visor: Optional[Path] = typer.Option(None, help="A visor run folder."),
-    fid: Optional[Path] = typer.Option(None, help="A fid run folder."),
-    latency: Optional[Path] = typer.Option(None, help="A latency folder."),
-    geneval: Optional[Path] = typer.Option(None, help="A geneval run folder (adds the GenEval columns)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown here, and table.json beside it."),
+    multigen_coco: Optional[list[Path]] = typer.Option(None, metavar="DIR", help="A multigen --dataset coco run folder (or its summary*.json)."),
+    multigen_ade20k: Optional[list[Path]] = typer.Option(None, metavar="DIR", help="A multigen --dataset ade20k run folder (or its summary*.json)."),
+    visor: Optional[list[Path]] = typer.Option(None, metavar="DIR", help="A visor run folder (or its summary*.json)."),
+    fid: Optional[list[Path]] = typer.Option(None, metavar="DIR", help="A fid run folder."),
+    latency: Optional[list[Path]] = typer.Option(None, metavar="DIR", help="A latency folder."),
+    geneval: Optional[list[Path]] = typer.Option(None, metavar="DIR", help="A geneval run folder, or its summary*.json (a --score-only rescoring's); adds the GenEval columns."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown here, and the JSON beside it (tab.md -> tab.json)."),
 ) -> None:
     """The paper's Table 1 from benchmark run folders, published rows beside; "not run" where nothing measured."""
     from ..evaluate.table import run
 
-    run(multigen_coco, multigen_ade20k, visor, fid, latency, output, geneval=geneval)
+    def one(option: str, given: Optional[list[Path]]) -> Optional[Path]:
+        if given and len(given) > 1:
+            raise UserError(f"--{option} given {len(given)} times ({', '.join(map(str, given))}): the table takes one "
+                            f"folder per option; run every model into one --output folder, or pass one of them")
+        return given[0] if given else None
+
+    run(one("multigen-coco", multigen_coco), one("multigen-ade20k", multigen_ade20k), one("visor", visor),
+        one("fid", fid), one("latency", latency), output, geneval=one("geneval", geneval))
 
 
 @app.command()
@@ -261,8 +268,8 @@ def geneval(
     model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]] (repeatable; same seeds for all)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder: run.json, models/, detections/, results_NAME.jsonl, summary.json/.md, grids."),
     prompt_file: Optional[Path] = typer.Option(None, help="Local copy of GenEval's evaluation_metadata.jsonl (offline use; sha256-checked)."),
-    custom_prompts: bool = typer.Option(False, help="Accept a --prompt-file of your own in GenEval's layout (no sha256 check)."),
-    prompts: Optional[int] = typer.Option(None, help="Only the first N prompts (a quick look, not GenEval's protocol)."),
+    custom_prompts: bool = typer.Option(False, help="With --prompt-file: accept a file of your own in GenEval's layout, a subset of GenEval's included (no sha256 check)."),
+    prompts: Optional[int] = typer.Option(None, help="Only the first N prompts (a quick look, not GenEval's protocol; a higher N later extends the folder)."),
     images: int = typer.Option(4, help="Images per prompt (GenEval: 4)."),
     settings: GenerationSettings = FROM_OPTIONS,
     detection: dict = FROM_OPTIONS,
@@ -273,7 +280,7 @@ def geneval(
     detector_size: int = typer.Option(800, help="Short side of the detector's input (GenEval's mmdet config: 800)."),
     clip_model: str = typer.Option(defaults.CLIP, help="CLIP of the colour classifier (GenEval: OpenAI ViT-L/14)."),
     grid: int = typer.Option(4, help="Prompts per task in grid_NAME_TAG.png (0: none)."),
-    score_only: Optional[Path] = typer.Option(None, help="Rescore the stored detections of this run folder (other thresholds or rules); loads no model."),
+    score_only: Optional[Path] = typer.Option(None, help="Rescore the stored detections of this run folder (other thresholds or rules) into summary_<rules>.json/.md and results_NAME_<rules>.jsonl; loads no model."),
 ) -> None:
     """GenEval: 553 prompts -> images -> Mask2Former + CLIP colours -> per-task and overall scores. Resumable."""
     from ..evaluate.geneval import stage

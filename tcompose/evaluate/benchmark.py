@@ -230,20 +230,50 @@ def finish_run(cfg: DetectionConfig, specs: Sequence[ModelSpec], prompts: Sequen
     return list(json.loads(run_path.read_text())["models"])
 
 
+#: run.json keys -> the option that sets them, for refusals that name what differs (other keys are named as is).
+OPTION_OF = {"steps": "--steps", "guidance": "--guidance", "seed": "--seed", "height": "--height",
+             "width": "--width", "dtype": "--dtype", "scheduler": "--scheduler", "safety_checker": "--safety-checker",
+             "revision": "revision=", "unet": "unet=", "text_encoder": "text_encoder=", "lora": "lora=",
+             "lora_scale": "lora_scale=", "attend_excite": "--attend-excite", "model": "the model",
+             "file": "--prompt-file", "sha256": "the prompt file's sha256", "kind": "the prompt kind",
+             "dataset": "--dataset", "sample_seed": "--sample-seed", "prompt_seed": "--prompt-seed",
+             "images_per_prompt": "--images", "detector": "--detector", "store_threshold": "--store-threshold",
+             "input_short_side": "--detector-size", "color_clip": "--clip-model",
+             "color_clip_revision": "the colour CLIP's revision"}
+
+DETECTION_OPTIONS = {"revision": "--detector-revision", "dtype": "--detector-dtype"}
+
+
+def describe_changes(old: dict, new: dict, names: dict[str, str] = OPTION_OF) -> str:
+    """What differs between two records, one ``option old -> new`` per key (``--steps 50 -> 20``); a key only
+    one side has reads ``(none)`` on the other."""
+    def show(v) -> str:
+        return "(none)" if v is None else (json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+
+    keys = list(dict.fromkeys([*old, *new]))
+    changed = [f"{names.get(k, k)} {show(old.get(k))} -> {show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(changed) or "(no field differs)"
+
+
 def merge_run_json(path: Path, record: dict, fixed: Sequence[str] = ("prompt_source", "detection")) -> dict:
     """The run.json to write: refuses other ``fixed`` settings (the prompts, the detector) or other settings of
-    a model already in the folder; adds new models."""
+    a model already in the folder, naming each field that differs and its old and new value; adds new models."""
     if not path.is_file():
         return record
     old = json.loads(path.read_text())
     for key in fixed:
         if old.get(key) != record[key]:
-            raise UserError(f"{path}: this folder was run with other {key.replace('_', ' ')} ({old.get(key)}); "
-                             "use a new --output, or the same settings")
+            before, after = old.get(key), record[key]
+            names = {**OPTION_OF, **DETECTION_OPTIONS} if key == "detection" else OPTION_OF
+            what = (describe_changes(before, after, names) if isinstance(before, dict) and isinstance(after, dict)
+                    else f"{before} -> {after}")
+            raise UserError(f"{path}: this folder was run with other {key.replace('_', ' ')}: {what}; use a new "
+                             "--output, or the same settings")
     for name, settings in record["models"].items():
         if name in old.get("models", {}) and old["models"][name] != settings:
-            raise UserError(f"{path}: model {name!r} was generated with other settings ({old['models'][name]}); "
-                             "give it another NAME= or use a new --output")
+            raise UserError(f"{path}: model {name!r} was generated with other settings: "
+                             f"{describe_changes(old['models'][name], settings)}; give it another NAME= or use a new "
+                             "--output")
     return {**old, **record, "models": {**old.get("models", {}), **record["models"]}}
 
 
@@ -251,6 +281,12 @@ def read_run(output: Path, stage: str, threshold: float | None) -> tuple[dict, f
     """``--score-only``: a finished run's run.json, the threshold to score at (default: the run's; never below the
     stored detections') and its prompts.json, checked to be a ``stage`` run."""
     run_path, prompts_path = Path(output) / RUN_JSON, Path(output) / PROMPTS_JSON
+    if not Path(output).exists():
+        raise UserError(f"{output}: the folder does not exist; --score-only takes the --output folder of a finished "
+                        f"tcompose {stage} run")
+    if not Path(output).is_dir():
+        raise UserError(f"{output}: not a folder; --score-only takes the --output folder of a finished tcompose "
+                        f"{stage} run")
     if not run_path.is_file() or not prompts_path.is_file():
         raise UserError(f"{output}: no {RUN_JSON} / {PROMPTS_JSON}; --score-only takes the --output folder of a "
                          f"tcompose {stage} run")

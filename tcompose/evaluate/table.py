@@ -9,11 +9,14 @@ and on ADE20K, FID on COCO and Flickr30K, latency (s/img); CLIP score (COCO) is 
 folder gives reads "not run". The paper's published rows follow, marked "published, not measured", never
 mixed with measured ones. Below the table, each source's protocol (prompts x images, or images), so a quick
 run is never mistaken for the paper's protocol. Writes Markdown (``--output``, default printed only) and JSON
-beside it (``table.json``). A folder of another stage, or a summary missing a field the table reads, is refused
+beside it (the same name with ``.json``: ``--output tab.md`` writes ``tab.json``). Each option takes one folder
+(given twice, refused), or the summary file itself (``summary_threshold-0.2.json`` of a ``--score-only``).
+A folder of another stage, or a summary missing a field the table reads, is refused
 in one line naming the file and what it lacks; a table with no measured row says so above the published rows.
 
 ``--geneval`` adds two columns, GenEval's overall score and its six task scores (fractions,
-:mod:`tcompose.evaluate.geneval`), and GenEval's published rows (its README), marked as such.
+:mod:`tcompose.evaluate.geneval`), and GenEval's published rows (its README), marked as such. The overall of a
+partial run (not all six tasks, or fewer than GenEval's 553 prompts) is marked "partial" with what it covers.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ FID_FIELDS = ("fid", "images", "reference_images")
 SOURCES["geneval"] = ("summary.json", ("prompt_source", "num_prompts", "images_per_prompt", "threshold", "models"),
                       ("overall", "tasks"))
 GENEVAL_COLUMNS = ("GenEval overall", "GenEval tasks (single/two/counting/colors/position/color_attr)")
+#: A model's cell (not a column): what a partial GenEval run covers; its overall is then marked, not comparable.
+GENEVAL_PARTIAL = "GenEval partial"
 
 
 def _lacks(path: Path, option: str, what: str, lacks: str) -> UserError:
@@ -58,8 +63,14 @@ def _summary(folder: Path, what: str, option: str | None = None) -> dict:
     name, fields, per_model = SOURCES[what]
     option = option or f"--{what}"
     path = Path(folder) / name
+    if Path(folder).is_file() and Path(folder).suffix == ".json" and Path(folder).name.startswith(name[:-5]):
+        path = Path(folder)  # a summary file itself, e.g. the summary_<rules>.json of a --score-only rescoring
+    elif not Path(folder).exists():
+        raise UserError(f"{option} {folder}: no such folder; pass the --output folder of a finished tcompose {what} "
+                        "run")
     if not path.is_file():
-        raise UserError(f"{option} {folder}: no {name}; pass the --output folder of a finished tcompose {what} run")
+        raise UserError(f"{option} {folder}: no {name}; pass the --output folder of a finished tcompose {what} run"
+                        f" (or one of its {name[:-5]}*.json files)")
     try:
         s = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
@@ -146,20 +157,30 @@ def collect(multigen_coco: Path | None = None, multigen_ade20k: Path | None = No
     if geneval is not None:
         from .geneval.rules import TASKS
 
+        from .geneval.report import coverage
+
         s = _summary(geneval, "geneval")
         columns += GENEVAL_COLUMNS
+        detector = f"Mask2Former {s['detector']}" if s.get("detector") else "Mask2Former"
         protocols["GenEval"] = (f"{s['num_prompts']} prompts x {s['images_per_prompt']} images, "
                                 f"{(s.get('prompt_source') or {}).get('kind', 'unknown')} prompts, transformers "
-                                "Mask2Former (not the mmdet checkpoint of GenEval's evaluator)")
+                                f"{detector} (not the mmdet checkpoint of GenEval's evaluator)")
+        if s.get("rules"):
+            protocols["GenEval"] += ", rules " + ", ".join(f"{k} {v:g}" for k, v in s["rules"].items())
         for name, r in s["models"].items():
             cell(name, GENEVAL_COLUMNS[0], r["overall"])
             cell(name, GENEVAL_COLUMNS[1], [r["tasks"].get(t) for t in TASKS])
+            part = coverage(r, s["num_prompts"], s.get("prompt_source"))
+            if part is not None:
+                cell(name, GENEVAL_PARTIAL, part)
     return {"models": models, "protocols": protocols, "columns": columns}
 
 
-def _fmt(column: str, value) -> str:
+def _fmt(column: str, value, partial: str | None = None) -> str:
     if value is None:
         return NOT_RUN
+    if column == GENEVAL_COLUMNS[0] and partial is not None:
+        return f"{value:.2f} (partial: {partial})"
     if column.startswith("MG") or column == GENEVAL_COLUMNS[1]:
         return " / ".join("–" if v is None else f"{v:.2f}" for v in value)
     return f"{value:.2f}"
@@ -192,7 +213,8 @@ def markdown(table: dict) -> str:
         lines += [NO_MEASURED_ROW, ""]
     lines += ["| " + " | ".join(head) + " |", rule]
     for name, cells in table["models"].items():
-        lines.append("| " + " | ".join([name, *(_fmt(c, cells.get(c)) for c in columns), "measured"]) + " |")
+        row = [_fmt(c, cells.get(c), cells.get(GENEVAL_PARTIAL)) for c in columns]
+        lines.append("| " + " | ".join([name, *row, "measured"]) + " |")
     geneval = GENEVAL_COLUMNS[0] in columns
     for name, cells in published_rows(geneval).items():
         label = name if name.endswith("(GenEval)") else f"{name} (paper)"
@@ -206,6 +228,10 @@ def markdown(table: dict) -> str:
         lines += ["", "GenEval: share of correct images per task (fractions), overall = their mean; measured with "
                   "transformers' Mask2Former, not the mmdet checkpoint of GenEval's evaluator, so measured and "
                   f"published GenEval numbers can differ. Rows \"(GenEval)\": {GENEVAL_SOURCE}."]
+        partial = {name: cells[GENEVAL_PARTIAL] for name, cells in table["models"].items() if GENEVAL_PARTIAL in cells}
+        if partial:
+            lines += ["", "GenEval overall marked \"partial\" (" + ", ".join(partial) + "): the mean of the measured "
+                      "tasks only, not comparable with a full run's or the published overall; the task scores are."]
     if table["protocols"]:
         lines += ["", "Measured with:", ""] + [f"- {k}: {v}" for k, v in table["protocols"].items()]
     return "\n".join(lines) + "\n"
@@ -214,7 +240,8 @@ def markdown(table: dict) -> str:
 def run(multigen_coco: Path | None = None, multigen_ade20k: Path | None = None, visor: Path | None = None,
         fid: Path | None = None, latency: Path | None = None, output: Path | None = None,
         geneval: Path | None = None) -> dict:
-    """Collect, print the Markdown table and, with ``output``, write it and ``table.json`` beside it."""
+    """Collect, print the Markdown table and, with ``output``, write it and the JSON beside it (``tab.md`` ->
+    ``tab.json``)."""
     from ..io.datasets import write_json_atomic, write_text_atomic
 
     if not any(p is not None for p in (multigen_coco, multigen_ade20k, visor, fid, latency, geneval)):

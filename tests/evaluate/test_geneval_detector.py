@@ -98,3 +98,10 @@ def test_detector_check_and_detect(tmp_path, tiny_clip):
     cut = sorted(everything.scores)[-5]
     some = det.detect([image], [["car"]], threshold=cut)[0]
     assert sorted(some.scores) == sorted(s for s in everything.scores if s > cut)
+
+
+def test_loading_the_colour_clip_shows_no_transformers_bar(tiny_clip, capfd):
+    capfd.readouterr()
+    ColorClassifier.load(str(tiny_clip))
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err

@@ -152,3 +152,27 @@ def test_the_real_prompt_file(test_data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prompts, source = resolve_prompts(limit=5)  # offline: from the cache
     assert len(prompts) == 5 and source["sha256"] == SHA256 and json.loads(json.dumps(source)) == source
+
+
+def test_a_prompt_subset_is_refused_naming_custom_prompts_and_prompts_n(test_data, tmp_path):
+    lines = (test_data / "geneval" / "evaluation_metadata.jsonl").read_text().splitlines(keepends=True)
+    subset = tmp_path / "first3.jsonl"
+    subset.write_text("".join(lines[:3]))
+    with pytest.raises(PromptSetError) as err:
+        resolve_prompts(subset)
+    assert "--custom-prompts" in str(err.value) and "--prompts N" in str(err.value)
+    assert len(resolve_prompts(subset, custom=True)[0]) == 3  # the flag it names serves the subset
+
+
+def test_a_higher_prompts_count_is_the_same_prompt_source(test_data):
+    """--prompts 40 then 41 of the same file: the first 40 are a prefix, run.json's source must not differ."""
+    path = test_data / "geneval" / "evaluation_metadata.jsonl"
+    (p40, s40), (p41, s41) = resolve_prompts(path, limit=40), resolve_prompts(path, limit=41)
+    assert s40 == s41 and p41[:40] == p40 and s40["file_prompts"] == 553
+
+
+def test_offline_without_cache_names_tcompose_download_geneval(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PromptSetError, match="`tcompose download geneval`"):
+        resolve_prompts()

@@ -143,3 +143,46 @@ def test_a_detector_that_is_no_mask2former_fails_before_any_image(tiny, tmp_path
     assert len(err) == 1 and "--detector" in err[0] and "Mask2Former" in err[0]
     assert not out.exists()
     assert main(["geneval", "--output", str(out)]) == 2 and "pass --model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_growing_a_folder_and_what_is_refused_in_it(tiny, tmp_path, capsys):
+    """--prompts 2 then 3 extends the folder (no transformers bar shown); the summary names the detector used and
+    marks the partial overall; another --steps or --detector-size is refused naming it; a model added at another
+    --images is refused; ``table --geneval`` takes a --score-only summary file and writes ``tab.json``."""
+    from tcompose.cli import main
+
+    out = tmp_path / "ge"
+    assert main([*_args(tiny, out), "--prompts", "2", "--grid", "0"]) == 0
+    capsys.readouterr()
+    assert main([*_args(tiny, out), "--prompts", "3", "--grid", "0"]) == 0  # the first 2 are a prefix: extended
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_prompts"] == 3 and summary["models"]["A"]["images"] == 6
+    assert summary["partial"] == {"A": "3 of 6 tasks, 3 of 6 prompts"}
+    assert str(tiny["m2f"]) in summary["detector_note"] and "Swin-S" not in summary["detector_note"]
+    assert "partial: 3 of 6 tasks" in (out / "summary.md").read_text()
+
+    assert main([*_args(tiny, out), "--prompts", "3", "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model 'A' was generated with other settings: --steps 2 -> 3;" in err[0]
+    assert "{" not in err[0]  # the field, not the whole record
+    assert main([*_args(tiny, out), "--prompts", "3", "--detector-size", "96"]) == 2
+    err = capsys.readouterr().err
+    assert "other detection: --detector-size 64 -> 96;" in err and "{" not in err
+
+    b = [a if a != f"A={tiny['sd']}" else f"B={tiny['sd']}" for a in _args(tiny, out)]
+    b[b.index("--images") + 1] = "1"
+    assert main([*b, "--prompts", "3"]) == 2  # A has 2 images per prompt: B at 1 would rescore A on 1
+    err = capsys.readouterr().err
+    assert "--images 1" in err and "--images 2" in err and "A" in err
+    assert json.loads((out / "summary.json").read_text())["models"]["A"]["images"] == 6  # A's summary untouched
+
+    assert main(["geneval", "--score-only", str(out), "--max-overlap", "0.5"]) == 0
+    rescored = out / "summary_max-overlap-0.5.json"
+    capsys.readouterr()
+    assert main(["table", "--geneval", str(rescored), "--output", str(tmp_path / "tab.md")]) == 0
+    md = capsys.readouterr().out
+    assert "max_overlap 0.5" in md and "(partial: 3 of 6 tasks, 3 of 6 prompts)" in md
+    assert (tmp_path / "tab.json").is_file() and not (tmp_path / "table.json").exists()

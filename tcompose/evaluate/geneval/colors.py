@@ -67,9 +67,10 @@ class ColorClassifier:
         from transformers import CLIPImageProcessor
 
         from ...models.clip import load_clip
-        from ...models.loading import pretrained
+        from ...models.loading import pretrained, quiet_transformers
 
-        model, tokenizer = load_clip(name, revision)
+        with quiet_transformers():  # no "Loading weights" bar beside the stage's own
+            model, tokenizer = load_clip(name, revision)
         processor = pretrained(CLIPImageProcessor.from_pretrained, name, revision, "CLIP image processor")
         return cls(model, tokenizer, processor, device, dtype)
 

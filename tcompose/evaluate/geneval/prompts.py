@@ -62,7 +62,8 @@ class GenevalPrompt:
 
 
 def _how_to_get() -> str:
-    return f"download {URL} yourself and pass it as --prompt-file"
+    return (f"run `tcompose download geneval` once with network (it fetches them into the cache), or download {URL} "
+            "yourself and pass it as --prompt-file")
 
 
 def fetch_prompts(cache: str | os.PathLike | None = None, url: str = URL, timeout_s: float = 60.0) -> Path:
@@ -80,7 +81,9 @@ def read_prompt_file(path: str | os.PathLike, check: bool = True) -> list[Geneva
         raise PromptSetError(f"{path}: prompt file not found")
     if check and (got := file_sha256(path)) != SHA256:
         raise PromptSetError(f"{path}: sha256 {got} differs from the pinned {SHA256} of {REPO}@{COMMIT[:7]} "
-                             f"prompts/{FILENAME} (another file, or a damaged copy); pass the original file")
+                             f"prompts/{FILENAME} (another file, or a damaged copy); pass the original file (with "
+                             "--prompts N for its first N prompts), or add --custom-prompts to score a file of your own in GenEval's "
+                             "layout, a subset of GenEval's prompts included")
     prompts = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
@@ -105,7 +108,10 @@ def read_prompt_file(path: str | os.PathLike, check: bool = True) -> list[Geneva
 def resolve_prompts(prompt_file: str | os.PathLike | None = None, limit: int | None = None,
                     custom: bool = False) -> tuple[list[GenevalPrompt], dict]:
     """The prompts of a run (``prompt_file`` or the fetched file; its first ``limit``) and where they came from
-    (for ``run.json``). ``custom``: accept a ``prompt_file`` in GenEval's layout that is not the pinned one."""
+    (for ``run.json``). ``custom``: accept a ``prompt_file`` in GenEval's layout that is not the pinned one.
+
+    The source names the file and its sha256, not ``limit``: the first N prompts of a file are a prefix of its
+    first N + 1, so a rerun with a higher ``--prompts`` extends a folder (as multigen's does)."""
     if limit is not None and limit < 1:
         raise PromptSetError(f"--prompts must be >= 1, got {limit}")
     if custom and prompt_file is None:
@@ -115,7 +121,7 @@ def resolve_prompts(prompt_file: str | os.PathLike | None = None, limit: int | N
     if limit is not None and limit > len(prompts):
         raise PromptSetError(f"--prompts {limit}: {path.name} holds only {len(prompts)} prompts")
     source = {"kind": "custom" if custom else "geneval", "file": path.name, "sha256": file_sha256(path),
-              "prompts": len(prompts) if limit is None else limit}
+              "file_prompts": len(prompts)}
     if not custom:
         source.update(repository=REPO, commit=COMMIT)
     return (prompts[:limit] if limit is not None else prompts), source

@@ -12,10 +12,48 @@ from ..published import GENEVAL_SOURCE, GENEVAL_TABLE, PUBLISHED_TAG
 from .rules import TASKS, judge_all, summarize_results
 
 KIND = "GenEval (transformers Mask2Former)"
-DETECTOR_NOTE = ("The detector is transformers' Mask2Former Swin-S COCO instance model (detectron2's weights), not "
-                 "the mmdet checkpoint GenEval's evaluator loads; prompts, thresholds, rules and the CLIP colour "
-                 "classifier are GenEval's, so scores can differ from the official evaluator's.")
 HEADERS = ["model", "overall", *TASKS, "images", "note"]
+#: Short task names for the terminal table (rows there: it must read at 80 columns).
+SHORT = {"single_object": "single obj", "two_object": "two obj", "counting": "counting", "colors": "colors",
+         "position": "position", "color_attr": "color attr"}
+PARTIAL_MARK = "†"
+
+
+def detector_note(detector: str | None = None) -> str:
+    """What the scores were measured with: the default names transformers' Swin-S port (detectron2's weights);
+    another ``--detector`` is named as given."""
+    from ...models.defaults import MASK2FORMER
+
+    if detector in (None, MASK2FORMER):
+        used = f"transformers' Mask2Former Swin-S COCO instance model ({MASK2FORMER}, detectron2's weights)"
+    else:
+        used = f"the Mask2Former {detector} (transformers)"
+    return (f"The detector is {used}, not the mmdet checkpoint GenEval's evaluator loads; prompts, thresholds, rules "
+            "and the CLIP colour classifier are GenEval's, so scores can differ from the official evaluator's.")
+
+
+DETECTOR_NOTE = detector_note()
+
+
+def coverage(result: dict, num_prompts: int, source: dict | None) -> str | None:
+    """None when ``result``'s overall is GenEval's (all six tasks over every prompt of GenEval's file; a custom
+    file: all six tasks), else what it covers: ``"1 of 6 tasks, 3 of 553 prompts"``. Such an overall is the mean
+    of the measured tasks only, not comparable with a full run's or the published rows'."""
+    source = source or {}
+    measured = [t for t in TASKS if t in result.get("tasks", {})]
+    total = source.get("file_prompts")
+    short = source.get("kind") != "custom" and total is not None and num_prompts < total
+    if len(measured) == len(TASKS) and not short:
+        return None
+    prompts = f"{num_prompts} of {total} prompts" if total is not None else f"{num_prompts} prompts"
+    return f"{len(measured)} of {len(TASKS)} tasks, {prompts}"
+
+
+def overall_cell(result: dict, num_prompts: int, source: dict | None) -> str:
+    """The overall score, or, for a partial run, ``"0.25 (partial: 1 of 6 tasks, 3 of 553 prompts)"``."""
+    part = coverage(result, num_prompts, source)
+    value = _cell(result.get("overall"))
+    return value if part is None else f"{value} (partial: {part})"
 
 
 def records_of(stored: dict, prompts: Sequence, images: int) -> list[dict]:
@@ -38,36 +76,79 @@ def _cell(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-def table_rows(results: dict[str, dict]) -> list[list[str]]:
+def table_rows(results: dict[str, dict], num_prompts: int = 0, source: dict | None = None) -> list[list[str]]:
+    """``[name, overall, six tasks, images, note]`` per measured model (a partial overall marked as such), then
+    GenEval's published rows."""
     rows = []
     for name, r in results.items():
         note = f"measured; {r['missing']} missing" if r.get("missing") else "measured"
-        rows.append([name, _cell(r["overall"]), *(_cell(r["tasks"].get(t)) for t in TASKS), str(r["images"]), note])
+        rows.append([name, overall_cell(r, num_prompts, source), *(_cell(r["tasks"].get(t)) for t in TASKS),
+                     str(r["images"]), note])
     for name, r in GENEVAL_TABLE.items():
         rows.append([f"{name} (GenEval)", _cell(r["overall"]), *(_cell(r["tasks"][t]) for t in TASKS), "2212",
                      PUBLISHED_TAG])
     return rows
 
 
-def markdown(results: dict[str, dict], title: str) -> str:
+def partial_note(results: dict[str, dict], num_prompts: int, source: dict | None) -> str | None:
+    """A line saying which models' overall is partial, or None."""
+    parts = {name: coverage(r, num_prompts, source) for name, r in results.items()}
+    parts = {k: v for k, v in parts.items() if v is not None}
+    if not parts:
+        return None
+    return ("Partial run: " + "; ".join(f"{name}: {part}" for name, part in parts.items()) + ". Such an overall is "
+            "the mean of the measured tasks only, not comparable with GenEval's overall (six tasks, 553 prompts); the "
+            "task scores are.")
+
+
+def markdown(results: dict[str, dict], title: str, num_prompts: int = 0, source: dict | None = None,
+             detector: str | None = None) -> str:
     lines = [f"# {title}", "", "Share of correct images per task (GenEval's rules); overall: the mean of the task "
-             "scores.", "", DETECTOR_NOTE, "",
-             "| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TASKS) + 2) + ["---"]) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+             "scores.", "", detector_note(detector), ""]
+    if (note := partial_note(results, num_prompts, source)) is not None:
+        lines += [note, ""]
+    lines += ["| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TASKS) + 2) + ["---"]) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results, num_prompts, source)]
     lines += ["", f"Rows marked \"{PUBLISHED_TAG}\": {GENEVAL_SOURCE}."]
     return "\n".join(lines) + "\n"
 
 
-def print_table(results: dict[str, dict], title: str) -> None:
-    from rich.console import Console
+def rich_table(results: dict[str, dict], title: str, num_prompts: int = 0, source: dict | None = None,
+               detector: str | None = None):
+    """The terminal table, transposed so that it reads at 80 columns: one row per score (overall, the six tasks,
+    images), one column per measured model, then GenEval's published rows as dim columns marked ``*``. A
+    partial overall is marked ``†`` and explained below."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", caption=DETECTOR_NOTE, caption_justify="left")
-    for h in HEADERS:
-        table.add_column(h, justify="left" if h in ("model", "note") else "right")
-    for row in table_rows(results):
-        table.add_row(*row, style="dim" if row[-1] == PUBLISHED_TAG else None)
-    Console(stderr=True).print(table)
+    notes = [detector_note(detector), f"* {PUBLISHED_TAG}: {GENEVAL_SOURCE}."]
+    if (note := partial_note(results, num_prompts, source)) is not None:
+        notes.insert(0, f"{PARTIAL_MARK} {note}")
+    table = Table(title=title, title_justify="left", caption="\n".join(notes), caption_justify="left")
+    table.add_column("score", justify="left", no_wrap=True)
+    for name in results:
+        table.add_column(name, justify="right")
+    for name in GENEVAL_TABLE:
+        table.add_column(f"{name}*", justify="right", style="dim")
+    overall = []
+    for r in results.values():
+        mark = PARTIAL_MARK if coverage(r, num_prompts, source) is not None else ""
+        overall.append(_cell(r.get("overall")) + mark)
+    table.add_row("overall", *overall, *(_cell(r["overall"]) for r in GENEVAL_TABLE.values()))
+    for t in TASKS:
+        table.add_row(SHORT[t], *(_cell(r["tasks"].get(t)) for r in results.values()),
+                      *(_cell(r["tasks"][t]) for r in GENEVAL_TABLE.values()))
+    table.add_row("images", *(str(r["images"]) for r in results.values()), *(["2212"] * len(GENEVAL_TABLE)))
+    if any(r.get("missing") for r in results.values()):
+        table.add_row("missing", *(str(r.get("missing") or 0) for r in results.values()),
+                      *(["–"] * len(GENEVAL_TABLE)))
+    return table
+
+
+def print_table(results: dict[str, dict], title: str, num_prompts: int = 0, source: dict | None = None,
+                detector: str | None = None) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(rich_table(results, title, num_prompts, source, detector))
 
 
 def write_results(path: Path, rows: Sequence[dict]) -> Path:
@@ -80,9 +161,11 @@ def write_results(path: Path, rows: Sequence[dict]) -> Path:
 
 
 def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int, rules: dict, source: dict,
-              grid: int = 4, progress: bool = True, extra: dict | None = None, suffix: str = "") -> dict:
+              grid: int = 4, progress: bool = True, extra: dict | None = None, suffix: str = "",
+              detector: str | None = None) -> dict:
     """Judge every model's stored detections with ``rules``; write ``results_NAME{suffix}.jsonl``,
-    ``summary{suffix}.json`` / ``.md`` (and the grids when ``grid``); print the table when ``progress``."""
+    ``summary{suffix}.json`` / ``.md`` (and the grids when ``grid``); print the table when ``progress``.
+    ``detector``: the Mask2Former the detections came from (named in the notes)."""
     from ..benchmark import write_summary
     from ..detection_store import read_records
 
@@ -96,13 +179,15 @@ def summarize(output: Path, names: Sequence[str], prompts: Sequence, images: int
             write_grids(output, name, prompts, images, rows, grid)
     custom = " custom prompts," if source.get("kind") == "custom" else ""
     title = f"{KIND}:{custom} {len(prompts)} prompts x {images} images"
-    summary = {"stage": "geneval", "title": title, "detector_note": DETECTOR_NOTE, "prompt_source": source,
-               "rules": rules, "threshold": rules["threshold"], "num_prompts": len(prompts),
+    partial = {name: coverage(r, len(prompts), source) for name, r in results.items()}
+    summary = {"stage": "geneval", "title": title, "detector": detector, "detector_note": detector_note(detector),
+               "prompt_source": source, "rules": rules, "threshold": rules["threshold"], "num_prompts": len(prompts),
                "images_per_prompt": images, "models": results,
+               "partial": {name: part for name, part in partial.items() if part is not None},
                "published": {"note": f"{PUBLISHED_TAG} ({GENEVAL_SOURCE})", "rows": GENEVAL_TABLE}, **(extra or {})}
-    write_summary(output, summary, markdown(results, title), False, suffix)
+    write_summary(output, summary, markdown(results, title, len(prompts), source, detector), False, suffix)
     if progress:
-        print_table(results, title)
+        print_table(results, title, len(prompts), source, detector)
     return summary
 
 
