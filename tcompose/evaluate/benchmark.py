@@ -117,6 +117,31 @@ def run_record(stage: str, cfg: DetectionConfig, specs: Sequence[ModelSpec], pro
     return {"stage": stage, "prompt_source": prompt_source, "detection": detection, "models": models}
 
 
+def check_protocol(cfg: DetectionConfig, specs: Sequence[ModelSpec], num_prompts: int) -> None:
+    """A folder's summary scores every model in it on the same prompts x images, so a run may
+    change ``--images`` or ``--prompts`` (raising them extends the folder) only when it names every model the
+    folder holds: one that adds model B at another ``--images`` than model A's would rescore A on B's images
+    and overwrite A's summary. Refused before any work, naming the models and the fix."""
+    path = cfg.output / RUN_JSON
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # start_run reports an unreadable run.json
+    others = [name for name in old.get("models", {}) if name not in {s.name for s in specs}]
+    if not others:
+        return
+    for option, before, now in (("--images", old.get("images_per_prompt"), cfg.images),
+                                ("--prompts", old.get("num_prompts"), num_prompts)):
+        if before is not None and before != now:
+            them = ", ".join(f"--model {n}=..." for n in others)
+            raise UserError(f"{option} {now}: {path.parent} scores every model on the same prompts x images, and "
+                            f"its model(s) {', '.join(others)} were run at {option} {before}: pass {option} {before} "
+                            f"to add these models, name {them} too to change it for every model, or use a new "
+                            "--output")
+
+
 def run_models(stage: str, cfg: DetectionConfig, specs: Sequence[ModelSpec], prompts: Sequence, source: dict,
                detector_cls, rank: int, world_size: int, progress: bool, timeout_s: float
                ) -> tuple[list[str] | None, dict[str, Any], dict[str, dict]]:
@@ -128,6 +153,7 @@ def run_models(stage: str, cfg: DetectionConfig, specs: Sequence[ModelSpec], pro
 
     with output_guard(cfg.output):
         detector_cls.check(cfg.detector, cfg.detector_revision)  # a wrong --detector fails before any image
+        check_protocol(cfg, specs, len(prompts))
         run_path = start_run(cfg, run_record(stage, cfg, specs, source), prompts, rank, world_size)
         timing, generation = generate_and_detect(cfg, specs, prompts, detector_cls, rank, world_size, progress,
                                                  timeout_s)

@@ -104,35 +104,6 @@ def check_rules(rules: dict, store_threshold: float) -> None:
         raise UserError(f"--position-threshold must be >= 0, got {rules['position_threshold']}")
 
 
-def check_protocol(cfg: GenevalConfig, specs, num_prompts: int) -> None:
-    """A folder's summary scores every model in it on the same prompts x images (multigen's rule), so a run may
-    change ``--images`` or ``--prompts`` (raising them extends the folder) only when it names every model the
-    folder holds: one that adds model B at another ``--images`` than model A's would rescore A on B's images
-    and overwrite A's summary. Refused before any work, naming the models and the fix."""
-    import json
-
-    from ..benchmark import RUN_JSON
-
-    path = cfg.output / RUN_JSON
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # start_run reports an unreadable run.json
-    others = [name for name in old.get("models", {}) if name not in {s.name for s in specs}]
-    if not others:
-        return
-    for option, before, now in (("--images", old.get("images_per_prompt"), cfg.images),
-                                ("--prompts", old.get("num_prompts"), num_prompts)):
-        if before is not None and before != now:
-            them = ", ".join(f"--model {n}=..." for n in others)
-            raise UserError(f"{option} {now}: {path.parent} scores every model on the same prompts x images, and "
-                            f"its model(s) {', '.join(others)} were run at {option} {before}: pass {option} {before} "
-                            f"to add these models, name {them} too to change it for every model, or use a new "
-                            "--output")
-
-
 def run(cfg: GenevalConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
         finalize_timeout_s: float = 86400.0) -> dict:
     """Generate, detect and (rank 0) score; returns the summary (rank 0) or this process's timings (others)."""
@@ -143,7 +114,6 @@ def run(cfg: GenevalConfig, rank: int = 0, world_size: int = 1, progress: bool =
     if cfg.detector_size < 32:
         raise UserError(f"--detector-size must be >= 32, got {cfg.detector_size}")
     prompts, source = resolve_prompts(cfg.prompt_file, cfg.prompts, cfg.custom_prompts)
-    check_protocol(cfg, specs, len(prompts))
     detector_cls = Mask2FormerDetector.configured(cfg.detector_size, cfg.clip_model, cfg.clip_revision)
     names, timing, generation = run_models("geneval", cfg, specs, prompts, source, detector_cls, rank, world_size,
                                            progress, finalize_timeout_s)
