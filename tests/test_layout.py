@@ -144,7 +144,9 @@ def test_only_the_bench_and_the_demo_import_the_testing_package():
 
 #: Names that decide which model family is at hand; they belong in tcompose/models/families/ (and the random
 #: builders of tcompose/testing/), nowhere else: stages call the family interface instead.
-FAMILY_TESTS = {"is_sdxl", "addition_embed_type", "text_time", "StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+FAMILY_TESTS = {"is_sdxl", "addition_embed_type", "text_time", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                "StableDiffusion3Pipeline", "FluxPipeline", "SD3Transformer2DModel", "FluxTransformer2DModel",
+                "guidance_embeds"}
 FAMILY_HOMES = ("tcompose.models.families", "tcompose.testing")
 
 

@@ -23,17 +23,17 @@ def _command() -> str:
 def train_unet(
     data: Path = typer.Option(..., help="Masks dataset folder (from `tcompose masks`)."),
     output: Path = typer.Option(..., "--output", "-o", help="Run folder: pipeline, checkpoints/, logs/, training_summary.json."),
-    model: str = typer.Option(defaults.BASE_MODEL, help="Base model: hub id or local diffusers folder."),
+    model: str = typer.Option(defaults.BASE_MODEL, help="Base model: hub id or local diffusers folder (SD1.x / SD2.x, SDXL, SD3 / SD3.5, FLUX.1)."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the base model."),
     text_encoder: Optional[str] = typer.Option(None, help="Another CLIP text model (hub id or folder) to use as SD's text encoder."),
     vae: Optional[str] = typer.Option(None, help="Another VAE (hub id or folder) to encode with and save, e.g. madebyollin/sdxl-vae-fp16-fix."),
     lambda_token: float = typer.Option(1e-3, "--lambda", help="Weight of the token loss."),
     gamma_pixel: float = typer.Option(5e-5, "--gamma", help="Weight of the pixel loss."),
-    layers: str = typer.Option("mid,up", help="Supervised cross-attention: blocks (down, mid, up) or groups (mid_8, up_16, ...)."),
+    layers: Optional[str] = typer.Option(None, help="Supervised attention: UNet blocks (down, mid, up) or groups (mid_8, up_16, ...), default mid,up; SD3 / FLUX blocks (joint_7, double_11, single_3, ranges joint_4-9), default the model's published blocks (printed at start)."),
     map_reduction: str = typer.Option("sum", help="A group's token loss over its maps: sum (the reference's) or mean."),
-    lora_rank: Optional[int] = typer.Option(None, help="Train LoRA adapters of this rank instead of the whole UNet."),
+    lora_rank: Optional[int] = typer.Option(None, help="Train LoRA adapters of this rank instead of the whole denoiser."),
     lora_alpha: Optional[float] = typer.Option(None, help="LoRA scale alpha / rank (default: alpha = rank)."),
-    lora_targets: str = typer.Option("to_q,to_k,to_v,to_out.0", help="Modules that get LoRA adapters."),
+    lora_targets: Optional[str] = typer.Option(None, help="Modules that get LoRA adapters (default to_q,to_k,to_v,to_out.0; SD3 / FLUX also add_q_proj,add_k_proj,add_v_proj,to_add_out)."),
     fuse: bool = typer.Option(False, "--fuse", help="LoRA: also write OUT/fused/, a pipeline with the adapters merged."),
     resolution: Optional[int] = typer.Option(None, help="Training resolution (default: the model's own, 512 for SD1.x, 768 for SD2.1-768); shorter side resized to it, then the centre crop."),
     batch_size: int = typer.Option(1, help="Examples per process per micro-step."),
@@ -73,16 +73,26 @@ def train_unet(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet's ResNet blocks and feed-forwards (attention stays eager); compiling costs minutes at the start."),
     num_workers: int = typer.Option(4, help="Data loader worker processes."),
     log_every: int = typer.Option(10, help="Log losses every N steps."),
+    weighting_scheme: str = typer.Option("logit_normal", help="SD3 / FLUX: timestep density and loss weighting: logit_normal, mode, cosmap, sigma_sqrt or none (diffusers' SD3 / FLUX scripts)."),
+    logit_mean: float = typer.Option(0.0, help="SD3 / FLUX: mean of the logit-normal timestep density."),
+    logit_std: float = typer.Option(1.0, help="SD3 / FLUX: std of the logit-normal timestep density."),
+    mode_scale: float = typer.Option(1.29, help="SD3 / FLUX: scale of the 'mode' timestep density."),
+    guidance_scale: float = typer.Option(3.5, help="FLUX.1-dev: the guidance value fed to the transformer in training (it embeds guidance)."),
+    attention_norm: str = typer.Option("text", help="SD3 / FLUX: text (softmax over the text keys, as UNet cross-attention) or joint (the slice of the joint softmax)."),
+    max_sequence_length: Optional[int] = typer.Option(None, help="SD3 / FLUX: T5 prompt tokens (default: the pipeline's, SD3 256, FLUX 512)."),
+    quantize_base: Optional[str] = typer.Option(None, help="SD3 / FLUX LoRA: the frozen base's block linears in nf4 or int8 (bitsandbytes)."),
     tf32: bool = tf32_option(),
 ) -> None:
-    """TokenCompose finetuning: L_LDM + lambda * L_token + gamma * L_pixel on the UNet's cross-attention."""
+    """TokenCompose finetuning of the denoiser of any family (the UNet of SD1.x / SD2.x / SDXL, the transformer of
+    SD3 / SD3.5 / FLUX.1): L_LDM + lambda * L_token + gamma * L_pixel on its text attention."""
     from ..train.config import TrainUnetConfig
     from ..train.loop import run
 
     cfg = TrainUnetConfig(
         data=data, output=output, model=model, revision=revision, text_encoder=text_encoder, vae=vae,
-        lambda_token=lambda_token, gamma_pixel=gamma_pixel, layers=_split(layers), map_reduction=map_reduction,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=_split(lora_targets), fuse=fuse, resolution=resolution,
+        lambda_token=lambda_token, gamma_pixel=gamma_pixel, layers=_split(layers) if layers is not None else None,
+        map_reduction=map_reduction, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_targets=_split(lora_targets) if lora_targets is not None else None, fuse=fuse, resolution=resolution,
         batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, lr=lr, lr_scheduler=lr_scheduler,
         lr_warmup_steps=lr_warmup_steps, adam_weight_decay=adam_weight_decay, max_grad_norm=max_grad_norm,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed, use_ema=use_ema,
@@ -94,7 +104,9 @@ def train_unet(
         validation_prompts=tuple(validation_prompt or ()), validation_every=validation_every,
         validation_steps=validation_steps, command=_command(),
         cache_latents=cache_latents, channels_last=channels_last, compile=compile,
-        num_workers=num_workers, log_every=log_every, allow_tf32=tf32,
+        num_workers=num_workers, log_every=log_every, allow_tf32=tf32, weighting_scheme=weighting_scheme,
+        logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, guidance_scale=guidance_scale,
+        attention_norm=attention_norm, max_sequence_length=max_sequence_length, quantize_base=quantize_base,
     )
     run(cfg)
 

@@ -1,11 +1,12 @@
 """What the data is: COCO-format folders, the synthetic scenes of the demo and tests, category lists, the
-caption vocabulary (words -> COCO categories), noun phrases, and caption text -> CLIP token positions.
+caption vocabulary (words -> COCO categories), noun phrases, and caption text -> CLIP and T5 token positions.
 
 - :mod:`.coco`: ``CocoDataset`` (images, captions, instances, masks from polygons and RLE);
 - :mod:`.synthetic`: ``make_scenes``, COCO-format scenes of coloured objects with captions and masks;
 - :mod:`.categories`: COCO's 80 and ADE20K's 150 class names, MultiGen's category sets;
 - :mod:`.vocab`: ``match_categories`` (resources/coco_synonyms.json);
 - :mod:`.nouns`: ``noun_phrases`` (resources/nouns.txt); :mod:`.text`: ``phrase_token_positions``;
+- :mod:`.token_offsets`: T5 positions from a fast tokenizer's character offsets (FLUX), SD3's CLIP + T5 sequence;
 - :mod:`.clip_bpe`: CLIP-format BPE vocabularies on disk (the real one from its merge list, or a small one
   learnt from captions and resources/common_words.txt).
 """

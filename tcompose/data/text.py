@@ -31,7 +31,8 @@ import torch
 from .clip_bpe import symbols_to_text
 from .nouns import noun_phrases
 
-__all__ = ["noun_phrases", "phrase_token_positions", "phrases_token_positions", "tokenize_captions", "word_positions"]
+__all__ = ["claim_positions", "noun_phrases", "phrase_token_positions", "phrases_token_positions", "tokenize_captions",
+           "word_positions"]
 
 # Punctuation that joins the parts of one name ("wine-glass", "t/shirt", "o'clock"): skipped, not a boundary.
 JOINERS = frozenset("-\u2010\u2011_/'\u2019")
@@ -132,11 +133,16 @@ def phrases_token_positions(tokenizer: Any, caption: str, phrases: Sequence[str]
     with more words claim their tokens first, so in "a hot dog and a dog" the phrase "dog" gets the second
     "dog", not the one inside "hot dog"; a repeated phrase gets its next occurrence. Tokenizes the caption once."""
     ids = tokenize_captions(tokenizer, [caption])[0].tolist()
-    segments = _segments(_words(tokenizer, ids))
-    targets = [_phrase_words(tokenizer, p) for p in phrases]
-    out: list[list[int] | None] = [None] * len(phrases)
+    return claim_positions(_segments(_words(tokenizer, ids)), [_phrase_words(tokenizer, p) for p in phrases])
+
+
+def claim_positions(segments: list[list[tuple[str, list[int]]]],
+                    targets: Sequence[list[str]]) -> list[list[int] | None]:
+    """Each target word list's positions in ``segments`` (runs of (word, positions) between breaks), longer
+    targets first, each occurrence used once (the claiming rule of :func:`phrases_token_positions`)."""
+    out: list[list[int] | None] = [None] * len(targets)
     taken: set[int] = set()
-    for i in sorted(range(len(phrases)), key=lambda i: -len(targets[i])):  # stable: caption order among equals
+    for i in sorted(range(len(targets)), key=lambda i: -len(targets[i])):  # stable: caption order among equals
         if targets[i]:
             out[i] = _find(segments, targets[i], taken)
             taken.update(out[i] or ())

@@ -8,17 +8,22 @@ knowledge of model families (they pass in what differs: :class:`.objective.UNetO
 - :mod:`.attention_maps`: per-word heat maps from captured maps (attnviz);
 - :mod:`.objective`: ``tokencompose_losses``, L_LDM + lambda L_token + gamma L_pixel for one batch, and
   ``UNetObjective`` (DDPM training inputs, Min-SNR weights, capture) of the UNet families;
+- :mod:`.joint_attention`: ``capture_joint_attention`` (image-to-text maps of SD3 / FLUX joint-attention blocks);
+- :mod:`.flow_matching`: ``FlowMatchingObjective`` (SD3 / FLUX training inputs, weights, capture);
 - :mod:`.score`: ``grounding_score``, the share of each noun's attention inside its mask;
 - :mod:`.attend_excite`: Attend-and-Excite's loss and latent update (a sampling-time method, for comparison).
 """
 
 from .attention import AttentionStore, capture_cross_attention, cross_attention_modules, parse_layers
 from .losses import attention_in_mask, grounding_losses, pad_words, pixel_loss, reduce_over_words, resize_mask, token_loss
+from .flow_matching import FlowMatchingObjective
+from .joint_attention import capture_joint_attention
 from .objective import UNET, UNetObjective, tokencompose_losses
 from .score import grounding_score
 
 __all__ = [
-    "AttentionStore", "attention_in_mask", "capture_cross_attention", "cross_attention_modules", "UNET", "UNetObjective",
+    "AttentionStore", "attention_in_mask", "capture_cross_attention", "capture_joint_attention", "cross_attention_modules",
+    "FlowMatchingObjective", "UNET", "UNetObjective",
     "grounding_losses", "grounding_score", "pad_words", "parse_layers", "pixel_loss", "reduce_over_words",
     "resize_mask", "token_loss", "tokencompose_losses",
 ]

@@ -17,6 +17,7 @@ sum of its tokens' maps. :func:`accumulate_attention` does the capturing and add
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from typing import Callable, Collection, Iterator, Mapping, Sequence
@@ -26,13 +27,21 @@ import torch.nn.functional as F
 
 from ..io.errors import UserError
 from .attention import capture_cross_attention
+from .joint_attention import KINDS as JOINT_KINDS
 
 __all__ = ["group_hw", "conditional_half", "MapAccumulator", "accumulate_attention", "combine_groups", "word_maps",
            "normalize", "parse_steps"]
 
 
 def group_hw(group: str, hw: int) -> tuple[int, int]:
-    """Spatial shape of a group's maps from its name (``up_16`` -> 16x16, ``up_16x24`` -> 16x24)."""
+    """Spatial shape of a group's maps from its name (``up_16`` -> 16x16, ``up_16x24`` -> 16x24); a diffusion
+    transformer's block (``joint_7``, ``double_11``, ``single_3``: the number is the block's index) has the square
+    patch grid of its ``hw`` positions."""
+    if group.split("_")[0] in JOINT_KINDS:
+        side = math.isqrt(hw)
+        if side * side != hw:
+            raise ValueError(f"group {group}: {hw} positions is not a square patch grid")
+        return side, side
     m = re.search(r"_(\d+)(?:x(\d+))?$", group)
     if m is None:
         raise ValueError(f"group name {group!r} has no spatial size suffix (like up_16 or up_16x24)")

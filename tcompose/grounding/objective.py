@@ -4,7 +4,7 @@ Pure of I/O and of the training loop, so the loop, the benchmarks and the tests 
 
 The denoiser's conditioning is a dict of its keyword arguments, which the model family's ``encode_text``
 builds (:mod:`tcompose.models.families`); how the denoiser is trained (noisy input, target, weights) and how its
-attention is captured is the family's ``objective`` (:class:`UNetObjective` for the UNets).
+attention is captured is the family's ``objective`` (:class:`UNetObjective` for the UNets, :class:`.flow_matching.FlowMatchingObjective` for SD3 / FLUX).
 
 ``snr_gamma`` (Min-SNR weighting, Hang et al. 2023, as diffusers' ``train_text_to_image.py`` applies it)
 weighs each example's denoising loss by ``min(SNR(t), gamma) / SNR(t)`` for an epsilon target and
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.errors import UserError
-from .attention import attention_groups, capture_cross_attention
+from .attention import attention_groups, capture_cross_attention, describe_groups, resolve_layers
 from .losses import MAP_REDUCTIONS, grounding_losses, reduce_over_words, resize_mask
 
 
@@ -58,7 +58,12 @@ class UNetObjective:
     and target of a training step (epsilon or v, as the scheduler says), the Min-SNR weights, how to run the
     denoiser, and how to capture its text-to-image attention (:func:`capture_cross_attention`, groups named
     ``{block}_{side}``). A model family (:mod:`tcompose.models.families`) names the objective of its denoiser;
-    a family with another denoiser or training process (flow matching) brings its own with the same methods."""
+    a family with another denoiser or training process brings its own with the same methods (the diffusion
+    transformers: :class:`.flow_matching.FlowMatchingObjective`)."""
+
+    def draw_timestep(self, noise_scheduler, generator: torch.Generator) -> torch.Tensor:
+        """One example's timestep, uniform over the scheduler's training timesteps, drawn from ``generator``."""
+        return torch.randint(0, noise_scheduler.config.num_train_timesteps, (), generator=generator)
 
     def training_inputs(self, noise_scheduler, latents, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         """``(noisy latents, target)`` of a DDPM training step."""
@@ -81,6 +86,17 @@ class UNetObjective:
         """The capturable groups (name -> layer count) at ``latent_hw``, from the config alone (``conditioning``:
         one example's denoiser keyword arguments, for their shapes)."""
         return attention_groups(denoiser_config, latent_hw, conditioning)
+
+    def default_layers(self, denoiser_config) -> tuple[str, ...]:
+        """The groups supervised when ``--layers`` is not given: the reference's mid and up blocks."""
+        return ("mid", "up")
+
+    def resolve_layers(self, layers, groups: dict[str, int], where: str = "") -> dict[str, int]:
+        """The groups of ``groups`` a ``--layers`` selection picks (:func:`.attention.resolve_layers`)."""
+        return resolve_layers(layers, groups, where)
+
+    def describe(self, groups: dict[str, int]) -> str:
+        return describe_groups(groups)
 
 
 #: The objective of every UNet family; the default of the functions below.

@@ -145,12 +145,14 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
-def settings_differences(saved: dict, now: dict, ignore: Iterable[str] = ()) -> list[str]:
+def settings_differences(saved: dict, now: dict, ignore: Iterable[str] = (), absent: dict | None = None) -> list[str]:
     """``"--lr 1e-05 -> 0.0001"`` for every setting whose value differs (keys are the options' flags), but those
-    in ``ignore``."""
-    out, skip = [], set(ignore)
+    in ``ignore``. ``absent``: the value a setting that one side does not record stands for (settings added
+    later are recorded only when set, so a missing one is its default)."""
+    out, skip, absent = [], set(ignore), absent or {}
     for key in sorted((set(saved) | set(now)) - skip):
-        a, b = saved.get(key, "(not recorded)"), now.get(key, "(not recorded)")
+        missing = absent.get(key, "(not recorded)")
+        a, b = saved.get(key, missing), now.get(key, missing)
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             out.append(f"{key} {_show(a)} -> {_show(b)}")
     return out
@@ -175,12 +177,14 @@ def steadier_on_resume(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def check_resume(saved: dict | None, now: dict, path: Path, may_differ: Iterable[str] = ()) -> None:
+def check_resume(saved: dict | None, now: dict, path: Path, may_differ: Iterable[str] = (),
+                 absent: dict | None = None) -> None:
     """Refuse a resume from ``path`` whose recorded settings differ from this run's (``may_differ``: flags that
-    are allowed to change here). Checkpoints older than this check record none: nothing to compare."""
+    are allowed to change here; ``absent``: see :func:`settings_differences`). Checkpoints older than this check
+    record none: nothing to compare."""
     if saved is None:
         return
-    diffs = settings_differences(saved, now, ignore=(*may_differ, *steadier_on_resume(saved, now)))
+    diffs = settings_differences(saved, now, ignore=(*may_differ, *steadier_on_resume(saved, now)), absent=absent)
     if diffs:
         raise UserError(
             f"{path} was trained with other settings, so this run would not continue the same run: "
@@ -225,7 +229,8 @@ class ResumePoint:
         return state["step"], state["extra"]
 
 
-def resume_point(resume: str | None, ckpt_root: Path, settings: dict, may_differ: Iterable[str] = ()) -> ResumePoint:
+def resume_point(resume: str | None, ckpt_root: Path, settings: dict, may_differ: Iterable[str] = (),
+                 absent: dict | None = None) -> ResumePoint:
     """The checkpoint ``--resume`` names (``latest``: the newest under ``ckpt_root``), refused by
     :func:`check_resume` when it was trained with other ``settings``. Every process calls it before any weights
     are loaded, so all refuse alike."""
@@ -233,7 +238,7 @@ def resume_point(resume: str | None, ckpt_root: Path, settings: dict, may_differ
     changed, lr = [], None
     if path is not None:
         saved = json.loads((path / "state.json").read_text()).get("extra", {}).get("settings")
-        check_resume(saved, settings, path, may_differ)
+        check_resume(saved, settings, path, may_differ, absent)
         steadier = steadier_on_resume(saved or {}, settings)
         changed = [f"{flag} {saved[flag]} -> {settings[flag]}" for flag in steadier]
         if "--lr" in steadier:

@@ -3,11 +3,13 @@
 built by :mod:`tcompose.testing`, not here.
 
 - :mod:`.loading`: what every loader shares (``local_path``, ``offline``, hub hints, quiet loading, ``--dtype``);
-- :mod:`.families`: one module per model family (``sd``: SD1.x / SD2.x, ``sdxl``) behind one interface
-  (``ModelFamily``), and ``load_components``: a model's parts bound to its family;
+- :mod:`.families`: one module per model family (``sd``: SD1.x / SD2.x, ``sdxl``, ``sd3``: SD3 / SD3.5,
+  ``flux``: FLUX.1) behind one interface (``ModelFamily``), and ``load_components``: a model's parts bound to its
+  family;
 - :mod:`.components`: loaders the families share: ``load_text_encoder`` and ``check_text_encoder`` for the
   ``--text-encoder`` swap, ``load_vae``, ``model_configs``;
-- :mod:`.lora`: LoRA adapters (peft) on the UNet's attention projections, in diffusers' LoRA format;
+- :mod:`.lora`: LoRA adapters (peft) on the denoiser's attention projections, in diffusers' LoRA format;
+- :mod:`.quantize`: ``quantize_linear_layers``, a bitsandbytes nf4 / int8 frozen base for LoRA;
 - :mod:`.clip`: ``load_clip``, ``export_clip`` (a CLIPModel folder whose text tower SD loads);
 - :mod:`.spec`: ``--model NAME=ID[,unet=..]``; :mod:`.compile`: regional ``torch.compile``;
   :mod:`.defaults`: the default hub id of every stage.

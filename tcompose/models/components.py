@@ -21,6 +21,9 @@ import torch
 from ..io.errors import UserError
 from .loading import ModelFolderError, hub_hint, local_path, quiet_logger, tf_dtype_kwargs
 
+#: Where a model folder keeps its denoiser: a UNet, or a diffusion transformer (SD3 / FLUX).
+DENOISER_SUBFOLDERS = ("unet", "transformer")
+
 __all__ = ["TextEncoderMismatchError", "load_text_encoder", "check_text_encoder", "clip_text_from_pretrained",
            "model_configs", "model_index", "load_vae"]
 
@@ -140,16 +143,19 @@ def check_text_encoder(text_encoder: Any, unet: Any, tokenizer: Any = None, text
 
 def model_configs(model: str | os.PathLike, revision: str | None = None,
                   local_files_only: bool | None = None) -> tuple[dict, int]:
-    """(the UNet's config, the VAE's downsampling factor) of a model, from its config files alone (no weights):
+    """(the denoiser's config (``unet/`` or ``transformer/``), the VAE's downsampling factor) of a model, from its
+    config files alone (no weights):
     what a stage needs to check sizes and ``--layers`` before it loads anything."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     local = local_path(model)
     if local is not None:
-        missing = [s for s in ("unet", "vae") if not (local / s / "config.json").is_file()]
+        denoiser = next((s for s in DENOISER_SUBFOLDERS if (local / s / "config.json").is_file()), None)
+        missing = ([] if denoiser else [" or ".join(s + "/" for s in DENOISER_SUBFOLDERS)]) + \
+            (["vae/"] if not (local / "vae" / "config.json").is_file() else [])
         if missing:
             raise ModelFolderError(
-                f"{local} is not a diffusers Stable Diffusion folder: missing {', '.join(s + '/' for s in missing)}. "
+                f"{local} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
                 "Pass a folder written by `StableDiffusionPipeline.save_pretrained` or `tcompose train-unet`, or a "
                 "hub id such as CompVis/stable-diffusion-v1-4."
             )
@@ -160,8 +166,19 @@ def model_configs(model: str | os.PathLike, revision: str | None = None,
         if local_files_only is not None:
             kw["local_files_only"] = local_files_only
         context = hub_hint(str(model), local_files_only)
+        denoiser = None
     with context:
-        unet = UNet2DConditionModel.load_config(str(model), subfolder="unet", **kw)
+        if denoiser is not None:
+            unet = UNet2DConditionModel.load_config(str(model), subfolder=denoiser, **kw)
+        else:  # a hub id: the first denoiser subfolder it has
+            for sub in DENOISER_SUBFOLDERS[:-1]:
+                try:
+                    unet = UNet2DConditionModel.load_config(str(model), subfolder=sub, **kw)
+                    break
+                except OSError:
+                    continue
+            else:
+                unet = UNet2DConditionModel.load_config(str(model), subfolder=DENOISER_SUBFOLDERS[-1], **kw)
         vae = AutoencoderKL.load_config(str(model), subfolder="vae", **kw)
     return dict(unet), 2 ** (len(vae["block_out_channels"]) - 1)
 

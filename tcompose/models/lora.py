@@ -45,8 +45,9 @@ def add_lora(unet, rank: int, alpha: float | None = None, targets: Iterable[str]
     modules = [n for n, _ in unet.named_modules()]
     missing = [t for t in targets if not any(n.endswith("." + t) for n in modules)]
     if missing or not targets:
-        raise UserError(f"--lora-targets {','.join(missing or targets)}: no such module in this UNet (its attention "
-                         f"projections are {', '.join(DEFAULT_TARGETS)})")
+        raise UserError(f"--lora-targets {','.join(missing or targets)}: no such module in this denoiser (a UNet's "
+                         f"attention projections are {', '.join(DEFAULT_TARGETS)}; a transformer's also add_q_proj, "
+                         "add_k_proj, add_v_proj, to_add_out)")
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
                         target_modules=list(targets))
@@ -83,28 +84,36 @@ def lora_parameter_count(unet_config, rank: int, targets: Iterable[str] = DEFAUL
                if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in targets))
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet, denoiser: str = "unet") -> dict[str, torch.Tensor]:
     """The adapters in diffusers' LoRA key format (what ``save_lora_weights`` writes and ``load_lora_weights``
-    reads)."""
+    reads): a UNet's converted to diffusers' names, as diffusers' UNet trainers save them; a transformer's in peft's
+    names, as its SD3 / FLUX trainers save them."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-    return {k: v.detach().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    if denoiser == "unet":
+        state = convert_state_dict_to_diffusers(state)
+    return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def save_lora(out: str | os.PathLike, unet, meta: dict[str, Any], pipeline) -> Path:
     """Write ``OUT/pytorch_lora_weights.safetensors`` (diffusers' format, through ``pipeline``: the model family's
-    pipeline class) and ``OUT/tcompose_lora.json``."""
+    pipeline class, whose ``save_lora_weights`` names its denoiser ``unet`` or ``transformer``) and
+    ``OUT/tcompose_lora.json``."""
+    import inspect
+
     from ..io.files import match_umask
 
+    takes = inspect.signature(pipeline.save_lora_weights).parameters
+    denoiser = "unet" if "unet_lora_layers" in takes else "transformer"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # the adapter's config (its alpha above all) goes into the file's metadata, as diffusers' trainers write it:
     # without it, load_lora_weights would take alpha = rank
     config = unet.peft_config[ADAPTER].to_dict()
-    pipeline.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
-                               unet_lora_adapter_metadata=config)
+    pipeline.save_lora_weights(out, safe_serialization=True, **{f"{denoiser}_lora_layers": lora_state_dict(unet, denoiser),
+                                                                f"{denoiser}_lora_adapter_metadata": config})
     (out / META).write_text(json.dumps({**meta, "format": "diffusers", "weights": WEIGHTS}, indent=2) + "\n")
     match_umask(out / WEIGHTS)
     return out / WEIGHTS
@@ -130,8 +139,11 @@ def apply_lora(pipe, folder: str | os.PathLike, scale: float = 1.0) -> None:
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": there are none, by design
     try:
+        from .families import family_of_pipeline
+
         pipe.load_lora_weights(str(folder), weight_name=WEIGHTS, adapter_name=ADAPTER)
-        pipe.fuse_lora(components=["unet"], lora_scale=scale, adapter_names=[ADAPTER])
+        pipe.fuse_lora(components=[family_of_pipeline(pipe).denoiser_subfolder], lora_scale=scale,
+                       adapter_names=[ADAPTER])
         pipe.unload_lora_weights()
     finally:
         diffusers_logging.set_verbosity(level)

@@ -101,17 +101,22 @@ def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
     without it (:func:`attend_and_excite`)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    from .families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
+    denoiser = family.denoiser_of(pipe)
     factor = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
+    height = height or family.default_image_size(pipe)
+    width = width or family.default_image_size(pipe)
     if height % 8 or width % 8:
         raise UserError(f"--height/--width must be multiples of 8, got {height}x{width}")
     device = pipe._execution_device
-    shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+    shape = (family.latent_channels(denoiser.config), height // factor, width // factor)
     excited = excite is not None and any(excite_indices or ())
     with torch.inference_mode(not excited):  # Attend-and-Excite takes gradients through the denoiser
-        latents, gens = initial_latents(seeds, shape, pipe.unet.dtype, device)
-        embeds = (embeddings or PromptEmbeddings(pipe))(prompts, guidance > 1)
+        latents, gens = initial_latents(seeds, shape, denoiser.dtype, device)
+        latents = family.pipeline_latents(pipe, latents)  # FLUX: packed 2 x 2, as its pipeline packs its own noise
+        embeds = (embeddings or PromptEmbeddings(pipe))(prompts, guidance > 1 and family.classifier_free_guidance)
         call: dict = {}
         if excited:
             embeds = {k: v.clone() for k, v in embeds.items()}  # cached under inference mode: plain tensors here

@@ -2,6 +2,8 @@
 
 - :mod:`.tiny_sd`: random Stable Diffusion pipelines (SD1.x layout, SDXL layout) written with ``save_pretrained``,
   tiny for tests and the demo, with the real-size shapes (``UNET_SIZES``, ``SD_VAE``, ``SD_TEXT``) the bench uses;
+- :mod:`.tiny_dit`: random SD3.5-layout and FLUX.1-dev-layout pipelines (and a T5-style tokenizer made in code),
+  tiny for tests, with the real transformers' shapes (``SD35_MEDIUM``, ``FLUX_DEV``, ...) for the bench;
 - :mod:`.tiny_vision`: random GroundingDINO, SAM / SAM-HQ, CLIP, OWLv2 and OWL-ViT folders.
 
 Only the bench, the demo and the tests import this package; a stage never does (tests/test_layout.py).

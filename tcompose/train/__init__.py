@@ -1,4 +1,5 @@
-"""``tcompose train-unet``: TokenCompose finetuning of a Stable Diffusion UNet.
+"""``tcompose train-unet``: TokenCompose finetuning of a model's denoiser, any family (the UNet of SD1.x / SD2.x /
+SDXL, the flow-matching transformer of SD3 / SD3.5 / FLUX.1; what differs is the family's, tcompose.models.families).
 
 - :mod:`.config`: ``TrainUnetConfig``, its checks, the settings a resume must keep;
 - :mod:`.loop`: ``run`` (accelerate loop, checkpoints, the pipeline output);

@@ -71,7 +71,7 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
     recipe = [
         ("base model", f"`{cfg.model}`" + (f" @ `{cfg.revision}`" if cfg.revision else "")),
         ("trained", f"LoRA rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['targets'])}" if lora
-         else "the whole UNet"),
+         else f"the whole {family.denoiser_label}"),
         ("lambda (token loss) / gamma (pixel loss)", f"{cfg.lambda_token:g} / {cfg.gamma_pixel:g}"),
         ("supervised cross-attention", f"{groups} ({summary.get('map_reduction', 'sum')} over a group's maps)"),
         ("resolution", f"{summary.get('resolution')} px"),
@@ -81,6 +81,15 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
         ("precision", {"no": "fp32"}.get(*[summary.get("mixed_precision", cfg.mixed_precision)] * 2)
          + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
     ]
+    flow = summary.get("objective")
+    if flow:  # a flow-matching transformer (SD3 / FLUX)
+        density = {"logit_normal": f"logit-normal ({flow['logit_mean']:g}, {flow['logit_std']:g})",
+                   "mode": f"mode (scale {flow['mode_scale']:g})"}.get(flow["weighting_scheme"], flow["weighting_scheme"])
+        guidance = f", guidance {flow['guidance']:g}" if flow.get("guidance") is not None else ""
+        recipe.append(("flow matching", f"timesteps {density}{guidance}; attention normalised over "
+                                        f"{'the text keys' if flow['attention_norm'] == 'text' else 'all joint keys'}"))
+    if summary.get("quantize_base"):
+        recipe.append(("frozen base", f"{summary['quantize_base']} (bitsandbytes)"))
     if cfg.snr_gamma:
         recipe.append(("Min-SNR gamma", f"{cfg.snr_gamma:g}"))
     if cfg.noise_offset:
@@ -88,7 +97,8 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
     if cfg.prediction_type:
         recipe.append(("prediction type", f"{cfg.prediction_type} (--prediction-type)"))
     if cfg.max_train_samples is not None:
-        recipe.append(("training rows", f"the first {cfg.max_train_samples} (--max-train-samples)"))
+        rows = summary.get("data", {}).get("train_rows", cfg.max_train_samples)
+        recipe.append(("training rows", f"the first {rows} (--max-train-samples {cfg.max_train_samples})"))
     lines = [
         f"# {Path(cfg.output).name}",
         "",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..io.errors import UserError
 from ..grounding.attention import parse_layers
+from ..grounding.flow_matching import WEIGHTING_SCHEMES
+from ..grounding.joint_attention import NORMS, parse_joint_layers
 from ..grounding.losses import MAP_REDUCTIONS
 from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
 from ..models.defaults import BASE_MODEL
@@ -15,13 +17,14 @@ from ..models.precision import TF32_DEFAULT
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "adamw8bit")
+QUANTIZE_BASE = ("nf4", "int8")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 #: Schedules whose learning rate does not depend on --max-steps: a resume may extend such a run.
 FLAT_SCHEDULERS = ("constant", "constant_with_warmup")
 #: What train-unet writes into OUT besides checkpoints/, logs/ and training_summary.json (--overwrite removes them).
-OUTPUTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-           "scheduler", "safety_checker", "feature_extractor", "image_encoder", "pytorch_lora_weights.safetensors",
+OUTPUTS = ("model_index.json", "unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+           "tokenizer_2", "text_encoder_3", "tokenizer_3", "scheduler", "safety_checker", "feature_extractor", "image_encoder", "pytorch_lora_weights.safetensors",
            "tcompose_lora.json", "fused", "validation", "README.md")
 
 
@@ -37,11 +40,13 @@ class TrainUnetConfig:
     vae: str | None = None  # another VAE to encode with (and save), e.g. SDXL's fp16-safe madebyollin/sdxl-vae-fp16-fix
     lambda_token: float = 1e-3
     gamma_pixel: float = 5e-5
-    layers: tuple[str, ...] = ("mid", "up")  # blocks or groups (mid_8, up_16, ...) whose maps are supervised
+    # blocks or groups whose maps are supervised (mid_8, up_16, ...; joint_7, double_11, ...); None: the family's
+    # default (mid + up for the UNets, the published blocks of a known transformer, else its middle third)
+    layers: tuple[str, ...] | None = None
     map_reduction: str = "sum"  # a group's token loss: sum over its maps (the reference's) or their mean
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of the whole UNet
     lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = rank
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] | None = None  # None: the family's (attention projections; SD3 / FLUX: both streams')
     fuse: bool = False  # LoRA: also write OUT/fused/, a full pipeline with the adapters merged
     resolution: int | None = None  # None: the model's own (UNet sample size x the VAE's factor; 512 for SD1.x)
     batch_size: int = 1  # per process
@@ -87,6 +92,15 @@ class TrainUnetConfig:
     log_every: int = 10
     allow_tf32: bool = TF32_DEFAULT  # --tf32/--no-tf32: TF32 matmuls and convolutions on CUDA (models.precision)
     progress: bool = True
+    # SD3 / FLUX (flow matching; refused for the UNets when set)
+    weighting_scheme: str = "logit_normal"  # timestep density and loss weighting (diffusers' --weighting_scheme)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5  # the guidance value fed to a transformer that embeds it (FLUX.1-dev)
+    attention_norm: str = "text"  # text: softmax over the text keys; joint: the slice of the joint softmax
+    max_sequence_length: int | None = None  # T5 tokens (None: the pipeline's, SD3 256, FLUX 512)
+    quantize_base: str | None = None  # nf4 | int8: the frozen base of a LoRA run quantized by bitsandbytes
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -126,8 +140,22 @@ class TrainUnetConfig:
             raise UserError("--lora-alpha and --fuse go with --lora-rank")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise UserError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
-        if not self.lora_targets:
+        if self.lora_targets is not None and not self.lora_targets:
             raise UserError("--lora-targets names no module")
+        finite_or_raise({"--logit-mean": self.logit_mean, "--logit-std": self.logit_std,
+                         "--mode-scale": self.mode_scale, "--guidance-scale": self.guidance_scale})
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise UserError(f"--weighting-scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}")
+        if self.logit_std <= 0 or self.guidance_scale < 0:
+            raise UserError("--logit-std must be > 0 and --guidance-scale >= 0")
+        if self.attention_norm not in NORMS:
+            raise UserError(f"--attention-norm must be one of {', '.join(NORMS)}, got {self.attention_norm!r}")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise UserError(f"--max-sequence-length must be >= 1, got {self.max_sequence_length}")
+        if self.quantize_base not in (None, *QUANTIZE_BASE):
+            raise UserError(f"--quantize-base must be one of {', '.join(QUANTIZE_BASE)}, got {self.quantize_base!r}")
+        if self.quantize_base and not self.lora_rank:
+            raise UserError("--quantize-base goes with --lora-rank: a quantized base stays frozen, only LoRA adapters train")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"--snr-gamma must be > 0 (or left out), got {self.snr_gamma}")
         if self.validation_every < 0 or self.validation_steps < 1:
@@ -146,7 +174,45 @@ class TrainUnetConfig:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.report_to not in REPORT_TO:
             raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
-        parse_layers(self.layers)  # a typo fails here, before any model or data is loaded
+        if self.layers is not None:  # a typo fails here, before any model or data is loaded
+            check_layer_names(self.layers)
+
+
+def check_layer_names(layers: tuple[str, ...]) -> None:
+    """UserError unless every ``--layers`` name is a UNet block or group (mid, up_16) or a transformer block (joint_7,
+    double_11-12, single); whether the model has it is checked against its config later."""
+    for name in layers:
+        try:
+            parse_layers((name,))
+        except UserError:
+            try:
+                parse_joint_layers(name)
+            except UserError:
+                raise UserError(f"--layers {name!r}: unknown layer selection; use down, mid, up or a group like up_16 "
+                                "(UNets), or a block such as joint_7, double_11, single_3, a range such as joint_4-9, "
+                                "or joint / double / single (SD3, FLUX)") from None
+
+
+#: The options a model family may refuse (:attr:`tcompose.models.families.ModelFamily.unsupported_training`), each
+#: with the config field it sets.
+FAMILY_OPTIONS = {"--snr-gamma": "snr_gamma", "--prediction-type": "prediction_type", "--noise-offset": "noise_offset",
+                  "--channels-last": "channels_last", "--compile": "compile", "--text-encoder": "text_encoder",
+                  "--cache-latents": "cache_latents", "--weighting-scheme": "weighting_scheme",
+                  "--logit-mean": "logit_mean", "--logit-std": "logit_std", "--mode-scale": "mode_scale",
+                  "--guidance-scale": "guidance_scale", "--attention-norm": "attention_norm",
+                  "--max-sequence-length": "max_sequence_length", "--quantize-base": "quantize_base"}
+
+
+def options_set(cfg: TrainUnetConfig) -> list[str]:
+    """The options of :data:`FAMILY_OPTIONS` that ``cfg`` sets to other than their default."""
+    defaults = TrainUnetConfig(data=Path(), output=Path())
+    return [flag for flag, name in FAMILY_OPTIONS.items() if getattr(cfg, name) != getattr(defaults, name)]
+
+
+def objective_settings(cfg: TrainUnetConfig) -> dict:
+    """The settings a model family's training objective takes (:meth:`ModelFamily.configure_objective`)."""
+    return {"weighting_scheme": cfg.weighting_scheme, "logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std,
+            "mode_scale": cfg.mode_scale, "guidance_scale": cfg.guidance_scale, "attention_norm": cfg.attention_norm}
 
 
 def config_dict(cfg: TrainUnetConfig) -> dict:
@@ -155,14 +221,15 @@ def config_dict(cfg: TrainUnetConfig) -> dict:
 
 def resume_settings(cfg: TrainUnetConfig, resolution: int, world_size: int) -> dict:
     """Every setting that changes what is trained, keyed by its option: a checkpoint records them and a resume
-    must match (the number of processes may change if --batch-size x processes stays the same; --num-workers,
+    must match (``cfg.layers`` and ``cfg.lora_targets`` resolved to the family's defaults first; the number of
+    processes may change if --batch-size x processes stays the same; --num-workers,
     logging, progress, --cache-latents, --channels-last and --compile do not change the result)."""
     return {
         "--data": dataset_fingerprint(cfg.data),
         "--model": model_id(cfg.model), "--revision": cfg.revision, "--text-encoder": model_id(cfg.text_encoder),
         "--vae": model_id(cfg.vae), "--lambda": cfg.lambda_token, "--gamma": cfg.gamma_pixel,
-        "--layers": list(cfg.layers), "--map-reduction": cfg.map_reduction, "--lora-rank": cfg.lora_rank,
-        "--lora-alpha": cfg.lora_alpha, "--lora-targets": list(cfg.lora_targets) if cfg.lora_rank else None,
+        "--layers": list(cfg.layers) if cfg.layers is not None else None, "--map-reduction": cfg.map_reduction, "--lora-rank": cfg.lora_rank,
+        "--lora-alpha": cfg.lora_alpha, "--lora-targets": list(cfg.lora_targets or ()) if cfg.lora_rank else None,
         "--resolution": resolution, "--random-flip": cfg.random_flip, "--snr-gamma": cfg.snr_gamma,
         "--batch-size x processes": cfg.batch_size * world_size, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
         "--max-steps": cfg.max_steps, "--lr": cfg.lr, "--lr-scheduler": cfg.lr_scheduler,
@@ -174,12 +241,23 @@ def resume_settings(cfg: TrainUnetConfig, resolution: int, world_size: int) -> d
     } | _when_set(cfg)
 
 
+#: Settings added after checkpoints began recording settings, with their defaults: recorded only when set
+#: (:func:`_when_set`), so a checkpoint that does not record one trained with its default.
+ADDED_SETTINGS = {"--noise-offset": ("noise_offset", 0.0), "--prediction-type": ("prediction_type", None),
+                  "--max-train-samples": ("max_train_samples", None), "--optimizer": ("optimizer", "adamw"),
+                  "--weighting-scheme": ("weighting_scheme", "logit_normal"), "--logit-mean": ("logit_mean", 0.0),
+                  "--logit-std": ("logit_std", 1.0), "--mode-scale": ("mode_scale", 1.29),
+                  "--guidance-scale": ("guidance_scale", 3.5), "--attention-norm": ("attention_norm", "text"),
+                  "--max-sequence-length": ("max_sequence_length", None), "--quantize-base": ("quantize_base", None)}
+#: What a setting of :data:`ADDED_SETTINGS` that a checkpoint (or this run) does not record stands for.
+ADDED_DEFAULTS = {flag: default for flag, (_, default) in ADDED_SETTINGS.items()}
+
+
 def _when_set(cfg: TrainUnetConfig) -> dict:
     """The settings added later, recorded only when they differ from their default: a checkpoint written before
     they existed (which trained with the default) still resumes, and one that set them refuses another value."""
-    added = {"--noise-offset": (cfg.noise_offset, 0.0), "--prediction-type": (cfg.prediction_type, None),
-             "--max-train-samples": (cfg.max_train_samples, None), "--optimizer": (cfg.optimizer, "adamw")}
-    return {flag: value for flag, (value, default) in added.items() if value != default}
+    values = {flag: getattr(cfg, field) for flag, (field, _) in ADDED_SETTINGS.items()}
+    return {flag: value for flag, value in values.items() if value != ADDED_DEFAULTS[flag]}
 
 
 def may_differ_on_resume(cfg: TrainUnetConfig) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 import torch
@@ -30,7 +31,7 @@ class PreparedRows:
     """A masks dataset with each supervised word's token positions resolved; images stay on disk."""
 
     reader: RowReader  # image and masks of a row, read when an example is built
-    token_ids: dict[str, torch.Tensor]  # batch key -> [N, L]: "input_ids" (SDXL: also "input_ids_2")
+    token_ids: dict[str, torch.Tensor]  # batch key -> [N, L]: "input_ids" (SDXL: also "input_ids_2"; SD3 "_3")
     words: list[list[list[int]]]  # per row, per supervised word: token positions
     mask_slots: list[list[int]]  # per row, per supervised word: its index in the row's masks
     image_ids: list[int]
@@ -49,7 +50,7 @@ def prepare_rows(data_dir: str | Path, text) -> PreparedRows:
     ``text.phrase_positions(caption, phrases)`` the positions each phrase supervises (SDXL checks there that
     one set of positions serves both of its tokenizers).
 
-    Phrases without a mask, or whose words cannot be found among the caption's 77 tokens (e.g. truncated),
+    Phrases without a mask, or whose words cannot be found among the caption's tokens (e.g. truncated),
     are left out of the supervision and counted; the row still trains the denoising loss. Reads shard by
     shard; images are not kept in memory.
     """
@@ -134,12 +135,16 @@ class TrainingExamples(Dataset):
     With ``latents`` (a :class:`tcompose.train.latent_cache.LatentCache`) an example carries the VAE's cached
     ``latent_moments`` ``[2, C, h, w]`` (mean, std of the chosen orientation) instead of ``pixel_values``;
     its image is then not read at all (only its masks), and everything random stays the same.
-    ``noise_offset`` (diffusers' ``--noise_offset``) adds ``offset * randn(C, 1, 1)`` to the example's noise, drawn
+    ``draw_timestep(generator)``: the training objective's timestep draw (``objective.draw_timestep`` bound to the
+    training scheduler, e.g. flow matching's density sampling); None: uniform over ``num_train_timesteps`` (what
+    the UNets' objective draws). ``noise_offset`` (diffusers' ``--noise_offset``) adds ``offset * randn(C, 1, 1)`` to the example's noise, drawn
     from its generator after everything else; 0 leaves the noise exactly as without it.
     """
 
-    def __init__(self, prep: PreparedRows, resolution: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int, random_flip: bool = False, latents=None, noise_offset: float = 0.0):
+    def __init__(self, prep: PreparedRows, resolution: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int, random_flip: bool = False, latents=None, noise_offset: float = 0.0,
+                 draw_timestep: Callable[[torch.Generator], torch.Tensor] | None = None):
         self.prep = prep
+        self.draw_timestep = draw_timestep
         self.noise_offset = noise_offset
         self.resolution = resolution
         self.latent_shape = latent_shape
@@ -162,7 +167,10 @@ class TrainingExamples(Dataset):
         g = self.generator(number)
         noise = torch.randn(self.latent_shape, generator=g)
         latent_eps = torch.randn(self.latent_shape, generator=g)
-        timestep = torch.randint(0, self.num_train_timesteps, (), generator=g)
+        if self.draw_timestep is None:
+            timestep = torch.randint(0, self.num_train_timesteps, (), generator=g)
+        else:  # the objective's draw (flow matching: density sampling), from the same generator at the same point
+            timestep = self.draw_timestep(g)
         flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
         if self.noise_offset:  # diffusers' --noise_offset, drawn last: everything else stays as without it
             noise = noise + self.noise_offset * torch.randn((self.latent_shape[0], 1, 1), generator=g)

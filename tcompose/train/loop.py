@@ -1,4 +1,5 @@
-"""TokenCompose finetuning of a Stable Diffusion UNet: L_LDM + lambda * L_token + gamma * L_pixel.
+"""TokenCompose finetuning of a model's denoiser (the UNet of SD1.x / SD2.x / SDXL, the transformer of SD3 / SD3.5
+and FLUX.1): L_LDM + lambda * L_token + gamma * L_pixel.
 
 Runbook (the reference recipe is the default: lr 5e-6 constant, AdamW wd 1e-2, clip 1, batch 1 x 4,
 24,000 steps, lambda 1e-3, gamma 5e-5, layers mid+up):
@@ -34,6 +35,8 @@ and say how to continue (:mod:`tcompose.io.preemption`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
 import time
@@ -42,17 +45,19 @@ from pathlib import Path
 import torch
 
 from ..io.errors import UserError
-from ..grounding.attention import describe_groups, resolve_layers
 from ..io.files import match_umask
 from ..io.preemption import StopSignals, ignore_stop_signals
 from ..io.runs import (FiniteGuard, Interrupted, adamw_class, check_report_to, log_validation_images, output_guard,
                        peak_memory_mb, prepare_run_folder, resume_point, trainer_accelerator, training_progress)
 from .card import CARD, write_model_card
 from .config import (
+    ADDED_DEFAULTS,
     OUTPUTS,
     TrainUnetConfig,
     config_dict,
     may_differ_on_resume,
+    objective_settings,
+    options_set,
     resume_settings,
 )
 from .hub import check_push, hub_repo_id, push_run
@@ -74,10 +79,11 @@ def _quiet_loading() -> None:
 
 def data_line(stats: dict, train_rows: int, heldout_rows: int) -> str:
     """The data the run trains on, as a sentence."""
-    line = (f"data: {train_rows} training rows, {heldout_rows} held out for the grounding score; "
+    line = (f"data: {train_rows} training row{'s' if train_rows != 1 else ''}, {heldout_rows} held out for the "
+            "grounding score; "
             f"{stats['words_supervised']} of {stats['phrases']} phrases supervised")
     why = [f"{stats[k]} {text}" for k, text in (("phrase_no_mask", "without a mask"),
-                                                ("phrase_not_in_tokens", "not found in the caption's 77 tokens"))
+                                                ("phrase_not_in_tokens", "not found among the caption's tokens"))
            if stats.get(k)]
     return line + (f" ({', '.join(why)})" if why else "")
 
@@ -117,17 +123,28 @@ def _train(cfg: TrainUnetConfig) -> dict:
     prepare_run_folder(out, cfg.resume, cfg.overwrite, OUTPUTS, "train-unet", clear=main)
     state.wait_for_everyone()
     unet_config, down = model_configs(cfg.model, cfg.revision)
-    resolution = cfg.resolution or int(unet_config["sample_size"]) * down
-    if resolution % down:
-        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {down}")
-    latent = resolution // down
     family = family_of(unet_config)
-    groups = resolve_layers(cfg.layers, family.attention_groups(unet_config, (latent, latent)),
-                            f" at {latent}x{latent} latents ({resolution} px)")
+    refused = [flag for flag in options_set(cfg) if flag in family.unsupported_training]
+    if refused:
+        raise UserError(f"{', '.join(refused)}: not used in training a {family.label} model (a {family.training_kind}); "
+                        f"leave {'it' if len(refused) == 1 else 'them'} out")
+    resolution = cfg.resolution or family.native_resolution(unet_config, down)
+    multiple = down * family.latent_multiple(unet_config)
+    if resolution % multiple:
+        patch = f" x the {family.denoiser_label}'s patch of {multiple // down} latents" if multiple != down else ""
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {down}{patch}")
+    latent = resolution // down
+    objective = family.configure_objective(unet_config, objective_settings(cfg))
+    layers_given = cfg.layers is not None
+    cfg = dataclasses.replace(  # the family's defaults, resolved: what the checkpoints and the summary record
+        cfg, layers=tuple(cfg.layers) if layers_given else tuple(objective.default_layers(unet_config)),
+        lora_targets=tuple(cfg.lora_targets) if cfg.lora_targets is not None else family.lora_targets)
+    groups = objective.resolve_layers(cfg.layers, family.attention_groups(unet_config, (latent, latent)),
+                                      f" at {latent}x{latent} latents ({resolution} px)")
     layers = tuple(groups)
     ckpt_root = out / "checkpoints"
     settings = resume_settings(cfg, resolution, world)
-    start = resume_point(cfg.resume, ckpt_root, settings, may_differ_on_resume(cfg))
+    start = resume_point(cfg.resume, ckpt_root, settings, may_differ_on_resume(cfg), ADDED_DEFAULTS)
     check_batch_fits(cfg.data, cfg.eval_fraction, cfg.seed, cfg.batch_size, world)  # before the logs/ and weights
     if cfg.max_train_samples is not None and cfg.max_train_samples < cfg.batch_size * world:
         raise UserError(f"--max-train-samples {cfg.max_train_samples} is below one batch of --batch-size "
@@ -149,10 +166,12 @@ def _train(cfg: TrainUnetConfig) -> dict:
 
     set_tf32(cfg.allow_tf32, device)  # --tf32/--no-tf32, on by default; on and off alike (CUDA only)
     torch.manual_seed(cfg.seed)
-    source = "--resolution" if cfg.resolution else f"the model's own: sample size {unet_config['sample_size']} x {down}"
-    log(f"resolution: {resolution} px ({source}); supervised cross-attention: {describe_groups(groups)}")
+    source = "--resolution" if cfg.resolution else f"the model's own: {family.resolution_note(unet_config, down)}"
+    log(f"resolution: {resolution} px ({source}); supervised {family.attention_kind}: {objective.describe(groups)}"
+        + ("" if layers_given else " (the default for this model; --layers to choose)"))
 
     comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae)
+    comps.training_objective, comps.max_sequence_length = objective, cfg.max_sequence_length
     unet, vae, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.tokenizer, comps.noise_scheduler
     if cfg.prediction_type:  # diffusers' --prediction_type: the training target follows it (UNetObjective)
         if noise_scheduler.config.prediction_type != cfg.prediction_type:
@@ -170,13 +189,20 @@ def _train(cfg: TrainUnetConfig) -> dict:
         if weight_dtype != torch.float32 and not upcast:
             frozen.to(dtype=weight_dtype)
     trainable = list(unet.parameters())
+    n_all = sum(p.numel() for p in unet.parameters())
     if cfg.lora_rank:
         from ..models.lora import add_lora, cast_base
 
         cast_base(unet, weight_dtype)  # the frozen base in the training precision; the adapters in float32
+        if cfg.quantize_base:
+            from ..models.quantize import quantize_linear_layers
+
+            unet.to(device)  # bitsandbytes quantizes on the device the weights are moved to
+            n_q = quantize_linear_layers(unet, cfg.quantize_base, weight_dtype, device)
+            log(f"quantize: {n_q} linear layers of the frozen {family.denoiser_label} in {cfg.quantize_base} (bitsandbytes)")
         add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
         trainable = [p for p in unet.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in unet.parameters())
+    n_train = sum(p.numel() for p in trainable)
     log(f"model: {family.label}, {n_all:,} denoiser parameters, {n_train:,} trained"
         + (f" (LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)})" if cfg.lora_rank else ""))
     if cfg.gradient_checkpointing:
@@ -189,8 +215,9 @@ def _train(cfg: TrainUnetConfig) -> dict:
     train_rows, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
     if cfg.max_train_samples is not None:  # the first N training rows after the held-out split
         train_rows = train_rows[: cfg.max_train_samples]
-    latent_shape = (unet.config.in_channels, latent, latent)
+    latent_shape = (family.latent_channels(unet.config), latent, latent)
     n_t = noise_scheduler.config.num_train_timesteps
+    draw_timestep = functools.partial(objective.draw_timestep, noise_scheduler)
     cache = None
     if cfg.cache_latents:
         from .latent_cache import prepare_latent_cache
@@ -199,8 +226,9 @@ def _train(cfg: TrainUnetConfig) -> dict:
                                      accelerator.process_index, accelerator.num_processes,
                                      accelerator.wait_for_everyone, main and cfg.progress, log, cfg.num_workers)
     examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, cfg.random_flip, latents=cache,
-                                noise_offset=cfg.noise_offset)
-    eval_examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, random_flip=False)
+                                noise_offset=cfg.noise_offset, draw_timestep=draw_timestep)
+    eval_examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, random_flip=False,
+                                     draw_timestep=draw_timestep)
     log(data_line(prep.stats, len(train_rows), len(heldout)))
 
     optimizer = adamw_class(cfg.optimizer)(
@@ -245,7 +273,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
             path = out / "validation" / f"step-{at:06d}.png"
             with accelerator.autocast():
                 grid = render_validation(validation["pipe"], comps, cfg.validation_prompts, cfg.seed, cfg.validation_steps,
-                                         7.5, resolution, layers, path)
+                                         family.default_guidance, resolution, layers, path)
             match_umask(path)
             log_validation_images(accelerator, grid, at)
             validation["last"] = path
@@ -380,6 +408,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
             "resolution": resolution,
             "supervised_groups": groups,
             "map_reduction": cfg.map_reduction,
+            "objective": dataclasses.asdict(objective) if dataclasses.is_dataclass(objective) else None,
+            "quantize_base": cfg.quantize_base,
             "grounding_before": before,
             "grounding_after": after,
             "data": prep.stats | {"train_rows": len(train_rows), "heldout_rows": len(heldout)},
@@ -391,7 +421,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
         write_json_atomic(out / "training_summary.json", summary)
         write_model_card(out, cfg, summary)
         what = ("LoRA adapters" + (", fused/" if cfg.fuse else "")) if cfg.lora_rank else "pipeline"
-        log(f"wrote {out} ({what}, training_summary.json, checkpoints/, logs/)")
+        log(f"wrote {out} ({what}, training_summary.json, checkpoints/{', logs/' if cfg.report_to != 'none' else ''})")
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
     if cfg.push_to_hub and main:  # after everything is written and the trackers closed: a failure loses nothing

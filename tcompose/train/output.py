@@ -23,9 +23,9 @@ def _base_parts(cfg: TrainUnetConfig, tokenizer) -> dict:
 
 
 def save_pipeline(cfg: TrainUnetConfig, unet, tokenizer, out: Path, family) -> None:
-    """The base pipeline (``family``'s) with the trained UNet (and the --vae / --text-encoder the run used), in
+    """The base pipeline (``family``'s) with the trained denoiser (and the --vae / --text-encoder the run used), in
     float32."""
-    parts = {"unet": unet, **_base_parts(cfg, tokenizer)}
+    parts = {family.denoiser_subfolder: unet, **_base_parts(cfg, tokenizer)}
     pipe = family.pipeline_class().from_pretrained(cfg.model, revision=cfg.revision, **parts)  # float32, the default
     if cfg.prediction_type:  # the UNet now predicts what --prediction-type said: its scheduler must know
         pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)

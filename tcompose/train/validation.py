@@ -56,7 +56,8 @@ def render_validation(pipe, comps, prompts: Sequence[str], seed: int, steps: int
     was_training = unet.training
     unet.eval()
     try:
-        with accumulate_attention(unet, layers, guidance > 1, capture=comps.objective.capture) as acc:
+        cfg_pass = guidance > 1 and comps.family.classifier_free_guidance  # the pipeline's batch holds both halves
+        with accumulate_attention(unet, layers, cfg_pass, capture=comps.objective.capture) as acc:
             images, _ = generate_batch(pipe, list(prompts), seeds, steps, guidance, resolution, resolution)
     finally:
         unet.train(was_training)

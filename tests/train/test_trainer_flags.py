@@ -96,8 +96,14 @@ def test_new_settings_join_the_resume_check_only_when_set(setup, tmp_path):
 def test_a_resume_with_another_noise_offset_is_refused(setup, tmp_path):
     out = tmp_path / "run"
     train(tiny_train_config(setup, out, max_steps=2, checkpoint_every=1, noise_offset=0.1))
-    with pytest.raises(UserError, match="--noise-offset"):
+    with pytest.raises(UserError, match="--noise-offset 0.1 -> 0.2"):
         train(tiny_train_config(setup, out, max_steps=3, checkpoint_every=1, noise_offset=0.2, resume="latest"))
+    # left out, the setting is its default, and the refusal says so (not "not recorded")
+    with pytest.raises(UserError, match=r"--noise-offset 0.1 -> 0.0(?!.*not recorded)"):
+        train(tiny_train_config(setup, out, max_steps=3, checkpoint_every=1, resume="latest"))
+    with pytest.raises(UserError, match=r"--optimizer adamw -> adamw8bit"):
+        train(tiny_train_config(setup, out, max_steps=3, checkpoint_every=1, noise_offset=0.1, optimizer="adamw8bit",
+                                resume="latest"))
 
 
 # ------------------------------------------------------------------------------------------------------- prediction type

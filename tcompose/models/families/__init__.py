@@ -1,12 +1,12 @@
 """Model families behind one interface, and loading a model as its family's :class:`Components`.
 
 - :mod:`.base`: ``ModelFamily`` (the interface the stages use) and ``Components`` (a model's parts, bound to it);
-- :mod:`.sd`: SD1.x / SD2.x; :mod:`.sdxl`: SDXL.
+- :mod:`.sd`: SD1.x / SD2.x; :mod:`.sdxl`: SDXL; :mod:`.sd3`: SD3 / SD3.5 (MMDiT); :mod:`.flux`: FLUX.1.
 
     comps = load_components("CompVis/stable-diffusion-v1-4")   # or a folder; revision, dtype, --text-encoder, --vae
     comps.family.name                                           # "sd"
 
-A family is recognised from its denoiser's config (``unet/config.json``) by :meth:`ModelFamily.matches`; the
+A family is recognised from its denoiser's config (``unet/config.json`` or ``transformer/config.json``) by :meth:`ModelFamily.matches`; the
 first registered family that matches serves. Adding a family: its module here (a ``ModelFamily`` subclass), its
 capture adapter and objective if its denoiser is not a UNet (:mod:`tcompose.grounding.objective`), a line in
 ``FAMILIES`` below, a tiny random builder in :mod:`tcompose.testing` and its tests (docs/design.md lists them).
@@ -23,18 +23,25 @@ import torch
 from ...io.errors import UserError
 from ..loading import ModelFolderError, folder_hint, hub_hint, local_path
 from .base import Components, ModelFamily
+from .flux import Flux
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-__all__ = ["FAMILIES", "Components", "ModelFamily", "components_of_pipeline", "family_named", "family_of",
-           "family_of_model",
+__all__ = ["FAMILIES", "Components", "ModelFamily", "components_of_pipeline", "denoiser_subfolders", "family_named",
+           "family_of", "family_of_model",
            "family_of_pipeline", "load_components"]
 
 #: Every family, in the order they are asked whether a model is theirs.
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionXL(), StableDiffusion())
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionXL(), StableDiffusion(), StableDiffusion3(), Flux())
 
-#: The subfolders every family's folder holds (a family checks its own extra ones).
-BASE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: The subfolders every family's folder holds besides its denoiser's (a family checks its own extra ones).
+BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def denoiser_subfolders() -> list[str]:
+    """The families' denoiser subfolders, each once, in the order of :data:`FAMILIES` (``unet``, ``transformer``)."""
+    return list(dict.fromkeys(f.denoiser_subfolder for f in FAMILIES))
 
 
 def family_of(denoiser_config: Any) -> ModelFamily:
@@ -66,9 +73,11 @@ def family_of_pipeline(pipe) -> ModelFamily:
 def components_of_pipeline(pipe) -> Components:
     """The components a diffusers pipeline of a known family holds, bound to that family (no copies; no training
     scheduler)."""
-    return Components(family=family_of_pipeline(pipe), unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+    family = family_of_pipeline(pipe)
+    return Components(family=family, unet=family.denoiser_of(pipe), vae=pipe.vae, text_encoder=pipe.text_encoder,
                       tokenizer=pipe.tokenizer, noise_scheduler=None,
-                      text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None))
+                      text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                      text_encoder_3=getattr(pipe, "text_encoder_3", None), tokenizer_3=getattr(pipe, "tokenizer_3", None))
 
 
 def family_of_model(model: str | os.PathLike, revision: str | None = None,
@@ -80,16 +89,21 @@ def family_of_model(model: str | os.PathLike, revision: str | None = None,
 
 
 def _denoiser_config(source: str, hub: dict, local: bool) -> dict:
-    """The denoiser's config of a model, from the first families' ``denoiser_subfolder`` it has (``unet/``)."""
+    """The denoiser's config of a model, from the first families' ``denoiser_subfolder`` it has (``unet/``, then
+    ``transformer/``)."""
     from pathlib import Path
 
     from diffusers import UNet2DConditionModel  # load_config reads any config.json
 
-    subfolders = list(dict.fromkeys(f.denoiser_subfolder for f in FAMILIES))
+    subfolders = denoiser_subfolders()
     for sub in subfolders[:-1]:
         if local and not (Path(source) / sub / "config.json").is_file():
             continue
-        return dict(UNet2DConditionModel.load_config(source, subfolder=sub, **hub))
+        try:
+            return dict(UNet2DConditionModel.load_config(source, subfolder=sub, **hub))
+        except OSError:  # a hub model without this subfolder: try the next family's
+            if local:
+                raise
     return dict(UNet2DConditionModel.load_config(source, subfolder=subfolders[-1], **hub))
 
 
@@ -110,7 +124,7 @@ def load_components(
     """A model's parts from a hub id or local folder, bound to its family.
 
     ``text_encoder``: another CLIP text model in place of the (first) text encoder (see
-    :func:`tcompose.models.components.load_text_encoder`; SDXL refuses it); ``vae``: another VAE (SDXL's
+    :func:`tcompose.models.components.load_text_encoder`; SDXL, SD3 and FLUX refuse it); ``vae``: another VAE (SDXL's
     fp16-safe one, say). Weights are read from safetensors only. ``revision`` applies to a hub id;
     ``local_files_only`` None follows ``HF_HUB_OFFLINE``. Raises ModelFolderError (a ValueError) for a missing
     or incomplete local folder, TextEncoderMismatchError when the text encoder cannot condition the denoiser.
@@ -121,12 +135,15 @@ def load_components(
     hub: dict[str, Any] = {}
     if local is not None:
         need = [s for s in BASE_SUBFOLDERS if not (s == "text_encoder" and text_encoder is not None)]
-        missing = [s for s in need if not (local / s).is_dir()]
+        missing = [s + "/" for s in need if not (local / s).is_dir()]
+        if not any((local / s).is_dir() for s in denoiser_subfolders()):
+            missing.insert(0, " or ".join(s + "/" for s in denoiser_subfolders()))
         if missing:
             raise ModelFolderError(
-                f"{local} is not a diffusers Stable Diffusion folder: missing {', '.join(s + '/' for s in missing)}. "
+                f"{local} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
                 "Pass a folder written by `StableDiffusionPipeline.save_pretrained` (unet/, vae/, text_encoder/, "
-                "tokenizer/, scheduler/) or a hub id such as CompVis/stable-diffusion-v1-4."
+                "tokenizer/, scheduler/; SD3 / FLUX: transformer/ and their text encoders) or a hub id such as "
+                "CompVis/stable-diffusion-v1-4."
             )
         source = str(local)
         context: contextlib.AbstractContextManager = folder_hint(local)

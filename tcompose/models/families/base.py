@@ -1,6 +1,6 @@
 """The model-family interface: what the stages may ask of a model, whatever its family, and the loaded parts.
 
-A family (SD1.x / SD2.x, SDXL; SD3 and FLUX next) is one subclass of :class:`ModelFamily` in its own module of
+A family (SD1.x / SD2.x, SDXL, SD3 / SD3.5, FLUX.1) is one subclass of :class:`ModelFamily` in its own module of
 this package, registered in ``__init__.py``. Stages never test which family they hold: they load
 :class:`Components` (whose methods forward to the family) and call them.
 
@@ -35,10 +35,20 @@ class ModelFamily:
     label: str = ""  # for people ("SD1.x / SD2.x")
     pipeline_class_name: str = ""  # diffusers' inference pipeline of the family
     card_tags: tuple[str, ...] = ()  # Hub model-card tags
-    denoiser_subfolder: str = "unet"
+    denoiser_subfolder: str = "unet"  # also the pipeline's attribute and keyword of the denoiser, and its LoRA prefix
+    denoiser_label: str = "UNet"
+    attention_kind: str = "cross-attention"  # what the grounding losses supervise, for the log
     objective = UNET
     has_safety_checker: bool = False
     supports_attend_excite: bool = False  # Attend-and-Excite's sampler conditions the denoiser with text alone
+    classifier_free_guidance: bool = True  # sampling runs an unconditional pass (FLUX.1-dev embeds guidance instead)
+    default_guidance: float = 7.5  # guidance scale of validation images
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # default --lora-targets
+    #: train-unet options this family's training does not take (refused, before any weight is read, when set)
+    unsupported_training: tuple[str, ...] = ("--weighting-scheme", "--logit-mean", "--logit-std", "--mode-scale",
+                                             "--guidance-scale", "--attention-norm", "--max-sequence-length",
+                                             "--quantize-base")
+    training_kind: str = "DDPM-trained UNet"
 
     # -- recognising and loading ------------------------------------------------------------------------------
     def matches(self, denoiser_config: dict) -> bool:
@@ -96,7 +106,39 @@ class ModelFamily:
         cond = self.example_conditioning(config, 1, latent_hw[0], 77, torch.Generator().manual_seed(0))
         return self.objective.attention_groups(config, latent_hw, cond)
 
+    def configure_objective(self, denoiser_config: dict, settings: dict):
+        """The training objective with a run's settings (``--weighting-scheme`` ...; the UNets take none)."""
+        return self.objective
+
+    def native_resolution(self, denoiser_config: dict, vae_factor: int) -> int:
+        """The model's own training resolution in pixels (its denoiser's sample size x the VAE's factor)."""
+        return int(denoiser_config["sample_size"]) * vae_factor
+
+    def resolution_note(self, denoiser_config: dict, vae_factor: int) -> str:
+        """Where :meth:`native_resolution` comes from, for the log."""
+        return f"sample size {denoiser_config['sample_size']} x {vae_factor}"
+
+    def latent_channels(self, denoiser_config: dict) -> int:
+        """Channels of the VAE latents the denoiser takes (before any packing)."""
+        return int(denoiser_config["in_channels"])
+
+    def latent_multiple(self, denoiser_config: dict) -> int:
+        """What a latent side must be a multiple of (a transformer's patch size, FLUX's 2 x 2 packing)."""
+        return 1
+
     # -- inference ------------------------------------------------------------------------------------------
+    def denoiser_of(self, pipe):
+        """A pipeline's denoiser (``pipe.unet``, ``pipe.transformer``)."""
+        return getattr(pipe, self.denoiser_subfolder)
+
+    def default_image_size(self, pipe) -> int:
+        """The side in pixels a pipeline of this family draws by default."""
+        return self.denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
+
+    def pipeline_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """Initial noise ``[B, C, h, w]`` as the pipeline's ``latents`` argument takes it (FLUX packs it)."""
+        return latents
+
     def pipeline_class(self):
         import diffusers
 
@@ -128,8 +170,12 @@ class ModelFamily:
 class Components:
     """The loaded parts of a model and its family; the methods forward to the family.
 
-    ``unet`` is the denoiser, ``noise_scheduler`` the training scheduler (``DDPMScheduler`` from ``scheduler/``),
-    ``text_encoder_2`` / ``tokenizer_2`` a second text encoder where the family has one (SDXL)."""
+    ``unet`` is the denoiser (a UNet or a diffusion transformer; ``denoiser`` names it for either),
+    ``noise_scheduler`` the training scheduler (from ``scheduler/``: ``DDPMScheduler`` for the UNets,
+    ``FlowMatchEulerDiscreteScheduler`` for SD3 / FLUX), ``text_encoder_2`` / ``tokenizer_2`` a second text encoder
+    where the family has one (SDXL; FLUX's T5), ``text_encoder_3`` / ``tokenizer_3`` a third (SD3's T5).
+    ``max_sequence_length``: the T5 prompt length (SD3 / FLUX; None: the family's default). ``training_objective``:
+    the objective a run configured (:meth:`ModelFamily.configure_objective`), else the family's."""
 
     family: ModelFamily
     unet: Any
@@ -139,6 +185,10 @@ class Components:
     noise_scheduler: Any
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+    max_sequence_length: int | None = None
+    training_objective: Any = None
 
     @property
     def denoiser(self):
@@ -146,11 +196,11 @@ class Components:
 
     @property
     def objective(self):
-        return self.family.objective
+        return self.training_objective if self.training_objective is not None else self.family.objective
 
     @property
     def text_encoders(self) -> list:
-        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+        return [t for t in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if t is not None]
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.family.tokenize(self, captions)

@@ -19,9 +19,10 @@ from ..components import check_text_encoder, clip_text_from_pretrained, load_tex
 from .base import Components, ModelFamily
 
 
-def vae_latents(vae, batch: dict, sample: bool) -> torch.Tensor:
+def vae_latents(vae, batch: dict, sample: bool, shift: bool = False) -> torch.Tensor:
     """Scaled latents of a batch: ``mean + std * latent_eps`` in float32 (``sample``), or the posterior's mean in
-    the VAE's dtype.
+    the VAE's dtype; with ``shift`` (SD3, FLUX) the VAE's ``shift_factor`` is subtracted before scaling, as
+    diffusers' SD3 / FLUX training scripts do: ``(z - shift_factor) * scaling_factor``.
 
     The VAE's ``mean`` and ``std`` come from ``batch["latent_moments"]`` ``[B, 2, C, h, w]`` when the batch
     carries them (``--cache-latents``, :mod:`tcompose.train.latent_cache`), else from encoding ``pixel_values``
@@ -32,9 +33,11 @@ def vae_latents(vae, batch: dict, sample: bool) -> torch.Tensor:
         else:
             dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
             mean, std = dist.mean, dist.std
-        if not sample:
-            return mean * vae.config.scaling_factor
-        return ((mean + std * batch["latent_eps"].to(mean.dtype)) * vae.config.scaling_factor).float()
+        offset = (vae.config.get("shift_factor") or 0.0) if shift else None
+        z = mean if not sample else mean + std * batch["latent_eps"].to(mean.dtype)
+        if offset is not None:
+            z = z - offset
+        return z * vae.config.scaling_factor if not sample else (z * vae.config.scaling_factor).float()
 
 
 class StableDiffusion(ModelFamily):

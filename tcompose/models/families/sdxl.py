@@ -22,6 +22,21 @@ from .base import Components
 from .sd import StableDiffusion
 
 
+def two_clip_ids(comps: Components, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``input_ids_2`` of the two CLIP tokenizers (SDXL, SD3), refused unless they split every
+    caption alike up to its end-of-text token: the phrase positions of the first must hold for the second."""
+    ids = tokenize_captions(comps.tokenizer, captions)
+    ids_2 = tokenize_captions(comps.tokenizer_2, captions)
+    eos = comps.tokenizer.eos_token_id
+    for i in range(ids.shape[0]):
+        end = int((ids[i] == eos).nonzero()[0]) + 1 if (ids[i] == eos).any() else ids.shape[1]
+        if not torch.equal(ids[i, :end], ids_2[i, :end]):
+            raise UserError(f"the two tokenizers split the caption {captions[i]!r} differently, so one set of "
+                             "token positions cannot supervise both text encoders; use a model whose tokenizers "
+                             "share one BPE")
+    return {"input_ids": ids, "input_ids_2": ids_2}
+
+
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     label = "SDXL"
@@ -57,16 +72,7 @@ class StableDiffusionXL(StableDiffusion):
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, comps: Components, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        ids = tokenize_captions(comps.tokenizer, captions)
-        ids_2 = tokenize_captions(comps.tokenizer_2, captions)
-        eos = comps.tokenizer.eos_token_id
-        for i in range(ids.shape[0]):  # the phrase positions of the first tokenizer must hold for the second
-            end = int((ids[i] == eos).nonzero()[0]) + 1 if (ids[i] == eos).any() else ids.shape[1]
-            if not torch.equal(ids[i, :end], ids_2[i, :end]):
-                raise UserError(f"the two tokenizers split the caption {captions[i]!r} differently, so one set of "
-                                 "token positions cannot supervise both text encoders; use a model whose tokenizers "
-                                 "share one BPE")
-        return {"input_ids": ids, "input_ids_2": ids_2}
+        return two_clip_ids(comps, captions)
 
     def encode_text(self, comps: Components, batch: dict) -> dict:
         """Both encoders' penultimate hidden states concatenated on the feature axis, and ``added_cond_kwargs``
