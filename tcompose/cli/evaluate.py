@@ -204,7 +204,7 @@ def attnviz(
     prompt: Optional[str] = typer.Option(None, help="The prompt (required unless --from-maps)."),
     model: Optional[list[str]] = typer.Option(None, help="NAME=ID_OR_PATH[,unet=PATH][,text_encoder=PATH][,lora=DIR[,lora_scale=S]], one per row (repeatable)."),
     words: Optional[str] = typer.Option(None, help="Comma-separated words/phrases of the prompt (default: its noun phrases)."),
-    layers: str = typer.Option("mid,up", help="Captured cross-attention: blocks (down, mid, up) or groups (up_16, ...)."),
+    layers: Optional[str] = typer.Option(None, help="Captured attention: UNet blocks (down, mid, up) or groups (up_16, ...); SD3 / FLUX blocks (joint_7, double_11, ranges such as joint_4-9). Default: what TokenCompose supervises in the model's family (mid,up for the UNets)."),
     timesteps: str = typer.Option("all", help="Denoising step indices to average: all, or e.g. 0-24 or 0,10,20-."),
     settings: GenerationSettings = FROM_OPTIONS,
     panel: int = typer.Option(256, help="Panel side in pixels."),
@@ -224,7 +224,7 @@ def attnviz(
     from ..models.spec import parse_model_specs
 
     cfg = AttnvizConfig(prompt=prompt, models=parse_model_specs(model), output=output,
-                        words=list(_split(words)) if words else None, layers=_split(layers), timesteps=timesteps,
+                        words=list(_split(words)) if words else None, layers=_split(layers) if layers else None, timesteps=timesteps,
                         settings=settings, panel=panel, scale=scale)
     run(cfg)
 

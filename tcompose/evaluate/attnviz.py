@@ -66,8 +66,9 @@ class AttnvizConfig:
     """Figure PNG; the raw maps go to the same path with ``.safetensors``."""
     words: list[str] | None = None
     """None: the prompt's noun phrases."""
-    layers: tuple[str, ...] = ("mid", "up")
-    """Captured cross-attention: blocks or groups. Default: the layers TokenCompose supervises."""
+    layers: tuple[str, ...] | None = None
+    """Captured attention: UNet blocks or groups, or SD3 / FLUX transformer blocks. None: the layers TokenCompose
+    supervises in each model's family (mid and up for the UNets, the published blocks for SD3 / FLUX)."""
     timesteps: str | None = None
     """Denoising step indices (``0-24``, ``10,20,30-``; 0 = the first, noisiest); None = all."""
     settings: GenerationSettings = field(default_factory=GenerationSettings)
@@ -81,7 +82,7 @@ class AttnvizConfig:
     def __post_init__(self):
         self.output = Path(self.output)
         self.models = [parse_model_spec(m) if isinstance(m, str) else m for m in self.models]
-        self.layers = tuple(self.layers)
+        self.layers = tuple(self.layers) if self.layers is not None else None
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Row:
     tokens: torch.Tensor  # float32 [T, S, S]
     words: dict[str, torch.Tensor]  # word -> float32 [S, S]
     positions: dict[str, list[int]]
+    layers: tuple[str, ...] = ()  # what was captured (--layers, or the family's default)
 
 
 @dataclass
@@ -141,10 +143,10 @@ def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) 
                              f"where longer --words take its tokens, or lies past the "
                              f"{comps.tokenizer.model_max_length}-token limit")
         positions[w] = pos
-    pipe.scheduler.set_timesteps(s.steps)
-    n_calls = len(pipe.scheduler.timesteps)  # UNet evaluations of the denoising loop
+    n_calls = comps.family.denoiser_calls(pipe, s.steps)  # denoiser evaluations of the sampling loop
     selected = set(parse_steps(cfg.timesteps, n_calls))
-    with accumulate_attention(comps.denoiser, cfg.layers, s.guidance > 1, selected,
+    layers = cfg.layers or comps.objective.default_layers(comps.denoiser.config)
+    with accumulate_attention(comps.denoiser, layers, s.guidance > 1 and comps.family.classifier_free_guidance, selected,
                               lambda i: progress(i, n_calls), capture=comps.objective.capture) as acc:
         excite = None
         if s.excite is not None:  # --excite-words, else the words drawn
@@ -152,7 +154,7 @@ def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) 
         images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(s.seed, 0, 0)], s.steps, s.guidance, s.height,
                                    s.width, excite=s.excite, excite_indices=excite)
     tokens = acc.token_maps()[0].float().cpu()
-    row = Row(spec.name, images[0], tokens, word_maps(tokens, positions), positions)
+    row = Row(spec.name, images[0], tokens, word_maps(tokens, positions), positions, tuple(layers))
     del pipe
     gc.collect()
     if torch.cuda.is_available():
@@ -252,18 +254,19 @@ def _check_outputs(figure: Path) -> None:
 
 
 def _check_layers(spec: ModelSpec, cfg: AttnvizConfig) -> None:
-    """``--layers`` resolved against the model's UNet at the figure's size, from its config alone."""
-    from ..grounding.attention import resolve_layers
+    """``--layers`` resolved against the model's denoiser at the figure's size, from its config alone."""
     from ..models.families import family_of
-    from .sampling import model_facts
+    from .sampling import check_image_size, model_facts
 
     s = cfg.settings
     facts = model_facts(spec.model, spec.unet, spec.revision, s.scheduler)
+    check_image_size(s.height, s.width, facts)
     f = facts["vae_factor"]
     h, w = (s.height or facts["size"]) // f, (s.width or facts["size"]) // f
     config = facts["unet_config"]
-    resolve_layers(cfg.layers, family_of(config).attention_groups(config, (h, w)),
-                   f" ({spec.name}, at {h}x{w} latents)")
+    family = family_of(config)
+    layers = cfg.layers or family.objective.default_layers(config)
+    family.objective.resolve_layers(layers, family.attention_groups(config, (h, w)), f" ({spec.name}, at {h}x{w} latents)")
     if s.excite is not None:
         from .generate import check_excite
 
@@ -282,7 +285,9 @@ def _run(cfg: AttnvizConfig, words: list[str], progress: bool) -> dict:
             rows.append(_model_row(spec, cfg, words, lambda i, n, t=task: bar.update(t, completed=i, total=n)))
     h, w = rows[0].image.shape[:2]
     s = cfg.settings
-    meta = {"seed": s.seed, "layers": list(cfg.layers), "timesteps": cfg.timesteps or "all", "steps": s.steps,
+    layers = {r.name: list(r.layers) for r in rows}
+    same = all(v == next(iter(layers.values())) for v in layers.values())
+    meta = {"seed": s.seed, "layers": next(iter(layers.values())) if same else layers, "timesteps": cfg.timesteps or "all", "steps": s.steps,
             "guidance": s.guidance, "scheduler": s.scheduler, "height": h, "width": w, "dtype": s.dtype,
             "model_specs": [vars(m) for m in cfg.models]}
     result = AttnvizResult(cfg.prompt, words, rows, meta)

@@ -153,10 +153,11 @@ def _check(cfg: GenerateConfig, rank: int, world_size: int) -> None:
 
 def settings_of(cfg: GenerateConfig, dtype: str) -> dict[str, Any]:
     """What decides the images (their fingerprint), resolved from configs without loading weights."""
-    from .sampling import model_facts
+    from .sampling import check_image_size, model_facts
 
     s = cfg.settings
     facts = model_facts(cfg.model, cfg.unet, cfg.revision, s.scheduler)
+    check_image_size(s.height, s.width, facts)
     if s.excite is not None:
         check_excite(s, facts)
     return {

@@ -22,7 +22,8 @@ import torch
 from ..io.errors import UserError
 from ..models.sampling import SCHEDULERS, inference_scheduler
 
-__all__ = ["DTYPES", "resolve_device", "resolve_dtype", "dtype_name", "model_facts", "load_pipeline"]
+__all__ = ["DTYPES", "resolve_device", "resolve_dtype", "dtype_name", "model_facts", "check_image_size",
+           "load_pipeline"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -52,71 +53,90 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _unet_source(unet: str | os.PathLike) -> tuple[str, str | None]:
-    """(folder, subfolder) of a ``--unet`` path: a UNet folder, or a pipeline / train-unet OUT with unet/.
-    ModelFolderError when neither holds a UNet's config.json."""
+    """(folder, subfolder) of a ``--unet`` path: a denoiser folder (a UNet, or an SD3 / FLUX transformer), or a
+    pipeline / train-unet OUT with ``unet/`` or ``transformer/``. ModelFolderError when none holds a denoiser
+    config that a model family of tcompose takes."""
     import json
 
+    from ..models.components import DENOISER_SUBFOLDERS
+    from ..models.families import family_of
     from ..models.loading import ModelFolderError
 
     path = Path(unet).expanduser()
-    folder, sub = (path, "unet") if (path / "unet" / "config.json").is_file() else (path, None)
+    sub = next((s for s in DENOISER_SUBFOLDERS if (path / s / "config.json").is_file()), None)
     config_file = path / (sub or "") / "config.json"
     if not config_file.is_file():
-        raise ModelFolderError(f"--unet {path}: no config.json there nor in {path / 'unet'}; pass a UNet folder "
-                               "(UNet2DConditionModel.save_pretrained) or a pipeline folder such as a train-unet OUT")
+        raise ModelFolderError(f"--unet {path}: no config.json there nor in {' or '.join(str(path / s) for s in DENOISER_SUBFOLDERS)}; "
+                               "pass a denoiser folder (save_pretrained of a UNet or transformer) or a pipeline "
+                               "folder such as a train-unet OUT")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
         raise ModelFolderError(f"--unet {path}: {config_file} does not read as JSON ({err})") from None
-    if not isinstance(config, dict) or "sample_size" not in config or "cross_attention_dim" not in config:
+    try:
+        if not isinstance(config, dict) or "_class_name" not in config:  # a transformers config, say
+            raise ValueError("not a diffusers model's config")
+        family_of(config)
+    except ValueError:
         kind = config.get("_class_name") or config.get("model_type") if isinstance(config, dict) else None
-        raise ModelFolderError(f"--unet {path}: {config_file} is not a UNet2DConditionModel's config "
-                               f"({'it describes ' + repr(kind) if kind else 'no sample_size / cross_attention_dim'}); "
-                               "pass a UNet folder or a pipeline folder with unet/, such as a train-unet OUT")
-    return str(folder), sub
+        raise ModelFolderError(f"--unet {path}: {config_file} is not the config of a denoiser tcompose takes "
+                               f"({'it describes ' + repr(kind) if kind else 'no _class_name'}); pass a UNet or "
+                               "transformer folder, or a pipeline folder with unet/ or transformer/, such as a "
+                               "train-unet OUT") from None
+    return str(path), sub
 
 
 def model_facts(model: str | os.PathLike, unet: str | None = None, revision: str | None = None,
                 scheduler: str | None = None) -> dict[str, Any]:
     """Read from configs only (no weights): the inference scheduler's class, the default image size, the VAE's
-    downsampling factor and the UNet's config (of a LoRA run's OUT: its base model's)."""
-    import contextlib
-
-    from ..models.loading import ModelFolderError, hub_hint, local_path
+    downsampling factor, the denoiser's config (of a LoRA run's OUT: its base model's) and its family."""
+    from ..models.components import model_configs
+    from ..models.families import family_of
     from ..models.lora import resolve_lora_model
 
     model, _, revision, _ = resolve_lora_model(model, None, revision)
-
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)} (or leave it out for "
                          "the model's own)")
+    from ..models.loading import ModelFolderError, local_path
+
     local = local_path(model)
-    if local is not None:
-        missing = [s for s in ("unet", "vae", "scheduler") if not (local / s).is_dir()]
-        if missing:
-            raise ModelFolderError(f"{local} is not a diffusers Stable Diffusion folder: missing "
-                                   f"{', '.join(s + '/' for s in missing)}. Pass a folder written by "
-                                   "`StableDiffusionPipeline.save_pretrained` or `tcompose train-unet`, or a hub id.")
-    with contextlib.nullcontext() if local is not None else hub_hint(str(model), None):
-        return _facts(model, unet, {} if local is not None else {"revision": revision}, scheduler)
-
-
-def _facts(model, unet, hub: dict, scheduler: str | None) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    if scheduler is not None:
-        sched_class = SCHEDULERS[scheduler][0]
-    else:
-        sched_class = DDPMScheduler.load_config(str(model), subfolder="scheduler", **hub)["_class_name"]
+    if local is not None and local.is_dir() and not (local / "scheduler").is_dir():
+        raise ModelFolderError(f"{local} is not a diffusers pipeline folder: missing scheduler/. Pass a folder written "
+                               "by a pipeline's save_pretrained or `tcompose train-unet`, or a hub id.")
+    config, factor = model_configs(model, revision)
     if unet is not None:
+        from diffusers import UNet2DConditionModel  # load_config reads any config.json
+
         folder, sub = _unet_source(unet)
-        unet_cfg = UNet2DConditionModel.load_config(folder, subfolder=sub)
-    else:
-        unet_cfg = UNet2DConditionModel.load_config(str(model), subfolder="unet", **hub)
-    vae_cfg = AutoencoderKL.load_config(str(model), subfolder="vae", **hub)
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    return {"scheduler": sched_class, "size": int(unet_cfg["sample_size"]) * factor, "vae_factor": factor,
-            "unet_config": dict(unet_cfg)}
+        config = dict(UNet2DConditionModel.load_config(folder, subfolder=sub))
+    family = family_of(config)
+    if scheduler is not None and not family.takes_schedulers:
+        raise UserError(f"--scheduler {scheduler}: {family.label} models sample with their own flow-matching "
+                        "scheduler; leave --scheduler out")
+    sched_class = SCHEDULERS[scheduler][0] if scheduler is not None else _scheduler_class(model, revision)
+    return {"scheduler": sched_class, "size": family.native_resolution(config, factor), "vae_factor": factor,
+            "unet_config": dict(config), "family": family.name, "family_label": family.label,
+            "size_multiple": factor * family.latent_multiple(config)}
+
+
+def check_image_size(height: int | None, width: int | None, facts: dict) -> None:
+    """``--height`` / ``--width`` that the model's pipeline would silently round (FLUX: multiples of 16) are
+    refused, naming the multiple."""
+    m = facts["size_multiple"]
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value % m:
+            raise UserError(f"{flag} {value}: {facts['family_label']} images are a multiple of {m} pixels (its "
+                            f"pipeline would round it down); pass {value // m * m or m} or {(value // m + 1) * m}")
+
+
+def _scheduler_class(model, revision: str | None) -> str:
+    from diffusers import DDPMScheduler  # load_config reads any scheduler config
+
+    from ..models.loading import local_path
+
+    hub = {} if local_path(model) is not None else {"revision": revision}
+    return DDPMScheduler.load_config(str(model), subfolder="scheduler", **hub)["_class_name"]
 
 
 def _safety_parts(model: str, revision: str | None, dtype: torch.dtype):
@@ -164,13 +184,16 @@ def load_pipeline(model: str | os.PathLike, unet: str | None = None, text_encode
     if safety_checker and not family.has_safety_checker:
         raise UserError(f"--safety-checker on: {family.label} pipelines have no safety checker; use --safety-checker off")
     if unet is not None:
+        from diffusers import UNet2DConditionModel  # load_config reads any config.json
+
         folder, sub = _unet_source(unet)
+        other = family_of(UNet2DConditionModel.load_config(folder, subfolder=sub))
+        if other is not family:  # before its weights are read
+            raise UserError(f"--unet {unet}: a {other.label} denoiser, but {model} is {family.label}; pass a "
+                            f"{family.denoiser_label} of the same family")
         base_channels = comps.unet.config.in_channels
-        with folder_hint(folder, "UNet"):
+        with folder_hint(folder, family.denoiser_label):
             comps.unet = family.load_denoiser(folder, sub, dtype)  # the base UNet is not kept
-        if family_of(comps.unet) is not family:
-            raise UserError(f"--unet {unet}: a {family_of(comps.unet).label} denoiser, but {model} is {family.label}; "
-                            "pass a UNet of the same family")
         if comps.unet.config.in_channels != base_channels:
             raise UserError(f"--unet {unet}: {comps.unet.config.in_channels} input channels, but {model}'s VAE "
                              f"latents have {base_channels}; pass a UNet of the same family")

@@ -41,6 +41,7 @@ class ModelFamily:
     objective = UNET
     has_safety_checker: bool = False
     supports_attend_excite: bool = False  # Attend-and-Excite's sampler conditions the denoiser with text alone
+    takes_schedulers: bool = True  # generation's --scheduler pndm|ddim|euler|dpm++ (DDPM-trained models only)
     classifier_free_guidance: bool = True  # sampling runs an unconditional pass (FLUX.1-dev embeds guidance instead)
     default_guidance: float = 7.5  # guidance scale of validation images
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # default --lora-targets
@@ -127,6 +128,12 @@ class ModelFamily:
         return 1
 
     # -- inference ------------------------------------------------------------------------------------------
+    def denoiser_calls(self, pipe, steps: int) -> int:
+        """How many denoiser evaluations a ``steps``-step sampling loop of ``pipe`` makes (a multistep scheduler
+        may make more than ``steps``)."""
+        pipe.scheduler.set_timesteps(steps)
+        return len(pipe.scheduler.timesteps)
+
     def denoiser_of(self, pipe):
         """A pipeline's denoiser (``pipe.unet``, ``pipe.transformer``)."""
         return getattr(pipe, self.denoiser_subfolder)

@@ -42,6 +42,7 @@ class StableDiffusion3(ModelFamily):
     card_tags = ("sd3", "sd3-diffusers")
     denoiser_subfolder = "transformer"
     denoiser_label = "transformer"
+    takes_schedulers = False  # flow matching: FlowMatchEulerDiscreteScheduler, the model's own
     attention_kind = "joint attention (image to text)"
     objective = FlowMatchingObjective()
     default_guidance = 4.5  # SD3.5-medium's model card (40 steps)
@@ -97,6 +98,11 @@ class StableDiffusion3(ModelFamily):
             comps.text_encoder_3 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **kw)
         comps.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub)
         comps.tokenizer_3 = T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_3", **hub)
+
+    def denoiser_calls(self, pipe, steps: int) -> int:
+        """One transformer evaluation per step (FlowMatchEulerDiscreteScheduler; FLUX's timesteps also depend on
+        the image size through its shift, never their number)."""
+        return steps
 
     def load_denoiser(self, folder: str, subfolder: str | None, dtype: torch.dtype, **hub):
         import diffusers
