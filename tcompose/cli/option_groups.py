@@ -40,8 +40,11 @@ __all__ = ["DETECTION_OPTIONS", "EXCITE_OPTIONS", "FROM_OPTIONS", "GENERATION_OP
 
 GENERATION_OPTIONS: dict[str, tuple[Any, str]] = {
     "seed": (int, "Base seed; image k of prompt p has a seed derived from (seed, p, k), the same for every model."),
-    "steps": (int, "Denoising steps."),
-    "guidance": (float, "Classifier-free guidance scale."),
+    "steps": (Optional[int], "Denoising steps (default: the model card's: 50 for SD1.x / SD2.x / SDXL, 28 / 40 / 28 "
+                             "for SD3-medium / SD3.5-medium / SD3.5-large, 50 for FLUX.1-dev, 4 for FLUX.1-schnell)."),
+    "guidance": (Optional[float], "Classifier-free guidance scale (default: the model card's: 7.5 for SD1.x / SD2.x / "
+                                  "SDXL, 7 / 4.5 / 3.5 for SD3-medium / SD3.5-medium / SD3.5-large, 3.5 for "
+                                  "FLUX.1-dev's embedded guidance, 0 for FLUX.1-schnell)."),
     "scheduler": (Optional[str], "pndm, ddim, euler or dpm++ (default: the model's own)."),
     "dtype": (str, "Generation dtype: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32."),
     "batch_size": (int, "Images per pipeline call."),

@@ -95,6 +95,8 @@ class Row:
     words: dict[str, torch.Tensor]  # word -> float32 [S, S]
     positions: dict[str, list[int]]
     layers: tuple[str, ...] = ()  # what was captured (--layers, or the family's default)
+    steps: int | None = None  # what the model sampled with (--steps / --guidance, or its own)
+    guidance: float | None = None
 
 
 @dataclass
@@ -129,13 +131,13 @@ def figure_size(n_rows: int, n_words: int, panel: int = 256) -> tuple[int, int]:
 def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) -> Row:
     from ..models.families import components_of_pipeline
     from ..models.sampling import excite_positions, generate_batch, image_seed
-    from .sampling import load_pipeline
+    from .sampling import load_pipeline, settings_for
 
-    s = cfg.settings
     pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
-                         lora=spec.lora, lora_scale=spec.lora_scale, dtype=s.dtype, scheduler=s.scheduler,
-                         device=s.device)
+                         lora=spec.lora, lora_scale=spec.lora_scale, dtype=cfg.settings.dtype, scheduler=cfg.settings.scheduler,
+                         device=cfg.settings.device)
     comps = components_of_pipeline(pipe)
+    s = settings_for(pipe, cfg.settings)  # the model's steps and guidance where none are given
     positions = {}
     for w, pos in zip(words, comps.phrase_positions(cfg.prompt, words)):
         if pos is None:
@@ -154,7 +156,8 @@ def _model_row(spec: ModelSpec, cfg: AttnvizConfig, words: list[str], progress) 
         images, _ = generate_batch(pipe, [cfg.prompt], [image_seed(s.seed, 0, 0)], s.steps, s.guidance, s.height,
                                    s.width, excite=s.excite, excite_indices=excite)
     tokens = acc.token_maps()[0].float().cpu()
-    row = Row(spec.name, images[0], tokens, word_maps(tokens, positions), positions, tuple(layers))
+    row = Row(spec.name, images[0], tokens, word_maps(tokens, positions), positions, tuple(layers), s.steps,
+              s.guidance)
     del pipe
     gc.collect()
     if torch.cuda.is_available():
@@ -286,9 +289,13 @@ def _run(cfg: AttnvizConfig, words: list[str], progress: bool) -> dict:
     h, w = rows[0].image.shape[:2]
     s = cfg.settings
     layers = {r.name: list(r.layers) for r in rows}
-    same = all(v == next(iter(layers.values())) for v in layers.values())
-    meta = {"seed": s.seed, "layers": next(iter(layers.values())) if same else layers, "timesteps": cfg.timesteps or "all", "steps": s.steps,
-            "guidance": s.guidance, "scheduler": s.scheduler, "height": h, "width": w, "dtype": s.dtype,
+
+    def one(values: dict):  # one value when every model has it, else per model
+        return next(iter(values.values())) if all(v == next(iter(values.values())) for v in values.values()) else values
+
+    meta = {"seed": s.seed, "layers": one(layers), "timesteps": cfg.timesteps or "all",
+            "steps": one({r.name: r.steps for r in rows}), "guidance": one({r.name: r.guidance for r in rows}),
+            "scheduler": s.scheduler, "height": h, "width": w, "dtype": s.dtype,
             "model_specs": [vars(m) for m in cfg.models]}
     result = AttnvizResult(cfg.prompt, words, rows, meta)
     maps = save_maps(result, maps_path(cfg.output))

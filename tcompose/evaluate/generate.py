@@ -39,7 +39,7 @@ import os
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,8 @@ def settings_of(cfg: GenerateConfig, dtype: str) -> dict[str, Any]:
     """What decides the images (their fingerprint), resolved from configs without loading weights."""
     from .sampling import check_image_size, model_facts
 
-    s = cfg.settings
-    facts = model_facts(cfg.model, cfg.unet, cfg.revision, s.scheduler)
+    facts = model_facts(cfg.model, cfg.unet, cfg.revision, cfg.settings.scheduler)
+    s = cfg.settings.resolved(facts["sampling_defaults"])  # the model's steps and guidance where none are given
     check_image_size(s.height, s.width, facts)
     if s.excite is not None:
         check_excite(s, facts)
@@ -385,9 +385,10 @@ def _run(cfg: GenerateConfig, rank: int, world_size: int, progress: bool, finali
     from .sampling import dtype_name, resolve_device, resolve_dtype
 
     t0 = time.monotonic()
+    device = resolve_device(cfg.settings.device)
+    settings = settings_of(cfg, dtype_name(resolve_dtype(cfg.settings.dtype, device)))
+    cfg = replace(cfg, settings=cfg.settings.replace(steps=settings["steps"], guidance=settings["guidance"]))
     s = cfg.settings
-    device = resolve_device(s.device)
-    settings = settings_of(cfg, dtype_name(resolve_dtype(s.dtype, device)))
     fingerprint = _fingerprint(settings)
     label = cfg.name or cfg.model
     jobs = [(pid, k, prompt, image_seed(s.seed, pid, k))

@@ -80,7 +80,9 @@ def time_images(pipe, cfg: LatencyConfig, device) -> list[float]:
     """Seconds of each timed image (after the warm-up ones), batch 1."""
     from ..models.sampling import generate_batch, image_seed
 
-    s = cfg.settings
+    from .sampling import settings_for
+
+    s = settings_for(pipe, cfg.settings)
     excite = [excited_in(pipe, cfg.prompt, s.excite)] if s.excite is not None else None
     times = []
     for i in range(cfg.warmup + cfg.images):
@@ -141,16 +143,19 @@ def run(cfg: LatencyConfig, progress: bool = True) -> dict:
         for spec in specs:
             import torch
 
+            from ..models.families import family_of_pipeline
+            from .sampling import settings_for
+
             pipe = load_pipeline(spec.model, unet=spec.unet, text_encoder=spec.text_encoder, revision=spec.revision,
                                  lora=spec.lora, lora_scale=spec.lora_scale, dtype=s.dtype, scheduler=s.scheduler,
                                  device=device)
             times = time_images(pipe, cfg, device)
-            factor = pipe.vae_scale_factor
+            drawn = settings_for(pipe, s)
+            size = family_of_pipeline(pipe).default_image_size(pipe)
             results[spec.name] = {
                 "s_per_image": statistics.fmean(times), "std_s": statistics.pstdev(times), "images": len(times),
-                "warmup": cfg.warmup, "steps": s.steps, "guidance": s.guidance, "batch_size": s.batch_size,
-                "height": s.height or pipe.unet.config.sample_size * factor,
-                "width": s.width or pipe.unet.config.sample_size * factor,
+                "warmup": cfg.warmup, "steps": drawn.steps, "guidance": drawn.guidance, "batch_size": s.batch_size,
+                "height": s.height or size, "width": s.width or size,
                 "dtype": dtype_name(resolve_dtype(s.dtype, device)), "scheduler": type(pipe.scheduler).__name__,
                 "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
                 "model": spec.model, "unet": spec.unet, "text_encoder": spec.text_encoder, "lora": spec.lora,

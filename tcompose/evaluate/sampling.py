@@ -23,7 +23,7 @@ from ..io.errors import UserError
 from ..models.sampling import SCHEDULERS, inference_scheduler
 
 __all__ = ["DTYPES", "resolve_device", "resolve_dtype", "dtype_name", "model_facts", "check_image_size",
-           "load_pipeline"]
+           "load_pipeline", "settings_for"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -117,7 +117,16 @@ def model_facts(model: str | os.PathLike, unet: str | None = None, revision: str
     sched_class = SCHEDULERS[scheduler][0] if scheduler is not None else _scheduler_class(model, revision)
     return {"scheduler": sched_class, "size": family.native_resolution(config, factor), "vae_factor": factor,
             "unet_config": dict(config), "family": family.name, "family_label": family.label,
-            "size_multiple": factor * family.latent_multiple(config)}
+            "size_multiple": factor * family.latent_multiple(config),
+            "sampling_defaults": family.sampling_defaults(config)}
+
+
+def settings_for(pipe, settings):
+    """``settings`` (a GenerationSettings) with ``pipe``'s model's steps and guidance where they are None."""
+    from ..models.families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
+    return settings.resolved(family.sampling_defaults(dict(family.denoiser_of(pipe).config)))
 
 
 def check_image_size(height: int | None, width: int | None, facts: dict) -> None:

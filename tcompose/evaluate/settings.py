@@ -105,10 +105,13 @@ class GenerationSettings:
     """Images per pipeline call (speed only: image ``k`` of prompt ``p`` is the same at any batch size)."""
     dtype: str = "auto"
     """auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32."""
-    steps: int = 50
-    """Denoising steps."""
-    guidance: float = 7.5
-    """Classifier-free guidance scale (1: none)."""
+    steps: int | None = None
+    """Denoising steps; None: the model's (its family's model card: 50 for SD1.x / SD2.x / SDXL, 28 / 40 / 28 for
+    SD3-medium / SD3.5-medium / SD3.5-large, 50 for FLUX.1-dev, 4 for FLUX.1-schnell)."""
+    guidance: float | None = None
+    """Classifier-free guidance scale (1: none; FLUX.1-dev: its embedded guidance); None: the model's (7.5 for
+    SD1.x / SD2.x / SDXL, 7 / 4.5 / 3.5 for SD3-medium / SD3.5-medium / SD3.5-large, 3.5 for FLUX.1-dev, 0 for
+    FLUX.1-schnell)."""
     scheduler: str | None = None
     """None = the model's own; or a key of :data:`tcompose.models.sampling.SCHEDULERS` (pndm, ddim, euler, dpm++)."""
     height: int | None = None
@@ -136,6 +139,13 @@ class GenerationSettings:
         """The fields ``stage`` reads (all but its :data:`STAGE_UNUSED`), in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in STAGE_UNUSED.get(stage, ()))
 
+    def resolved(self, model_defaults: tuple[int, float]) -> GenerationSettings:
+        """These settings with the model's ``(steps, guidance)`` (``ModelFamily.sampling_defaults``) where they
+        are None: what a stage samples and records for that model."""
+        steps, guidance = model_defaults
+        return self.replace(steps=self.steps if self.steps is not None else steps,
+                            guidance=self.guidance if self.guidance is not None else guidance)
+
     def replace(self, **changes: Any) -> GenerationSettings:
         """A copy with ``changes`` (the settings are immutable)."""
         return dataclasses.replace(self, **changes)
@@ -150,9 +160,9 @@ class GenerationSettings:
         option."""
         for key in ("batch_size", "steps"):
             value = getattr(self, key)
-            if value < 1:
+            if value is not None and value < 1:
                 raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
-        if not math.isfinite(self.guidance):
+        if self.guidance is not None and not math.isfinite(self.guidance):
             raise UserError(f"--guidance {self.guidance}: not a finite number")
         for key in ("height", "width"):
             value = getattr(self, key)

@@ -107,3 +107,24 @@ def test_a_flux_size_its_pipeline_would_round_is_refused(models):
     with pytest.raises(UserError, match="--height 40: FLUX.1 images are a multiple of 16 pixels.*pass 32 or 48"):
         check_image_size(40, 32, real)
     check_image_size(48, None, real)
+
+
+def test_steps_and_guidance_default_to_the_model_cards(models, tmp_path):
+    """Left out, --steps and --guidance are the model card's: FLUX.1-dev's (50, 3.5: a transformer with a guidance
+    embedding), FLUX.1-schnell's (4, 0: without), SD3.5-medium's for an SD3 of unknown depth; given, they win."""
+    from tcompose.evaluate.generate import GenerateConfig, settings_of
+    from tcompose.evaluate.settings import GenerationSettings
+    from tcompose.models.families import family_named
+    from tcompose.testing.tiny_dit import SD3_MEDIUM, SD35_LARGE
+
+    def drawn(name, **settings):
+        cfg = GenerateConfig(str(models[name]), tmp_path / "x", ["a cat"], settings=GenerationSettings(**settings))
+        got = settings_of(cfg, "fp32")
+        return got["steps"], got["guidance"]
+
+    assert drawn("flux") == (50, 3.5) and drawn("sd3") == (40, 4.5)
+    assert drawn("flux", steps=2, guidance=1.0) == (2, 1.0)
+    flux, sd3 = family_named("flux"), family_named("sd3")
+    assert flux.sampling_defaults({"guidance_embeds": False}) == (4, 0.0)
+    assert sd3.sampling_defaults(SD3_MEDIUM) == (28, 7.0) and sd3.sampling_defaults(SD35_LARGE) == (28, 3.5)
+    assert family_named("sd").sampling_defaults({}) == (50, 7.5)  # the paper's SD1.4 protocol

@@ -14,7 +14,7 @@ from tcompose.evaluate.settings import STAGE_DEFAULTS, GenerationSettings
 
 GENERATING = ["generate", "multigen", "visor", "fid", "latency", "attnviz"]
 # every generating command has these options, with these defaults ...
-OPTIONS = {"--seed": 0, "--steps": 50, "--guidance": 7.5, "--scheduler": None, "--dtype": "auto", "--batch-size": 4,
+OPTIONS = {"--seed": 0, "--steps": None, "--guidance": None, "--scheduler": None, "--dtype": "auto", "--batch-size": 4,
            "--height": None, "--width": None, "--safety-checker": "off"}
 # ... but the ones its stage does not read (latency times batch 1 without the checker; attnviz draws one image)
 NOT_TAKEN = {"latency": {"--batch-size", "--safety-checker"}, "attnviz": {"--batch-size", "--safety-checker"}}
@@ -35,7 +35,9 @@ STAGE_MODULES = {"generate": "tcompose.evaluate.generate", "multigen": "tcompose
 def test_defaults_are_the_papers_and_a_stage_keeps_its_own():
     s = GenerationSettings()
     assert (s.steps, s.guidance, s.scheduler, s.dtype, s.batch_size, s.height, s.width, s.safety_checker, s.seed,
-            s.device) == (50, 7.5, None, "auto", 4, None, None, False, 0, None)
+            s.device) == (None, None, None, "auto", 4, None, None, False, 0, None)  # steps, guidance: the model's
+    assert s.resolved((50, 7.5)) == s.replace(steps=50, guidance=7.5)  # SD1.4's card: the paper's 50 and 7.5
+    assert s.replace(steps=3, guidance=0.0).resolved((28, 7.0)) == s.replace(steps=3, guidance=0.0)
     assert GenerationSettings.for_stage("latency") == s.replace(batch_size=1) and STAGE_DEFAULTS == {
         "latency": {"batch_size": 1}, "geneval": {"guidance": 9.0}}
     assert GenerationSettings.for_stage("geneval") == s.replace(guidance=9.0)

@@ -128,6 +128,10 @@ class ModelFamily:
         return 1
 
     # -- inference ------------------------------------------------------------------------------------------
+    def sampling_defaults(self, denoiser_config: dict) -> tuple[int, float]:
+        """(steps, guidance) the model's card samples with, where the user gives none (``--steps``, ``--guidance``)."""
+        return 50, 7.5
+
     def denoiser_calls(self, pipe, steps: int) -> int:
         """How many denoiser evaluations a ``steps``-step sampling loop of ``pipe`` makes (a multistep scheduler
         may make more than ``steps``)."""

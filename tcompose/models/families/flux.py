@@ -81,6 +81,11 @@ class Flux(StableDiffusion3):
     def latent_channels(self, denoiser_config: dict) -> int:
         return int(denoiser_config["in_channels"]) // 4
 
+    def sampling_defaults(self, denoiser_config: dict) -> tuple[int, float]:
+        """FLUX.1-dev's card (50 steps, guidance 3.5: embedded) for a transformer with a guidance embedding,
+        FLUX.1-schnell's (4 steps, no guidance) for one without."""
+        return (50, 3.5) if denoiser_config.get("guidance_embeds") else (4, 0.0)
+
     def latent_multiple(self, denoiser_config: dict) -> int:
         return 2 * int(denoiser_config.get("patch_size") or 1)
 

@@ -99,6 +99,15 @@ class StableDiffusion3(ModelFamily):
         comps.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub)
         comps.tokenizer_3 = T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_3", **hub)
 
+    #: (steps, guidance) of each known model's card (SD3 / SD3.5 on the Hub; FLUX in flux.py)
+    CARD_SAMPLING = {"SD3-medium": (28, 7.0), "SD3.5-medium": (40, 4.5), "SD3.5-large": (28, 3.5)}
+
+    def sampling_defaults(self, denoiser_config: dict) -> tuple[int, float]:
+        """The model card's steps and guidance of the known model of this depth (SD3.5-medium's otherwise)."""
+        from ...grounding.joint_attention import known_joint_model
+
+        return self.CARD_SAMPLING.get(known_joint_model(denoiser_config), (40, 4.5))
+
     def denoiser_calls(self, pipe, steps: int) -> int:
         """One transformer evaluation per step (FlowMatchEulerDiscreteScheduler; FLUX's timesteps also depend on
         the image size through its shift, never their number)."""
