@@ -12,6 +12,9 @@ grounding score of both runs on held-out scenes: the share of each noun's attent
 ends with a picture of it, ``attention.png``: for a few held-out scenes, the image, then each noun's attention
 with the losses off (one row) and on (the next), all maps on one colour scale, each object's mask outlined,
 each panel titled with the share the score counts.
+
+``--family sdxl|sd3|flux`` trains a tiny random model of SDXL's, SD3.5's or FLUX.1-dev's layout instead (its own
+``base-model-FAMILY`` folder; the transformers with a 32-token T5 sequence, the captions being short).
 """
 
 from __future__ import annotations
@@ -39,7 +42,32 @@ class DemoConfig:
     figure_scenes: int = 3  # held-out scenes drawn in attention.png
     resolution: int = 32  # training resolution: 16x16 latents, attention maps of 16x16 and 8x8
     eval_fraction: float = 0.15
+    family: str = "sd1"  # the tiny random model's family: sd1, sdxl, sd3 (SD3.5 layout) or flux (FLUX.1-dev layout)
     progress: bool = True
+
+
+#: ``--family`` -> what the demo trains: a tiny random model of that family's layout (:mod:`tcompose.testing`).
+FAMILIES = {"sd1": "SD1.x", "sdxl": "SDXL", "sd3": "SD3.5 (MMDiT, dual attention, RMS qk-norm)",
+            "flux": "FLUX.1-dev (double and single stream blocks, guidance embedding)"}
+
+
+def base_folder(family: str) -> str:
+    """The base model's folder in the demo's output (one per family, so switching --family never mixes them)."""
+    return "base-model" if family == "sd1" else f"base-model-{family}"
+
+
+def write_base_model(family: str, base: Path, captions: list[str], seed: int) -> None:
+    """The tiny random model of ``family``, its tokenizer(s) learnt from the scenes' captions."""
+    if family in ("sd1", "sdxl"):
+        from .testing.tiny_sd import write_tiny_pipeline
+
+        write_tiny_pipeline(base, corpus=captions, seed=seed, overwrite=True,
+                            size="tiny-sdxl" if family == "sdxl" else "tiny")
+    else:
+        from .testing.tiny_dit import write_tiny_flux_pipeline, write_tiny_sd3_pipeline
+
+        writer = write_tiny_sd3_pipeline if family == "sd3" else write_tiny_flux_pipeline
+        writer(base, seed=seed, corpus=captions, overwrite=True)
 
 
 def min_images(cfg: DemoConfig) -> int:
@@ -65,7 +93,10 @@ def check(cfg: DemoConfig) -> None:
         raise UserError(f"--images {cfg.images}: the demo needs at least {need} scenes (to fill its training "
                         f"batches of {cfg.batch_size} and hold some out for the score); pass --images {need} or "
                         "more (the default is 96)")
-    check_output_folder(cfg.output, "--output", inside=("scenes", "masks", "base-model", "losses-off", "losses-on"))
+    if cfg.family not in FAMILIES:
+        raise UserError(f"--family {cfg.family!r}: choose one of {', '.join(FAMILIES)}")
+    check_output_folder(cfg.output, "--output", inside=("scenes", "masks", "losses-off", "losses-on",
+                                                        *(base_folder(f) for f in FAMILIES)))
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -76,7 +107,6 @@ def run(cfg: DemoConfig) -> dict:
     from .io.datasets import write_json_atomic
     from .masks.config import MasksConfig
     from .masks.stage import run as make_masks
-    from .testing.tiny_sd import write_tiny_pipeline
     from .train.config import TrainUnetConfig
     from .train.loop import run as train
 
@@ -91,10 +121,10 @@ def run(cfg: DemoConfig) -> dict:
     masks = make_masks(MasksConfig(coco_dir=scenes, output=out / "masks", split="train2017", captions="all"), progress=cfg.progress)
     console.print(f"[bold]2/3[/] masks: {out / 'masks'} ({masks['num_rows']} rows)")
 
-    base = out / "base-model"
+    base = out / base_folder(cfg.family)
     if not (base / "model_index.json").exists():
         captions = [a["caption"] for a in json.loads((scenes / "annotations" / "captions_train2017.json").read_text())["annotations"]]
-        write_tiny_pipeline(base, corpus=captions, seed=cfg.seed, overwrite=True)
+        write_base_model(cfg.family, base, captions, cfg.seed)
 
     runs = {}
     for name, lam, gam in (("losses-off", 0.0, 0.0), ("losses-on", cfg.lambda_token, cfg.gamma_pixel)):
@@ -106,6 +136,8 @@ def run(cfg: DemoConfig) -> dict:
             resolution=cfg.resolution, batch_size=cfg.batch_size, grad_accum=1, max_steps=cfg.steps, lr=cfg.lr,
             seed=cfg.seed, checkpoint_every=0, eval_fraction=cfg.eval_fraction, num_workers=0,
             log_every=max(1, cfg.steps // 10), progress=cfg.progress,
+            # the scenes' captions are short: a T5 sequence of 512 tokens (FLUX's default) would only cost time
+            **({"max_sequence_length": 32} if cfg.family in ("sd3", "flux") else {}),
         ))
 
     table = Table(title="Grounding score on held-out scenes (share of a noun's attention inside its object)")

@@ -43,3 +43,20 @@ def test_demo_writes_the_report_and_attention_png(tmp_path):
     assert height == figure_size(4, 1, 160)[1]
     assert width in {figure_size(4, n, 160)[0] for n in (1, 2, 3)}
     assert pixels.std() > 20  # drawn, not blank
+
+
+def test_demo_family_trains_a_tiny_model_of_that_family(tmp_path):
+    """--family flux: the same scenes and masks, a tiny FLUX.1-dev-layout model in its own base folder, both runs
+    and the report; an unknown family is refused before anything is written."""
+    from tcompose.io.errors import UserError
+
+    with pytest.raises(UserError, match="--family 'sd4': choose one of sd1, sdxl, sd3, flux"):
+        run(DemoConfig(output=tmp_path / "x", family="sd4", progress=False))
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "demo"
+    report = run(DemoConfig(output=out, images=24, steps=2, batch_size=4, figure_scenes=1, family="flux",
+                            progress=False))
+    assert (out / "base-model-flux" / "transformer").is_dir() and not (out / "base-model").exists()
+    summary = json.loads((out / "losses-on" / "training_summary.json").read_text())
+    assert summary["family"] == "flux" and set(report["runs"]) == {"losses-off", "losses-on"}
+    assert (out / "attention.png").is_file()

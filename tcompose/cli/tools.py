@@ -17,11 +17,12 @@ def demo(
     steps: int = typer.Option(150, help="Optimizer steps of each training run."),
     images: int = typer.Option(96, help="Synthetic scenes to generate."),
     seed: int = typer.Option(0, help="Seed of the scenes and of both runs."),
+    family: str = typer.Option("sd1", help="The tiny random model's family: sd1, sdxl, sd3 (SD3.5's layout) or flux (FLUX.1-dev's)."),
 ) -> None:
     """Offline CPU demo: synthetic scenes -> masks -> train a tiny model with the losses off and on -> scores."""
     from ..demo import DemoConfig, run
 
-    run(DemoConfig(output=output, steps=steps, images=images, seed=seed))
+    run(DemoConfig(output=output, steps=steps, images=images, seed=seed, family=family))
 
 
 @app.command()
