@@ -13,6 +13,7 @@ trainers' checkpoints and data order, and what every sharded stage does around i
   that step checkpointed, exit code 128 + the signal;
 - :mod:`.errors`: ``UserError`` and its kinds (refused input, one line in the CLI) and ``system_error``; it
   imports nothing, and every area may raise them;
+- :mod:`.exports`: ``lazy_exports``, the lazy re-exports of this package's and ``tcompose.models``' names;
 - :mod:`.files`: written files get the umask's permissions (safetensors writes 0600); folders are written under a
   temporary name and renamed into place.
 
@@ -22,8 +23,7 @@ must not pull in torch or pyarrow through this package.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .exports import lazy_exports
 
 _EXPORTS = {
     "batches": ("MicroBatches",),
@@ -32,11 +32,4 @@ _EXPORTS = {
                  "image_struct", "iter_rows", "load_manifest", "read_table", "schema_for", "shard_files",
                  "write_json_atomic"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -20,8 +20,7 @@ is read by the CLI's ``--help``, which must not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..io.exports import lazy_exports
 
 _EXPORTS = {
     "loading": ("ModelFolderError", "DTYPES", "local_path", "offline", "pretrained", "torch_dtype"),
@@ -32,10 +31,4 @@ _EXPORTS = {
     "clip": ("export_clip", "load_clip"),
     "spec": ("ModelSpec", "parse_model_spec", "parse_model_specs"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
