@@ -128,3 +128,25 @@ def test_steps_and_guidance_default_to_the_model_cards(models, tmp_path):
     assert flux.sampling_defaults({"guidance_embeds": False}) == (4, 0.0)
     assert sd3.sampling_defaults(SD3_MEDIUM) == (28, 7.0) and sd3.sampling_defaults(SD35_LARGE) == (28, 3.5)
     assert family_named("sd").sampling_defaults({}) == (50, 7.5)  # the paper's SD1.4 protocol
+
+
+def test_multigen_scores_sd3_and_flux_beside_an_sd_model(models, tmp_path):
+    """The benchmarks take transformer models like UNet ones: one multigen folder with SD1.x, SD3 and FLUX rows,
+    each model's images its own family's (steps and guidance recorded per model)."""
+    from tcompose.data.categories import COCO_80
+    from tcompose.evaluate.multigen.prompts import sample_prompts
+    from tcompose.evaluate.multigen.stage import MultigenConfig, run
+    from tcompose.evaluate.settings import GenerationSettings
+    from tcompose.testing.tiny_sd import write_tiny_pipeline
+    from tcompose.testing.tiny_vision import write_tiny_owlv2
+
+    corpus = [p.text for p in sample_prompts(COCO_80, 4, seed=0)]
+    sd, owl = write_tiny_pipeline(tmp_path / "sd", corpus=corpus), write_tiny_owlv2(tmp_path / "owl")
+    cfg = MultigenConfig(models=[f"SD={sd}", f"S3={models['sd3']}", f"FX={models['flux']}"], output=tmp_path / "mg",
+                         sample_seed=0, prompts=2, images=1, detector=str(owl), part_size=2, detector_batch_size=2,
+                         settings=GenerationSettings(steps=2, height=32, width=32, device="cpu"))
+    summary = run(cfg, progress=False)
+    assert set(summary["models"]) == {"SD", "S3", "FX"}
+    recorded = json.loads((tmp_path / "mg" / "run.json").read_text())["models"]
+    assert recorded["FX"]["guidance"] == 3.5 and recorded["S3"]["guidance"] == 4.5 and recorded["SD"]["guidance"] == 7.5
+    assert all(len(list((tmp_path / "mg" / "models" / m / "images").glob("*.png"))) == 2 for m in ("SD", "S3", "FX"))
