@@ -2,6 +2,8 @@
 caption vocabulary (words -> COCO categories), noun phrases, and caption text -> CLIP and T5 token positions.
 
 - :mod:`.coco`: ``CocoDataset`` (images, captions, instances, masks from polygons and RLE);
+- :mod:`.captioned`: ``open_images``, ``CaptionedDataset`` (any captioned image set as the masks stage reads COCO);
+  :mod:`.captioned_layout`: which kind of folder it is, which split, a hub dataset id's cached snapshot;
 - :mod:`.synthetic`: ``make_scenes``, COCO-format scenes of coloured objects with captions and masks;
 - :mod:`.categories`: COCO's 80 and ADE20K's 150 class names, MultiGen's category sets;
 - :mod:`.vocab`: ``match_categories`` (resources/coco_synonyms.json);
