@@ -86,6 +86,7 @@ class TrainUnetConfig:
     validation_steps: int = 25  # denoising steps of a validation image
     command: str | None = None  # the command line that started the run (the CLI fills it; the model card shows it)
     cache_latents: bool = False  # encode each image once into OUT/latent_cache/ (tcompose.train.latent_cache)
+    cache_text: bool | None = None  # captions encoded once into OUT/text_cache/, encoders freed (None: the family's)
     channels_last: bool = False  # UNet weights and the latents in torch.channels_last
     compile: bool = False  # torch.compile the UNet's ResNet blocks and feed-forwards (tcompose.models.compile)
     num_workers: int = 4
@@ -223,7 +224,7 @@ def resume_settings(cfg: TrainUnetConfig, resolution: int, world_size: int) -> d
     """Every setting that changes what is trained, keyed by its option: a checkpoint records them and a resume
     must match (``cfg.layers`` and ``cfg.lora_targets`` resolved to the family's defaults first; the number of
     processes may change if --batch-size x processes stays the same; --num-workers,
-    logging, progress, --cache-latents, --channels-last and --compile do not change the result)."""
+    logging, progress, --cache-latents, --cache-text, --channels-last and --compile do not change the result)."""
     return {
         "--data": dataset_fingerprint(cfg.data),
         "--model": model_id(cfg.model), "--revision": cfg.revision, "--text-encoder": model_id(cfg.text_encoder),

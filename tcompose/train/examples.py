@@ -134,7 +134,9 @@ class TrainingExamples(Dataset):
 
     With ``latents`` (a :class:`tcompose.train.latent_cache.LatentCache`) an example carries the VAE's cached
     ``latent_moments`` ``[2, C, h, w]`` (mean, std of the chosen orientation) instead of ``pixel_values``;
-    its image is then not read at all (only its masks), and everything random stays the same.
+    its image is then not read at all (only its masks), and everything random stays the same. With ``text`` (a
+    :class:`tcompose.train.text_cache.TextCache`) it carries its caption's cached states (``text_state.NAME``)
+    instead of its token ids.
     ``draw_timestep(generator)``: the training objective's timestep draw (``objective.draw_timestep`` bound to the
     training scheduler, e.g. flow matching's density sampling); None: uniform over ``num_train_timesteps`` (what
     the UNets' objective draws). ``noise_offset`` (diffusers' ``--noise_offset``) adds ``offset * randn(C, 1, 1)`` to the example's noise, drawn
@@ -142,8 +144,9 @@ class TrainingExamples(Dataset):
     """
 
     def __init__(self, prep: PreparedRows, resolution: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int, random_flip: bool = False, latents=None, noise_offset: float = 0.0,
-                 draw_timestep: Callable[[torch.Generator], torch.Tensor] | None = None):
+                 draw_timestep: Callable[[torch.Generator], torch.Tensor] | None = None, text=None):
         self.prep = prep
+        self.text = text
         self.draw_timestep = draw_timestep
         self.noise_offset = noise_offset
         self.resolution = resolution
@@ -186,7 +189,8 @@ class TrainingExamples(Dataset):
             image = {"latent_moments": self.latents.moments(row, flip)}
         masks = [load_mask(decode_mask(record["masks"][slot]), placement, flip) for slot in self.prep.mask_slots[row]]
         (w, h), r = placement.original, placement.size
-        text = {key: ids[row] for key, ids in self.prep.token_ids.items()}
+        text = self.text.states(row) if self.text is not None else {
+            key: ids[row] for key, ids in self.prep.token_ids.items()}
         return {
             **image,
             **text,
@@ -201,9 +205,10 @@ class TrainingExamples(Dataset):
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack examples (``pixel_values`` or cached ``latent_moments``); words are padded to ``[B, W, K]``
-    (see :func:`tcompose.grounding.losses.pad_words`)."""
+    """Stack examples (``pixel_values`` or cached ``latent_moments``; token ids or cached caption states); words are
+    padded to ``[B, W, K]`` (see :func:`tcompose.grounding.losses.pad_words`)."""
     from ..grounding.losses import pad_words
+    from ..models.families import TEXT_STATE
 
     index, valid = pad_words([e["words"] for e in examples])
     b, w = index.shape[:2]
@@ -212,7 +217,7 @@ def collate(examples: list[dict]) -> dict:
     for i, e in enumerate(examples):
         masks[i, : e["masks"].shape[0]] = e["masks"]
     image = "latent_moments" if "latent_moments" in examples[0] else "pixel_values"
-    text = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if k.startswith("input_ids")}
+    text = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if k.startswith(("input_ids", TEXT_STATE))}
     return {
         image: torch.stack([e[image] for e in examples]),
         **text,

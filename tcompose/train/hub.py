@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..io.errors import UserError
 
-#: What stays local: resumable checkpoints and the latent cache are neither a model nor small.
-IGNORED = ["checkpoints/*", "checkpoints/**", "latent_cache/*", "latent_cache/**"]
+#: What stays local: resumable checkpoints and the latent and text caches are neither a model nor small.
+CACHES = ("checkpoints", "latent_cache", "text_cache")
+IGNORED = [f"{folder}/{glob}" for folder in CACHES for glob in ("*", "**")]
 
 
 def hub_repo_id(output: str | Path, hub_model_id: str | None) -> str:
@@ -35,7 +36,7 @@ def check_push(push_to_hub: bool, hub_model_id: str | None) -> None:
 
 
 def push_run(out: Path, repo_id: str, log, endpoint: str | None = None) -> str:
-    """Create ``repo_id`` (if need be) and upload ``out`` but its checkpoints and latent cache; the commit's URL.
+    """Create ``repo_id`` (if need be) and upload ``out`` but its checkpoints and caches; the commit's URL.
     A failure is a UserError that says the local run is complete and how to upload it by hand."""
     from huggingface_hub import HfApi
 
@@ -47,7 +48,7 @@ def push_run(out: Path, repo_id: str, log, endpoint: str | None = None) -> str:
     except Exception as e:  # network, permissions, a taken name: nothing local is touched
         raise UserError(f"--push-to-hub: uploading {out} to {repo_id} failed ({type(e).__name__}: {e}); the run is "
                         f"complete in {out}: upload it with `huggingface-cli upload {repo_id} {out} "
-                        "--exclude 'checkpoints/*' 'latent_cache/*'`") from None
+                        f"--exclude {' '.join(repr(f + '/*') for f in CACHES)}`") from None
     url = getattr(commit, "commit_url", None) or str(commit)
     log(f"pushed {out} to the Hub: {url}")
     return url

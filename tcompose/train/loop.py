@@ -138,7 +138,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
     layers_given = cfg.layers is not None
     cfg = dataclasses.replace(  # the family's defaults, resolved: what the checkpoints and the summary record
         cfg, layers=tuple(cfg.layers) if layers_given else tuple(objective.default_layers(unet_config)),
-        lora_targets=tuple(cfg.lora_targets) if cfg.lora_targets is not None else family.lora_targets)
+        lora_targets=tuple(cfg.lora_targets) if cfg.lora_targets is not None else family.lora_targets,
+        cache_text=family.cache_text_by_default if cfg.cache_text is None else cfg.cache_text)
     groups = objective.resolve_layers(cfg.layers, family.attention_groups(unet_config, (latent, latent)),
                                       f" at {latent}x{latent} latents ({resolution} px)")
     layers = tuple(groups)
@@ -170,6 +171,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
     log(f"resolution: {resolution} px ({source}); supervised {family.attention_kind}: {objective.describe(groups)}"
         + ("" if layers_given else " (the default for this model; --layers to choose)"))
 
+    # the accelerator's precision: fp16 on a CPU runs in fp32 (trainer_accelerator notes it)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
     comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae)
     comps.training_objective, comps.max_sequence_length = objective, cfg.max_sequence_length
     unet, vae, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.tokenizer, comps.noise_scheduler
@@ -178,8 +181,6 @@ def _train(cfg: TrainUnetConfig) -> dict:
             log(f"prediction type: {cfg.prediction_type} (the model's scheduler says {noise_scheduler.config.prediction_type})")
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
 
-    # the accelerator's precision: fp16 on a CPU runs in fp32 (trainer_accelerator notes it)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
     for frozen in (vae, *comps.text_encoders):
         frozen.requires_grad_(False)
         frozen.eval()
@@ -188,6 +189,33 @@ def _train(cfg: TrainUnetConfig) -> dict:
         upcast = frozen is vae and cfg.mixed_precision == "fp16" and vae.config.get("force_upcast", False)
         if weight_dtype != torch.float32 and not upcast:
             frozen.to(dtype=weight_dtype)
+    del frozen  # (the loop's name would keep the last text encoder alive past --cache-text)
+
+    def validation_pipe():
+        from .validation import validation_pipeline
+
+        pipe = validation_pipeline(cfg.model, cfg.revision, comps)
+        if cfg.prediction_type:
+            pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
+        return pipe
+
+    prep = prepare_rows(cfg.data, comps)
+    validation: dict = {"pipe": None, "last": None, "embeddings": None}
+    text_cache = None
+    if cfg.cache_text:  # before the denoiser is quantized or moved: the encoders' memory is free by then
+        from .text_cache import free_text_encoders, prepare_text_cache
+
+        text_cache = prepare_text_cache(out / "text_cache", prep, comps, accelerator.process_index,
+                                        accelerator.num_processes, accelerator.wait_for_everyone, main and cfg.progress, log)
+        if main and cfg.validation_prompts:  # encoded now, so the grids need no text encoder
+            from .validation import validation_embeddings
+
+            validation["pipe"] = validation_pipe()
+            validation["embeddings"] = validation_embeddings(validation["pipe"], cfg.validation_prompts,
+                                                             family.default_guidance)
+        freed = free_text_encoders(comps, validation["pipe"])
+        log(f"text cache: {len(text_cache)} captions in {text_cache.root}; the text encoders are freed "
+            f"({freed / 1e9:.2f} GB of weights)")
     trainable = list(unet.parameters())
     n_all = sum(p.numel() for p in unet.parameters())
     if cfg.lora_rank:
@@ -211,7 +239,6 @@ def _train(cfg: TrainUnetConfig) -> dict:
         unet.to(memory_format=torch.channels_last)
     unet.train()
 
-    prep = prepare_rows(cfg.data, comps)
     train_rows, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
     if cfg.max_train_samples is not None:  # the first N training rows after the held-out split
         train_rows = train_rows[: cfg.max_train_samples]
@@ -226,9 +253,9 @@ def _train(cfg: TrainUnetConfig) -> dict:
                                      accelerator.process_index, accelerator.num_processes,
                                      accelerator.wait_for_everyone, main and cfg.progress, log, cfg.num_workers)
     examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, cfg.random_flip, latents=cache,
-                                noise_offset=cfg.noise_offset, draw_timestep=draw_timestep)
+                                noise_offset=cfg.noise_offset, draw_timestep=draw_timestep, text=text_cache)
     eval_examples = TrainingExamples(prep, resolution, latent_shape, n_t, cfg.seed, random_flip=False,
-                                     draw_timestep=draw_timestep)
+                                     draw_timestep=draw_timestep, text=text_cache)
     log(data_line(prep.stats, len(train_rows), len(heldout)))
 
     optimizer = adamw_class(cfg.optimizer)(
@@ -260,20 +287,18 @@ def _train(cfg: TrainUnetConfig) -> dict:
         if before:
             log(f"grounding score before: {before['score']:.4f} (chance {before['chance']:.4f})")
     accelerator.wait_for_everyone()
-    validation: dict = {"pipe": None, "last": None}
 
     def validate(at: int, score: dict | None = None) -> None:  # main process: the validation grid and the score
         if cfg.validation_prompts:
-            from .validation import render_validation, validation_pipeline
+            from .validation import render_validation
 
             if validation["pipe"] is None:
-                validation["pipe"] = validation_pipeline(cfg.model, cfg.revision, comps)
-                if cfg.prediction_type:
-                    validation["pipe"].scheduler.register_to_config(prediction_type=cfg.prediction_type)
+                validation["pipe"] = validation_pipe()
             path = out / "validation" / f"step-{at:06d}.png"
             with accelerator.autocast():
                 grid = render_validation(validation["pipe"], comps, cfg.validation_prompts, cfg.seed, cfg.validation_steps,
-                                         family.default_guidance, resolution, layers, path)
+                                         family.default_guidance, resolution, layers, path,
+                                         embeddings=validation["embeddings"])
             match_umask(path)
             log_validation_images(accelerator, grid, at)
             validation["last"] = path
@@ -414,6 +439,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
             "grounding_after": after,
             "data": prep.stats | {"train_rows": len(train_rows), "heldout_rows": len(heldout)},
             "latent_cache": {"path": str(cache.root), "images": len(cache), "dtype": cache.dtype} if cache else None,
+            "text_cache": {"path": str(text_cache.root), "captions": len(text_cache),
+                           "bytes_per_caption": text_cache.index["bytes_per_caption"]} if text_cache else None,
             "phrases_dropped": prep.dropped[:100],
             "validation": str(validation["last"].relative_to(out)) if validation["last"] else None,
             "config": config_dict(cfg),

@@ -10,7 +10,8 @@ records the supervised cross-attention of every denoising step (:func:`tcompose.
 .accumulate_attention`). One PNG per evaluation, ``OUT/validation/step-NNNNNN.png``: a row per prompt, the
 image then one heat map per noun phrase of the prompt (the attnviz panel), also logged to tensorboard
 (``validation``). The training's random state is not touched: generation draws only from its own seeded
-generators, so a run with validation trains exactly the weights of one without.
+generators, so a run with validation trains exactly the weights of one without. With ``--cache-text`` the prompts
+are encoded once before the text encoders are freed (:func:`validation_embeddings`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def validation_pipeline(model: str, revision: str | None, comps):
     return pipe
 
 
+def validation_embeddings(pipe, prompts: Sequence[str], guidance: float):
+    """The prompts' embeddings (and the empty prompt's, where ``guidance`` runs an unconditional pass), encoded now:
+    :func:`render_validation` then needs no text encoder."""
+    from ..models.sampling import PromptEmbeddings
+
+    embeddings = PromptEmbeddings(pipe)
+    embeddings(list(prompts), guidance > 1 and embeddings.family.classifier_free_guidance)
+    return embeddings
+
+
 def prompt_words(comps, prompt: str) -> dict[str, list[int]]:
     """The prompt's noun phrases that sit in its tokens, with their token positions (the model family's)."""
     words = noun_phrases(prompt)
@@ -46,9 +57,10 @@ def prompt_words(comps, prompt: str) -> dict[str, list[int]]:
 
 @torch.no_grad()
 def render_validation(pipe, comps, prompts: Sequence[str], seed: int, steps: int, guidance: float, resolution: int,
-                      layers: Sequence[str], path: Path, panel: int = 192) -> np.ndarray:
+                      layers: Sequence[str], path: Path, panel: int = 192, embeddings=None) -> np.ndarray:
     """Generate ``prompts`` with ``pipe`` (built around ``comps``, :func:`validation_pipeline`) with capture on and
-    draw the grid to ``path``; returns it as uint8 [H, W, 3]."""
+    draw the grid to ``path``; returns it as uint8 [H, W, 3]. ``embeddings``: the prompts' encoded beforehand
+    (:func:`validation_embeddings`); None: the pipeline's text encoders encode them."""
     from PIL import Image
 
     seeds = [image_seed(seed, i, 0) for i in range(len(prompts))]
@@ -58,7 +70,8 @@ def render_validation(pipe, comps, prompts: Sequence[str], seed: int, steps: int
     try:
         cfg_pass = guidance > 1 and comps.family.classifier_free_guidance  # the pipeline's batch holds both halves
         with accumulate_attention(unet, layers, cfg_pass, capture=comps.objective.capture) as acc:
-            images, _ = generate_batch(pipe, list(prompts), seeds, steps, guidance, resolution, resolution)
+            images, _ = generate_batch(pipe, list(prompts), seeds, steps, guidance, resolution, resolution,
+                                       embeddings=embeddings)
     finally:
         unet.train(was_training)
     tokens = acc.token_maps().float().cpu()  # [B, T, S, S]

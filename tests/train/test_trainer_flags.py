@@ -386,7 +386,8 @@ class HubStandIn:
 
 
 def test_push_to_hub_uploads_the_pipeline_and_its_card_but_not_checkpoints(setup, tmp_path, monkeypatch):
-    """The whole run with --push-to-hub against a local stand-in of the Hub's upload API."""
+    """The whole run with --push-to-hub against a local stand-in of the Hub's upload API; the checkpoints and the
+    latent and text caches stay local."""
     import huggingface_hub.constants as hub_constants
 
     from tcompose.train import hub
@@ -400,11 +401,12 @@ def test_push_to_hub_uploads_the_pipeline_and_its_card_but_not_checkpoints(setup
                             lambda out, repo_id, log: real(out, repo_id, log, endpoint=hub_api.url))
         out = tmp_path / "run"
         train(tiny_train_config(setup, out, push_to_hub=True, hub_model_id="me/tc", checkpoint_every=2,
-                                max_steps=3))
+                                max_steps=3, cache_latents=True, cache_text=True))
     finally:
         hub_api.close()
     assert hub_api.repos and hub_api.repos[0]["name"] in ("tc", "me/tc")
     sent = hub_api.files
     assert "README.md" in sent and "unet/diffusion_pytorch_model.safetensors" in sent and "model_index.json" in sent
     assert sent["README.md"] == (out / "README.md").read_bytes()
-    assert not any(p.startswith("checkpoints/") for p in sent) and (out / "checkpoints").is_dir()
+    for local in ("checkpoints", "latent_cache", "text_cache"):
+        assert not any(p.startswith(local + "/") for p in sent) and (out / local).is_dir(), local

@@ -22,13 +22,13 @@ import torch
 
 from ...io.errors import UserError
 from ..loading import ModelFolderError, folder_hint, hub_hint, local_path
-from .base import Components, ModelFamily
+from .base import TEXT_STATE, Components, ModelFamily
 from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-__all__ = ["FAMILIES", "Components", "ModelFamily", "components_of_pipeline", "denoiser_subfolders", "family_named",
+__all__ = ["FAMILIES", "TEXT_STATE", "Components", "ModelFamily", "components_of_pipeline", "denoiser_subfolders", "family_named",
            "family_of", "family_of_model",
            "family_of_pipeline", "load_components"]
 

@@ -22,6 +22,9 @@ import torch
 
 from ...grounding.objective import UNET
 
+#: The batch-key prefix of cached caption states (``text_state.encoder_hidden_states``, ...): --cache-text's.
+TEXT_STATE = "text_state."
+
 
 class ModelFamily:
     """One family of text-to-image models: how to load, condition, train, capture and sample it.
@@ -45,6 +48,7 @@ class ModelFamily:
     classifier_free_guidance: bool = True  # sampling runs an unconditional pass (FLUX.1-dev embeds guidance instead)
     default_guidance: float = 7.5  # guidance scale of validation images
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # default --lora-targets
+    cache_text_by_default: bool = False  # train-unet's --cache-text when not given (on where the encoders are large)
     #: train-unet options this family's training does not take (refused, before any weight is read, when set)
     unsupported_training: tuple[str, ...] = ("--weighting-scheme", "--logit-mean", "--logit-std", "--mode-scale",
                                              "--guidance-scale", "--attention-norm", "--max-sequence-length",
@@ -86,9 +90,24 @@ class ModelFamily:
         """Each phrase's positions in the text sequence the denoiser attends to (None: not in it)."""
         raise NotImplementedError
 
-    def encode_text(self, comps: "Components", batch: dict) -> dict:
-        """The denoiser's text conditioning (its keyword arguments) of a collated batch, without gradients."""
+    def caption_states(self, comps: "Components", batch: dict) -> dict[str, torch.Tensor]:
+        """What the text encoders make of each caption of a batch (from its token ids ``input_ids``, ...): tensors
+        ``[B, ...]`` that depend on the caption alone, which ``--cache-text`` stores (:mod:`tcompose.train.text_cache`)."""
         raise NotImplementedError
+
+    def conditioning(self, comps: "Components", states: dict[str, torch.Tensor], batch: dict) -> dict:
+        """The denoiser's keyword arguments from a batch's caption states (and what else of the batch it takes,
+        such as SDXL's ``time_ids``); the states themselves by default."""
+        return dict(states)
+
+    def encode_text(self, comps: "Components", batch: dict) -> dict:
+        """The denoiser's text conditioning (its keyword arguments) of a collated batch, without gradients: from the
+        batch's cached caption states (keys ``text_state.NAME``) where it carries them, else from the encoders."""
+        states = {k.removeprefix(TEXT_STATE): v for k, v in batch.items() if k.startswith(TEXT_STATE)}
+        if not states:
+            with torch.no_grad():
+                states = self.caption_states(comps, batch)
+        return self.conditioning(comps, states, batch)
 
     def encode_batch(self, comps: "Components", batch: dict, sample: bool = True) -> tuple[torch.Tensor, dict]:
         """``(clean latents, conditioning)`` of a collated batch: ``sample`` draws the VAE posterior with the batch's

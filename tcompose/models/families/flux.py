@@ -97,14 +97,17 @@ class Flux(StableDiffusion3):
     def phrase_positions(self, comps: Components, caption: str, phrases: Sequence[str]) -> list[list[int] | None]:
         return t5_phrase_positions(comps.tokenizer_2, caption, phrases, self.sequence_length(comps))
 
-    def encode_text(self, comps: Components, batch: dict) -> dict:
-        """``encoder_hidden_states`` (T5), ``pooled_projections`` (CLIP's pooled output) and ``txt_ids``, as
+    def caption_states(self, comps: Components, batch: dict) -> dict[str, torch.Tensor]:
+        """``encoder_hidden_states`` (T5) and ``pooled_projections`` (CLIP's pooled output), as
         ``FluxPipeline.encode_prompt``."""
-        with torch.no_grad():
-            pooled = comps.text_encoder(batch["input_ids"], output_hidden_states=False).pooler_output
-            emb = comps.text_encoder_2(batch["input_ids_2"], output_hidden_states=False)[0]
-            txt_ids = torch.zeros(emb.shape[1], 3, device=emb.device, dtype=comps.text_encoder.dtype)
-            return {"encoder_hidden_states": emb, "pooled_projections": pooled, "txt_ids": txt_ids}
+        pooled = comps.text_encoder(batch["input_ids"], output_hidden_states=False).pooler_output
+        emb = comps.text_encoder_2(batch["input_ids_2"], output_hidden_states=False)[0]
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+    def conditioning(self, comps: Components, states: dict[str, torch.Tensor], batch: dict) -> dict:
+        """The states and ``txt_ids``: zeros ``[L, 3]`` in the text's dtype (FluxPipeline's, in the text encoder's)."""
+        emb = states["encoder_hidden_states"]
+        return {**states, "txt_ids": torch.zeros(emb.shape[1], 3, device=emb.device, dtype=states["pooled_projections"].dtype)}
 
     def example_conditioning(self, denoiser_config: dict, batch: int, latent_side: int, text_length: int,
                              generator: torch.Generator) -> dict:

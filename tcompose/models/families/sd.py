@@ -99,9 +99,8 @@ class StableDiffusion(ModelFamily):
     def phrase_positions(self, comps: Components, caption: str, phrases: Sequence[str]) -> list[list[int] | None]:
         return phrases_token_positions(comps.tokenizer, caption, phrases)
 
-    def encode_text(self, comps: Components, batch: dict) -> dict:
-        with torch.no_grad():
-            return {"encoder_hidden_states": comps.text_encoder(batch["input_ids"])[0]}
+    def caption_states(self, comps: Components, batch: dict) -> dict[str, torch.Tensor]:
+        return {"encoder_hidden_states": comps.text_encoder(batch["input_ids"])[0]}
 
     def encode_batch(self, comps: Components, batch: dict, sample: bool = True) -> tuple[torch.Tensor, dict]:
         return vae_latents(comps.vae, batch, sample), self.encode_text(comps, batch)

@@ -48,6 +48,7 @@ class StableDiffusion3(ModelFamily):
     default_guidance = 4.5  # SD3.5-medium's model card (40 steps)
     default_max_sequence_length = 256  # StableDiffusion3Pipeline's
     lora_targets = TRANSFORMER_LORA_TARGETS
+    cache_text_by_default = True  # T5-XXL alone is 9.5 GB in bf16: encode the captions once and free it
     unsupported_training = ("--snr-gamma", "--prediction-type", "--noise-offset", "--channels-last", "--compile",
                             "--text-encoder", "--guidance-scale")  # SD3 embeds no guidance
     training_kind = "flow-matching transformer"
@@ -152,17 +153,16 @@ class StableDiffusion3(ModelFamily):
     def phrase_positions(self, comps: Components, caption: str, phrases: Sequence[str]) -> list[list[int] | None]:
         return sd3_phrase_positions(comps.tokenizer, comps.tokenizer_3, caption, phrases, self.sequence_length(comps))
 
-    def encode_text(self, comps: Components, batch: dict) -> dict:
+    def caption_states(self, comps: Components, batch: dict) -> dict[str, torch.Tensor]:
         """``encoder_hidden_states`` (CLIP penultimate states x2, zero-padded to T5's width, then T5's) and
         ``pooled_projections`` (the two pooled projections), as ``StableDiffusion3Pipeline.encode_prompt``."""
-        with torch.no_grad():
-            first = comps.text_encoder(batch["input_ids"], output_hidden_states=True)
-            second = comps.text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
-            t5 = comps.text_encoder_3(batch["input_ids_3"])[0]
-            clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-            clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-            return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
-                    "pooled_projections": torch.cat([first.text_embeds, second.text_embeds], dim=-1)}
+        first = comps.text_encoder(batch["input_ids"], output_hidden_states=True)
+        second = comps.text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
+        t5 = comps.text_encoder_3(batch["input_ids_3"])[0]
+        clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+                "pooled_projections": torch.cat([first.text_embeds, second.text_embeds], dim=-1)}
 
     def encode_batch(self, comps: Components, batch: dict, sample: bool = True) -> tuple[torch.Tensor, dict]:
         return vae_latents(comps.vae, batch, sample, shift=True), self.encode_text(comps, batch)

@@ -74,16 +74,19 @@ class StableDiffusionXL(StableDiffusion):
     def tokenize(self, comps: Components, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         return two_clip_ids(comps, captions)
 
-    def encode_text(self, comps: Components, batch: dict) -> dict:
-        """Both encoders' penultimate hidden states concatenated on the feature axis, and ``added_cond_kwargs``
-        with the second encoder's pooled projection (``text_embeds``) and ``time_ids [B, 6]``."""
-        with torch.no_grad():
-            first = comps.text_encoder(batch["input_ids"], output_hidden_states=True)
-            second = comps.text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
-            emb = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-            pooled = second.text_embeds
-            return {"encoder_hidden_states": emb, "added_cond_kwargs": {
-                "text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled.device, pooled.dtype)}}
+    def caption_states(self, comps: Components, batch: dict) -> dict[str, torch.Tensor]:
+        """Both encoders' penultimate hidden states concatenated on the feature axis, and the second encoder's
+        pooled projection (``text_embeds``)."""
+        first = comps.text_encoder(batch["input_ids"], output_hidden_states=True)
+        second = comps.text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
+        return {"encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
+                "text_embeds": second.text_embeds}
+
+    def conditioning(self, comps: Components, states: dict[str, torch.Tensor], batch: dict) -> dict:
+        """``encoder_hidden_states`` and ``added_cond_kwargs``: the pooled projection and ``time_ids [B, 6]``."""
+        pooled = states["text_embeds"]
+        return {"encoder_hidden_states": states["encoder_hidden_states"], "added_cond_kwargs": {
+            "text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled.device, pooled.dtype)}}
 
     def example_conditioning(self, denoiser_config: dict, batch: int, latent_side: int, text_length: int,
                              generator: torch.Generator) -> dict:

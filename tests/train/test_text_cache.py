@@ -1,0 +1,136 @@
+"""--cache-text: each caption encoded once into OUT/text_cache/, the text encoders freed for the rest of the run.
+It trains as encoding every batch does, the encoders are really gone while the denoiser trains (validation grids
+still draw), the cache is reused, rebuilt when its inputs change and refused when the disk is too small."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tcompose.io.errors import UserError
+from tcompose.models.families import TEXT_STATE, load_components
+from tcompose.testing.tiny_dit import write_tiny_flux_pipeline
+from tcompose.train.examples import prepare_rows
+from tcompose.train.loop import run as train
+from tcompose.train.text_cache import prepare_text_cache
+
+from helpers import make_training_setup, tiny_train_config
+
+L = 16  # FLUX's T5 length here (--max-sequence-length)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_cache")
+    setup = make_training_setup(root, n_images=12, seed=3)
+    return setup | {"flux": write_tiny_flux_pipeline(root / "flux", corpus=setup["captions"])}
+
+
+def config(setup, output, model, **kw):
+    dit = {"max_sequence_length": L} if model == "flux" else {}
+    return tiny_train_config(setup, output, model=model, **({"max_steps": 3, "eval_fraction": 0.25} | dit | kw))
+
+
+@pytest.mark.parametrize("model", ["base", "flux"])
+def test_cached_text_trains_as_the_encoders_do(setup, tmp_path, model):
+    """The same run with the encoders encoding every batch and with the cache: the same losses, grounding scores and
+    weights, up to how the encoders round for another batch composition."""
+    plain = train(config(setup, tmp_path / "plain", model, cache_text=False))
+    cached = train(config(setup, tmp_path / "cached", model, cache_text=True))
+    assert plain["text_cache"] is None
+    distinct = len(set(setup["captions"]))
+    assert cached["text_cache"]["captions"] == distinct < len(setup["captions"]) + 1
+    for key in ("ldm", "token", "pixel"):
+        assert cached["final_losses"][key] == pytest.approx(plain["final_losses"][key], rel=1e-4, abs=1e-7), key
+    for when in ("grounding_before", "grounding_after"):
+        assert cached[when]["score"] == pytest.approx(plain[when]["score"], abs=1e-5), when
+    sub = "transformer" if model == "flux" else "unet"
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "plain" / sub / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "cached" / sub / "diffusion_pytorch_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_flux_caches_by_default_and_frees_the_encoders_while_training(setup, tmp_path, monkeypatch):
+    """FLUX's default: the encoders are collected before the first training step (weak references to them are dead
+    in every step), and the validation grid still draws, from prompts encoded before they went."""
+    import tcompose.grounding.objective as objective
+    import tcompose.models.families as families
+
+    encoders: list[weakref.ref] = []
+    real_load, real_losses = families.load_components, objective.tokencompose_losses
+
+    def load(*args, **kw):
+        comps = real_load(*args, **kw)
+        encoders.extend(weakref.ref(e) for e in comps.text_encoders)
+        return comps
+
+    steps = []
+
+    def losses(*args, **kw):
+        gc.collect()
+        steps.append([ref() is None for ref in encoders])
+        return real_losses(*args, **kw)
+
+    monkeypatch.setattr(families, "load_components", load)
+    monkeypatch.setattr(objective, "tokencompose_losses", losses)
+    prompts = ("a cat and a dog",)
+    summary = train(config(setup, tmp_path / "run", "flux", validation_prompts=prompts, validation_steps=2))
+    assert summary["config"]["cache_text"] is True and summary["text_cache"]["captions"] > 0
+    assert len(encoders) == 2 and len(steps) == 3 and all(all(dead) for dead in steps), steps
+    grid = np.asarray(Image.open(tmp_path / "run" / summary["validation"]))
+    assert grid.std() > 0
+
+    monkeypatch.setattr(families, "load_components", real_load)  # the same grid with the encoders kept
+    monkeypatch.setattr(objective, "tokencompose_losses", real_losses)
+    kept = train(config(setup, tmp_path / "kept", "flux", validation_prompts=prompts, validation_steps=2,
+                        cache_text=False))
+    assert kept["text_cache"] is None
+    other = np.asarray(Image.open(tmp_path / "kept" / kept["validation"]))
+    assert np.abs(grid.astype(int) - other.astype(int)).mean() < 1.0
+
+
+def test_cache_holds_each_captions_states_and_is_reused_or_rebuilt(setup, tmp_path):
+    comps = load_components(setup["flux"])
+    comps.max_sequence_length = L
+    prep = prepare_rows(setup["masks"], comps)
+    logs: list[str] = []
+    cache = prepare_text_cache(tmp_path / "tc", prep, comps, progress=False, log=logs.append, batch_size=4,
+                               shard_entries=4)
+    assert len(list((tmp_path / "tc").glob("shard-*.safetensors"))) == -(-len(cache) // 4) >= 2
+    for row in (0, len(prep) - 1):
+        states = cache.states(row)
+        with torch.no_grad():
+            alone = comps.family.caption_states(comps, {k: v[row : row + 1] for k, v in prep.token_ids.items()})
+        assert set(states) == {TEXT_STATE + k for k in alone}
+        for k, v in alone.items():
+            torch.testing.assert_close(states[TEXT_STATE + k], v[0], atol=1e-5, rtol=1e-5)
+    # rows with the same caption share one entry
+    captions = [json.dumps(prep.token_ids["input_ids_2"][r].tolist()) for r in range(len(prep))]
+    assert len(cache) == len(set(captions))
+
+    prepare_text_cache(tmp_path / "tc", prep, comps, progress=False, log=logs.append, batch_size=4, shard_entries=4)
+    assert "reusing" in logs[-1]
+    comps.max_sequence_length = L + 8  # other token ids: rebuilt, saying why
+    longer = prepare_text_cache(tmp_path / "tc", prepare_rows(setup["masks"], comps), comps, progress=False,
+                                log=logs.append, batch_size=4, shard_entries=4)
+    assert any("differs in: token_ids_sha256" in line for line in logs)
+    assert longer.states(0)[TEXT_STATE + "encoder_hidden_states"].shape[0] == L + 8
+
+
+def test_a_cache_that_would_not_fit_on_the_disk_is_refused(setup, tmp_path, monkeypatch):
+    import tcompose.train.text_cache as text_cache
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(text_cache.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(UserError, match="--no-cache-text"):
+        train(config(setup, tmp_path / "run", "flux"))
+    assert not (tmp_path / "run" / "text_cache" / "cache.json").exists()
