@@ -173,7 +173,11 @@ def _train(cfg: TrainUnetConfig) -> dict:
 
     # the accelerator's precision: fp16 on a CPU runs in fp32 (trainer_accelerator notes it)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
-    comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae)
+    # A bf16 LoRA run holds every weight in bf16 (the frozen base, the encoders, the VAE), so it reads them so: the
+    # host never holds FLUX's 12B transformer and T5 in float32 (67 GB). Casting after loading gives the same bits.
+    load_dtype = torch.bfloat16 if cfg.lora_rank and weight_dtype == torch.bfloat16 else torch.float32
+    comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae,
+                            dtype=load_dtype)
     comps.training_objective, comps.max_sequence_length = objective, cfg.max_sequence_length
     unet, vae, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.tokenizer, comps.noise_scheduler
     if cfg.prediction_type:  # diffusers' --prediction_type: the training target follows it (UNetObjective)

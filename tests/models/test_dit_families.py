@@ -55,6 +55,21 @@ def test_each_model_is_served_by_its_family(models, name):
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_reading_in_bf16_gives_the_bits_of_reading_in_float32_then_casting(models, name):
+    """What a bf16 LoRA run relies on to read the model in bf16 (the host never holds it in float32): every weight of
+    every part is bf16 and equals the float32 read cast to bf16."""
+    wide, narrow = load_components(models[name]), load_components(models[name], dtype=torch.bfloat16)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(wide, part) is None:
+            continue
+        a, b = getattr(wide, part).state_dict(), getattr(narrow, part).state_dict()
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if value.is_floating_point():
+                assert b[key].dtype == torch.bfloat16 and torch.equal(value.to(torch.bfloat16), b[key]), (part, key)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_text_conditioning_equals_the_pipelines_encode_prompt(models, name):
     """encode_text of tokenize's ids == the pipeline's own encode_prompt (run as its __call__ runs it: no grad),
     bit for bit; PromptEmbeddings (generation) gives the same per prompt."""
