@@ -5,12 +5,14 @@
 
 Every ``torch.nn.Linear`` inside the transformer blocks (``transformer_blocks``, ``single_transformer_blocks``: the
 bulk of the weights) becomes a bitsandbytes layer holding the same weights quantized: ``nf4``
-(``Linear4bit``, NormalFloat-4 in blocks of 64 with a float scale per block, about 0.56 byte per weight, computing
-in ``compute_dtype``) or ``int8`` (``Linear8bitLt``, LLM.int8() with outlier threshold 6.0, 1 byte per weight).
+(``Linear4bit``, NormalFloat-4 in blocks of 64 with a scale per block, itself quantized to 8 bits in blocks of 256
+(bitsandbytes' default double quantization): about 0.52 byte per weight, computing in ``compute_dtype``) or ``int8`` (``Linear8bitLt``, LLM.int8() with outlier threshold 6.0, 1 byte per weight).
 Embeddings, norms and the input / output projections stay in the training precision, as in QLoRA. The weights are
 quantized on ``device`` (bitsandbytes quantizes when a parameter is moved). The adapters stay float32 and see the
 quantized weights' outputs, so the LoRA learns against the base the run will not save: the adapters are saved
-alone and load on the full-precision base (``load_lora_weights``), which is what QLoRA does too.
+alone and load on the full-precision base (``load_lora_weights``), which is what QLoRA does too. Each layer moves
+to ``device`` on its own, quantized as it moves: a model left on the CPU is never on the device whole and
+unquantized.
 
 bitsandbytes >= 0.45 runs both layer types on CPU as well as CUDA (slow on CPU: tests only).
 """
