@@ -1,4 +1,5 @@
-"""Static training memory of SD1.4 and SDXL, full finetuning and LoRA: weights, gradients, AdamW state.
+"""Static training memory of SD1.4, SDXL, SD3.5-medium and FLUX.1-dev, full finetuning and LoRA: weights, gradients,
+AdamW state (and, for the transformers, quantized bases, 8-bit AdamW and the text encoders).
 
     python benchmarks/memory.py                 # the Markdown table of benchmarks/README.md, and JSON
     python benchmarks/memory.py --precision fp32
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tcompose.bench.memory import markdown, memory_table
+from tcompose.bench.memory import dit_markdown, dit_memory_table, markdown, memory_table
 
 
 def main() -> None:
@@ -23,8 +24,10 @@ def main() -> None:
     args = ap.parse_args()
     rows = memory_table((("sd14", None), ("sd14", args.lora_rank), ("sdxl", None), ("sdxl", args.lora_rank)),
                         args.precision)
+    dit = dit_memory_table(precision=args.precision)
     print(markdown(rows))
-    print(json.dumps(rows, indent=2))
+    print(dit_markdown(dit))
+    print(json.dumps(rows + dit, indent=2))
 
 
 if __name__ == "__main__":

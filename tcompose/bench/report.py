@@ -9,6 +9,11 @@
     headline.mfu_best            = the highest train MFU (the best batch)
     headline.peak_mem_mb_b8_ckpt = peak memory at batch 8 with gradient checkpointing (CUDA: reserved)
     headline.peak_mem_mb_sdxl_lora_b1_ckpt = the same for SDXL at 1024 px, LoRA, batch 1 (the 24 GB card target)
+    headline.peak_mem_mb_sd35_lora_ckpt_run / _flux_lora_nf4_ckpt_run = a train-unet run's peak for the SD3.5-medium
+        LoRA (bf16 base) / FLUX.1-dev LoRA (nf4 base) at 1024 px with checkpointing: the step's peak plus the VAE
+        that stays beside it (the bench feeds random embeddings; --cache-text, the default, frees the text encoders
+        before training), or the text encoders + VAE while they encode the captions, whichever is larger, by byte
+        count: the 16 / 24 GiB goals
 
 The headline's training figures are full finetuning's (LoRA rows are another workload).
 
@@ -28,17 +33,25 @@ TARGETS = (
     ("peak_mem_mb_b8_ckpt", "<=", float(GIB_24), "MiB", "peak memory at batch 8 with gradient checkpointing (24 GiB)"),
     ("peak_mem_mb_sdxl_lora_b1_ckpt", "<=", float(GIB_24), "MiB",
      "SDXL at 1024 px, LoRA, batch 1, gradient checkpointing (24 GiB)"),
+    ("peak_mem_mb_sd35_lora_ckpt_run", "<=", float(16 * 1024), "MiB",
+     "SD3.5-medium LoRA r16 at 1024 px, batch 1, checkpointing, 8-bit AdamW: a train-unet run's peak (16 GiB)"),
+    ("peak_mem_mb_flux_lora_nf4_ckpt_run", "<=", float(GIB_24), "MiB",
+     "FLUX.1-dev LoRA r16 on an nf4 base at 1024 px, batch 1, checkpointing, 8-bit AdamW: a train-unet run's peak "
+     "(24 GiB)"),
 )
 
 
+STEP_SECTIONS = ("train", "sdxl", "sd3", "flux")  # sections of training-step rows
+
+
 def _ok(row: Any) -> bool:
-    return isinstance(row, dict) and "error" not in row
+    return isinstance(row, dict) and "error" not in row and "skipped" not in row
 
 
 def summarise(report: dict) -> dict:
     """Add MFU, ``headline`` and ``targets`` to a report (in place; also returned)."""
     rate = report["matmul"]["tflops"] * 1e12
-    for r in [r for key in ("train", "sdxl") for r in report.get(key, []) if _ok(r)]:
+    for r in [r for key in STEP_SECTIONS for r in report.get(key, []) if _ok(r)]:
         if "flops_per_step_tc" in r:
             r["mfu"] = round(r["flops_per_step_tc"] / r["step_s_tc"] / rate, 4)
             r["mfu_plain"] = round(r["flops_per_step_plain"] / r["step_s_plain"] / rate, 4)
@@ -67,6 +80,15 @@ def summarise(report: dict) -> dict:
             head["peak_mem_mb_b8_ckpt"] = b8[0].get("peak_reserved_mb", b8[0]["peak_mem_mb"])
         if _ok(base):
             head["speedup_vs_baseline"] = round(best["images_per_s"] / base["images_per_s"], 3)
+    for key, section, base, goal in (("peak_mem_mb_sd35_lora_ckpt_run", "sd3", "bf16", "sd35-medium"),
+                                     ("peak_mem_mb_flux_lora_nf4_ckpt_run", "flux", "nf4", "flux-dev")):
+        head[key] = None
+        rows = [r for r in report.get(section, []) if _ok(r) and r.get("lora_rank") and r.get("base") == base
+                and r["gradient_checkpointing"] and r["size"] == goal]
+        counts = [m for m in report.get("memory_bytes", []) if m["size"] == goal]
+        if rows and counts:  # the step's peak + the VAE beside it, or the caching phase, by byte count
+            step = rows[0].get("peak_reserved_mb", rows[0]["peak_mem_mb"]) + counts[0]["frozen_parts_bytes"] / 2**20
+            head[key] = round(max(step, counts[0]["caching_bytes"] / 2**20), 1)
     report["headline"] = head
     device = report["machine"]["device"]
     targets = []
@@ -94,14 +116,16 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str]]:
     # TF32 applies on CUDA only: every section but the baseline follows --tf32/--no-tf32
     tf32 = "" if report["machine"].get("device") != "cuda" else \
         f" TF32 {'on' if report.get('settings', {}).get('tf32') else 'off'}"
-    for section, r in ((key, r) for key in ("train", "sdxl") for r in report.get(key, [])):
+    for section, r in ((key, r) for key in STEP_SECTIONS for r in report.get(key, [])):
+        lora = (f" LoRA r{r['lora_rank']}" + (f" {r['base']} base" if r.get("base") else "") if r.get("lora_rank")
+                else " full") + (f" {r['optimizer']}" if r.get("optimizer") else "")
         if not _ok(r):
-            rows.append((section, f"batch {r.get('batch_size')}", "error", r.get("error", "")))
+            what = "skipped" if "skipped" in r else "error"
+            rows.append((section, f"{r.get('size', '')} batch {r.get('batch_size', 1)}{lora}", what, r.get(what, "")))
             continue
         setting = f"{r['size']} B{r['batch_size']} {r['latent_size'] * 8}px {r['dtype']} ckpt " \
                   f"{'on' if r['gradient_checkpointing'] else 'off'}{' compiled' if r['compiled'] else ''}" \
-                  f"{' channels_last' if r.get('channels_last') else ''}" \
-                  f"{' LoRA r' + str(r['lora_rank']) if r.get('lora_rank') else ' full'}{tf32}"
+                  f"{' channels_last' if r.get('channels_last') else ''}{lora}{tf32}"
         rows += [(section, setting, f"{r['images_per_s']:.3f}", "images/s (losses on)"),
                  (section, setting, f"{r['images_per_s_plain']:.3f}", "images/s (lambda=gamma=0)"),
                  (section, setting, f"{r['overhead_ratio'] - 1:+.1%}", "losses' overhead"),
@@ -110,6 +134,15 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str]]:
         if "vae_encode_s" in r:  # the step starts from latents (--cache-latents); without it, it also encodes
             rows += [(section, setting, f"{r['images_per_s_with_vae_encode']:.3f}", "images/s with VAE encode"),
                      (section, setting, f"{r['vae_encode_share']:.1%}", "step time --cache-latents saves")]
+        if "token_loss" in r:
+            rows.append((section, setting, f"{r['token_loss']:.4f}", "token loss (first step, captured maps)"))
+    for m in report.get("memory_bytes", []):
+        from .memory import dit_label
+
+        rows.append(("bytes", dit_label(m) + " (by count)", f"{m['total_bytes'] / 1e9:.2f}",
+                     "GB before activations (the VAE beside the step; text encoders + VAE while caching)"
+                     + (f"; {m['left_for_activations_gb']:.1f} GB left of {m['goal_gib']} GiB" if "goal_gib" in m
+                        else "")))
     base = report.get("baseline")
     if base is not None:
         if _ok(base):

@@ -19,6 +19,12 @@ OWLv2-L/14, GroundingDINO-T and SAM-HQ ViT-H; ``--quick`` swaps in the tiny test
   train-unet with ``--cache-latents`` does: ``vae_encode_share`` is what that option saves; each for full
   finetuning and for LoRA (rank 64 on the attention projections, the base frozen in the training dtype);
 - ``sdxl``: the same step on SDXL's UNet (~2.6B parameters) at 1024 px, batch 1 and 4, full and LoRA;
+- ``sd3`` / ``flux``: the same step on a random SD3.5-medium (2.2B) / FLUX.1-dev (11.9B) transformer
+  (:mod:`tcompose.bench.dit`) at 1024 px, batch 1, with the family's flow-matching objective and default blocks:
+  LoRA rank 16 with 8-bit AdamW (FLUX: on an nf4 base and on a bf16 one) and full finetuning; a row whose bytes
+  before activations exceed the device's free memory is skipped with the count (FLUX full needs 190 GB); and the
+  byte counts of the real models' configurations against the memory goals (``memory_bytes``,
+  :mod:`tcompose.bench.memory`), printed whether or not the steps run;
 - ``baseline``: the same step as the original implementation ran it (:mod:`tcompose.bench.baseline`: fp32,
   batch 1, explicit attention in every layer, every map kept), in this process; the headline is
   ``speedup = best train images/s / baseline images/s``;
@@ -45,14 +51,18 @@ from typing import Any
 from ..io.errors import UserError
 from ..models.precision import TF32_DEFAULT, set_tf32
 
-SECTIONS = ("train", "sdxl", "baseline", "generate", "detect", "masks")
+SECTIONS = ("train", "sdxl", "sd3", "flux", "baseline", "generate", "detect", "masks")
 CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 FULL = dict(unet="sd14", owlv2="large", masks="real", resolution=512, train_batch_sizes=(8,), batch_sizes=(1, 8, 16),
             warmup=2, steps=2, rounds=5, gen_steps=25, infer_batch_size=8, image_wh=(640, 480), boxes=4,
-            sdxl="sdxl", sdxl_resolution=1024, sdxl_batch_sizes=(1, 4), lora_ranks=(None, 64))
+            sdxl="sdxl", sdxl_resolution=1024, sdxl_batch_sizes=(1, 4), lora_ranks=(None, 64),
+            sd3="sd35-medium", flux="flux-dev", dit_resolution=1024, dit_lora_rank=16, sd3_text_len=77 + 256,
+            flux_text_len=512)
 QUICK = dict(unet="tiny", owlv2="tiny", masks="tiny", resolution=128, train_batch_sizes=(2,), batch_sizes=(1, 2),
              warmup=1, steps=1, rounds=2, gen_steps=2, infer_batch_size=2, image_wh=(96, 64), boxes=2,
-             sdxl="tiny-sdxl", sdxl_resolution=128, sdxl_batch_sizes=(1,), lora_ranks=(None, 4))
+             sdxl="tiny-sdxl", sdxl_resolution=128, sdxl_batch_sizes=(1,), lora_ranks=(None, 4),
+             sd3="tiny-sd35", flux="tiny-flux", dit_resolution=128, dit_lora_rank=4, sd3_text_len=77 + 16,
+             flux_text_len=32)
 
 
 @dataclass
@@ -292,6 +302,17 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 s["rounds"], device, mem, flops=True, lora_rank=rank), say)
             rows += got if isinstance(got, list) else [{"batch_size": b, "lora_rank": rank, **got}]
         report["sdxl"] = rows
+    for name in ("sd3", "flux"):
+        if name in cfg.sections:
+            from .dit import describe, section_rows
+            from .memory import DIT_CONFIGS, dit_memory_table
+
+            say(describe(name, s, dtype, cfg.gradient_checkpointing))
+            report[name] = section_rows(name, s, dtype, CHECKPOINTING[cfg.gradient_checkpointing], device, mem,
+                                        lambda row, fn: _section(report, row, fn, say))
+            sizes = {"sd3": "sd35-medium", "flux": "flux-dev"}[name]  # the real models' bytes, whatever the mode
+            report.setdefault("memory_bytes", []).extend(
+                dit_memory_table([c for c in DIT_CONFIGS if c[0] == sizes], "bf16"))
     if "baseline" in cfg.sections:
         say(f"baseline: {s['unet']} UNet, fp32, batch 1, explicit attention everywhere, every map kept")
         report["baseline"] = _section(report, "baseline", lambda: bench_baseline(

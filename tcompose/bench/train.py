@@ -58,25 +58,33 @@ SEED = 0
 # ----------------------------------------------------------------------------------------------------- batch
 
 
-def make_batch(batch_size: int, latent_size: int, cross_dim: int, device: torch.device, seed: int = SEED,
-               unet_config=None) -> tuple:
-    """Random latents, the UNet's conditioning, noise, timesteps, words and rectangle masks at pixel size 8 *
+def make_batch(batch_size: int, latent_size: int, cross_dim: int | None, device: torch.device, seed: int = SEED,
+               unet_config=None, family=None, text_len: int = TEXT_LEN, draw_timestep=None) -> tuple:
+    """Random latents, the denoiser's conditioning, noise, timesteps, words and rectangle masks at pixel size 8 *
     latent. The conditioning is text embeddings, or with ``unet_config`` the model family's conditioning dict of
-    random values (SDXL's has a pooled embedding and time ids too)."""
+    random values (SDXL's has a pooled embedding and time ids too; SD3 / FLUX their pooled projections): of
+    ``family`` (default: the family the config is of), ``text_len`` tokens, latents of the family's channels.
+    Timesteps: uniform integers in [0, 1000), or ``draw_timestep(generator)`` per example (a flow-matching
+    objective's draw from the scheduler's timesteps)."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     b, s = batch_size, latent_size
     r = 8 * s  # masks arrive at pixel resolution; the objective resizes them to each attention map's side
-    latents = torch.randn(b, 4, s, s, generator=g)
-    if unet_config is None:
-        emb = torch.randn(b, TEXT_LEN, cross_dim, generator=g)
-    else:  # the model family's conditioning (SDXL's adds a pooled embedding and time ids)
+    channels = 4
+    if unet_config is not None:
         from ..models.families import family_of
 
         config = dict(getattr(unet_config, "config", unet_config))
-        emb = family_of(config).example_conditioning(config, b, s, TEXT_LEN, g)
-    noise = torch.randn(b, 4, s, s, generator=g)
-    timesteps = torch.randint(0, 1000, (b,), generator=g)
+        family = family or family_of(config)
+        channels = family.latent_channels(config)
+    latents = torch.randn(b, channels, s, s, generator=g)
+    if unet_config is None:
+        emb = torch.randn(b, text_len, cross_dim, generator=g)
+    else:  # the model family's conditioning (SDXL's adds a pooled embedding and time ids)
+        emb = family.example_conditioning(config, b, s, text_len, g)
+    noise = torch.randn(b, channels, s, s, generator=g)
+    timesteps = (torch.randint(0, 1000, (b,), generator=g) if draw_timestep is None
+                 else torch.stack([draw_timestep(g) for _ in range(b)]))
     words = []
     for _ in range(b):
         pos, ws = 1, []  # position 0 is <|startoftext|>
@@ -240,20 +248,28 @@ class TrainStep:
     """One optimizer step of ``unet`` on a fixed random batch; ``step(weights)`` -> the losses dict.
 
     ``losses_fn`` is :func:`tcompose.grounding.objective.tokencompose_losses` (or the baseline's slow equivalent, same
-    signature). A non-finite total loss raises FloatingPointError.
+    signature). A non-finite total loss raises FloatingPointError. A diffusion transformer (:mod:`.dit`) comes with
+    its ``family``, training ``objective`` and ``scheduler`` (flow matching), a text length and its ``optimizer``
+    (``adamw`` or bitsandbytes' ``adamw8bit``, as train-unet's ``--optimizer``).
     """
 
     def __init__(self, unet, batch_size: int, latent_size: int, dtype: str, device: torch.device,
-                 losses_fn=tokencompose_losses, layers=LAYERS, seed: int = SEED):
+                 losses_fn=tokencompose_losses, layers=LAYERS, seed: int = SEED, family=None, objective=None,
+                 scheduler=None, text_len: int = TEXT_LEN, optimizer: str = "adamw"):
+        from ..io.runs import adamw_class
+
         amp = AMP_DTYPES[dtype]
         self.unet, self.device, self.losses_fn, self.layers = unet, device, losses_fn, tuple(layers)
         self.model = unet if amp is None else Autocast(unet, device.type, amp)
         trainable = [p for p in unet.parameters() if p.requires_grad]  # LoRA: the adapters only
-        self.opt = torch.optim.AdamW(trainable, lr=5e-6, weight_decay=1e-2)  # as train-unet builds it
+        self.opt = adamw_class(optimizer)(trainable, lr=5e-6, weight_decay=1e-2)  # as train-unet builds it
         self.scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
-        self.latents, self.emb, self.batch = make_batch(batch_size, latent_size, unet.config.cross_attention_dim,
-                                                        device, seed, unet.config)
-        self.sched = make_scheduler()
+        self.sched = scheduler or make_scheduler()
+        self.extra = {} if objective is None else {"objective": objective}
+        draw = None if objective is None else (lambda g: objective.draw_timestep(self.sched, g))
+        self.latents, self.emb, self.batch = make_batch(batch_size, latent_size,
+                                                        getattr(unet.config, "cross_attention_dim", None), device,
+                                                        seed, unet.config, family, text_len, draw)
 
     def set_channels_last(self, on: bool) -> None:
         """UNet weights, latents and noise in ``torch.channels_last`` (or back to contiguous)."""
@@ -267,7 +283,7 @@ class TrainStep:
 
     def __call__(self, weights: dict) -> dict:
         losses = self.losses_fn(self.model, self.latents, self.emb, self.batch, self.sched, self.layers,
-                                backward=self.backward, **weights)
+                                backward=self.backward, **weights, **self.extra)
         if self.scaler is None:
             self.opt.step()
         else:
@@ -309,6 +325,33 @@ def alternate(fns: dict[str, Callable[[], Any]], warmup: int, steps: int, rounds
             if mem.reserved_mb() is not None:
                 o["reserved_mb"] = max(o["reserved_mb"] or 0.0, mem.reserved_mb())
     return out
+
+
+def step_flops(step: TrainStep) -> dict[str, int]:
+    """``flops_per_step_tc`` / ``_plain``: one whole step of each, counted (run it without checkpointing)."""
+    return {f"flops_per_step_{k}": count_flops(lambda w=w: step(w)) for k, w in (("tc", TC), ("plain", PLAIN))}
+
+
+def plain_vs_tc(step: TrainStep, batch_size: int, warmup: int, steps: int, rounds: int, device: torch.device,
+                mem: PeakMemory) -> dict[str, Any]:
+    """Time ``step`` with the losses off (PLAIN) and on (TC) in alternating rounds: the medians, their ratio
+    (``overhead_ratio``), images/s, peak memory of each, the per-round ratios (the fields of a bench row)."""
+    res = alternate({"plain": lambda: step(PLAIN), "tc": lambda: step(TC)}, warmup, steps, rounds, device, mem)
+    plain, tc = (statistics.median(res[k]["times"]) for k in ("plain", "tc"))
+    ratios = [t / p for t, p in zip(res["tc"]["round_medians"], res["plain"]["round_medians"])]
+    row = {
+        "step_s_plain": round(plain, 5), "step_s_tc": round(tc, 5), "overhead_ratio": round(tc / plain, 4),
+        "images_per_s": round(batch_size / tc, 3), "images_per_s_plain": round(batch_size / plain, 3),
+        "peak_mem_mb": round(res["tc"]["peak_mb"], 1), "peak_mem_mb_plain": round(res["plain"]["peak_mb"], 1),
+        "timed_steps": len(res["tc"]["times"]),
+        "step_s_plain_min": round(min(res["plain"]["times"]), 5),
+        "step_s_tc_min": round(min(res["tc"]["times"]), 5),
+        "overhead_ratio_min": round(min(res["tc"]["times"]) / min(res["plain"]["times"]), 4),
+        "round_ratios": [round(x, 4) for x in ratios],
+    }
+    if res["tc"]["reserved_mb"] is not None:
+        row["peak_reserved_mb"] = round(res["tc"]["reserved_mb"], 1)
+    return row
 
 
 def bench_vae_encode(size: str, batch_size: int, latent_size: int, dtype: str = "fp32", warmup: int = 1,
@@ -363,7 +406,7 @@ def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype
     counted = {}
     if flops:
         unet.disable_gradient_checkpointing()
-        counted = {f"flops_per_step_{k}": count_flops(lambda w=w: step(w)) for k, w in (("tc", TC), ("plain", PLAIN))}
+        counted = step_flops(step)
     compiled, compile_note = False, None
     if compile:
         compile_regions(unet)
@@ -380,24 +423,12 @@ def bench_unet(size: str, batch_size: int, latent_size: int | None = None, dtype
             unet.enable_gradient_checkpointing()
         else:
             unet.disable_gradient_checkpointing()
-        res = alternate({"plain": lambda: step(PLAIN), "tc": lambda: step(TC)}, warmup, steps, rounds, device, mem)
-        plain, tc = (statistics.median(res[k]["times"]) for k in ("plain", "tc"))
-        ratios = [t / p for t, p in zip(res["tc"]["round_medians"], res["plain"]["round_medians"])]
         row = {
             "size": size, "params_m": round(params_m, 3), "trainable_params_m": round(trainable_m, 3),
             "lora_rank": lora_rank, "batch_size": batch_size, "latent_size": latent,
             "dtype": dtype, "gradient_checkpointing": ckpt, "compiled": compiled, "channels_last": cl,
-            "step_s_plain": round(plain, 5), "step_s_tc": round(tc, 5), "overhead_ratio": round(tc / plain, 4),
-            "images_per_s": round(batch_size / tc, 3), "images_per_s_plain": round(batch_size / plain, 3),
-            "peak_mem_mb": round(res["tc"]["peak_mb"], 1), "peak_mem_mb_plain": round(res["plain"]["peak_mb"], 1),
-            "timed_steps": len(res["tc"]["times"]),
-            "step_s_plain_min": round(min(res["plain"]["times"]), 5),
-            "step_s_tc_min": round(min(res["tc"]["times"]), 5),
-            "overhead_ratio_min": round(min(res["tc"]["times"]) / min(res["plain"]["times"]), 4),
-            "round_ratios": [round(x, 4) for x in ratios], **counted,
+            **plain_vs_tc(step, batch_size, warmup, steps, rounds, device, mem), **counted,
         }
-        if res["tc"]["reserved_mb"] is not None:
-            row["peak_reserved_mb"] = round(res["tc"]["reserved_mb"], 1)
         if compile_note:
             row["compile_note"] = compile_note
         results.append(row)
