@@ -218,8 +218,9 @@ def _train(cfg: TrainUnetConfig) -> dict:
             validation["embeddings"] = validation_embeddings(validation["pipe"], cfg.validation_prompts,
                                                              family.default_guidance)
         freed = free_text_encoders(comps, validation["pipe"])
+        size = f"{freed / 1e9:.2f} GB" if freed >= 1e8 else f"{freed / 1e6:.1f} MB"
         log(f"text cache: {len(text_cache)} captions in {text_cache.root}; the text encoders are freed "
-            f"({freed / 1e9:.2f} GB of weights)")
+            f"({size} of weights)")
     trainable = list(unet.parameters())
     n_all = sum(p.numel() for p in unet.parameters())
     if cfg.lora_rank:
