@@ -59,9 +59,11 @@ def test_cached_text_trains_as_the_encoders_do(setup, tmp_path, model):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
-def test_flux_caches_by_default_and_frees_the_encoders_while_training(setup, tmp_path, monkeypatch):
-    """FLUX's default: the encoders are collected before the first training step (weak references to them are dead
-    in every step), and the validation grid still draws, from prompts encoded before they went."""
+@pytest.mark.parametrize("model", ["base", "flux"])
+def test_the_encoders_are_freed_while_training_and_validation_still_draws(setup, tmp_path, monkeypatch, model):
+    """FLUX caches by default, SD1.x when asked: the encoders are collected before the first training step (weak
+    references to them are dead in every step), and the validation grid (SD1.x's with guidance, so the empty prompt
+    too) still draws, from prompts encoded before they went: the grid of a run that kept its encoders."""
     import tcompose.grounding.objective as objective
     import tcompose.models.families as families
 
@@ -83,15 +85,17 @@ def test_flux_caches_by_default_and_frees_the_encoders_while_training(setup, tmp
     monkeypatch.setattr(families, "load_components", load)
     monkeypatch.setattr(objective, "tokencompose_losses", losses)
     prompts = ("a cat and a dog",)
-    summary = train(config(setup, tmp_path / "run", "flux", validation_prompts=prompts, validation_steps=2))
+    asked = {"cache_text": True} if model == "base" else {}  # FLUX's default
+    summary = train(config(setup, tmp_path / "run", model, validation_prompts=prompts, validation_steps=2, **asked))
     assert summary["config"]["cache_text"] is True and summary["text_cache"]["captions"] > 0
-    assert len(encoders) == 2 and len(steps) == 3 and all(all(dead) for dead in steps), steps
+    assert len(encoders) == {"base": 1, "flux": 2}[model]
+    assert len(steps) == 3 and all(all(dead) for dead in steps), steps
     grid = np.asarray(Image.open(tmp_path / "run" / summary["validation"]))
     assert grid.std() > 0
 
     monkeypatch.setattr(families, "load_components", real_load)  # the same grid with the encoders kept
     monkeypatch.setattr(objective, "tokencompose_losses", real_losses)
-    kept = train(config(setup, tmp_path / "kept", "flux", validation_prompts=prompts, validation_steps=2,
+    kept = train(config(setup, tmp_path / "kept", model, validation_prompts=prompts, validation_steps=2,
                         cache_text=False))
     assert kept["text_cache"] is None
     other = np.asarray(Image.open(tmp_path / "kept" / kept["validation"]))
