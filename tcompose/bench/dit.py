@@ -24,7 +24,7 @@ import gc
 from pathlib import Path
 import torch
 
-from .memory import DIT_LABELS, GB, build_transformer, dit_sizes, transformer_memory
+from .memory import DIT_LABELS, GB, build_transformer, dit_sizes, largest_block_linear, transformer_memory
 from ..models.quantize import KINDS as QUANTIZED
 from .train import AMP_DTYPES, SEED, TC, PeakMemory, TrainStep, plain_vs_tc, step_flops
 
@@ -74,24 +74,32 @@ def bench_dit(size: str, latent_size: int, text_len: int, dtype: str = "fp32", c
            "optimizer": optimizer, "batch_size": batch_size, "latent_size": latent_size, "text_len": text_len,
            "dtype": dtype, "compiled": False}
     counts = transformer_memory(size, lora_rank, base, optimizer, precision, frozen_parts=False)
-    need = counts["transformer_bytes"]
-    if lora_rank and base in QUANTIZED:  # the base exists in the training precision until it is quantized
-        need = max(need, transformer_memory(size, lora_rank, "bf16", optimizer, precision, False)["transformer_bytes"])
-    if lora_rank and base not in QUANTIZED:
+    quantized = bool(lora_rank) and base in QUANTIZED
+    half = 4 if precision == "fp32" else 2
+    # a quantized base is built on the host in the training precision and quantized layer by layer onto the device
+    # (as train-unet does): the device holds the quantized base and one layer unquantized at most
+    need = counts["transformer_bytes"] + (largest_block_linear(size) * half if quantized else 0)
+    if lora_rank and not quantized:
         row["base"] = precision  # unquantized: the training precision (fp32 in a CPU run)
-    row["bytes_before_activations"] = need
-    free = free_bytes(device)
-    if need > free:
-        what = f"LoRA r{lora_rank} ({row['base']} base)" if lora_rank else "full finetuning"
-        return [{**row, "skipped": f"{DIT_LABELS[size]} {what} needs {need / GB:.1f} GB before activations "
-                                   f"(by byte count); {device.type} has {free / GB:.1f} GB free"}]
+    row["bytes_before_activations"] = counts["transformer_bytes"]
+    what = f"LoRA r{lora_rank} ({row['base']} base)" if lora_rank else "full finetuning"
+    host = counts["transformer_parameters"] * half if quantized and device.type != "cpu" else 0
+    for where, bytes_needed, label in ((device, need, "before activations"), (torch.device("cpu"), host, "on the host")):
+        free = free_bytes(where)
+        if bytes_needed > free:
+            return [{**row, "skipped": f"{DIT_LABELS[size]} {what} needs {bytes_needed / GB:.1f} GB {label} "
+                                       f"(by byte count); {where.type} has {free / GB:.1f} GB free"}]
     weight_dtype = (amp or torch.float32) if lora_rank else torch.float32  # full: float32 master weights
-    model = build_dit(size, device, weight_dtype)
+    model = build_dit(size, torch.device("cpu") if quantized else device, weight_dtype)
     if lora_rank:
-        if base in QUANTIZED:
+        if quantized:
             from ..models.quantize import quantize_linear_layers
 
             quantize_linear_layers(model, base, weight_dtype, device)
+            model.to(device)  # what stays unquantized (embeddings, norms, the input / output layers)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # nothing of the unquantized base stays reserved for the timed steps
         add_lora(model, lora_rank, targets=family.lora_targets, seed=SEED)
     model.train()
     objective = family.configure_objective(dict(config), {})

@@ -188,6 +188,12 @@ def _dit_layout(size: str) -> dict[str, Any]:
                                    if type(m) is torch.nn.Linear and any(b in name for b in BLOCKS))}
 
 
+def largest_block_linear(size: str) -> int:
+    """Weights of the largest linear layer that ``--quantize-base`` quantizes: what the device holds unquantized
+    at once while the base is quantized layer by layer."""
+    return max(n for n, _ in _dit_layout(size)["block_linears"])
+
+
 def transformer_memory(size: str, lora_rank: int | None = None, base: str = "bf16", optimizer: str = "adamw",
                        precision: str = "bf16", frozen_parts: bool = True, cache_text: bool = True) -> dict[str, Any]:
     """Bytes of one SD3.5 / FLUX.1 training configuration before activations (see the section comment): ``size``

@@ -55,7 +55,7 @@ def bench(
     sections: str = typer.Option("train,sdxl,sd3,flux,baseline,generate,detect,masks", help="Comma-separated sections to run: train (SD1.4 UNet step), sdxl, sd3 (SD3.5-medium transformer step, LoRA r16 and full), flux (FLUX.1-dev: LoRA r16 on nf4 and bf16 bases, full; a row that cannot fit the device's free memory by byte count is skipped), baseline, generate, detect, masks."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32: training autocast and inference."),
     batch_sizes: Optional[str] = typer.Option(None, help="Generation batch sizes, comma-separated (default 1,8,16; quick 1,2)."),
-    train_batch_size: Optional[str] = typer.Option(None, help="Training-step batch size(s), comma-separated (default 8; quick 2)."),
+    train_batch_size: Optional[str] = typer.Option(None, help="Batch size(s) of the train section's step, comma-separated (default 8; quick 2); sdxl runs 1 and 4 (quick 1), sd3 and flux 1."),
     gradient_checkpointing: str = typer.Option("both", help="Training steps (train, sdxl, sd3, flux) with gradient checkpointing: off, on or both."),
     resolution: Optional[int] = typer.Option(None, help="Image side in pixels of the train section; latents are 1/8 of it (default 512; quick 128). sdxl, sd3 and flux run at 1024 (quick 128)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet's ResNet and feed-forward blocks in the train section (default: on for CUDA, off on CPU and with --quick; eager, with a note, where compiling is unavailable)."),

@@ -69,7 +69,7 @@ def train_unet(
     validation_every: int = typer.Option(0, help="Steps between validation grids (0: only after the last step)."),
     validation_steps: int = typer.Option(25, help="Denoising steps of a validation image."),
     cache_latents: bool = typer.Option(False, "--cache-latents", help="Encode each image once with the frozen VAE into OUT/latent_cache/ and train from it (no VAE encode per step); reused on --resume and reruns, rebuilt when data, VAE, resolution or precision change."),
-    cache_text: Optional[bool] = typer.Option(None, "--cache-text/--no-cache-text", help="Encode each caption once with the frozen text encoders into OUT/text_cache/, then free the encoders for the rest of the run (default: on for SD3 / FLUX, whose T5 is 9.5 GB; off for the UNets); reused on --resume, rebuilt when data, tokenizers or encoders change."),
+    cache_text: Optional[bool] = typer.Option(None, "--cache-text/--no-cache-text", help="Encode each caption once with the frozen text encoders into OUT/text_cache/, then free the encoders for the rest of the run (default: on for SD3 / FLUX, whose T5 is 9.5 GB; off for the UNets); reused on --resume and reruns, rebuilt when the captions, tokenizers, --max-sequence-length or encoder weights change."),
     channels_last: bool = typer.Option(False, "--channels-last", help="UNet weights and latents in torch.channels_last (faster convolutions on recent GPUs under bf16/fp16)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet's ResNet blocks and feed-forwards (attention stays eager); compiling costs minutes at the start."),
     num_workers: int = typer.Option(4, help="Data loader worker processes."),

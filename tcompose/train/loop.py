@@ -188,11 +188,10 @@ def _train(cfg: TrainUnetConfig) -> dict:
     for frozen in (vae, *comps.text_encoders):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(device)
-        # a VAE that asks to be upcast (SDXL's overflows in fp16) stays float32 under fp16; pass an fp16-safe --vae
+        # a VAE that asks to be upcast (SDXL's overflows in fp16) stays float32 under fp16; pass an fp16-safe --vae.
+        # Cast as it moves: a float32 read never lands on the device whole (T5-XXL: 19 GB)
         upcast = frozen is vae and cfg.mixed_precision == "fp16" and vae.config.get("force_upcast", False)
-        if weight_dtype != torch.float32 and not upcast:
-            frozen.to(dtype=weight_dtype)
+        frozen.to(device=device, dtype=weight_dtype if not upcast else None)
     del frozen  # (the loop's name would keep the last text encoder alive past --cache-text)
 
     def validation_pipe():
@@ -215,8 +214,9 @@ def _train(cfg: TrainUnetConfig) -> dict:
             from .validation import validation_embeddings
 
             validation["pipe"] = validation_pipe()
-            validation["embeddings"] = validation_embeddings(validation["pipe"], cfg.validation_prompts,
-                                                             family.default_guidance)
+            with accelerator.autocast():  # as render_validation encodes them when the encoders stay
+                validation["embeddings"] = validation_embeddings(validation["pipe"], cfg.validation_prompts,
+                                                                 family.default_guidance)
         freed = free_text_encoders(comps, validation["pipe"])
         size = f"{freed / 1e9:.2f} GB" if freed >= 1e8 else f"{freed / 1e6:.1f} MB"
         log(f"text cache: {len(text_cache)} captions in {text_cache.root}; the text encoders are freed "

@@ -76,6 +76,11 @@ def entries_of(keys: list) -> tuple[list[int], list[int]]:
     return entry_of_row, entry_rows
 
 
+def entry_count(index: dict) -> int:
+    """The entries of a cache's index (an index of tcompose before shard_cache.py, a latent cache's, has ``sizes``)."""
+    return index["entries"] if "entries" in index else len(index["sizes"])
+
+
 class ShardCache:
     """Read access to a finished cache: ``tensor(name, row)`` is row ``row``'s entry of tensor ``name``. Shards are
     memory-mapped and sliced per read; the object pickles to DataLoader workers as paths (each worker opens the
@@ -86,7 +91,7 @@ class ShardCache:
         self.index = json.loads((self.root / INDEX).read_text())
         self.entry_of_row: list[int] = self.index["entry_of_row"]
         self.shard_entries: int = self.index["shard_entries"]
-        self.entries: int = self.index["entries"]
+        self.entries: int = entry_count(self.index)
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -130,9 +135,9 @@ def _index_matches(root: Path, fp_digest: str) -> bool:
     if not path.exists():
         return False
     index = json.loads(path.read_text())
-    if index.get("fingerprint_sha256") != fp_digest or "entries" not in index:  # an older index: its shards are kept, it is rewritten
+    if index.get("fingerprint_sha256") != fp_digest:
         return False
-    n_shards = -(-index["entries"] // index["shard_entries"])
+    n_shards = -(-entry_count(index) // index["shard_entries"])
     return all((root / shard_name(k)).exists() for k in range(n_shards))
 
 
@@ -202,6 +207,8 @@ def build_cache(root: str | Path, fp: dict, entry_of_row: list[int], entry_rows:
         for stale in root.glob("shard-*.safetensors"):
             if stale.name not in wanted:
                 stale.unlink()
+        for orphan in root.glob(".shard-*.tmp"):  # a write a kill interrupted (every process waits below)
+            orphan.unlink()
     barrier()
 
     def shard_rows(k: int) -> list[int]:

@@ -18,9 +18,10 @@ training's ``--mixed-precision``). An example then carries them as ``text_state.
 ``encode_text`` takes them instead of running the encoders: the very numbers an uncached step computes, up to how
 the encoders' kernels round for another batch composition (the cache encodes 16 captions at a time).
 
-Size per caption in bf16: SD1.x 77 x 768, 118 KB; SDXL 77 x 2048, 315 KB; SD3.5 (L = 256) 333 x 4096, 2.7 MB;
-FLUX.1 (L = 512) 512 x 4096, 4.2 MB. ``--max-sequence-length`` shortens T5's part (a longer caption is cut there,
-as the pipelines cut it). The run refuses to start when the cache would not fit on OUT's disk, naming both ways out.
+Size per caption in bf16: SD1.x 77 x 768, 118 KB; SDXL 77 x 2048 and a pooled 1280, 318 KB; SD3.5 (L = 256)
+333 x 4096, 2.7 MB; FLUX.1 (L = 512) 512 x 4096, 4.2 MB. ``--max-sequence-length`` shortens T5's part (a longer
+caption is cut there, as the pipelines cut it). Every process refuses to start when the cache (and room to write
+one more shard) would not fit on OUT's disk, naming the ways out.
 
 What freeing gives back (weights in bf16): FLUX.1's T5-XXL 9.5 GB and CLIP-L 0.25 GB; SD3's T5-XXL 9.5 GB, CLIP-L
 0.25 GB and OpenCLIP bigG 1.4 GB. Validation prompts (and the empty prompt, for guidance) are encoded before the
@@ -52,6 +53,8 @@ CACHE_VERSION = 1
 SHARD_ENTRIES = 256  # captions per shard file
 ENCODE_BATCH = 16  # captions per encoder call while building
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # Components' (and the pipelines') names
+#: Config keys that say how a model was read, not what it computes (the weights' hash and dtype pin the numbers).
+UNFINGERPRINTED = ("torch_dtype", "dtype", "transformers_version")
 
 
 def _entry_keys(token_ids: dict[str, torch.Tensor]) -> list[bytes]:
@@ -68,8 +71,9 @@ def fingerprint(prep, comps, keys: list[bytes]) -> dict:
     encoders = {}
     for name in ENCODERS:
         enc = getattr(comps, name)
-        if enc is not None:
-            config = json.dumps(enc.config.to_dict(), sort_keys=True, default=str)
+        if enc is not None:  # the config without where it was read from, in which dtype, by which version
+            config = json.dumps({k: v for k, v in enc.config.to_dict().items() if k not in UNFINGERPRINTED
+                                 and not k.startswith("_")}, sort_keys=True, default=str)
             encoders[name] = {"class": type(enc).__name__, "config_sha256": sha256_hex(config.encode()),
                               "weights_sha256": weights_sha256(enc), "dtype": str(enc.dtype).removeprefix("torch.")}
     return {"version": CACHE_VERSION, "family": comps.family.name, "token_ids_sha256": ids.hexdigest(),
@@ -90,19 +94,22 @@ class TextCache(ShardCache):
 def caption_bytes(comps, prep) -> int:
     """Bytes the cache stores per caption: the caption states of the first row, as the encoders make them."""
     device = next(comps.text_encoders[0].parameters()).device
-    with torch.no_grad():
-        states = comps.family.caption_states(comps, {k: v[:1].to(device) for k, v in prep.token_ids.items()})
+    states = comps.family.encode_captions(comps, {k: v[:1].to(device) for k, v in prep.token_ids.items()})
     return sum(t.numel() * t.element_size() for t in states.values())
 
 
-def check_disk_room(root: Path, need: int, n: int, per_caption: int) -> None:
-    """Refuse a cache that would not fit on ``root``'s disk (what is already there counts as free)."""
+def check_disk_room(root: Path, n: int, per_caption: int, family) -> None:
+    """Refuse a cache of ``n`` captions that would not fit on ``root``'s disk, with one shard's room to write the
+    next (what the cache already holds counts as free)."""
     root.mkdir(parents=True, exist_ok=True)
+    need = per_caption * (n + min(n, SHARD_ENTRIES))
     have = shutil.disk_usage(root).free + sum(f.stat().st_size for f in root.glob("shard-*.safetensors"))
     if need > have:
-        raise UserError(f"--cache-text: {n} captions x {per_caption / 1e6:.2f} MB = {need / 1e9:.1f} GB, more than the "
-                        f"{have / 1e9:.1f} GB free under {root}; pass --no-cache-text (the text encoders then stay on the "
-                        "device), or a shorter --max-sequence-length")
+        shorter = ("" if "--max-sequence-length" in family.unsupported_training
+                   else ", or a shorter --max-sequence-length")
+        raise UserError(f"--cache-text: {n} captions x {per_caption / 1e6:.2f} MB = {n * per_caption / 1e9:.1f} GB, more "
+                        f"than the {have / 1e9:.1f} GB free under {root}; pass --no-cache-text (the text encoders then "
+                        f"stay on the device){shorter}")
 
 
 def prepare_text_cache(root: str | Path, prep, comps, rank: int = 0, world_size: int = 1, barrier=None,
@@ -116,8 +123,7 @@ def prepare_text_cache(root: str | Path, prep, comps, rank: int = 0, world_size:
     keys = _entry_keys(prep.token_ids)
     entry_of_row, entry_rows = entries_of(keys)
     per_caption = caption_bytes(comps, prep)
-    if rank == 0:
-        check_disk_room(root, per_caption * len(entry_rows), len(entry_rows), per_caption)
+    check_disk_room(root, len(entry_rows), per_caption, comps.family)  # every process: all refuse alike
     device = next(comps.text_encoders[0].parameters()).device
 
     @torch.no_grad()
@@ -125,7 +131,7 @@ def prepare_text_cache(root: str | Path, prep, comps, rank: int = 0, world_size:
         for batch in batches:
             picked = torch.tensor([rows[i] for i in batch])
             ids = {k: v[picked].to(device) for k, v in prep.token_ids.items()}
-            states = comps.family.caption_states(comps, ids)
+            states = comps.family.encode_captions(comps, ids)
             yield {name: t.cpu() for name, t in states.items()}
 
     def index_extra(root: Path, n_shards: int) -> dict:

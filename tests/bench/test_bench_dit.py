@@ -76,9 +76,9 @@ def test_a_row_that_cannot_fit_is_skipped_with_its_byte_count(monkeypatch):
     rows = dit.bench_dit("tiny-flux", 16, 32, lora_rank=4, base="nf4", optimizer="adamw8bit")
     assert len(rows) == 1 and "step_s_tc" not in rows[0]
     assert "needs 0.0 GB before activations" in rows[0]["skipped"] and "cpu has 0.0 GB free" in rows[0]["skipped"]
-    # the nf4 row's need is the bf16 base it is quantized from
+    # the nf4 row's bytes are the quantized base's, as train-unet quantizes it layer by layer onto the device
     assert rows[0]["bytes_before_activations"] == transformer_memory(
-        "tiny-flux", 4, "bf16", "adamw8bit", "fp32", frozen_parts=False)["transformer_bytes"]
+        "tiny-flux", 4, "nf4", "adamw8bit", "fp32", frozen_parts=False)["transformer_bytes"]
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

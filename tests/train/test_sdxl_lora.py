@@ -13,7 +13,7 @@ from tcompose.data.text import phrases_token_positions, tokenize_captions
 from tcompose.grounding.objective import tokencompose_losses
 from tcompose.models.lora import DEFAULT_TARGETS, add_lora, lora_parameter_count
 from tcompose.models.spec import parse_model_spec
-from tcompose.models.families import family_named, load_components
+from tcompose.models.families import components_of_pipeline, family_named, load_components
 from tcompose.testing.tiny_sd import build_tiny_unet, write_tiny_pipeline
 from tcompose.train.config import TrainUnetConfig
 from tcompose.train.examples import TrainingExamples, prepare_rows
@@ -67,7 +67,9 @@ def test_sdxl_text_conditioning_equals_the_pipelines_own(setup):
     ids = tokenize_captions(pipe.tokenizer, [prompt])
     ids2 = tokenize_captions(pipe.tokenizer_2, [prompt])
     time_ids = torch.tensor([[64.0, 96.0, 0.0, 16.0, 64.0, 64.0]])
-    cond = family_named("sdxl").encode_text(pipe, {"input_ids": ids, "input_ids_2": ids2, "time_ids": time_ids})
+    comps = components_of_pipeline(pipe)
+    assert comps.family is family_named("sdxl")
+    cond = comps.encode_text({"input_ids": ids, "input_ids_2": ids2, "time_ids": time_ids})
     torch.testing.assert_close(cond["encoder_hidden_states"], emb)
     torch.testing.assert_close(cond["added_cond_kwargs"]["text_embeds"], pooled)
     assert torch.equal(cond["added_cond_kwargs"]["time_ids"], time_ids)

@@ -102,12 +102,18 @@ class ModelFamily:
 
     def encode_text(self, comps: "Components", batch: dict) -> dict:
         """The denoiser's text conditioning (its keyword arguments) of a collated batch, without gradients: from the
-        batch's cached caption states (keys ``text_state.NAME``) where it carries them, else from the encoders."""
+        batch's cached caption states (keys ``text_state.NAME``) where it carries them, else from the encoders,
+        outside any autocast (as the cache computes them: the grounding score, run under autocast, reads the same
+        numbers either way)."""
         states = {k.removeprefix(TEXT_STATE): v for k, v in batch.items() if k.startswith(TEXT_STATE)}
-        if not states:
-            with torch.no_grad():
-                states = self.caption_states(comps, batch)
-        return self.conditioning(comps, states, batch)
+        return self.conditioning(comps, states or self.encode_captions(comps, batch), batch)
+
+    def encode_captions(self, comps: "Components", batch: dict) -> dict[str, torch.Tensor]:
+        """:meth:`caption_states` without gradients and outside any autocast: what ``--cache-text`` stores and
+        :meth:`encode_text` computes alike."""
+        device = next(comps.text_encoders[0].parameters()).device
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            return self.caption_states(comps, batch)
 
     def encode_batch(self, comps: "Components", batch: dict, sample: bool = True) -> tuple[torch.Tensor, dict]:
         """``(clean latents, conditioning)`` of a collated batch: ``sample`` draws the VAE posterior with the batch's
