@@ -258,7 +258,10 @@ def multigen(
 
 @app.command()
 @_friendly
-@generation_options("geneval", seed="Base seed; image k of prompt p has the same seed for every model.")
+@generation_options("geneval", seed="Base seed; image k of prompt p has the same seed for every model.",
+                    guidance="Classifier-free guidance scale (default: GenEval's generation script's 9 for SD1.x / "
+                             "SD2.x / SDXL; the model card's for SD3 / FLUX: 7 / 4.5 / 3.5 for SD3-medium / "
+                             "SD3.5-medium / SD3.5-large, 3.5 for FLUX.1-dev's embedded guidance, 0 for FLUX.1-schnell).")
 @detection_options(detector=(defaults.MASK2FORMER, "COCO instance Mask2Former (hub id or folder)."),
                    detector_dtype=("fp32", "fp32 (as GenEval ran it), auto (fp16 on CUDA), fp16 or bf16."),
                    detector_batch_size=8,

@@ -62,6 +62,11 @@ class DetectionConfig:
         self.output = Path(self.output)
         self.models = list(self.models)
 
+    def settings_for(self, spec: ModelSpec) -> GenerationSettings:
+        """How ``spec``'s model generates: ``settings`` (a benchmark whose protocol sets a default for some models
+        fills it in here, where the user gave none)."""
+        return self.settings
+
 
 def check_models(models: Sequence[str], rank: int, world_size: int) -> None:
     """What every benchmark (fid too) checks first: some ``--model``, and a rank within the world size."""
@@ -90,7 +95,7 @@ def generate_config(cfg: DetectionConfig, spec: ModelSpec, prompts: Sequence) ->
     from .generate import model_config
 
     return model_config(spec, cfg.output / "models" / spec.name, [p.text for p in prompts],
-                        [p.prompt_id for p in prompts], cfg.images, cfg.settings,
+                        [p.prompt_id for p in prompts], cfg.images, cfg.settings_for(spec),
                         excite_words=[list(p.categories) for p in prompts])
 
 

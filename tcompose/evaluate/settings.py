@@ -28,7 +28,6 @@ DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "latency": {"batch_size": 1},  # the paper's latency: one image per pipeline call
-    "geneval": {"guidance": 9.0},  # GenEval's own generation script (generation/diffusers_generate.py --scale)
 }
 """Where a stage's defaults differ from the class's (a stage not named here takes the class's)."""
 

@@ -186,3 +186,23 @@ def test_growing_a_folder_and_what_is_refused_in_it(tiny, tmp_path, capsys):
     md = capsys.readouterr().out
     assert "max_overlap 0.5" in md and "(partial: 3 of 6 tasks, 3 of 6 prompts)" in md
     assert (tmp_path / "tab.json").is_file() and not (tmp_path / "table.json").exists()
+
+
+def test_the_default_guidance_is_genevals_script_for_the_unets_and_the_card_for_flux(tiny, tmp_path):
+    """What run.json records for each model when --guidance is not given (read from configs, nothing generated):
+    GenEval's script's 9 for an SD1.x model, FLUX.1-dev's card's 3.5 for a FLUX model (9 is far outside the
+    guidance it embeds); a given --guidance applies to both."""
+    from tcompose.evaluate.benchmark import run_record
+    from tcompose.evaluate.geneval.stage import GenevalConfig
+    from tcompose.evaluate.settings import GenerationSettings
+    from tcompose.models.spec import parse_model_specs
+    from tcompose.testing.tiny_dit import write_tiny_flux_pipeline
+
+    flux = write_tiny_flux_pipeline(tmp_path / "flux")
+    specs = parse_model_specs([f"A={tiny['sd']}", f"F={flux}"])
+    for given, expected in ((None, {"A": 9.0, "F": 3.5}), (5.0, {"A": 5.0, "F": 5.0})):
+        settings = GenerationSettings.for_stage("geneval", guidance=given)
+        cfg = GenevalConfig(models=[f"{s.name}={s.model}" for s in specs], output=tmp_path / "ge", settings=settings)
+        models = run_record("geneval", cfg, specs, {})["models"]
+        assert {name: m["guidance"] for name, m in models.items()} == expected
+        assert models["A"]["steps"] == models["F"]["steps"] == 50  # both cards' steps

@@ -45,10 +45,17 @@ from pathlib import Path
 from ...io.errors import UserError
 from ...models.defaults import CLIP, MASK2FORMER
 from ..benchmark import DetectionConfig, check_settings, read_run, run_models
+from ..settings import GenerationSettings
 from .colors import TEMPLATES
 from .detector import SIZE, Mask2FormerDetector
 from .prompts import GenevalPrompt, resolve_prompts
 from .rules import COLORS, DEFAULTS
+
+
+#: GenEval's generation script (generation/diffusers_generate.py) samples with ``--scale 9``; the families it was
+#: made with take that as their default in ``tcompose geneval``, the others their model card's.
+SCRIPT_GUIDANCE = 9.0
+SCRIPT_FAMILIES = ("sd", "sdxl")
 
 
 @dataclass
@@ -82,6 +89,17 @@ class GenevalConfig(DetectionConfig):
 
     def rules(self) -> dict:
         return {k: getattr(self, k) for k in DEFAULTS}
+
+    def settings_for(self, spec) -> GenerationSettings:
+        """GenEval's generation script's guidance (``--scale 9``) for the UNet families GenEval was made with, where
+        ``--guidance`` is not given; SD3 / FLUX models keep their model card's (FLUX.1-dev's guidance is an input
+        the model was distilled for around 3.5, far from 9)."""
+        if self.settings.guidance is not None:
+            return self.settings
+        from ..sampling import model_facts
+
+        family = model_facts(spec.model, spec.unet, spec.revision, self.settings.scheduler)["family"]
+        return self.settings.replace(guidance=SCRIPT_GUIDANCE) if family in SCRIPT_FAMILIES else self.settings
 
     def detection_record(self) -> dict:
         """What run.json's ``detection`` adds for GenEval (a rerun into the folder must match it)."""
