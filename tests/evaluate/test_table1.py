@@ -64,7 +64,12 @@ def test_flickr30k_pairs_one_caption_per_image_from_the_split(tmp_path):
                for p in pairs)
     assert pairs == flickr30k_pairs(folder, n=3, seed=0, split_file=tmp_path / "val.txt")[0]
     kaggle = _flickr(tmp_path / "k", kaggle=True)
-    assert [p.image_id for p in flickr30k_pairs(kaggle, n=10)[0]] == [str(1000 + i) for i in range(6)]
+    assert [p.image_id for p in flickr30k_pairs(kaggle, n=6)[0]] == [str(1000 + i) for i in range(6)]
+    with pytest.raises(ValueError, match="--flickr30k-pairs 7: .* has only 6 images with captions; pass "
+                                         "--flickr30k-pairs 6 or fewer"):
+        flickr30k_pairs(kaggle, n=7)  # never fewer pairs than asked, silently
+    with pytest.raises(ValueError, match="only 4 images with captions among the ids of --flickr30k-split"):
+        flickr30k_pairs(folder, n=5, split_file=tmp_path / "val.txt")
     with pytest.raises(ValueError, match="no captions file"):
         flickr30k_pairs(tmp_path)
 

@@ -125,6 +125,11 @@ def flickr30k_pairs(folder: str | Path, n: int = 1_000, seed: int = 0,
         raise UserError(f"--flickr30k {folder}: no image of the captions file is in {image_dir}")
     if n < 1:
         raise UserError(f"--flickr30k-pairs must be >= 1, got {n}")
+    if n > len(ids):  # as --coco-captions: fewer pairs than asked would change what the FID is of, silently
+        where = f" among the ids of --flickr30k-split {split_file}" if split_file is not None else ""
+        raise UserError(f"--flickr30k-pairs {n}: {folder} has only {len(ids)} images with captions{where}; pass "
+                        f"--flickr30k-pairs {len(ids)} or fewer (the protocol's 1,000 are the images of Flickr30K Entities' "
+                        "val.txt)")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(ids, n)) if len(ids) > n else ids
     pairs = []
