@@ -99,11 +99,37 @@ def check(cfg: DemoConfig) -> None:
                                                         *(base_folder(f) for f in FAMILIES)))
 
 
+SCENES_RECORD = "demo_scenes.json"  # in OUT/scenes/: the settings the scenes were made with
+
+
+def _scenes(cfg: DemoConfig, say) -> Path:
+    """OUT/scenes/, made for ``cfg``'s --images, scene size and --seed. Scenes made with other settings (an earlier
+    run into the same --output) are made again, and the masks and base models learnt from them go with them: a rerun
+    never trains on the scenes of another."""
+    from .data.synthetic import make_scenes
+    from .io.datasets import write_json_atomic
+
+    out, scenes = Path(cfg.output), Path(cfg.output) / "scenes"
+    want = {"images": cfg.images, "scene_size": cfg.scene_size, "seed": cfg.seed}
+    record = scenes / SCENES_RECORD
+    have = json.loads(record.read_text()) if record.is_file() else None
+    if have == want and (scenes / "annotations" / "captions_train2017.json").is_file():
+        return scenes
+    if scenes.exists():
+        made = ", ".join(f"{k} {v}" for k, v in have.items()) if isinstance(have, dict) else "an earlier version"
+        say(f"scenes: {scenes} holds scenes made with {made}; making new ones for images {cfg.images}, "
+            f"scene_size {cfg.scene_size}, seed {cfg.seed} (with new masks and base models)")
+        for name in ("scenes", "masks", *(base_folder(f) for f in FAMILIES)):
+            shutil.rmtree(out / name, ignore_errors=True)
+    make_scenes(scenes, n_images=cfg.images, size=cfg.scene_size, seed=cfg.seed)
+    write_json_atomic(record, want)  # last: scenes killed half made are made again
+    return scenes
+
+
 def run(cfg: DemoConfig) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from .data.synthetic import make_scenes
     from .io.datasets import write_json_atomic
     from .masks.config import MasksConfig
     from .masks.stage import run as make_masks
@@ -114,9 +140,7 @@ def run(cfg: DemoConfig) -> dict:
     console = Console(stderr=True)
     out = Path(cfg.output)
     t0 = time.perf_counter()
-    scenes = out / "scenes"
-    if not (scenes / "annotations" / "captions_train2017.json").exists():
-        make_scenes(scenes, n_images=cfg.images, size=cfg.scene_size, seed=cfg.seed)
+    scenes = _scenes(cfg, console.print)
     console.print(f"[bold]1/3[/] scenes: {scenes}")
     masks = make_masks(MasksConfig(coco_dir=scenes, output=out / "masks", split="train2017", captions="all"), progress=cfg.progress)
     console.print(f"[bold]2/3[/] masks: {out / 'masks'} ({masks['num_rows']} rows)")

@@ -60,3 +60,24 @@ def test_demo_family_trains_a_tiny_model_of_that_family(tmp_path):
     summary = json.loads((out / "losses-on" / "training_summary.json").read_text())
     assert summary["family"] == "flux" and set(report["runs"]) == {"losses-off", "losses-on"}
     assert (out / "attention.png").is_file()
+
+
+def test_a_rerun_with_other_scenes_makes_them_again(tmp_path):
+    """A rerun into the same --output with another --seed or --images trains on new scenes (with new masks and a
+    new base model), saying so; the same settings reuse them."""
+    import tcompose.demo as demo
+
+    out, said = tmp_path / "demo", []
+    first = demo._scenes(DemoConfig(output=out, images=8, seed=0), said.append)
+    captions = (first / "annotations" / "captions_train2017.json").read_text()
+    (out / "masks").mkdir()
+    (out / "base-model").mkdir()
+    assert demo._scenes(DemoConfig(output=out, images=8, seed=0), said.append) == first and not said
+    assert (first / "annotations" / "captions_train2017.json").read_text() == captions  # reused
+    demo._scenes(DemoConfig(output=out, images=8, seed=1), said.append)
+    assert len(said) == 1 and "seed 0" in said[0] and "seed 1" in said[0]
+    assert (first / "annotations" / "captions_train2017.json").read_text() != captions
+    assert not (out / "masks").exists() and not (out / "base-model").exists()
+    demo._scenes(DemoConfig(output=out, images=10, seed=1), said.append)
+    images = json.loads((first / "annotations" / "captions_train2017.json").read_text())["images"]
+    assert len(said) == 2 and len(images) == 10
