@@ -60,7 +60,7 @@ from .config import (
     options_set,
     resume_settings,
 )
-from .hub import check_push, hub_repo_id, push_run
+from ..io.hub import check_push, hub_repo_id, push_run
 from .output import save_lora_outputs, save_pipeline
 
 __all__ = ["TrainUnetConfig", "run"]

@@ -314,7 +314,7 @@ def test_a_failed_upload_keeps_the_run_and_says_how_to_upload_it(baseline, tmp_p
 
     import huggingface_hub.constants as hub_constants
 
-    from tcompose.train.hub import push_run
+    from tcompose.io.hub import push_run
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
@@ -390,7 +390,7 @@ def test_push_to_hub_uploads_the_pipeline_and_its_card_but_not_checkpoints(setup
     latent and text caches stay local."""
     import huggingface_hub.constants as hub_constants
 
-    from tcompose.train import hub
+    from tcompose.io import hub
 
     hub_api = HubStandIn()
     try:

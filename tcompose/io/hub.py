@@ -1,5 +1,5 @@
-"""``--push-to-hub``: the run's pipeline or LoRA adapters, with their model card, uploaded to the Hugging Face
-Hub when training ends. Whether it can happen (online, a token) is checked before anything trains; an upload
+"""``--push-to-hub`` of both trainers: the run's output (train-unet's pipeline or LoRA adapters, train-clip's CLIP
+and text tower), with its model card, uploaded to the Hugging Face Hub when training ends. Whether it can happen (online, a token) is checked before anything trains; an upload
 that fails at the end leaves every local file in place and says how to upload them again."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def check_push(push_to_hub: bool, hub_model_id: str | None) -> None:
     return None
 
 
-def push_run(out: Path, repo_id: str, log, endpoint: str | None = None) -> str:
+def push_run(out: Path, repo_id: str, log, endpoint: str | None = None, stage: str = "train-unet") -> str:
     """Create ``repo_id`` (if need be) and upload ``out`` but its checkpoints and caches; the commit's URL.
     A failure is a UserError that says the local run is complete and how to upload it by hand."""
     from huggingface_hub import HfApi
@@ -44,7 +44,7 @@ def push_run(out: Path, repo_id: str, log, endpoint: str | None = None) -> str:
         api = HfApi(endpoint=endpoint)
         repo = api.create_repo(repo_id, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(out), ignore_patterns=IGNORED,
-                                   commit_message="tcompose train-unet")
+                                   commit_message=f"tcompose {stage}")
     except Exception as e:  # network, permissions, a taken name: nothing local is touched
         raise UserError(f"--push-to-hub: uploading {out} to {repo_id} failed ({type(e).__name__}: {e}); the run is "
                         f"complete in {out}: upload it with `huggingface-cli upload {repo_id} {out} "
