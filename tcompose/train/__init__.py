@@ -3,6 +3,7 @@ SDXL, the flow-matching transformer of SD3 / SD3.5 / FLUX.1; what differs is the
 
 - :mod:`.config`: ``TrainUnetConfig``, its checks, the settings a resume must keep;
 - :mod:`.loop`: ``run`` (accelerate loop, checkpoints, the pipeline output);
+- :mod:`.model_setup`: the model read and readied for training (frozen parts, LoRA, a quantized base);
 - :mod:`.examples`: a masks dataset as training examples (pixels, token ids, per-word masks, noise), batches;
 - :mod:`.geometry`: images and masks resized and cropped as the original implementation did;
 - :mod:`.latent_cache`: ``--cache-latents``, the VAE's moments of each image encoded once;

@@ -61,6 +61,7 @@ from .config import (
     resume_settings,
 )
 from ..io.hub import check_push, hub_repo_id, push_run
+from .model_setup import TRAINING_DTYPES, load_for_training, ready_denoiser
 from .output import save_lora_outputs, save_pipeline
 
 __all__ = ["TrainUnetConfig", "run"]
@@ -109,7 +110,7 @@ def _train(cfg: TrainUnetConfig) -> dict:
     from ..io.checkpoints import save_checkpoint
     from ..io.datasets import check_columns, load_manifest, write_json_atomic
     from ..models.components import model_configs
-    from ..models.families import family_of, load_components
+    from ..models.families import family_of
     from .examples import TrainingExamples, check_batch_fits, collate, prepare_rows, split_heldout
 
     load_manifest(cfg.data)  # bad data fails before any model is loaded
@@ -172,27 +173,9 @@ def _train(cfg: TrainUnetConfig) -> dict:
         + ("" if layers_given else " (the default for this model; --layers to choose)"))
 
     # the accelerator's precision: fp16 on a CPU runs in fp32 (trainer_accelerator notes it)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
-    # A bf16 LoRA run holds every weight in bf16 (the frozen base, the encoders, the VAE), so it reads them so: the
-    # host never holds FLUX's 12B transformer and T5 in float32 (67 GB). Casting after loading gives the same bits.
-    load_dtype = torch.bfloat16 if cfg.lora_rank and weight_dtype == torch.bfloat16 else torch.float32
-    comps = load_components(cfg.model, revision=cfg.revision, text_encoder=cfg.text_encoder, vae=cfg.vae,
-                            dtype=load_dtype)
-    comps.training_objective, comps.max_sequence_length = objective, cfg.max_sequence_length
+    weight_dtype = TRAINING_DTYPES[accelerator.mixed_precision]
+    comps = load_for_training(cfg, objective, weight_dtype, device, log)
     unet, vae, tokenizer, noise_scheduler = comps.unet, comps.vae, comps.tokenizer, comps.noise_scheduler
-    if cfg.prediction_type:  # diffusers' --prediction_type: the training target follows it (UNetObjective)
-        if noise_scheduler.config.prediction_type != cfg.prediction_type:
-            log(f"prediction type: {cfg.prediction_type} (the model's scheduler says {noise_scheduler.config.prediction_type})")
-        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-
-    for frozen in (vae, *comps.text_encoders):
-        frozen.requires_grad_(False)
-        frozen.eval()
-        # a VAE that asks to be upcast (SDXL's overflows in fp16) stays float32 under fp16; pass an fp16-safe --vae.
-        # Cast as it moves: a float32 read never lands on the device whole (T5-XXL: 19 GB)
-        upcast = frozen is vae and cfg.mixed_precision == "fp16" and vae.config.get("force_upcast", False)
-        frozen.to(device=device, dtype=weight_dtype if not upcast else None)
-    del frozen  # (the loop's name would keep the last text encoder alive past --cache-text)
 
     def validation_pipe():
         from .validation import validation_pipeline
@@ -221,29 +204,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
         size = f"{freed / 1e9:.2f} GB" if freed >= 1e8 else f"{freed / 1e6:.1f} MB"
         log(f"text cache: {len(text_cache)} captions in {text_cache.root}; the text encoders are freed "
             f"({size} of weights)")
-    trainable = list(unet.parameters())
-    n_all = sum(p.numel() for p in unet.parameters())
-    if cfg.lora_rank:
-        from ..models.lora import add_lora, cast_base
-
-        cast_base(unet, weight_dtype)  # the frozen base in the training precision; the adapters in float32
-        if cfg.quantize_base:
-            from ..models.quantize import quantize_linear_layers
-
-            # layer by layer onto the device, each quantized as it moves (bitsandbytes quantizes on the move): the
-            # device never holds the whole base unquantized (FLUX.1's is 23.8 GB in bf16); the rest moves with prepare
-            n_q = quantize_linear_layers(unet, cfg.quantize_base, weight_dtype, device)
-            log(f"quantize: {n_q} linear layers of the frozen {family.denoiser_label} in {cfg.quantize_base} (bitsandbytes)")
-        add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
-        trainable = [p for p in unet.parameters() if p.requires_grad]
+    trainable = ready_denoiser(cfg, comps, weight_dtype, device, log)
     n_train = sum(p.numel() for p in trainable)
-    log(f"model: {family.label}, {n_all:,} denoiser parameters, {n_train:,} trained"
-        + (f" (LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)})" if cfg.lora_rank else ""))
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    unet.train()
 
     train_rows, heldout = split_heldout(prep, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
     if cfg.max_train_samples is not None:  # the first N training rows after the held-out split
