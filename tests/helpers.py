@@ -4,6 +4,8 @@
   pipelines, and a seconds-long train-unet config on them (the train tests, the multi-process test).
 - :class:`ShardWrites` (the ``shard_writes`` fixture): "a kill after the first shard" for the resume tests of
   the stages that write parquet shards (masks, import-tokencompose, grounded-sam, crops).
+- :class:`HubStandIn`, :func:`online_without_token`: a local stand-in of the Hub's upload API, and no token, for both
+  trainers' ``--push-to-hub`` tests.
 """
 
 from __future__ import annotations
@@ -88,3 +90,84 @@ class ShardWrites:
     def restore(self) -> None:
         """The real ``write_shard`` again."""
         self._monkeypatch.setattr(self._cls, "write_shard", self.real)
+
+
+def online_without_token(monkeypatch, tmp_path: Path) -> None:
+    """The Hub online (HF_HUB_OFFLINE off) and no Hugging Face token anywhere (environment, token file)."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+class HubStandIn:
+    """A local stand-in of the Hub endpoints an upload_folder of small files uses: create a repo, validate a card's
+    YAML, preupload (every file "regular"), commit (NDJSON, base64 contents). It keeps what was committed (``files``,
+    path -> bytes), the repos created (``repos``) and the commits' messages (``commits``)."""
+
+    def __init__(self):
+        import base64
+        import http.server
+        import threading
+
+        files, repos, commits = {}, [], []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/api/repos/create":
+                    req = json.loads(body)
+                    repos.append(req)
+                    repo = f"{req.get('organization')}/{req['name']}" if req.get("organization") else req["name"]
+                    return self._reply({"url": f"{stand_in.url}/{repo}", "name": repo})
+                if self.path == "/api/validate-yaml":  # the model card's front matter: accepted
+                    return self._reply({"warnings": [], "errors": []})
+                if "/preupload/" in self.path:
+                    paths = [f["path"] for f in json.loads(body)["files"]]
+                    return self._reply({"files": [{"path": p, "uploadMode": "regular", "shouldIgnore": False}
+                                                  for p in paths]})
+                if "/commit/" in self.path:
+                    for line in body.decode().splitlines():
+                        op = json.loads(line)
+                        if op["key"] == "header":
+                            commits.append(op["value"].get("summary"))
+                        if op["key"] == "file":
+                            files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+                    repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+                    return self._reply({"commitUrl": f"{stand_in.url}/{repo}/commit/abc", "commitOid": "abc" * 13 + "a"})
+                self.send_error(404)
+
+        stand_in = self
+        self.files, self.repos, self.commits = files, repos, commits
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def route(self, monkeypatch, target: str) -> None:
+        """Online, a (fake) token, and ``target`` (a trainer's ``push_run``, e.g. ``"tcompose.clip.loop.push_run"``)
+        uploading to this stand-in."""
+        import huggingface_hub.constants as hub_constants
+
+        from tcompose.io import hub
+
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+        real, url = hub.push_run, self.url
+        monkeypatch.setattr(target, lambda out, repo_id, log, **kw: real(out, repo_id, log, endpoint=url, **kw))
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

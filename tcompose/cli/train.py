@@ -144,6 +144,9 @@ def train_clip(
     eval_max_examples: int = typer.Option(5000, help="At most this many held-out crops."),
     num_workers: int = typer.Option(4, help="Data loader worker processes."),
     log_every: int = typer.Option(10, help="Log the loss every N steps."),
+    report_to: str = typer.Option("tensorboard", help="Where the loss, lr and held-out scores go: tensorboard (OUT/logs), wandb (pip install wandb), all or none."),
+    push_to_hub: bool = typer.Option(False, "--push-to-hub", help="Upload the CLIPModel, text_encoder/ and tokenizer/ with their model card to the Hugging Face Hub when training ends (checked before training: online, a token)."),
+    hub_model_id: Optional[str] = typer.Option(None, help="The Hub repo of --push-to-hub, e.g. you/clip-crops (default: the --output folder's name)."),
     tf32: bool = tf32_option(),
 ) -> None:
     """Contrastive (InfoNCE) finetuning of CLIP on object crops; its text tower then serves as SD's text encoder."""
@@ -158,6 +161,7 @@ def train_clip(
         unlocked_text_layers=unlocked_text_layers, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
         checkpoints_limit=checkpoints_limit, resume=resume, overwrite=overwrite, eval_fraction=eval_fraction,
-        eval_max_examples=eval_max_examples, num_workers=num_workers, log_every=log_every, allow_tf32=tf32,
+        eval_max_examples=eval_max_examples, num_workers=num_workers, log_every=log_every, report_to=report_to,
+        push_to_hub=push_to_hub, hub_model_id=hub_model_id, command=_command(), allow_tf32=tf32,
     )
     run(cfg)

@@ -7,13 +7,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..io.errors import UserError
-from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
+from ..io.runs import check_report_to, dataset_fingerprint, finite_or_raise, model_id
 from ..models.defaults import CLIP
 from ..models.precision import TF32_DEFAULT
 
 #: What train-clip writes into OUT besides checkpoints/, logs/ and training_summary.json (--overwrite removes them).
 OUTPUTS = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-           "special_tokens_map.json", "preprocessor_config.json", "text_encoder", "tokenizer", "eval.json", "eval.png")
+           "special_tokens_map.json", "preprocessor_config.json", "text_encoder", "tokenizer", "eval.json", "eval.png",
+           "README.md")
 
 LR_SCHEDULERS = ("cosine", "constant")
 
@@ -54,6 +55,10 @@ class TrainClipConfig:
     eval_max_examples: int = 5000  # held-out crops at most
     num_workers: int = 4
     log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | all | none (accelerate's trackers)
+    push_to_hub: bool = False  # upload OUT (not checkpoints/) with its model card when training ends
+    hub_model_id: str | None = None  # the Hub repo of --push-to-hub (default: the output folder's name)
+    command: str | None = None  # the command line that started the run (the CLI fills it; the model card shows it)
     allow_tf32: bool = TF32_DEFAULT  # --tf32/--no-tf32: TF32 matmuls and convolutions on CUDA (models.precision)
     progress: bool = True
 
@@ -84,6 +89,7 @@ class TrainClipConfig:
         if self.resume is not None and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other: --resume continues the run in --output, "
                             "--overwrite deletes it and starts again")
+        check_report_to(self.report_to)  # an unknown tracker, or wandb asked for and not installed
 
     def check_contrastive_batch(self, world_size: int) -> None:
         """InfoNCE needs negatives: at least 2 pairs in the contrastive batch (--batch-size x processes)."""
@@ -100,7 +106,8 @@ def config_dict(cfg: TrainClipConfig) -> dict:
 def resume_settings(cfg: TrainClipConfig, world_size: int, total_steps: int) -> dict:
     """Every setting that changes what is trained, keyed by its option (a resume must match them): the data,
     the model, the contrastive batch (--batch-size x processes) and data order, the schedule's length and
-    shape, the optimizer, what is locked, the loss. --num-workers, logging and progress may change."""
+    shape, the optimizer, what is locked, the loss. --num-workers, logging (--log-every, --report-to), progress and
+    --push-to-hub / --hub-model-id may change."""
     return {
         "--data": dataset_fingerprint(cfg.data), "--model": model_id(cfg.model), "--revision": cfg.revision,
         "--batch-size x processes": cfg.batch_size * world_size, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,

@@ -26,7 +26,9 @@ OUT holds the finetuned ``CLIPModel`` (``CLIPModel.from_pretrained(OUT)``, with 
 ``preprocessor_config.json``), ``text_encoder/`` + ``tokenizer/`` (SD's layout; ``--text-encoder OUT`` of
 train-unet / generate / multigen picks them), ``eval.json`` (held-out zero-shot and retrieval, before and
 after; per category too), ``eval.png`` (zero-shot top-1 before and after per category group),
-``training_summary.json``, ``checkpoints/`` and tensorboard ``logs/``.
+``training_summary.json``, ``README.md`` (the model card: tcompose.clip.card), ``checkpoints/`` and the
+trackers' ``logs/`` (``--report-to``: tensorboard by default; the loss, lr, temperature, the held-out scores and
+the eval chart go to each). ``--push-to-hub`` uploads OUT, except ``checkpoints/``, when training ends.
 
 Gradient accumulation averages gradients over micro-batches; the contrastive batch (the negatives) is the
 micro-batch of all processes, ``--batch-size x processes``, not enlarged by accumulation.
@@ -41,9 +43,11 @@ from pathlib import Path
 
 import torch
 
+from ..io.hub import check_push, hub_repo_id, push_run
 from ..io.preemption import StopSignals, ignore_stop_signals
-from ..io.runs import (FiniteGuard, Interrupted, output_guard, peak_memory_mb, prepare_run_folder, resume_point,
-                       trainer_accelerator, training_progress)
+from ..io.runs import (FiniteGuard, Interrupted, log_validation_images, output_guard, peak_memory_mb,
+                       prepare_run_folder, resume_point, trainer_accelerator, training_progress)
+from .card import write_model_card
 from .config import OUTPUTS, TrainClipConfig, config_dict, resume_settings
 
 __all__ = ["TrainClipConfig", "lr_factor", "run", "total_steps"]
@@ -70,9 +74,28 @@ def total_steps(cfg: TrainClipConfig, n_train: int, world_size: int) -> int:
 
 def run(cfg: TrainClipConfig) -> dict:
     """Evaluate, finetune with InfoNCE, checkpoint, evaluate again, and export to ``cfg.output``."""
-    cfg.validate()
+    cfg.validate()  # --report-to too: a missing wandb fails before any model or data is read
+    check_push(cfg.push_to_hub, cfg.hub_model_id)  # offline or without a token: refused before any work
     with output_guard(cfg.output):
         return _train(cfg)
+
+
+def _log_eval(accelerator, metrics: dict | None, step: int) -> None:
+    """The held-out scores (zero-shot top-k, text-to-image R@k) to the trackers at ``step``."""
+    from .eval import METRICS
+
+    if metrics:
+        accelerator.log({f"eval/{m}": metrics[m] for m in METRICS}, step=step)
+
+
+def _log_chart(accelerator, path: Path, step: int) -> None:
+    """eval.png to the trackers (under ``eval``), as train-unet's validation grids go."""
+    if accelerator.trackers:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            log_validation_images(accelerator, np.asarray(im.convert("RGB")), step, name="eval")
 
 
 def _train(cfg: TrainClipConfig) -> dict:
@@ -106,7 +129,7 @@ def _train(cfg: TrainClipConfig) -> dict:
     settings = resume_settings(cfg, world, max_steps)
     start = resume_point(cfg.resume, ckpt_root, settings)
 
-    accelerator = trainer_accelerator(out, cfg.grad_accum, cfg.mixed_precision)
+    accelerator = trainer_accelerator(out, cfg.grad_accum, cfg.mixed_precision, cfg.report_to)
     device, log = accelerator.device, accelerator.print
     from ..models.precision import set_tf32
 
@@ -148,6 +171,8 @@ def _train(cfg: TrainClipConfig) -> dict:
 
     if main:
         accelerator.init_trackers("train_clip", config={k: v for k, v in config_dict(cfg).items() if isinstance(v, (int, float, str, bool))})
+        if step == 0:  # a resume continues the curves where they stopped
+            _log_eval(accelerator, before, 0)
     sampler = MicroBatches(train_rows, cfg.batch_size, world, rank, cfg.seed, start=step * cfg.grad_accum,
                            stop=max_steps * cfg.grad_accum)
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
@@ -221,8 +246,10 @@ def _train(cfg: TrainClipConfig) -> dict:
         report = compare(before, held_out_eval())
         report |= {"steps": step, "heldout_images": len({rows.image_ids[r] for r in heldout}), "model": cfg.model}
         write_json_atomic(out / "eval.json", report)
+        _log_eval(accelerator, report["after"], step)
         if write_eval_chart(report, out / "eval.png"):
             match_umask(out / "eval.png")
+            _log_chart(accelerator, out / "eval.png", step)
         log(format_table(report))
         export_clip(clip, tokenizer, pre_cfg, out)
         steps_run = step - start_step
@@ -230,12 +257,17 @@ def _train(cfg: TrainClipConfig) -> dict:
             "steps": step, "steps_this_run": steps_run, "final": last, "train_seconds": train_s,
             "images_per_s": steps_run * cfg.grad_accum * cfg.batch_size * world / train_s if train_s > 0 else None,
             "peak_memory_mb": peak_memory_mb(device), "device": str(device), "num_processes": world,
+            "mixed_precision": accelerator.mixed_precision,  # what it trained in (fp16 on a CPU: no)
             "parameters": counts, "eval": report,
             "data": {"train_crops": len(train_rows), "heldout_crops": len(heldout), "categories": len(class_ids)},
             "config": config_dict(cfg),
         }
         write_json_atomic(out / "training_summary.json", summary)
+        write_model_card(out, cfg, summary)
         log(f"wrote {out} (CLIPModel, text_encoder/, tokenizer/, eval.json, eval.png, training_summary.json, "
-            "checkpoints/, logs/)")
+            f"README.md, checkpoints/{', logs/' if cfg.report_to != 'none' else ''})")
+    accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
+    if cfg.push_to_hub and main:  # after everything is written and the trackers closed: a failure loses nothing
+        push_run(out, hub_repo_id(out, cfg.hub_model_id), log, stage="train-clip")
     return summary or {}

@@ -1,6 +1,11 @@
 """``--push-to-hub`` of both trainers: the run's output (train-unet's pipeline or LoRA adapters, train-clip's CLIP
-and text tower), with its model card, uploaded to the Hugging Face Hub when training ends. Whether it can happen (online, a token) is checked before anything trains; an upload
-that fails at the end leaves every local file in place and says how to upload them again."""
+and text tower), with its model card, uploaded to the Hugging Face Hub when training ends. Whether it can happen
+(online, a token) is checked before anything trains; an upload that fails at the end leaves every local file in
+place and says how to upload them again.
+
+What both trainers' model cards (OUT/README.md: tcompose.train.card, tcompose.clip.card) share lives here too: the
+base model's licence (:func:`base_license`), the training section (:func:`training_section`) and writing the card
+(:func:`write_card`)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,43 @@ from ..io.errors import UserError
 #: What stays local: resumable checkpoints and the latent and text caches are neither a model nor small.
 CACHES = ("checkpoints", "latent_cache", "text_cache")
 IGNORED = [f"{folder}/{glob}" for folder in CACHES for glob in ("*", "**")]
+CARD = "README.md"
+
+
+def base_license(model: str, revision: str | None = None) -> str | None:
+    """The ``license`` of the base model's card: a local folder's README.md, or the Hub's (its cache only when
+    HF_HUB_OFFLINE is set); None where there is none to read."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    try:
+        local = Path(model).expanduser()
+        if local.is_dir():
+            readme = local / CARD
+            return ModelCard.load(readme).data.license if readme.is_file() else None
+        return ModelCard.load(hf_hub_download(str(model), CARD, revision=revision)).data.license
+    except Exception:  # noqa: BLE001  (no card, no network, not a hub id: the licence is then "other", and said so)
+        return None
+
+
+def training_section(command: str | None, recipe: list[tuple[str, str]]) -> list[str]:
+    """A model card's "## Training" lines: the command that trained the model, then its recipe as a table."""
+    return ["## Training", "", "```bash", command or "(trained through the Python API)", "```", "",
+            "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in recipe)]
+
+
+def write_card(out: Path, text: str) -> Path:
+    """``text`` (YAML front matter and Markdown body) as OUT/README.md, through huggingface_hub's ModelCard: written
+    whole (a temporary file renamed) with the umask's mode."""
+    from huggingface_hub import ModelCard
+
+    from .files import match_umask
+
+    path = Path(out) / CARD
+    tmp = path.with_name(f".{CARD}.tmp")
+    ModelCard(text).save(tmp)
+    tmp.replace(path)
+    match_umask(path)
+    return path
 
 
 def hub_repo_id(output: str | Path, hub_model_id: str | None) -> str:

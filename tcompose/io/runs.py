@@ -406,17 +406,17 @@ def adamw_class(optimizer: str):
     raise UserError(f"--optimizer must be adamw or adamw8bit, got {optimizer!r}")
 
 
-def log_validation_images(accelerator, grid, step: int) -> None:
-    """A validation grid (``[H, W, 3]`` uint8) to every tracker of the run, under ``validation``."""
+def log_validation_images(accelerator, grid, step: int, name: str = "validation") -> None:
+    """An image (``[H, W, 3]`` uint8: a validation grid, an eval chart) to every tracker of the run, under ``name``."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({"validation": grid[None]}, step=step, dataformats="NHWC")
+            tracker.log_images({name: grid[None]}, step=step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(grid)]}, step=step)
+            tracker.log({name: [wandb.Image(grid)]}, step=step)
         else:
-            tracker.log_images({"validation": grid[None]}, step=step)
+            tracker.log_images({name: grid[None]}, step=step)
 
 
 def trainer_accelerator(out: Path, grad_accum: int, mixed_precision: str, report_to: str = "tensorboard"):

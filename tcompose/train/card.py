@@ -10,30 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io.files import match_umask
-from ..models.loading import local_path
+from ..io.hub import CARD, base_license, training_section, write_card
 from .config import TrainUnetConfig
 
-CARD = "README.md"
-
-
-def base_license(model: str, revision: str | None = None) -> str | None:
-    """The ``license`` of the base model's card: a local folder's README.md, or the Hub's (cache first)."""
-    from huggingface_hub import ModelCard
-
-    try:
-        local = local_path(model)
-        if local is not None:
-            readme = local / CARD
-            return ModelCard.load(readme).data.license if readme.is_file() else None
-        from huggingface_hub import hf_hub_download
-
-        from ..models.loading import offline
-
-        path = hf_hub_download(model, CARD, revision=revision, local_files_only=offline())
-        return ModelCard.load(path).data.license
-    except Exception:  # noqa: BLE001  (no card, no network: the licence is then "other", and said so)
-        return None
+__all__ = ["CARD", "card_text", "write_model_card"]
 
 
 def _n(count, noun: str) -> str:
@@ -114,15 +94,7 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
         "image = pipe(\"a cat and a wine glass\").images[0]",
         "```",
         "",
-        "## Training",
-        "",
-        "```bash",
-        cfg.command or "(trained through the Python API)",
-        "```",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in recipe),
+        *training_section(cfg.command, recipe),
         "",
         "## Data",
         "",
@@ -146,12 +118,4 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
 
 def write_model_card(out: Path, cfg: TrainUnetConfig, summary: dict) -> Path:
     """Write OUT/README.md (see the module docstring)."""
-    from huggingface_hub import ModelCard
-
-    card = ModelCard(card_text(cfg, summary, base_license(cfg.model, cfg.revision)))
-    path = Path(out) / CARD
-    tmp = path.with_name(f".{CARD}.tmp")
-    card.save(tmp)
-    tmp.replace(path)
-    match_umask(path)
-    return path
+    return write_card(out, card_text(cfg, summary, base_license(cfg.model, cfg.revision)))

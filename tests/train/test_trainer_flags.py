@@ -14,7 +14,7 @@ from tcompose.io.errors import UserError
 from tcompose.train.config import resume_settings
 from tcompose.train.loop import run as train
 
-from helpers import RES, make_training_setup, tiny_train_config
+from helpers import RES, HubStandIn, make_training_setup, online_without_token, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -296,12 +296,7 @@ def test_push_to_hub_offline_is_refused_in_one_line_before_any_work(setup, tmp_p
 
 
 def test_push_to_hub_without_a_token_is_refused_before_any_work(setup, tmp_path, monkeypatch):
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
+    online_without_token(monkeypatch, tmp_path)
     with pytest.raises(UserError, match="needs a Hugging Face token") as e:
         train(tiny_train_config(setup, tmp_path / "run", push_to_hub=True))
     assert "\n" not in str(e.value)
@@ -329,76 +324,12 @@ def test_a_failed_upload_keeps_the_run_and_says_how_to_upload_it(baseline, tmp_p
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
-class HubStandIn:
-    """A local stand-in of the Hub endpoints an upload_folder of small files uses: create a repo, validate a card's
-    YAML, preupload (every file "regular"), commit (NDJSON, base64 contents). It keeps what was committed, path -> bytes."""
-
-    def __init__(self):
-        import base64
-        import http.server
-        import threading
-
-        files, repos = {}, []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _reply(self, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == "/api/repos/create":
-                    req = json.loads(body)
-                    repos.append(req)
-                    repo = f"{req.get('organization')}/{req['name']}" if req.get("organization") else req["name"]
-                    return self._reply({"url": f"{stand_in.url}/{repo}", "name": repo})
-                if self.path == "/api/validate-yaml":  # the model card's front matter: accepted
-                    return self._reply({"warnings": [], "errors": []})
-                if "/preupload/" in self.path:
-                    paths = [f["path"] for f in json.loads(body)["files"]]
-                    return self._reply({"files": [{"path": p, "uploadMode": "regular", "shouldIgnore": False}
-                                                  for p in paths]})
-                if "/commit/" in self.path:
-                    for line in body.decode().splitlines():
-                        op = json.loads(line)
-                        if op["key"] == "file":
-                            files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
-                    repo = self.path.split("/api/models/")[1].split("/commit/")[0]
-                    return self._reply({"commitUrl": f"{stand_in.url}/{repo}/commit/abc", "commitOid": "abc" * 13 + "a"})
-                self.send_error(404)
-
-        stand_in = self
-        self.files, self.repos = files, repos
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_push_to_hub_uploads_the_pipeline_and_its_card_but_not_checkpoints(setup, tmp_path, monkeypatch):
     """The whole run with --push-to-hub against a local stand-in of the Hub's upload API; the checkpoints and the
     latent and text caches stay local."""
-    import huggingface_hub.constants as hub_constants
-
-    from tcompose.io import hub
-
     hub_api = HubStandIn()
     try:
-        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
-        real = hub.push_run
-        monkeypatch.setattr("tcompose.train.loop.push_run",
-                            lambda out, repo_id, log: real(out, repo_id, log, endpoint=hub_api.url))
+        hub_api.route(monkeypatch, "tcompose.train.loop.push_run")
         out = tmp_path / "run"
         train(tiny_train_config(setup, out, push_to_hub=True, hub_model_id="me/tc", checkpoint_every=2,
                                 max_steps=3, cache_latents=True, cache_text=True))
