@@ -1,10 +1,10 @@
 """OUT/README.md: the model card of a train-clip run, in the Hub's format (huggingface_hub's ModelCard).
 
-YAML front matter: ``base_model``, ``license`` (the base model's, read from its own card where it can be found;
-``other`` otherwise: :func:`tcompose.io.hub.base_license`), ``library_name: transformers``, ``pipeline_tag:
-zero-shot-image-classification`` and tags. The body: how to load it (the ``CLIPModel``, and its text tower as
-SD1.x's text encoder), the command that trained it, the recipe, the data, and the held-out evaluation before and
-after training (``eval.json``) with its chart (``eval.png``). A push of OUT to the Hub shows it as any
+YAML front matter: ``base_model``, ``license`` (the base model's, read from its own card where it can be found:
+:func:`tcompose.models.loading.model_license`; ``other`` otherwise), ``library_name: transformers``,
+``pipeline_tag: zero-shot-image-classification`` and tags. The body: how to load it (the ``CLIPModel``, and its
+text tower as SD1.x's text encoder), the command that trained it, the recipe, the data, and the held-out evaluation
+before and after training (``eval.json``) with its chart (``eval.png``). A push of OUT to the Hub shows it as any
 transformers CLIP model's card.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io.hub import base_license, training_section, write_card
+from ..io.hub import training_section, write_card
+from ..models.loading import model_license
 from .config import TrainClipConfig
 from .eval import LABELS, METRICS, verdict_line
 
@@ -122,4 +123,4 @@ def card_text(cfg: TrainClipConfig, summary: dict, license: str | None, chart: s
 def write_model_card(out: Path, cfg: TrainClipConfig, summary: dict) -> Path:
     """Write OUT/README.md (see the module docstring)."""
     chart = "eval.png" if (Path(out) / "eval.png").is_file() else None
-    return write_card(out, card_text(cfg, summary, base_license(cfg.model, cfg.revision), chart))
+    return write_card(out, card_text(cfg, summary, model_license(cfg.model, cfg.revision), chart))

@@ -4,34 +4,19 @@ and text tower), with its model card, uploaded to the Hugging Face Hub when trai
 place and says how to upload them again.
 
 What both trainers' model cards (OUT/README.md: tcompose.train.card, tcompose.clip.card) share lives here too: the
-base model's licence (:func:`base_license`), the training section (:func:`training_section`) and writing the card
+training section (:func:`training_section`) and writing the card
 (:func:`write_card`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..io.errors import UserError
+from .errors import UserError
 
 #: What stays local: resumable checkpoints and the latent and text caches are neither a model nor small.
 CACHES = ("checkpoints", "latent_cache", "text_cache")
 IGNORED = [f"{folder}/{glob}" for folder in CACHES for glob in ("*", "**")]
 CARD = "README.md"
-
-
-def base_license(model: str, revision: str | None = None) -> str | None:
-    """The ``license`` of the base model's card: a local folder's README.md, or the Hub's (its cache only when
-    HF_HUB_OFFLINE is set); None where there is none to read."""
-    from huggingface_hub import ModelCard, hf_hub_download
-
-    try:
-        local = Path(model).expanduser()
-        if local.is_dir():
-            readme = local / CARD
-            return ModelCard.load(readme).data.license if readme.is_file() else None
-        return ModelCard.load(hf_hub_download(str(model), CARD, revision=revision)).data.license
-    except Exception:  # noqa: BLE001  (no card, no network, not a hub id: the licence is then "other", and said so)
-        return None
 
 
 def training_section(command: str | None, recipe: list[tuple[str, str]]) -> list[str]:

@@ -236,3 +236,19 @@ def torch_dtype(name: str, device: torch.device | str) -> tuple[torch.dtype, str
     if name == "fp16" and torch.device(device).type == "cpu":
         return torch.float32, "--dtype fp16 on CPU: running in fp32 instead (no fast half-precision CPU kernels)"
     return DTYPES[name], None
+
+
+def model_license(model: str, revision: str | None = None) -> str | None:
+    """The ``license`` of a model's card (README.md): a local folder's, or the Hub's (only its cache when offline);
+    None where there is none to read. The trainers' model cards name it as their base model's."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    try:
+        local = local_path(model)
+        if local is not None:
+            readme = local / "README.md"
+            return ModelCard.load(readme).data.license if readme.is_file() else None
+        path = hf_hub_download(str(model), "README.md", revision=revision, local_files_only=offline())
+        return ModelCard.load(path).data.license
+    except Exception:  # noqa: BLE001  (no card, no network: the licence is then "other", and said so)
+        return None

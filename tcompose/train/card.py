@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io.hub import CARD, base_license, training_section, write_card
+from ..io.hub import CARD, training_section, write_card
+from ..models.loading import model_license
 from .config import TrainUnetConfig
 
 __all__ = ["CARD", "card_text", "write_model_card"]
@@ -118,4 +119,4 @@ def card_text(cfg: TrainUnetConfig, summary: dict, license: str | None) -> str:
 
 def write_model_card(out: Path, cfg: TrainUnetConfig, summary: dict) -> Path:
     """Write OUT/README.md (see the module docstring)."""
-    return write_card(out, card_text(cfg, summary, base_license(cfg.model, cfg.revision)))
+    return write_card(out, card_text(cfg, summary, model_license(cfg.model, cfg.revision)))
