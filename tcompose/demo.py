@@ -115,12 +115,15 @@ def _scenes(cfg: DemoConfig, say) -> Path:
     have = json.loads(record.read_text()) if record.is_file() else None
     if have == want and (scenes / "annotations" / "captions_train2017.json").is_file():
         return scenes
-    if scenes.exists():
-        made = ", ".join(f"{k} {v}" for k, v in have.items()) if isinstance(have, dict) else "an earlier version"
-        say(f"scenes: {scenes} holds scenes made with {made}; making new ones for images {cfg.images}, "
+    # what was learnt from other scenes goes first, the scenes (and their record) last: a kill in between leaves
+    # no record, so the next run clears again
+    stale = [out / name for name in ("masks", *(base_folder(f) for f in FAMILIES), "scenes") if (out / name).exists()]
+    if stale:
+        made = ", ".join(f"{k} {v}" for k, v in have.items()) if isinstance(have, dict) else "unrecorded settings"
+        say(f"scenes: {out} holds scenes made with {made}; making new ones for images {cfg.images}, "
             f"scene_size {cfg.scene_size}, seed {cfg.seed} (with new masks and base models)")
-        for name in ("scenes", "masks", *(base_folder(f) for f in FAMILIES)):
-            shutil.rmtree(out / name, ignore_errors=True)
+        for path in stale:
+            shutil.rmtree(path)
     make_scenes(scenes, n_images=cfg.images, size=cfg.scene_size, seed=cfg.seed)
     write_json_atomic(record, want)  # last: scenes killed half made are made again
     return scenes

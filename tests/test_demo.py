@@ -81,3 +81,10 @@ def test_a_rerun_with_other_scenes_makes_them_again(tmp_path):
     demo._scenes(DemoConfig(output=out, images=10, seed=1), said.append)
     images = json.loads((first / "annotations" / "captions_train2017.json").read_text())["images"]
     assert len(said) == 2 and len(images) == 10
+    # masks left without scenes (a kill between the deletions, or scenes removed by hand) go too
+    import shutil
+
+    shutil.rmtree(first)
+    (out / "masks").mkdir()
+    demo._scenes(DemoConfig(output=out, images=10, seed=1), said.append)
+    assert len(said) == 3 and "unrecorded settings" in said[2] and not (out / "masks").exists()
