@@ -206,3 +206,9 @@ def test_the_default_guidance_is_genevals_script_for_the_unets_and_the_card_for_
         models = run_record("geneval", cfg, specs, {})["models"]
         assert {name: m["guidance"] for name, m in models.items()} == expected
         assert models["A"]["steps"] == models["F"]["steps"] == 50  # both cards' steps
+    # a folder made under the old default (9 for every model): the same command resumes it at 9, FLUX included
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"models": {"F": {"guidance": 9.0}}}))
+    cfg = GenevalConfig(models=[f"F={flux}"], output=out, settings=GenerationSettings.for_stage("geneval"))
+    assert run_record("geneval", cfg, specs[1:], {})["models"]["F"]["guidance"] == 9.0

@@ -58,6 +58,18 @@ SCRIPT_GUIDANCE = 9.0
 SCRIPT_FAMILIES = ("sd", "sdxl")
 
 
+
+def _recorded(output: Path, model: str, key: str):
+    """``key`` of ``model``'s settings in the folder's run.json; None when there is none to read."""
+    import json
+
+    from ..benchmark import RUN_JSON
+
+    try:
+        return json.loads((Path(output) / RUN_JSON).read_text())["models"][model][key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
 @dataclass
 class GenevalConfig(DetectionConfig):
     """Settings of ``tcompose geneval``: :class:`tcompose.evaluate.benchmark.DetectionConfig`'s (models, output,
@@ -91,11 +103,15 @@ class GenevalConfig(DetectionConfig):
         return {k: getattr(self, k) for k in DEFAULTS}
 
     def settings_for(self, spec) -> GenerationSettings:
-        """GenEval's generation script's guidance (``--scale 9``) for the UNet families GenEval was made with, where
-        ``--guidance`` is not given; SD3 / FLUX models keep their model card's (FLUX.1-dev's guidance is an input
-        the model was distilled for around 3.5, far from 9)."""
+        """Where ``--guidance`` is not given: the guidance a model already in the folder was generated with (so the
+        same command resumes a folder made under older defaults), else GenEval's generation script's (``--scale 9``)
+        for the UNet families GenEval was made with; SD3 / FLUX models keep their model card's (FLUX.1-dev's
+        guidance is an input the model was distilled for around 3.5, far from 9)."""
         if self.settings.guidance is not None:
             return self.settings
+        recorded = _recorded(self.output, spec.name, "guidance")
+        if recorded is not None:
+            return self.settings.replace(guidance=recorded)
         from ..sampling import model_facts
 
         family = model_facts(spec.model, spec.unet, spec.revision, self.settings.scheduler)["family"]
