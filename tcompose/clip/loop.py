@@ -27,7 +27,7 @@ OUT holds the finetuned ``CLIPModel`` (``CLIPModel.from_pretrained(OUT)``, with 
 train-unet / generate / multigen picks them), ``eval.json`` (held-out zero-shot and retrieval, before and
 after; per category too), ``eval.png`` (zero-shot top-1 before and after per category group),
 ``training_summary.json``, ``README.md`` (the model card: tcompose.clip.card), ``checkpoints/`` and the
-trackers' ``logs/`` (``--report-to``: tensorboard by default; the loss, lr, temperature, the held-out scores and
+trackers' ``logs/`` (``--report-to``: tensorboard by default; the loss, lr, logit scale, the held-out scores and
 the eval chart go to each). ``--push-to-hub`` uploads OUT, except ``checkpoints/``, when training ends.
 
 Gradient accumulation averages gradients over micro-batches; the contrastive batch (the negatives) is the
@@ -264,8 +264,9 @@ def _train(cfg: TrainClipConfig) -> dict:
         }
         write_json_atomic(out / "training_summary.json", summary)
         write_model_card(out, cfg, summary)
+        logs = ", logs/" if cfg.report_to in ("tensorboard", "all") else ""  # (wandb keeps its own folder)
         log(f"wrote {out} (CLIPModel, text_encoder/, tokenizer/, eval.json, eval.png, training_summary.json, "
-            f"README.md, checkpoints/{', logs/' if cfg.report_to != 'none' else ''})")
+            f"README.md, checkpoints/{logs})")
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
     if cfg.push_to_hub and main:  # after everything is written and the trackers closed: a failure loses nothing

@@ -416,7 +416,8 @@ def _train(cfg: TrainUnetConfig) -> dict:
         write_json_atomic(out / "training_summary.json", summary)
         write_model_card(out, cfg, summary)
         what = ("LoRA adapters" + (", fused/" if cfg.fuse else "")) if cfg.lora_rank else "pipeline"
-        log(f"wrote {out} ({what}, training_summary.json, checkpoints/{', logs/' if cfg.report_to != 'none' else ''})")
+        logs = ", logs/" if cfg.report_to in ("tensorboard", "all") else ""  # (wandb keeps its own folder)
+        log(f"wrote {out} ({what}, training_summary.json, checkpoints/{logs})")
     accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     accelerator.end_training()
     if cfg.push_to_hub and main:  # after everything is written and the trackers closed: a failure loses nothing
