@@ -46,6 +46,7 @@ import torch
 
 from ..io.errors import UserError
 from ..io.files import match_umask
+from ..io.hub import check_push, hub_repo_id, push_run
 from ..io.preemption import StopSignals, ignore_stop_signals
 from ..io.runs import (FiniteGuard, Interrupted, adamw_class, check_report_to, log_validation_images, output_guard,
                        peak_memory_mb, prepare_run_folder, resume_point, trainer_accelerator, training_progress)
@@ -60,7 +61,6 @@ from .config import (
     options_set,
     resume_settings,
 )
-from ..io.hub import check_push, hub_repo_id, push_run
 from .model_setup import TRAINING_DTYPES, load_for_training, ready_denoiser
 from .output import save_lora_outputs, save_pipeline
 
