@@ -18,8 +18,8 @@ process's peak RSS (``resource.getrusage``), made resettable per segment where L
 (``malloc_trim`` then ``/proc/self/clear_refs``), so the CPU figure includes the model, the optimizer state,
 the Python runtime and whatever the allocator keeps.
 
-The measuring code lives in :mod:`tcompose.bench.train` (``tcompose bench`` uses it too); this script is its
-command line. ``--flops`` adds FLOPs per step (FlopCounterMode) to each result.
+The measuring code lives in :mod:`tcompose.bench.train` and :mod:`tcompose.bench.measure` (``tcompose bench``
+uses it too); this script is its command line. ``--flops`` adds FLOPs per step (FlopCounterMode) to each result.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from tcompose.bench.train import AMP_DTYPES, LAYERS, TC, PeakMemory, bench_unet, cpu_model, device_name
+from tcompose.bench.measure import PeakMemory, cpu_model, device_name
+from tcompose.bench.train import AMP_DTYPES, LAYERS, TC, bench_unet
 from tcompose.testing.tiny_sd import UNET_SIZES
 
 _cpu_model = cpu_model

@@ -161,7 +161,8 @@ def bench_baseline(size: str, latent_size: int | None = None, warmup: int = 2, s
     import statistics
 
     from ..testing.tiny_sd import UNET_SIZES, build_tiny_unet
-    from .train import SEED, TC, PeakMemory, TrainStep, alternate, count_flops
+    from .measure import PeakMemory, alternate, count_flops
+    from .train import SEED, TC, TrainStep
 
     device = device or torch.device("cpu")
     mem = mem or PeakMemory(device)

@@ -26,7 +26,8 @@ import torch
 
 from .memory import DIT_LABELS, GB, build_transformer, dit_sizes, largest_block_linear, transformer_memory
 from ..models.quantize import KINDS as QUANTIZED
-from .train import AMP_DTYPES, SEED, TC, PeakMemory, TrainStep, plain_vs_tc, step_flops
+from .measure import PeakMemory
+from .train import AMP_DTYPES, SEED, TC, TrainStep, plain_vs_tc, step_flops
 
 
 def free_bytes(device: torch.device) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .train import PeakMemory, alternate, timed
+from .measure import PeakMemory, alternate, timed
 
 PROMPTS = [
     "a cat and a wine glass", "a red ball on a wooden table", "two dogs next to a blue car",

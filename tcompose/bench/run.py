@@ -125,7 +125,7 @@ class BenchConfig:
 def machine_info(device) -> dict[str, Any]:
     import torch
 
-    from .train import cpu_model, device_name
+    from .measure import cpu_model, device_name
 
     info = {"device": device.type, "device_name": device_name(device), "cpu_model": cpu_model(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
@@ -143,7 +143,7 @@ def matmul_rate(device, quick: bool) -> dict[str, Any]:
     """The device's dense matmul rate, measured: bf16 n=8192 on CUDA, fp32 (n=512 quick, 2048 full) on CPU."""
     import torch
 
-    from .train import sync
+    from .measure import sync
 
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -176,7 +176,8 @@ def estimate_step_tflop(size: str, batch_size: int, latent: int) -> float:
 
     from ..grounding.objective import tokencompose_losses
     from ..testing.tiny_sd import tiny_unet_config
-    from .train import LAYERS, PLAIN, count_flops, make_batch, make_scheduler
+    from .measure import count_flops
+    from .train import LAYERS, PLAIN, make_batch, make_scheduler
 
     meta = torch.device("meta")
     with meta:
@@ -217,7 +218,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     from .baseline import bench_baseline
     from .infer import bench_detect, bench_generate, bench_masks, build_sd_pipeline, clip_tokenizer
     from .report import summarise
-    from .train import PeakMemory, bench_unet, bench_vae_encode
+    from .measure import PeakMemory
+    from .train import bench_unet, bench_vae_encode
 
     cfg.resolve()
     s = cfg.settings

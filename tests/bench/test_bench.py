@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tcompose.bench.baseline import baseline_losses, keep_all_attention
-from tcompose.bench.train import LAYERS, TC, count_flops, make_batch, make_scheduler
+from tcompose.bench.measure import count_flops
+from tcompose.bench.train import LAYERS, TC, make_batch, make_scheduler
 from tcompose.grounding.objective import tokencompose_losses
 from tcompose.testing.tiny_sd import build_tiny_unet
 
