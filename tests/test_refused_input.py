@@ -141,7 +141,7 @@ def test_a_lora_trained_with_a_text_encoder_generates_with_it(train_setup, tmp_p
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 on a CPU")
 def test_mixed_precision_fp16_on_cpu_trains_in_fp32_with_a_note(train_setup, tmp_path, capsys):
     from helpers import tiny_train_config
-    from tcompose.io.runs import trainer_accelerator
+    from tcompose.io.trainer import trainer_accelerator
     from tcompose.train.loop import run as train
 
     assert trainer_accelerator(tmp_path / "acc", 1, "fp16").mixed_precision == "no"

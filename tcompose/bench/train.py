@@ -138,7 +138,7 @@ class TrainStep:
     def __init__(self, unet, batch_size: int, latent_size: int, dtype: str, device: torch.device,
                  losses_fn=tokencompose_losses, layers=LAYERS, seed: int = SEED, family=None, objective=None,
                  scheduler=None, text_len: int = TEXT_LEN, optimizer: str = "adamw"):
-        from ..io.runs import adamw_class
+        from ..io.trainer import adamw_class
 
         amp = AMP_DTYPES[dtype]
         self.unet, self.device, self.losses_fn, self.layers = unet, device, losses_fn, tuple(layers)

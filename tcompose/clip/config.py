@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..io.errors import UserError
-from ..io.runs import check_report_to, dataset_fingerprint, finite_or_raise, model_id
+from ..io.runs import dataset_fingerprint, finite_or_raise, model_id
+from ..io.trainer import check_report_to
 from ..models.defaults import CLIP
 from ..models.precision import TF32_DEFAULT
 

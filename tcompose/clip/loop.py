@@ -45,8 +45,8 @@ import torch
 
 from ..io.hub import check_push, hub_repo_id, push_run
 from ..io.preemption import StopSignals, ignore_stop_signals
-from ..io.runs import (FiniteGuard, Interrupted, log_validation_images, output_guard, peak_memory_mb,
-                       prepare_run_folder, resume_point, trainer_accelerator, training_progress)
+from ..io.runs import FiniteGuard, Interrupted, output_guard, prepare_run_folder, resume_point
+from ..io.trainer import log_validation_images, peak_memory_mb, trainer_accelerator, training_progress
 from .card import write_model_card
 from .config import OUTPUTS, TrainClipConfig, config_dict, resume_settings
 

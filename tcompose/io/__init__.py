@@ -7,9 +7,12 @@ trainers' checkpoints and data order, and what every sharded stage does around i
   for the other processes' shards;
 - :mod:`.checkpoints`: training state as safetensors + JSON (no pickle), ``--resume latest``;
 - :mod:`.batches`: ``MicroBatches``, the resumable, process-sharded data order of both trainers;
-- :mod:`.runs`: what both trainers do around their loop (run folders, resume checks and restoring, their
-  Accelerator, non-finite losses, Ctrl-C);
-- :mod:`.hub`: ``--push-to-hub`` of both trainers (checked before any work, the upload when training ends);
+- :mod:`.runs`: what both trainers do around their loop (run folders, resume checks and restoring, non-finite
+  losses, Ctrl-C);
+- :mod:`.trainer`: what both trainers train under and report to (their Accelerator, ``--report-to`` trackers,
+  ``--optimizer``, progress bar, peak memory);
+- :mod:`.hub`: ``--push-to-hub`` of both trainers (checked before any work, the upload when training ends) and
+  what their model cards share;
 - :mod:`.preemption`: SIGTERM, SIGUSR1 and Ctrl-C in a trainer: agreed by every process at a step boundary,
   that step checkpointed, exit code 128 + the signal;
 - :mod:`.errors`: ``UserError`` and its kinds (refused input, one line in the CLI) and ``system_error``; it

@@ -207,7 +207,7 @@ def test_report_to_tensorboard_gets_the_scalars_and_the_validation_images(setup,
 
 
 def test_validation_images_go_to_every_tracker():
-    from tcompose.io.runs import log_validation_images
+    from tcompose.io.trainer import log_validation_images
 
     calls = []
 
@@ -250,10 +250,10 @@ def test_adamw8bit_without_bitsandbytes_is_refused_naming_the_extra(setup, tmp_p
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                     reason="bitsandbytes is not installed (pip install 'tcompose[bnb]'): its 8-bit state is not checked")
 def test_adamw8bit_keeps_8bit_optimizer_state(setup, tmp_path, monkeypatch):
-    from tcompose.io import runs
+    from tcompose.io import trainer
 
     made = []
-    real = runs.adamw_class
+    real = trainer.adamw_class
 
     def spy(name):
         cls = real(name)
