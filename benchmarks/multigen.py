@@ -40,7 +40,7 @@ from tcompose.evaluate.multigen.stage import MultigenConfig, run
 from tcompose.evaluate.settings import GenerationSettings
 from tcompose.data.clip_bpe import find_clip_bpe, write_clip_tokenizer
 from tcompose.testing.tiny_sd import write_tiny_pipeline
-from tcompose.testing.tiny_vision import build_owlv2, write_tiny_owlv2
+from tcompose.testing.tiny_detectors import build_owlv2, write_tiny_owlv2
 
 
 def write_models(root: Path, real: bool) -> tuple[Path, Path]:

@@ -31,7 +31,8 @@ from tcompose.evaluate.detect import OwlVitDetector
 from tcompose.evaluate.fid.clip_score import ClipScorer
 from tcompose.evaluate.fid.inception import FidInceptionV3, TinyFeatureNet
 from tcompose.data.clip_bpe import find_clip_bpe
-from tcompose.testing.tiny_vision import write_tiny_clip, write_tiny_owlvit
+from tcompose.testing.tiny_detectors import write_tiny_owlvit
+from tcompose.testing.tiny_vision import write_tiny_clip
 
 
 def sync(device: str) -> None:

@@ -92,7 +92,7 @@ def test_train_unet_two_processes_equal_one_process_with_doubled_batch(train_set
 def gen_setup(tmp_path_factory):
     from tcompose.data.categories import COCO_80
     from tcompose.evaluate.multigen.prompts import sample_prompts
-    from tcompose.testing.tiny_vision import write_tiny_owlv2
+    from tcompose.testing.tiny_detectors import write_tiny_owlv2
 
     root = tmp_path_factory.mktemp("mpgen")
     corpus = [p.text for p in sample_prompts(COCO_80, 20, seed=0)]

@@ -109,7 +109,7 @@ def bench_detect(size: str, tokenizer, batch_size: int, image_side: int, warmup:
     """Images/s of OWLv2 (``large`` or ``tiny``) on ``batch_size`` random images with 5 queries each."""
     from ..data.categories import COCO_80
     from ..evaluate.detect import Owlv2Detector
-    from ..testing.tiny_vision import build_owlv2
+    from ..testing.tiny_detectors import build_owlv2
 
     vocab = tokenizer.get_vocab()
     model = build_owlv2(size, 0, vocab_size=len(vocab), bos_token_id=tokenizer.bos_token_id,

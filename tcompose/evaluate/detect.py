@@ -27,7 +27,7 @@ its processor resizes the image, without padding, to the model's square input (7
 bicubic filter, which is what is done here too (on the CPU, per image, then batched to the device); its boxes
 are relative to the image's own width and height (OWLv2's to the padded square).
 
-:func:`tcompose.testing.tiny_vision.write_tiny_owlv2` writes a random OWLv2 small enough for tests (64 px, 16
+:func:`tcompose.testing.tiny_detectors.write_tiny_owlv2` writes a random OWLv2 small enough for tests (64 px, 16
 boxes); ``owlv2_config("large")`` there is OWLv2-L/14's architecture (random weights, for benchmarks).
 """
 

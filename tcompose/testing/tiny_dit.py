@@ -32,11 +32,10 @@ import string
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
-
 from ..data.clip_bpe import common_words
 from ..io.files import atomic_folder
 from ..models.loading import no_hf_progress_bars
+from .build import seeded
 from .tiny_sd import build_tiny_text_encoder, build_tiny_text_encoder_2, write_tokenizer
 
 #: SD3.5-medium's layout, tiny (dual attention in the first blocks, RMS qk-norm).
@@ -82,31 +81,25 @@ TINY_DIT_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), l
 _SUFFIXES = ("s", "es", "er", "ers", "ing", "ed", "ly", "y")
 
 
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def build_tiny_sd3_transformer(seed: int = 0, **overrides: Any):
     """A random ``SD3Transformer2DModel`` in SD3.5's layout (``TINY_SD35`` then ``overrides``); global RNG untouched."""
     from diffusers import SD3Transformer2DModel
 
-    return _seeded(seed, lambda: SD3Transformer2DModel(**{**TINY_SD35, **overrides}))
+    return seeded(seed, lambda: SD3Transformer2DModel(**{**TINY_SD35, **overrides}))
 
 
 def build_tiny_flux_transformer(seed: int = 0, **overrides: Any):
     """A random ``FluxTransformer2DModel`` in FLUX.1-dev's layout (``TINY_FLUX`` then ``overrides``)."""
     from diffusers import FluxTransformer2DModel
 
-    return _seeded(seed, lambda: FluxTransformer2DModel(**{**TINY_FLUX, **overrides}))
+    return seeded(seed, lambda: FluxTransformer2DModel(**{**TINY_FLUX, **overrides}))
 
 
 def build_tiny_dit_vae(seed: int = 0, **overrides: Any):
     """A random ``AutoencoderKL`` as SD3 / FLUX pipelines take it (``TINY_DIT_VAE`` then ``overrides``)."""
     from diffusers import AutoencoderKL
 
-    return _seeded(seed, lambda: AutoencoderKL(**{**TINY_DIT_VAE, **overrides}))
+    return seeded(seed, lambda: AutoencoderKL(**{**TINY_DIT_VAE, **overrides}))
 
 
 def build_tiny_t5_encoder(vocab_size: int, seed: int = 0, d_model: int = 32, **overrides: Any):
@@ -115,7 +108,7 @@ def build_tiny_t5_encoder(vocab_size: int, seed: int = 0, d_model: int = 32, **o
 
     cfg = T5Config(vocab_size=vocab_size, d_model=d_model, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                    **{**TINY_T5, **overrides})
-    return _seeded(seed, lambda: T5EncoderModel(cfg))
+    return seeded(seed, lambda: T5EncoderModel(cfg))
 
 
 def tiny_t5_vocabulary(words: Iterable[str] | None = None) -> list[tuple[str, float]]:

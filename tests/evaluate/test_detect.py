@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from tcompose.evaluate.detect import Detections, Owlv2Detector, postprocess, query_text, resample_matrix
-from tcompose.testing.tiny_vision import write_tiny_owlv2
+from tcompose.testing.tiny_detectors import write_tiny_owlv2
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_load_errors_are_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def owlvit(tmp_path_factory):
     from tcompose.evaluate.detect import OwlVitDetector
-    from tcompose.testing.tiny_vision import write_tiny_owlvit
+    from tcompose.testing.tiny_detectors import write_tiny_owlvit
 
     path = write_tiny_owlvit(tmp_path_factory.mktemp("owlvit") / "tiny-owlvit", seed=0)
     return path, OwlVitDetector.load(str(path), device="cpu", dtype="fp32")

@@ -139,7 +139,7 @@ def test_multigen_scores_sd3_and_flux_beside_an_sd_model(models, tmp_path):
     from tcompose.evaluate.multigen.stage import MultigenConfig, run
     from tcompose.evaluate.settings import GenerationSettings
     from tcompose.testing.tiny_sd import write_tiny_pipeline
-    from tcompose.testing.tiny_vision import write_tiny_owlv2
+    from tcompose.testing.tiny_detectors import write_tiny_owlv2
 
     corpus = [p.text for p in sample_prompts(COCO_80, 4, seed=0)]
     sd, owl = write_tiny_pipeline(tmp_path / "sd", corpus=corpus), write_tiny_owlv2(tmp_path / "owl")

@@ -239,7 +239,7 @@ def test_safety_checker_on_records_nsfw(models, tmp_path):
 
 
 def test_a_unet_folder_that_is_no_unet_is_one_line_and_leaves_no_folder(models, tmp_path, capsys):
-    from tcompose.testing.tiny_vision import write_tiny_owlv2
+    from tcompose.testing.tiny_detectors import write_tiny_owlv2
 
     owl = write_tiny_owlv2(tmp_path / "owl")  # a folder with a config.json that is not a UNet's
     capsys.readouterr()

@@ -80,7 +80,7 @@ def test_labels_sizes_and_boxes():
 
 
 def test_detector_check_and_detect(tmp_path, tiny_clip):
-    from tcompose.testing.tiny_vision import write_tiny_mask2former
+    from tcompose.testing.tiny_detectors import write_tiny_mask2former
 
     good = write_tiny_mask2former(tmp_path / "m2f")
     Mask2FormerDetector.check(str(good))

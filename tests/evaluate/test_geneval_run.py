@@ -48,7 +48,8 @@ def _labels_seen(folder) -> set[str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, test_data):
     from tcompose.testing.tiny_sd import write_tiny_pipeline
-    from tcompose.testing.tiny_vision import write_tiny_clip, write_tiny_mask2former
+    from tcompose.testing.tiny_detectors import write_tiny_mask2former
+    from tcompose.testing.tiny_vision import write_tiny_clip
 
     root = tmp_path_factory.mktemp("geneval")
     m2f = write_tiny_mask2former(root / "m2f")

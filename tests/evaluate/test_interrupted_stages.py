@@ -59,7 +59,7 @@ def test_ctrl_c_in_multigen_detection_says_how_many_detections_were_kept(tmp_pat
     from tcompose.data.categories import COCO_80
     from tcompose.evaluate.multigen.prompts import sample_prompts
     from tcompose.testing.tiny_sd import write_tiny_pipeline
-    from tcompose.testing.tiny_vision import write_tiny_owlv2
+    from tcompose.testing.tiny_detectors import write_tiny_owlv2
 
     corpus = [p.text for p in sample_prompts(COCO_80, 20, seed=0)]
     sd, owl = write_tiny_pipeline(tmp_path / "sd", corpus=corpus), write_tiny_owlv2(tmp_path / "owl")

@@ -178,7 +178,7 @@ def test_sampled_prompts():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from tcompose.testing.tiny_sd import write_tiny_pipeline
-    from tcompose.testing.tiny_vision import write_tiny_owlv2
+    from tcompose.testing.tiny_detectors import write_tiny_owlv2
 
     root = tmp_path_factory.mktemp("mg")
     corpus = [p.text for p in sample_prompts(COCO_80, 20, seed=0)]

@@ -83,7 +83,8 @@ def tiny(tmp_path_factory, test_data):
     from tcompose.data.categories import COCO_80
     from tcompose.evaluate.visor.prompts import spatial_prompts
     from tcompose.testing.tiny_sd import write_tiny_pipeline
-    from tcompose.testing.tiny_vision import write_tiny_clip, write_tiny_owlv2, write_tiny_owlvit
+    from tcompose.testing.tiny_detectors import write_tiny_owlv2, write_tiny_owlvit
+    from tcompose.testing.tiny_vision import write_tiny_clip
 
     root = tmp_path_factory.mktemp("t1")
     caps = [a["caption"] for a in json.loads((test_data / "coco-mini-val2017" / "annotations" /

@@ -173,7 +173,7 @@ def test_scores_equal_a_transcription_of_visor_py():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from tcompose.testing.tiny_sd import write_tiny_pipeline
-    from tcompose.testing.tiny_vision import write_tiny_owlv2, write_tiny_owlvit
+    from tcompose.testing.tiny_detectors import write_tiny_owlv2, write_tiny_owlvit
 
     root = tmp_path_factory.mktemp("visor")
     corpus = [q.text for q in spatial_prompts(50, seed=0)]

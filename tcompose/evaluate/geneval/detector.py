@@ -21,7 +21,7 @@ done here follows mmdet's test path for that config (``MaskFormerFusionHead.simp
 
 Pairs scoring above ``threshold`` are returned, labelled with GenEval's name of their COCO class
 (:func:`geneval_label`); those whose name the prompt includes get a colour (CLIP zero-shot on the mask, as
-GenEval's evaluator does). :func:`tcompose.testing.tiny_vision.write_tiny_mask2former` writes a random one.
+GenEval's evaluator does). :func:`tcompose.testing.tiny_detectors.write_tiny_mask2former` writes a random one.
 """
 
 from __future__ import annotations
